@@ -1,0 +1,75 @@
+"""Export the denoiser to ONNX (opset >= 18, eval mode, dynamic batch); refuse graphs with random ops."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from optimizer.errors import ExportError
+from optimizer.fileio import write_atomic
+from optimizer.ir import ModelSpec
+
+MIN_OPSET = 18
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def input_names(spec: ModelSpec) -> list[str]:
+    return ["sample", "timestep"] + (["class_labels"] if spec.conditioning.num_classes else [])
+
+
+def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(batch, *spec.sample_shape)
+    t = torch.full((batch,), 500.0)
+    if not spec.conditioning.num_classes:
+        return (x, t)
+    return (x, t, torch.arange(batch, dtype=torch.int64) % spec.conditioning.num_classes)
+
+
+def export_onnx(denoiser: nn.Module, spec: ModelSpec, path: Path, opset: int = MIN_OPSET, dynamo: bool = True) -> Path:
+    """Write `path` atomically; `denoiser` is called as (sample, timestep, [class_labels])."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} < {MIN_OPSET} is not supported")
+    denoiser.eval()
+    args = example_inputs(spec)
+    names = input_names(spec)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            if dynamo:
+                program = torch.onnx.export(
+                    denoiser, args, input_names=names, output_names=["noise_pred"], opset_version=opset,
+                    dynamo=True, dynamic_shapes=tuple({0: batch} for _ in names), verbose=False,
+                )
+                program.save(str(tmp))
+            else:
+                torch.onnx.export(
+                    denoiser, args, str(tmp), input_names=names, output_names=["noise_pred"], opset_version=opset,
+                    dynamo=False, dynamic_axes={n: {0: "batch"} for n in [*names, "noise_pred"]},
+                )
+        check_graph(onnx.load(str(tmp)))
+
+    try:
+        write_atomic(path, write)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    return path
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """Shipping a graph that samples its own noise would break seed-for-seed verification."""
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    for fn in model.functions:
+        ops |= {n.op_type for n in fn.node}
+    if found := sorted(ops & RANDOM_OPS):
+        raise ExportError(f"exported graph contains random ops {found}; export the model in eval mode")

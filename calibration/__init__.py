@@ -1,0 +1,1 @@
+"""Calibration data: denoiser inputs/outputs captured along the reference program's trajectories."""

@@ -1,0 +1,88 @@
+"""Record (x_t, t, class, model output) at every step of the reference program on fixed seeds.
+
+Stored as safetensors with a fingerprint of the program, so a later run can reuse it safely.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from optimizer.adapters import torch_denoise
+from optimizer.errors import ConfigError, LoadError
+from optimizer.fileio import write_atomic
+from optimizer.ir import DiffusionProgram
+from optimizer.sampling import sample
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """Per step s: the model's inputs x[s] ([N, C, H, W]; N doubles under guidance), t[s], labels, outputs."""
+
+    x: torch.Tensor  # [S, N, C, H, W]
+    t: torch.Tensor  # [S] float32
+    labels: torch.Tensor | None  # [N] int64, the labels fed to the model (null class for the uncond half)
+    output: torch.Tensor  # [S, N, C, H, W] raw model outputs (before guidance)
+    final: torch.Tensor  # [B, C, H, W] final samples in model space
+    seeds: tuple[int, ...]
+    classes: tuple[int, ...] | None
+    fingerprint: str
+
+    @property
+    def steps(self) -> int:
+        return self.x.shape[0]
+
+
+def capture(
+    program: DiffusionProgram, seeds: Sequence[int], classes: Sequence[int] | None,
+    denoise: Callable | None = None, progress: Callable[[Any], Any] = lambda it: it,
+) -> Trajectories:
+    xs, ts, outs, labels = [], [], [], []
+
+    def observe(i: int, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor) -> None:
+        xs.append(x.clone())
+        ts.append(t[0].clone())
+        outs.append(out.clone())
+        labels[:] = [y]
+
+    final = sample(program.plan, program.spec.conditioning, program.spec.sample_shape,
+                   denoise or torch_denoise(program), seeds, classes, observer=observe, progress=progress)
+    return Trajectories(
+        x=torch.stack(xs), t=torch.stack(ts).float(), labels=labels[0], output=torch.stack(outs), final=final,
+        seeds=tuple(seeds), classes=tuple(classes) if classes is not None else None,
+        fingerprint=program.fingerprint(),
+    )
+
+
+def save(traj: Trajectories, path: Path) -> None:
+    tensors = {"x": traj.x, "t": traj.t, "output": traj.output, "final": traj.final}
+    if traj.labels is not None:
+        tensors["labels"] = traj.labels
+    meta = {"fingerprint": traj.fingerprint, "seeds": json.dumps(traj.seeds), "classes": json.dumps(traj.classes)}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
+    """Read a capture; with `program`, refuse one captured from a different model or loop."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise LoadError(f"{path}: not a readable calibration file ({exc})") from exc
+    if program is not None and meta.get("fingerprint") != program.fingerprint():
+        raise ConfigError(f"{path}: captured from a different model or sampling plan; capture it again")
+    classes = json.loads(meta.get("classes", "null"))
+    return Trajectories(
+        x=tensors["x"], t=tensors["t"], labels=tensors.get("labels"), output=tensors["output"],
+        final=tensors["final"], seeds=tuple(json.loads(meta.get("seeds", "[]"))),
+        classes=tuple(classes) if classes is not None else None, fingerprint=meta.get("fingerprint", ""),
+    )

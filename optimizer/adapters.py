@@ -1,0 +1,133 @@
+"""Per-architecture knowledge: how to build, call and describe each supported denoiser class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LoadError
+from .ir import Conditioning, DiffusionProgram, ModelSpec
+from .sampling import DenoiseFn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_class: str
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        import diffusers
+
+        cls = getattr(diffusers, self.model_class)
+        try:
+            return cls.from_config(config)
+        except Exception as exc:  # diffusers raises many types for a bad config
+            raise LoadError(f"invalid {self.model_class} config: {exc}") from exc
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = model(x, t, class_labels=y, return_dict=False)[0]
+        channels = x.shape[1]
+        # Learned-sigma models (DiT-XL style) emit [eps, variance]; the loop uses eps only.
+        return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+    def conditioning(self, model: nn.Module) -> Conditioning:
+        raise NotImplementedError
+
+    def sample_shape(self, config: dict[str, Any]) -> tuple[int, int, int]:
+        size = config["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (config["in_channels"], h, w)
+
+    def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(blocks, temporal modules)."""
+        raise NotImplementedError
+
+    def spec(self, model: nn.Module, conditioning: Conditioning | None, prediction_type: str) -> ModelSpec:
+        from diffusers.models.attention_processor import Attention
+
+        config = dict(model.config)
+        blocks, temporal = self.describe(model)
+        return ModelSpec(
+            family=self.family,
+            model_class=self.model_class,
+            model_config={k: v for k, v in config.items() if not k.startswith("_")},
+            sample_shape=self.sample_shape(config),
+            conditioning=conditioning or self.conditioning(model),
+            prediction_type=prediction_type,
+            blocks=blocks,
+            attention_sites=tuple(n for n, m in model.named_modules() if isinstance(m, Attention)),
+            temporal_modules=temporal,
+        )
+
+
+class DiTAdapter(Adapter):
+    def conditioning(self, model: nn.Module) -> Conditioning:
+        num = model.config.num_embeds_ada_norm
+        rows = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        return Conditioning(num_classes=num, null_class=num if rows > num else None)
+
+    def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        blocks = tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
+        temporal = tuple(f"{b}.norm1.{part}" for b in blocks for part in ("emb", "linear")) + ("proj_out_1",)
+        return blocks, temporal
+
+
+class UNetAdapter(Adapter):
+    def conditioning(self, model: nn.Module) -> Conditioning:
+        # A plain UNet2DModel does not say which label (if any) is the unconditional one.
+        return Conditioning(num_classes=model.config.num_class_embeds or 0, null_class=None)
+
+    def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        blocks = (
+            tuple(f"down_blocks.{i}" for i in range(len(model.down_blocks)))
+            + ("mid_block",)
+            + tuple(f"up_blocks.{i}" for i in range(len(model.up_blocks)))
+        )
+        temporal = ("time_proj", "time_embedding") + (("class_embedding",) if model.class_embedding else ())
+        temporal += tuple(n for n, _ in model.named_modules() if n.endswith("time_emb_proj"))
+        return blocks, temporal
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.model_class: a
+    for a in (DiTAdapter("dit", "DiTTransformer2DModel"), UNetAdapter("unet", "UNet2DModel"))
+}
+
+
+def adapter_for(model_class: str) -> Adapter:
+    try:
+        return ADAPTERS[model_class]
+    except KeyError:
+        raise LoadError(
+            f"unsupported architecture '{model_class}' (supported: {', '.join(sorted(ADAPTERS))})"
+        ) from None
+
+
+class Denoiser(nn.Module):
+    """A uniform, export-friendly call: (sample, timestep[float, B], class_labels[int64, B]) -> eps."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
+        return self.adapter.forward(self.model, sample, timestep, class_labels)
+
+
+def denoiser_module(program: DiffusionProgram) -> Denoiser:
+    return Denoiser(program.denoiser, adapter_for(program.spec.model_class)).eval()
+
+
+def torch_denoise(program: DiffusionProgram) -> DenoiseFn:
+    """The program's denoiser as a loop callable, without autograd."""
+    module = denoiser_module(program)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x, t, y)
+
+    return denoise

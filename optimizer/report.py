@@ -1,0 +1,91 @@
+"""report.json, report.md and the reference-vs-candidate sample grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .fileio import write_atomic, write_json
+from .gates import GateResult, gates_table
+
+GRID_FILE = "grid.png"
+
+
+def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, columns: int = 20, scale: int = 4) -> None:
+    """Rows: reference, candidate, |difference| x10 (images in [0, 1], [N, C, H, W])."""
+    n = min(columns, len(reference))
+    diff = ((reference[:n] - candidate[:n]).abs() * 10).clamp(0, 1)
+    rows = [reference[:n], candidate[:n], diff]
+    labels = ["reference (torch)", "candidate (lowered)", "|diff| x10"]
+    _, c, h, w = reference.shape
+    cell_h, cell_w, label_w, pad = h * scale, w * scale, 130, 2
+    canvas = Image.new("RGB", (label_w + n * (cell_w + pad), len(rows) * (cell_h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        y0 = r * (cell_h + pad)
+        draw.text((4, y0 + cell_h // 2 - 6), label, fill="black")
+        for i in range(n):
+            img = (row[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(img[..., 0] if c == 1 else img).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile.convert("RGB"), (label_w + i * (cell_w + pad), y0))
+    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
+    m, v, lat = report["model"], report["verification"], report["latency"]
+    passed = all(r.passed is not False for r in gate_results)
+    lines = [
+        f"# Optimization report: {Path(m['source']['path']).name} -> {report['target']['name']}",
+        "",
+        f"**Result: {'PASS' if passed else 'FAIL'}** (gates of target `{report['target']['name']}`"
+        f"{' with CLI overrides' if report['gate_overrides'] else ''})",
+        "",
+        "## Model",
+        f"- source: `{m['source']['path']}` ({m['source']['format']}, digest {m['source']['digest']})",
+        f"- architecture: {m['family']} (`{m['class']}`), {m['parameters']:,} parameters",
+        f"- sample shape: {m['sample_shape']}, conditioning: {m['conditioning']}",
+        f"- sizes: input weights {m['input_bytes']:,} B, ONNX {report['artifacts']['onnx_bytes']:,} B",
+        "",
+        "## Sampling plan",
+        f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
+        f" guidance scale {report['plan']['guidance_scale']}",
+        "",
+        "## Passes",
+    ]
+    if report["passes"]:
+        lines += ["| pass | seconds | fidelity after |", "|---|---|---|"]
+        lines += [f"| {p['name']} | {p['seconds']} | {p['fidelity']} |" for p in report["passes"]]
+    else:
+        lines.append("None: the target's recipe is empty; what is verified is the lowering itself.")
+    lines += [
+        "",
+        f"## Verification ({v['samples']} samples, same seeds/classes/scheduler/steps;"
+        f" reference = original in torch, candidate = lowered artifact on {report['backend']})",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(val)} |" for k, val in v.items() if k != "eps_rel_error_per_step"]
+    lines += ["", "## Gates", "```", gates_table(gate_results), "```", "",
+              f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, measured in one run)",
+              "| | torch | onnxruntime | ratio torch/ort |", "|---|---|---|---|"]
+    for key in ("per_step", "end_to_end"):
+        t, o = lat[f"torch_{key}_ms"], lat[f"ort_{key}_ms"]
+        lines.append(f"| {key.replace('_', ' ')} | {t:.2f} | {o:.2f} | {t / o:.2f} |")
+    lines += ["", "## Samples", f"![reference vs candidate]({GRID_FILE})", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, report: dict[str, Any], gate_results: list[GateResult]) -> None:
+    write_json(folder / "report.json", report)
+    text = markdown(report, gate_results)
+    write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text))

@@ -1,0 +1,106 @@
+"""The sampling loop: diffusers schedulers + classifier-free guidance around any denoise function.
+
+One loop serves every backend: `denoise` is a torch module call, an ONNX Runtime session, etc.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .ir import Conditioning, SamplingPlan
+
+# (x [B,C,H,W], t [B] float32, y [B] int64 or None) -> model output [B,C,H,W]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (step index, t, model input x, model labels y, raw model output) for calibration capture
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def build_scheduler(plan: SamplingPlan) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, plan.scheduler_class, None)
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ConfigError(f"unknown scheduler '{plan.scheduler_class}'")
+    scheduler = cls.from_config(plan.scheduler_config)
+    scheduler.set_timesteps(plan.num_inference_steps)
+    return scheduler
+
+
+def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:
+    """Swap the scheduler (alias or diffusers class name), keeping the trained noise schedule."""
+    import diffusers
+
+    class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        known = ", ".join(SCHEDULER_ALIASES)
+        raise ConfigError(f"unknown scheduler '{name}' (aliases: {known}, or a diffusers scheduler class)")
+    config = {**cls.from_config(plan.scheduler_config).config, **overrides}
+    defaults = cls().config
+    # Keep only what differs from the class defaults: compact, and free of non-JSON values like -inf.
+    changed = {k: v for k, v in config.items() if not k.startswith("_") and v != defaults.get(k)}
+    return SamplingPlan(class_name, changed, plan.num_inference_steps, plan.guidance_scale)
+
+
+def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
+    return plan.guidance_scale > 1.0 and conditioning.supports_guidance
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One generator per sample, so a sample depends on its seed alone (as diffusers' randn_tensor)."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def sample(
+    plan: SamplingPlan,
+    conditioning: Conditioning,
+    sample_shape: Sequence[int],
+    denoise: DenoiseFn,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None = None,
+    observer: Observer | None = None,
+    progress: Callable[[Any], Any] = lambda it: it,
+) -> torch.Tensor:
+    """Run the loop; returns the final samples in model space (usually [-1, 1])."""
+    if conditioning.num_classes and (labels is None or len(labels) != len(seeds)):
+        raise ConfigError("a class-conditional model needs one label per seed")
+    if labels is not None and any(not 0 <= c < conditioning.num_classes for c in labels):
+        raise ConfigError(f"class labels must lie in [0, {conditioning.num_classes})")
+    scheduler = build_scheduler(plan)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = initial_noise(sample_shape, seeds) * scheduler.init_noise_sigma
+    y = torch.tensor(list(labels), dtype=torch.int64) if conditioning.num_classes else None
+    cfg = uses_guidance(plan, conditioning)
+    if cfg:
+        y = torch.cat([y, torch.full_like(y, conditioning.null_class)])
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(progress(scheduler.timesteps)):
+        x_in = scheduler.scale_model_input(x, t)
+        if cfg:
+            x_in = torch.cat([x_in, x_in])
+        t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
+        out = denoise(x_in, t_in, y)
+        if observer is not None:
+            observer(i, t_in, x_in, y, out)
+        if cfg:
+            cond, uncond = out.chunk(2)
+            out = uncond + plan.guidance_scale * (cond - uncond)
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def to_images(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1], as diffusers pipelines post-process."""
+    return (x / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,113 @@
+"""The stages of the main job, each a plain function of its inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backends.onnx_export import export_onnx, input_names
+from backends.plan import plan_document, write_plan
+from backends.runner import PlanRunner
+from calibration import capture as calib
+
+from .adapters import denoiser_module, torch_denoise
+from .ir import DiffusionProgram
+from .sampling import sample, to_images, uses_guidance
+from .targets import Target
+from .timing import median_ms
+from .verify import DigitsJudge, compare, evaluation_set
+
+ONNX_FILE = "denoiser.onnx"
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Callable) -> calib.Trajectories:
+    from .job import CALIBRATION_SEED
+
+    if opts.calibration is not None:
+        trajectories = calib.load(opts.calibration, program)
+    else:
+        seeds, classes = evaluation_set(opts.calibration_samples, program.spec.conditioning.num_classes,
+                                        CALIBRATION_SEED + opts.seed)
+        trajectories = calib.capture(program, seeds, classes,
+                                     progress=lambda it: progress(it, desc="calibration", leave=False))
+    calib.save(trajectories, staging / CALIBRATION_FILE)
+    return trajectories
+
+
+def lower(program: DiffusionProgram, staging: Path) -> dict[str, Any]:
+    onnx_path = export_onnx(denoiser_module(program), program.spec, staging / ONNX_FILE)
+    write_plan(staging, plan_document(program, {"denoiser": onnx_path}, input_names(program.spec)))
+    return {"onnx": ONNX_FILE, "onnx_bytes": onnx_path.stat().st_size, "plan": "plan.json",
+            "calibration": CALIBRATION_FILE}
+
+
+def verify_lowered(
+    program: DiffusionProgram, staging: Path, opts: Any, target: Target, progress: Callable,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Reference (original, torch) vs the lowered artifact run by the plan runner; returns images too."""
+    seeds, classes = evaluation_set(opts.samples, program.spec.conditioning.num_classes, opts.seed)
+    reference = calib.capture(program, seeds, classes, progress=lambda it: progress(it, desc="reference", leave=False))
+    runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
+    candidate = runner.sample(seeds, classes, progress=lambda it: progress(it, desc="candidate", leave=False))
+    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
+    summary = compare(reference, candidate, runner.denoise, judge)
+    return summary, to_images(reference.final), to_images(candidate)
+
+
+def measure_latency(program: DiffusionProgram, staging: Path, target: Target, repeats: int) -> dict[str, Any]:
+    """One image: a denoiser call (the guided batch) and a whole sampling run, torch vs ORT, side by side."""
+    runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
+    spec, plan = program.spec, program.plan
+    batch = 2 if uses_guidance(plan, spec.conditioning) else 1
+    x = torch.randn(batch, *spec.sample_shape)
+    t = torch.full((batch,), 500.0)
+    y = torch.zeros(batch, dtype=torch.int64) if spec.conditioning.num_classes else None
+    labels = [0] if spec.conditioning.num_classes else None
+    ref = torch_denoise(program)
+    e2e_repeats = max(1, repeats // 4)
+    return {
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "torch_per_step_ms": median_ms(lambda: ref(x, t, y), repeats),
+        "ort_per_step_ms": median_ms(lambda: runner.denoise(x, t, y), repeats),
+        "torch_end_to_end_ms": median_ms(
+            lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels), e2e_repeats, 1),
+        "ort_end_to_end_ms": median_ms(lambda: runner.sample([0], labels), e2e_repeats, 1),
+    }
+
+
+def make_report(
+    program: DiffusionProgram, candidate: DiffusionProgram, target: Target,
+    artifacts: dict[str, Any], verification: dict[str, Any], latency: dict[str, Any], opts: Any,
+    gates: dict[str, float],
+) -> dict[str, Any]:
+    source = Path(program.source.path)
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    if source.is_file() and source.with_suffix(".json").exists():
+        files.append(source.with_suffix(".json"))
+    return {
+        "model": {
+            "source": dataclasses.asdict(program.source),
+            "family": program.spec.family,
+            "class": program.spec.model_class,
+            "parameters": sum(p.numel() for p in program.denoiser.parameters()),
+            "input_bytes": sum(f.stat().st_size for f in files),
+            "sample_shape": list(program.spec.sample_shape),
+            "conditioning": dataclasses.asdict(program.spec.conditioning),
+        },
+        "target": {"name": target.name, "description": target.description, "hardware": target.hardware},
+        "backend": target.backend["name"],
+        "plan": program.plan.to_dict(),
+        "passes": [dataclasses.asdict(p) for p in candidate.provenance],
+        "artifacts": artifacts,
+        "evaluation": {"samples": opts.samples, "base_seed": opts.seed},
+        "verification": verification,
+        "gates": gates,
+        "gate_overrides": opts.gates,
+        "latency": latency,
+    }
