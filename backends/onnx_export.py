@@ -15,6 +15,7 @@ from optimizer.fileio import write_atomic
 from optimizer.ir import ModelSpec
 
 MIN_OPSET = 18
+OUTPUT_NAME = "model_output"  # epsilon, v or x0, as the spec's prediction_type says
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
@@ -45,14 +46,26 @@ def export_onnx(denoiser: nn.Module, spec: ModelSpec, path: Path, opset: int = M
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             if dynamo:
                 program = torch.onnx.export(
-                    denoiser, args, input_names=names, output_names=["noise_pred"], opset_version=opset,
-                    dynamo=True, dynamic_shapes=tuple({0: batch} for _ in names), verbose=False,
+                    denoiser,
+                    args,
+                    input_names=names,
+                    output_names=[OUTPUT_NAME],
+                    opset_version=opset,
+                    dynamo=True,
+                    dynamic_shapes=tuple({0: batch} for _ in names),
+                    verbose=False,
                 )
                 program.save(str(tmp))
             else:
                 torch.onnx.export(
-                    denoiser, args, str(tmp), input_names=names, output_names=["noise_pred"], opset_version=opset,
-                    dynamo=False, dynamic_axes={n: {0: "batch"} for n in [*names, "noise_pred"]},
+                    denoiser,
+                    args,
+                    str(tmp),
+                    input_names=names,
+                    output_names=[OUTPUT_NAME],
+                    opset_version=opset,
+                    dynamo=False,
+                    dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
                 )
         check_graph(onnx.load(str(tmp)))
 

@@ -12,6 +12,8 @@ from optimizer.fileio import write_json
 from optimizer.ir import Conditioning, DiffusionProgram, SamplingPlan
 from optimizer.sampling import build_scheduler, uses_guidance
 
+from .onnx_export import OUTPUT_NAME
+
 FORMAT = "diffusion-plan"
 VERSION = 1
 PLAN_FILE = "plan.json"
@@ -28,18 +30,29 @@ def plan_document(program: DiffusionProgram, graphs: dict[str, Path], inputs: li
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"family": program.spec.family, "class": program.spec.model_class,
-                  "source": dataclasses.asdict(program.source), "fingerprint": program.fingerprint()},
+        "model": {
+            "family": program.spec.family,
+            "class": program.spec.model_class,
+            "source": dataclasses.asdict(program.source),
+            "fingerprint": program.fingerprint(),
+        },
         "sample_shape": list(program.spec.sample_shape),
         "output": {"space": "model ([-1, 1])", "to_image": "clamp(x / 2 + 0.5, 0, 1)"},
         "conditioning": dataclasses.asdict(program.spec.conditioning),
         "sampling": program.plan.to_dict(),
         "timesteps": timesteps,
-        "guidance": {"scale": program.plan.guidance_scale, "enabled": guided,
-                     "batch": "[cond, uncond] concatenated on the batch axis" if guided else None},
-        "graphs": {name: {"file": path.name, "sha256": sha256(path), "inputs": inputs, "outputs": ["noise_pred"]}
-                   for name, path in graphs.items()},
-        "steps": [{"index": i, "timestep": t, "graph": "denoiser", "guidance": guided} for i, t in enumerate(timesteps)],
+        "guidance": {
+            "scale": program.plan.guidance_scale,
+            "enabled": guided,
+            "batch": "[cond, uncond] concatenated on the batch axis" if guided else None,
+        },
+        "graphs": {
+            name: {"file": path.name, "sha256": sha256(path), "inputs": inputs, "outputs": [OUTPUT_NAME]}
+            for name, path in graphs.items()
+        },
+        "steps": [
+            {"index": i, "timestep": t, "graph": "denoiser", "guidance": guided} for i, t in enumerate(timesteps)
+        ],
     }
 
 

@@ -20,8 +20,17 @@ class PlanRunner:
         self.denoise = OrtDenoiser(self.plan.graph_path("denoiser"), providers, threads)
 
     def sample(
-        self, seeds: Sequence[int], labels: Sequence[int] | None = None,
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
         progress: Callable[[Any], Any] = lambda it: it,
     ) -> torch.Tensor:
-        return sample(self.plan.sampling, self.plan.conditioning, self.plan.sample_shape, self.denoise,
-                      seeds, labels, progress=progress)
+        return sample(
+            self.plan.sampling,
+            self.plan.conditioning,
+            self.plan.sample_shape,
+            self.denoise,
+            seeds,
+            labels,
+            progress=progress,
+        )

@@ -41,8 +41,11 @@ class Trajectories:
 
 
 def capture(
-    program: DiffusionProgram, seeds: Sequence[int], classes: Sequence[int] | None,
-    denoise: Callable | None = None, progress: Callable[[Any], Any] = lambda it: it,
+    program: DiffusionProgram,
+    seeds: Sequence[int],
+    classes: Sequence[int] | None,
+    denoise: Callable | None = None,
+    progress: Callable[[Any], Any] = lambda it: it,
 ) -> Trajectories:
     xs, ts, outs, labels = [], [], [], []
 
@@ -52,11 +55,24 @@ def capture(
         outs.append(out.clone())
         labels[:] = [y]
 
-    final = sample(program.plan, program.spec.conditioning, program.spec.sample_shape,
-                   denoise or torch_denoise(program), seeds, classes, observer=observe, progress=progress)
+    final = sample(
+        program.plan,
+        program.spec.conditioning,
+        program.spec.sample_shape,
+        denoise or torch_denoise(program),
+        seeds,
+        classes,
+        observer=observe,
+        progress=progress,
+    )
     return Trajectories(
-        x=torch.stack(xs), t=torch.stack(ts).float(), labels=labels[0], output=torch.stack(outs), final=final,
-        seeds=tuple(seeds), classes=tuple(classes) if classes is not None else None,
+        x=torch.stack(xs),
+        t=torch.stack(ts).float(),
+        labels=labels[0],
+        output=torch.stack(outs),
+        final=final,
+        seeds=tuple(seeds),
+        classes=tuple(classes) if classes is not None else None,
         fingerprint=program.fingerprint(),
     )
 
@@ -75,14 +91,19 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:
         raise LoadError(f"{path}: not a readable calibration file ({exc})") from exc
     if program is not None and meta.get("fingerprint") != program.fingerprint():
         raise ConfigError(f"{path}: captured from a different model or sampling plan; capture it again")
     classes = json.loads(meta.get("classes", "null"))
     return Trajectories(
-        x=tensors["x"], t=tensors["t"], labels=tensors.get("labels"), output=tensors["output"],
-        final=tensors["final"], seeds=tuple(json.loads(meta.get("seeds", "[]"))),
-        classes=tuple(classes) if classes is not None else None, fingerprint=meta.get("fingerprint", ""),
+        x=tensors["x"],
+        t=tensors["t"],
+        labels=tensors.get("labels"),
+        output=tensors["output"],
+        final=tensors["final"],
+        seeds=tuple(json.loads(meta.get("seeds", "[]"))),
+        classes=tuple(classes) if classes is not None else None,
+        fingerprint=meta.get("fingerprint", ""),
     )

@@ -71,7 +71,7 @@ class DiTAdapter(Adapter):
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         blocks = tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
-        temporal = tuple(f"{b}.norm1.{part}" for b in blocks for part in ("emb", "linear")) + ("proj_out_1",)
+        temporal = (*(f"{b}.norm1.{part}" for b in blocks for part in ("emb", "linear")), "proj_out_1")
         return blocks, temporal
 
 
@@ -81,19 +81,16 @@ class UNetAdapter(Adapter):
         return Conditioning(num_classes=model.config.num_class_embeds or 0, null_class=None)
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        blocks = (
-            tuple(f"down_blocks.{i}" for i in range(len(model.down_blocks)))
-            + ("mid_block",)
-            + tuple(f"up_blocks.{i}" for i in range(len(model.up_blocks)))
-        )
+        down = (f"down_blocks.{i}" for i in range(len(model.down_blocks)))
+        up = (f"up_blocks.{i}" for i in range(len(model.up_blocks)))
+        blocks = (*down, "mid_block", *up)
         temporal = ("time_proj", "time_embedding") + (("class_embedding",) if model.class_embedding else ())
         temporal += tuple(n for n, _ in model.named_modules() if n.endswith("time_emb_proj"))
         return blocks, temporal
 
 
 ADAPTERS: dict[str, Adapter] = {
-    a.model_class: a
-    for a in (DiTAdapter("dit", "DiTTransformer2DModel"), UNetAdapter("unet", "UNet2DModel"))
+    a.model_class: a for a in (DiTAdapter("dit", "DiTTransformer2DModel"), UNetAdapter("unet", "UNet2DModel"))
 }
 
 

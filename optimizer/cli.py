@@ -52,38 +52,78 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="cpu-fp32", show_default=True, help="Target name or target JSON file.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Output folder (default: optimized/<model>-<target>).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default: optimized/<model>-<target>).",
+)
 @click.option("--samples", default=100, show_default=True, help="Evaluation samples (seeds) for verification.")
 @click.option("--calibration-samples", default=20, show_default=True, help="Seeds captured for calibration.")
 @click.option("--seed", default=0, show_default=True, help="First evaluation seed.")
 @click.option("--scheduler", default=None, help="ddpm, ddim, dpmsolver++, euler or a diffusers scheduler class.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's plan).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
-@click.option("--calibration", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Reuse a calibration.safetensors captured earlier for the same model and plan.")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Reuse a calibration.safetensors captured earlier for the same model and plan.",
+)
 @click.option("--min-psnr", type=float, default=None, help="Gate: minimum mean PSNR (dB) vs the original.")
 @click.option("--min-ssim", type=float, default=None, help="Gate: minimum mean SSIM vs the original.")
 @click.option("--max-eps-error", type=float, default=None, help="Gate: maximum per-step model-output relative error.")
 @click.option("--max-agreement-drop", type=float, default=None, help="Gate: maximum class-agreement drop.")
 @click.option("--max-fd-increase", type=float, default=None, help="Gate: maximum Fréchet-distance increase.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--latency-repeats", default=20, show_default=True, help="Timed calls per latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
-def run(model: Path, target: str, out: Path | None, samples: int, calibration_samples: int, seed: int,
-        scheduler: str | None, steps: int | None, guidance: float | None, calibration: Path | None,
-        min_psnr: float | None, min_ssim: float | None, max_eps_error: float | None,
-        max_agreement_drop: float | None, max_fd_increase: float | None, overwrite: bool, as_json: bool) -> None:
+def run(
+    model: Path,
+    target: str,
+    out: Path | None,
+    samples: int,
+    calibration_samples: int,
+    seed: int,
+    scheduler: str | None,
+    steps: int | None,
+    guidance: float | None,
+    calibration: Path | None,
+    min_psnr: float | None,
+    min_ssim: float | None,
+    max_eps_error: float | None,
+    max_agreement_drop: float | None,
+    max_fd_increase: float | None,
+    overwrite: bool,
+    latency_repeats: int,
+    as_json: bool,
+) -> None:
     """Optimize MODEL for TARGET; exit 1 when a quality gate fails, 2 on bad input."""
     from .gates import gates_table
     from .job import JobOptions, run_job
 
-    overrides = {"min_psnr_db": min_psnr, "min_ssim": min_ssim, "max_eps_rel_error": max_eps_error,
-                 "max_class_agreement_drop": max_agreement_drop, "max_fd_increase": max_fd_increase}
+    overrides = {
+        "min_psnr_db": min_psnr,
+        "min_ssim": min_ssim,
+        "max_eps_rel_error": max_eps_error,
+        "max_class_agreement_drop": max_agreement_drop,
+        "max_fd_increase": max_fd_increase,
+    }
     stem = model.name.split(".")[0] or "model"
     opts = JobOptions(
-        target=target, out=out or Path("optimized") / f"{stem}-{Path(target).stem}", samples=samples,
-        calibration_samples=calibration_samples, seed=seed, scheduler=scheduler, steps=steps, guidance=guidance,
-        gates={k: v for k, v in overrides.items() if v is not None}, calibration=calibration, overwrite=overwrite,
+        target=target,
+        out=out or Path("optimized") / f"{stem}-{Path(target).stem}",
+        samples=samples,
+        calibration_samples=calibration_samples,
+        seed=seed,
+        scheduler=scheduler,
+        steps=steps,
+        guidance=guidance,
+        gates={k: v for k, v in overrides.items() if v is not None},
+        calibration=calibration,
+        overwrite=overwrite,
+        latency_repeats=latency_repeats,
     )
     try:
         result = run_job(model, opts, _progress, _log)
@@ -111,8 +151,12 @@ def inspect(model: Path) -> None:
         _fail(exc)
     spec = dataclasses.asdict(program.spec)
     spec.pop("model_config")
-    info = {"source": dataclasses.asdict(program.source), "spec": spec, "plan": program.plan.to_dict(),
-            "parameters": sum(p.numel() for p in program.denoiser.parameters())}
+    info = {
+        "source": dataclasses.asdict(program.source),
+        "spec": spec,
+        "plan": program.plan.to_dict(),
+        "parameters": sum(p.numel() for p in program.denoiser.parameters()),
+    }
     click.echo(json.dumps(info, indent=2))
 
 
@@ -172,3 +216,32 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     picture = Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row)
     write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
     _log(f"wrote {out}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The original model (default: the source path recorded in plan.json).",
+)
+@click.option("--repeats", default=50, show_default=True, help="Timed denoiser calls (end to end: a quarter).")
+def bench(artifact: Path, model: Path | None, repeats: int) -> None:
+    """Time the original model in torch against an `optimize` output run by ONNX Runtime, side by side."""
+    from backends.plan import read_plan
+
+    from .loading import load_program
+    from .stages import measure_latency
+
+    try:
+        plan = read_plan(artifact)
+        source = plan.document["model"]["source"]
+        program = load_program(model or source["path"])
+        if program.source.digest != source["digest"]:
+            raise OptimizerError(f"{program.source.path} is not the model this artifact was built from")
+        program = program.replace(plan=plan.sampling)
+        latency = measure_latency(program, artifact, ("CPUExecutionProvider",), repeats)
+    except OptimizerError as exc:
+        _fail(exc)
+    click.echo(json.dumps(latency, indent=2))

@@ -19,12 +19,24 @@ GATES = {
     for g in (
         Gate("min_psnr_db", "psnr_db_mean", "min", "mean paired PSNR of final samples vs reference (dB)"),
         Gate("min_ssim", "ssim_mean", "min", "mean paired SSIM of final samples vs reference"),
-        Gate("max_eps_rel_error", "eps_rel_error_max", "max",
-             "worst per-step relative error of the model output on the reference trajectory"),
-        Gate("max_class_agreement_drop", "class_agreement_drop", "max",
-             "drop of the classifier's agreement with the requested class (fraction)"),
-        Gate("max_fd_increase", "fd_increase", "max",
-             "increase of the Fréchet distance to the data, in classifier feature space"),
+        Gate(
+            "max_eps_rel_error",
+            "eps_rel_error_max",
+            "max",
+            "worst per-step relative error of the model output on the reference trajectory",
+        ),
+        Gate(
+            "max_class_agreement_drop",
+            "class_agreement_drop",
+            "max",
+            "drop of the classifier's agreement with the requested class (fraction)",
+        ),
+        Gate(
+            "max_fd_increase",
+            "fd_increase",
+            "max",
+            "increase of the Fréchet distance to the data, in classifier feature space",
+        ),
     )
 }
 

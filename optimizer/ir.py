@@ -87,6 +87,8 @@ class DiffusionProgram:
 
     def fingerprint(self) -> str:
         """Identifies (weights, loop): what calibration data depends on."""
-        payload = json.dumps({"source": self.source.digest, "plan": self.plan.to_dict(),
-                              "passes": [p.name for p in self.provenance]}, sort_keys=True)
+        payload = json.dumps(
+            {"source": self.source.digest, "plan": self.plan.to_dict(), "passes": [p.name for p in self.provenance]},
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -109,16 +109,21 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     try:
         log("calibrating: capturing reference trajectories")
         calibration = calibrate(program, opts, staging, progress)
-        ctx = Context(reference=program, calibration=calibration, capabilities=target.capabilities,
-                      evaluate=lambda p: _quick_fidelity(p, calibration), progress=progress,
-                      rng=torch.Generator().manual_seed(opts.seed))
+        ctx = Context(
+            reference=program,
+            calibration=calibration,
+            capabilities=target.capabilities,
+            evaluate=lambda p: _quick_fidelity(p, calibration),
+            progress=progress,
+            rng=torch.Generator().manual_seed(opts.seed),
+        )
         candidate = run_passes(program, planned, ctx)
         log(f"lowering to ONNX for {target.backend['name']}")
         artifacts = lower(candidate, staging)
         log(f"verifying on {opts.samples} samples")
         verification, ref_images, cand_images = verify_lowered(program, staging, opts, target, progress)
         log("measuring latency: torch vs ONNX Runtime")
-        latency = measure_latency(program, staging, target, opts.latency_repeats)
+        latency = measure_latency(program, staging, tuple(target.backend.get("providers", ())), opts.latency_repeats)
         results = evaluate_gates(gates, verification)
         report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
         save_grid(staging / GRID_FILE, ref_images, cand_images)
@@ -136,5 +141,8 @@ def _quick_fidelity(program: DiffusionProgram, calibration: Any) -> dict[str, An
     from .verify import per_step_error
 
     errors = per_step_error(calibration, torch_denoise(program))
-    return {"eps_rel_error_mean": sum(errors) / len(errors), "eps_rel_error_max": max(errors),
-            "guidance": uses_guidance(program.plan, program.spec.conditioning)}
+    return {
+        "eps_rel_error_mean": sum(errors) / len(errors),
+        "eps_rel_error_max": max(errors),
+        "guidance": uses_guidance(program.plan, program.spec.conditioning),
+    }

@@ -147,8 +147,13 @@ def _load_diffusers(folder: Path) -> DiffusionProgram:
 
 
 def _assemble(
-    model_class: str, config: dict[str, Any], state: dict[str, torch.Tensor], scheduler: dict[str, Any],
-    sampling: dict[str, Any], conditioning: Conditioning | None, source: Source,
+    model_class: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    scheduler: dict[str, Any],
+    sampling: dict[str, Any],
+    conditioning: Conditioning | None,
+    source: Source,
 ) -> DiffusionProgram:
     adapter = adapter_for(model_class)
     model = adapter.build(config)
@@ -160,15 +165,32 @@ def _assemble(
             f"{source.path}: weights do not fit the {model_class} config "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
+    return program_from_model(model, scheduler, sampling, conditioning, source)
+
+
+def program_from_model(
+    model: torch.nn.Module,
+    scheduler: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
+    conditioning: Conditioning | None = None,
+    source: Source | None = None,
+) -> DiffusionProgram:
+    """Wrap an in-memory diffusers model (DiTTransformer2DModel / UNet2DModel) as a program."""
+    adapter = adapter_for(type(model).__name__)
+    scheduler = scheduler or {"class": "DDPMScheduler", "config": {}}
+    sampling = sampling or DEFAULT_SAMPLING
     model.eval().requires_grad_(False)
-    base = SamplingPlan(str(scheduler.get("class")), {k: v for k, v in scheduler.get("config", {}).items()
-                                                       if not k.startswith("_")},
-                        int(sampling.get("num_inference_steps", 20)), float(sampling.get("guidance_scale", 1.0)))
+    base = SamplingPlan(
+        str(scheduler.get("class")),
+        {k: v for k, v in scheduler.get("config", {}).items() if not k.startswith("_")},
+        int(sampling.get("num_inference_steps", 20)),
+        float(sampling.get("guidance_scale", 1.0)),
+    )
     plan = with_scheduler(base, str(sampling.get("scheduler", base.scheduler_class)))
     spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
     if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
         plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
-    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source)
+    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source or Source("<memory>", "memory", ""))
 
 
 def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Source) -> None:
@@ -179,4 +201,3 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source
             f"{source.path}: weight shapes do not fit the config, e.g. {bad[0]}: "
             f"{tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
         )
-

@@ -60,13 +60,18 @@ def build_config(module: ModuleType, name: str, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         expected = hints[key]
         origin = typing.get_origin(expected) or expected
-        if isinstance(origin, type) and not isinstance(value, origin) and not (origin is float and isinstance(value, int)):
+        if (
+            isinstance(origin, type)
+            and not isinstance(value, origin)
+            and not (origin is float and isinstance(value, int))
+        ):
             raise ConfigError(f"pass '{name}': {key} must be {expected}, got {value!r}")
     return cls(**values)
 
 
-def plan_passes(recipe: list[dict[str, Any]], capabilities: frozenset[str],
-                registry: dict[str, ModuleType] | None = None) -> list[PlannedPass]:
+def plan_passes(
+    recipe: list[dict[str, Any]], capabilities: frozenset[str], registry: dict[str, ModuleType] | None = None
+) -> list[PlannedPass]:
     """Resolve names and configs, and check ordering and capabilities, before anything runs."""
     registry = discover_passes() if registry is None else registry
     planned = []

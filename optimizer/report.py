@@ -75,9 +75,17 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {_fmt(val)} |" for k, val in v.items() if k != "eps_rel_error_per_step"]
-    lines += ["", "## Gates", "```", gates_table(gate_results), "```", "",
-              f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, measured in one run)",
-              "| | torch | onnxruntime | ratio torch/ort |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Gates",
+        "```",
+        gates_table(gate_results),
+        "```",
+        "",
+        f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, measured in one run)",
+        "| | torch | onnxruntime | ratio torch/ort |",
+        "|---|---|---|---|",
+    ]
     for key in ("per_step", "end_to_end"):
         t, o = lat[f"torch_{key}_ms"], lat[f"ort_{key}_ms"]
         lines.append(f"| {key.replace('_', ' ')} | {t:.2f} | {o:.2f} | {t / o:.2f} |")

@@ -58,9 +58,9 @@ def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
     return plan.guidance_scale > 1.0 and conditioning.supports_guidance
 
 
-def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One generator per sample, so a sample depends on its seed alone (as diffusers' randn_tensor)."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
 def sample(
@@ -80,7 +80,7 @@ def sample(
         raise ConfigError(f"class labels must lie in [0, {conditioning.num_classes})")
     scheduler = build_scheduler(plan)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    x = initial_noise(sample_shape, seeds) * scheduler.init_noise_sigma
+    x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma
     y = torch.tensor(list(labels), dtype=torch.int64) if conditioning.num_classes else None
     cfg = uses_guidance(plan, conditioning)
     if cfg:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,14 @@ def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Cal
 
     if opts.calibration is not None:
         trajectories = calib.load(opts.calibration, program)
-    else:
-        seeds, classes = evaluation_set(opts.calibration_samples, program.spec.conditioning.num_classes,
-                                        CALIBRATION_SEED + opts.seed)
-        trajectories = calib.capture(program, seeds, classes,
-                                     progress=lambda it: progress(it, desc="calibration", leave=False))
+        shutil.copyfile(opts.calibration, staging / CALIBRATION_FILE)
+        return trajectories
+    seeds, classes = evaluation_set(
+        opts.calibration_samples, program.spec.conditioning.num_classes, CALIBRATION_SEED + opts.seed
+    )
+    trajectories = calib.capture(
+        program, seeds, classes, progress=lambda it: progress(it, desc="calibration", leave=False)
+    )
     calib.save(trajectories, staging / CALIBRATION_FILE)
     return trajectories
 
@@ -42,12 +46,20 @@ def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Cal
 def lower(program: DiffusionProgram, staging: Path) -> dict[str, Any]:
     onnx_path = export_onnx(denoiser_module(program), program.spec, staging / ONNX_FILE)
     write_plan(staging, plan_document(program, {"denoiser": onnx_path}, input_names(program.spec)))
-    return {"onnx": ONNX_FILE, "onnx_bytes": onnx_path.stat().st_size, "plan": "plan.json",
-            "calibration": CALIBRATION_FILE}
+    return {
+        "onnx": ONNX_FILE,
+        "onnx_bytes": onnx_path.stat().st_size,
+        "plan": "plan.json",
+        "calibration": CALIBRATION_FILE,
+    }
 
 
 def verify_lowered(
-    program: DiffusionProgram, staging: Path, opts: Any, target: Target, progress: Callable,
+    program: DiffusionProgram,
+    staging: Path,
+    opts: Any,
+    target: Target,
+    progress: Callable,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Reference (original, torch) vs the lowered artifact run by the plan runner; returns images too."""
     seeds, classes = evaluation_set(opts.samples, program.spec.conditioning.num_classes, opts.seed)
@@ -59,9 +71,11 @@ def verify_lowered(
     return summary, to_images(reference.final), to_images(candidate)
 
 
-def measure_latency(program: DiffusionProgram, staging: Path, target: Target, repeats: int) -> dict[str, Any]:
+def measure_latency(
+    program: DiffusionProgram, artifact: Path, providers: tuple[str, ...], repeats: int
+) -> dict[str, Any]:
     """One image: a denoiser call (the guided batch) and a whole sampling run, torch vs ORT, side by side."""
-    runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
+    runner = PlanRunner(artifact, providers)
     spec, plan = program.spec, program.plan
     batch = 2 if uses_guidance(plan, spec.conditioning) else 1
     x = torch.randn(batch, *spec.sample_shape)
@@ -76,14 +90,20 @@ def measure_latency(program: DiffusionProgram, staging: Path, target: Target, re
         "torch_per_step_ms": median_ms(lambda: ref(x, t, y), repeats),
         "ort_per_step_ms": median_ms(lambda: runner.denoise(x, t, y), repeats),
         "torch_end_to_end_ms": median_ms(
-            lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels), e2e_repeats, 1),
+            lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels), e2e_repeats, 1
+        ),
         "ort_end_to_end_ms": median_ms(lambda: runner.sample([0], labels), e2e_repeats, 1),
     }
 
 
 def make_report(
-    program: DiffusionProgram, candidate: DiffusionProgram, target: Target,
-    artifacts: dict[str, Any], verification: dict[str, Any], latency: dict[str, Any], opts: Any,
+    program: DiffusionProgram,
+    candidate: DiffusionProgram,
+    target: Target,
+    artifacts: dict[str, Any],
+    verification: dict[str, Any],
+    latency: dict[str, Any],
+    opts: Any,
     gates: dict[str, float],
 ) -> dict[str, Any]:
     source = Path(program.source.path)

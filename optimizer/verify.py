@@ -23,8 +23,10 @@ def evaluation_set(n: int, num_classes: int, base_seed: int) -> tuple[list[int],
 def per_step_error(trajectories: Any, denoise: DenoiseFn) -> list[float]:
     """Teacher-forced: the candidate's output on the reference's own inputs at every step."""
     return [
-        relative_error(trajectories.output[s], denoise(trajectories.x[s], trajectories.t[s].expand(
-            trajectories.x.shape[1]), trajectories.labels))
+        relative_error(
+            trajectories.output[s],
+            denoise(trajectories.x[s], trajectories.t[s].expand(trajectories.x.shape[1]), trajectories.labels),
+        )
         for s in range(trajectories.steps)
     ]
 
@@ -64,7 +66,10 @@ class DigitsJudge:
 
 
 def compare(
-    reference: Any, candidate_final: torch.Tensor, candidate_denoise: DenoiseFn, judge: DigitsJudge | None,
+    reference: Any,
+    candidate_final: torch.Tensor,
+    candidate_denoise: DenoiseFn,
+    judge: DigitsJudge | None,
 ) -> dict[str, Any]:
     """All paired and distribution metrics; keys are what gates refer to (see gates.GATES)."""
     ref_img, cand_img = to_images(reference.final), to_images(candidate_final)
@@ -72,19 +77,30 @@ def compare(
     errors = per_step_error(reference, candidate_denoise)
     summary: dict[str, Any] = {
         "samples": len(reference.seeds),
-        "psnr_db_mean": float(p.mean()), "psnr_db_min": float(p.min()),
-        "ssim_mean": float(s.mean()), "ssim_min": float(s.min()),
-        "eps_rel_error_mean": float(np.mean(errors)), "eps_rel_error_max": float(np.max(errors)),
+        "psnr_db_mean": float(p.mean()),
+        "psnr_db_min": float(p.min()),
+        "ssim_mean": float(s.mean()),
+        "ssim_min": float(s.min()),
+        "eps_rel_error_mean": float(np.mean(errors)),
+        "eps_rel_error_max": float(np.max(errors)),
         "eps_rel_error_per_step": errors,
     }
     if judge is not None and reference.classes is not None:
         ref_agree, ref_feat = judge.judge(reference.final, reference.classes)
         cand_agree, cand_feat = judge.judge(candidate_final, reference.classes)
-        fd_ref, fd_cand = frechet_distance(ref_feat, judge.data_features), frechet_distance(cand_feat, judge.data_features)
-        summary.update({
-            "class_agreement_reference": ref_agree, "class_agreement_candidate": cand_agree,
-            "class_agreement_drop": ref_agree - cand_agree,
-            "fd_reference_to_data": fd_ref, "fd_candidate_to_data": fd_cand, "fd_increase": fd_cand - fd_ref,
-            "fd_candidate_to_reference": frechet_distance(cand_feat, ref_feat),
-        })
+        fd_ref, fd_cand = (
+            frechet_distance(ref_feat, judge.data_features),
+            frechet_distance(cand_feat, judge.data_features),
+        )
+        summary.update(
+            {
+                "class_agreement_reference": ref_agree,
+                "class_agreement_candidate": cand_agree,
+                "class_agreement_drop": ref_agree - cand_agree,
+                "fd_reference_to_data": fd_ref,
+                "fd_candidate_to_data": fd_cand,
+                "fd_increase": fd_cand - fd_ref,
+                "fd_candidate_to_reference": frechet_distance(cand_feat, ref_feat),
+            }
+        )
     return summary

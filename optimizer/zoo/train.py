@@ -24,8 +24,14 @@ DENOISERS = {
 
 
 def train_denoiser(
-    arch: str, out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
-    ema_decay: float = 0.999, label_dropout: float = 0.1,
+    arch: str,
+    out: Path,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    label_dropout: float = 0.1,
 ) -> dict[str, Any]:
     """Train an epsilon-prediction class-conditional denoiser and save its EMA weights."""
     from diffusers import DDPMScheduler
@@ -66,8 +72,13 @@ def train_denoiser(
         "sampling": DEFAULT_SAMPLING,
         "training": {
             "data": "sklearn load_digits, bilinear 8x8 -> 16x16, [-1, 1]",
-            "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
-            "final_loss": sum(tail) / len(tail), "seconds": round(time.time() - start, 1),
+            "seed": seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "ema_decay": ema_decay,
+            "final_loss": sum(tail) / len(tail),
+            "seconds": round(time.time() - start, 1),
             "command": f"python -m optimizer.zoo train {arch} --steps {steps} --seed {seed}",
         },
     }
@@ -99,7 +110,9 @@ def train_classifier(out: Path, epochs: int = 30, seed: int = 0) -> dict[str, An
     meta = {
         "model": {"class": "DigitsClassifier", "config": {}},
         "training": {
-            "seed": seed, "epochs": epochs, "heldout_accuracy": accuracy,
+            "seed": seed,
+            "epochs": epochs,
+            "heldout_accuracy": accuracy,
             "command": f"python -m optimizer.zoo train classifier --epochs {epochs} --seed {seed}",
         },
     }

@@ -1,0 +1,38 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimizer.loading import load_program
+from optimizer.zoo import SHIPPED
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def dit_program():
+    return load_program(SHIPPED["dit"])
+
+
+@pytest.fixture(scope="session")
+def unet_program():
+    return load_program(SHIPPED["unet"])
+
+
+@pytest.fixture
+def dit_copy(tmp_path: Path) -> Path:
+    """The shipped DiT checkpoint copied into its own folder (weights + sidecar)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for src in (SHIPPED["dit"], SHIPPED["dit"].with_suffix(".json")):
+        shutil.copy(src, folder / src.name)
+    return folder / SHIPPED["dit"].name
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: to prove nothing was written or changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

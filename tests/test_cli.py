@@ -1,0 +1,158 @@
+"""Items 8-9: `optimize` end to end on both shipped models, gate failures, and bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import snapshot
+from PIL import Image
+
+from optimizer.cli import main
+from optimizer.zoo import SHIPPED
+
+FAST = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "2"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(params=["dit", "unet"])
+def model_copy(request, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for src in (SHIPPED[request.param], SHIPPED[request.param].with_suffix(".json")):
+        shutil.copy(src, folder / src.name)
+    return folder / SHIPPED[request.param].name
+
+
+def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
+    before = snapshot(model_copy.parent)
+    out = tmp_path / "out"
+    result = invoke(model_copy, "--target", "cpu-fp32", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    for name in ("denoiser.onnx", "plan.json", "report.json", "report.md", "grid.png", "calibration.safetensors"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    v = report["verification"]
+    assert v["psnr_db_min"] >= 60 and v["eps_rel_error_max"] < 1e-3 and v["class_agreement_drop"] == 0
+    assert report["latency"]["torch_per_step_ms"] > 0 and report["latency"]["ort_end_to_end_ms"] > 0
+    assert report["model"]["parameters"] > 100_000 and report["artifacts"]["onnx_bytes"] > 100_000
+    assert "**Result: PASS**" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size[1] == 3 * (16 * 4 + 2)
+    assert snapshot(model_copy.parent) == before  # the input folder is untouched
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+    # The artifact serves on its own: `optimize sample` runs the plan with ONNX Runtime.
+    png = tmp_path / "s.png"
+    assert invoke("sample", out, "--seed", 1, "--seed", 2, "--label", 3, "--label", 4, "--out", png).exit_code == 0
+    assert Image.open(png).size == (32, 16)
+
+
+def test_gate_failure_exits_1_with_a_table_and_still_reuses_calibration(tmp_path, dit_copy):
+    calibration = tmp_path / "cal.safetensors"
+    assert invoke("calibrate", dit_copy, "--out", calibration, "--samples", 3).exit_code == 0
+    out = tmp_path / "out"
+    # ORT's fp32 kernels are close to torch's but not bit-identical: a zero-error gate must fail.
+    result = invoke(
+        dit_copy,
+        "--out",
+        out,
+        "--calibration",
+        calibration,
+        "--max-eps-error",
+        0,
+        "--samples",
+        4,
+        "--latency-repeats",
+        1,
+    )
+    assert result.exit_code == 1
+    assert "max_eps_rel_error" in result.output and "FAIL" in result.output
+    assert "**Result: FAIL**" in (out / "report.md").read_text()
+    assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
+
+
+def test_out_folder_rules(tmp_path, dit_copy):
+    result = invoke(dit_copy, "--out", dit_copy.parent, *FAST)
+    assert result.exit_code == 2 and "would write into or over the input model" in result.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    result = invoke(dit_copy, "--out", busy, *FAST)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (busy / "keep.txt").exists()
+
+
+def corrupt_truncated(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def corrupt_unknown_arch(path):
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    meta["model"]["class"] = "FluxTransformer2DModel"
+    sidecar.write_text(json.dumps(meta))
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such file"),
+        ("truncated", "corrupt or truncated"),
+        ("pickle", "refused"),
+        ("unknown-arch", "unsupported architecture 'FluxTransformer2DModel'"),
+        ("unknown-target", "unknown target 'gpu9000'"),
+        ("planned-target", "not implemented yet"),
+        ("bad-gate", "unknown scheduler"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, dit_copy, case, message):
+    model, target, extra = dit_copy, "cpu-fp32", []
+    if case == "missing":
+        model = dit_copy.parent / "nope.safetensors"
+    elif case == "truncated":
+        corrupt_truncated(dit_copy)
+    elif case == "pickle":
+        model = dit_copy.with_suffix(".ckpt")
+        torch.save({"state_dict": {}, "x": Exploit(tmp_path / "pwned")}, model)  # shares the DiT's sidecar
+    elif case == "unknown-arch":
+        corrupt_unknown_arch(dit_copy)
+    elif case == "unknown-target":
+        target = "gpu9000"
+    elif case == "planned-target":
+        target = "h100-fp4"
+    elif case == "bad-gate":
+        extra = ["--scheduler", "warp"]
+    before = snapshot(dit_copy.parent)
+    out = tmp_path / "out"
+    result = invoke(model, "--target", target, "--out", out, *FAST, *extra)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in result.output
+    assert snapshot(dit_copy.parent) == before
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_inspect_and_targets():
+    result = invoke("inspect", SHIPPED["unet"])
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["spec"]["family"] == "unet" and info["spec"]["conditioning"]["null_class"] == 10
+    listing = invoke("targets").output
+    assert "cpu-fp32" in listing and "h100-fp4" in listing and "planned" in listing
