@@ -74,7 +74,18 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(val)} |" for k, val in v.items() if k != "eps_rel_error_per_step"]
+    lines += [f"| {k} | {_fmt(val)} |" for k, val in v.items() if not isinstance(val, list)]
+    lines += [
+        "",
+        "Per-step model-output relative error (candidate network fed the reference's own inputs):",
+        "",
+        "| step | timestep | relative error |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {i} | {t:g} | {e:.3g} |"
+        for i, (t, e) in enumerate(zip(v["timesteps"], v["eps_rel_error_per_step"], strict=True))
+    ]
     lines += [
         "",
         "## Gates",

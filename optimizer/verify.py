@@ -84,6 +84,7 @@ def compare(
         "eps_rel_error_mean": float(np.mean(errors)),
         "eps_rel_error_max": float(np.max(errors)),
         "eps_rel_error_per_step": errors,
+        "timesteps": [float(t) for t in reference.t],
     }
     if judge is not None and reference.classes is not None:
         ref_agree, ref_feat = judge.judge(reference.final, reference.classes)

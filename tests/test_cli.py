@@ -52,26 +52,46 @@ def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
     assert Image.open(png).size == (32, 16)
 
 
-def test_gate_failure_exits_1_with_a_table_and_still_reuses_calibration(tmp_path, dit_copy):
+def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
     calibration = tmp_path / "cal.safetensors"
     assert invoke("calibrate", dit_copy, "--out", calibration, "--samples", 3).exit_code == 0
+    target = tmp_path / "fast.json"
+    target.write_text(
+        json.dumps(
+            {
+                "name": "fast",
+                "status": "available",
+                "description": "5-step DDIM instead of 20-step DPM-Solver++",
+                "hardware": {"capabilities": ["fp32"]},
+                "backend": {"name": "onnxruntime"},
+                "recipe": [{"pass": "sampler", "config": {"scheduler": "ddim", "steps": 5}}],
+                "gates": {"min_psnr_db": 60.0},
+            }
+        )
+    )
     out = tmp_path / "out"
-    # ORT's fp32 kernels are close to torch's but not bit-identical: a zero-error gate must fail.
     result = invoke(
         dit_copy,
+        "--target",
+        target,
         "--out",
         out,
         "--calibration",
         calibration,
-        "--max-eps-error",
-        0,
         "--samples",
-        4,
+        10,
         "--latency-repeats",
         1,
     )
+    # A 5-step DDIM loop does not reproduce the original 20-step samples: the gate must fail.
     assert result.exit_code == 1
-    assert "max_eps_rel_error" in result.output and "FAIL" in result.output
+    assert "min_psnr_db" in result.output and "FAIL" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["sampler"]
+    assert report["passes"][0]["config"] == {"scheduler": "ddim", "steps": 5}
+    assert "eps_rel_error_max" in report["passes"][0]["fidelity"]
+    assert report["verification"]["psnr_db_mean"] < 60
+    assert json.loads((out / "plan.json").read_text())["sampling"]["num_inference_steps"] == 5
     assert "**Result: FAIL**" in (out / "report.md").read_text()
     assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
 

@@ -91,7 +91,17 @@ def test_a_pass_must_return_a_new_program(dit_program):
         run_passes(dit_program, planned, ctx)
 
 
-def test_discovery_finds_modules_in_the_passes_package():
+def test_discovery_finds_the_shipped_passes():
     found = discover_passes()
+    assert "sampler" in found
     for module in found.values():
         assert dataclasses.is_dataclass(module.Config) and callable(module.run)
+
+
+def test_sampler_pass_replans_the_loop(dit_program):
+    planned = plan_passes([{"pass": "sampler", "config": {"scheduler": "ddim", "steps": 8}}], CAPS)
+    ctx = Context(reference=dit_program, calibration=None, capabilities=CAPS, evaluate=lambda p: {})
+    result = run_passes(dit_program, planned, ctx)
+    assert result.plan.scheduler_class == "DDIMScheduler" and result.plan.num_inference_steps == 8
+    assert result.plan.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"  # trained schedule kept
+    assert result.denoiser is dit_program.denoiser and dit_program.plan.num_inference_steps == 20

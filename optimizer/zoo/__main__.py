@@ -19,7 +19,7 @@ def main() -> None:
 @main.command()
 @click.argument("which", type=click.Choice(["dit", "unet", "classifier"]))
 @click.option("--steps", default=6000, show_default=True, help="Optimizer steps (denoisers).")
-@click.option("--epochs", default=30, show_default=True, help="Epochs (classifier).")
+@click.option("--epochs", default=60, show_default=True, help="Epochs (classifier).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Weights file (default: shipped path).")

@@ -86,13 +86,14 @@ def train_denoiser(
     return meta
 
 
-def train_classifier(out: Path, epochs: int = 30, seed: int = 0) -> dict[str, Any]:
+def train_classifier(out: Path, epochs: int = 60, seed: int = 0) -> dict[str, Any]:
     """Train the digits classifier used for class agreement and Fréchet-distance features."""
     torch.manual_seed(seed)
     images, labels = load_digits16()
     train_idx, test_idx = split(len(images), holdout=0.2, seed=seed)
     model = DigitsClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     gen = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(epochs), desc="train classifier", unit="epoch"):
         model.train()
@@ -104,6 +105,7 @@ def train_classifier(out: Path, epochs: int = 30, seed: int = 0) -> dict[str, An
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        cosine.step()
     model.eval()
     with torch.no_grad():
         accuracy = (model(images[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
