@@ -37,14 +37,15 @@ def test_shipped_classifier_is_accurate_on_held_out_digits():
     assert accuracy >= 0.95
 
 
-@pytest.mark.parametrize("which", ["dit", "unet"])
-def test_shipped_denoisers_draw_the_requested_digit(request, which):
+# Measured with the shipped plan (DDIM, 20 steps, guidance 2) on these 50 seeds: DiT 0.94, UNet 0.98 (chance 0.1).
+@pytest.mark.parametrize("which,bar", [("dit", 0.9), ("unet", 0.9)])
+def test_shipped_denoisers_draw_the_requested_digit(request, which, bar):
     program = request.getfixturevalue(f"{which}_program")
     seeds, classes = evaluation_set(50, 10, base_seed=123)
     x = sample(
         program.plan, program.spec.conditioning, program.spec.sample_shape, torch_denoise(program), seeds, classes
     )
     agreement, _ = DigitsJudge.load().judge(x, classes)
-    assert agreement >= 0.9
+    assert agreement >= bar
     meta = json.loads(SHIPPED[which].with_suffix(".json").read_text())
     assert meta["training"]["steps"] >= 1000 and "command" in meta["training"]

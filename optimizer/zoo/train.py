@@ -16,7 +16,8 @@ from .data import NUM_CLASSES, load_digits16, split
 from .models import DIT_CONFIG, UNET_CONFIG, DigitsClassifier, build_dit, build_unet
 
 TRAIN_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
-DEFAULT_SAMPLING = {"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 2.0}
+# DDIM: DPM-Solver++ samples these cosine-schedule models badly (class agreement 0.51 vs 0.92 for the DiT).
+DEFAULT_SAMPLING = {"scheduler": "DDIMScheduler", "num_inference_steps": 20, "guidance_scale": 2.0}
 DENOISERS = {
     "dit": ("DiTTransformer2DModel", DIT_CONFIG, build_dit),
     "unet": ("UNet2DModel", UNET_CONFIG, build_unet),
