@@ -230,6 +230,7 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
 def bench(artifact: Path, model: Path | None, repeats: int) -> None:
     """Time the original model in torch against an `optimize` output run by ONNX Runtime, side by side."""
     from backends.plan import read_plan
+    from backends.runner import PlanRunner
 
     from .loading import load_program
     from .stages import measure_latency
@@ -241,7 +242,7 @@ def bench(artifact: Path, model: Path | None, repeats: int) -> None:
         if program.source.digest != source["digest"]:
             raise OptimizerError(f"{program.source.path} is not the model this artifact was built from")
         program = program.replace(plan=plan.sampling)
-        latency = measure_latency(program, artifact, ("CPUExecutionProvider",), repeats)
+        latency = measure_latency(program, PlanRunner(artifact), repeats)
     except OptimizerError as exc:
         _fail(exc)
     click.echo(json.dumps(latency, indent=2))

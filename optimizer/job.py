@@ -89,6 +89,8 @@ def publish(staging: Path, out: Path) -> None:
 
 
 def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callable[[str], None]) -> JobResult:
+    from backends.runner import PlanRunner
+
     from .report import GRID_FILE, save_grid, write_report
     from .stages import calibrate, lower, make_report, measure_latency, verify_lowered
 
@@ -121,9 +123,10 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         log(f"lowering to ONNX for {target.backend['name']}")
         artifacts = lower(candidate, staging)
         log(f"verifying on {opts.samples} samples")
-        verification, ref_images, cand_images = verify_lowered(program, staging, opts, target, progress)
+        runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
+        verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
         log("measuring latency: torch vs ONNX Runtime")
-        latency = measure_latency(program, staging, tuple(target.backend.get("providers", ())), opts.latency_repeats)
+        latency = measure_latency(program, runner, opts.latency_repeats)
         results = evaluate_gates(gates, verification)
         report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
         save_grid(staging / GRID_FILE, ref_images, cand_images)

@@ -56,26 +56,21 @@ def lower(program: DiffusionProgram, staging: Path) -> dict[str, Any]:
 
 def verify_lowered(
     program: DiffusionProgram,
-    staging: Path,
+    runner: PlanRunner,
     opts: Any,
-    target: Target,
     progress: Callable,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Reference (original, torch) vs the lowered artifact run by the plan runner; returns images too."""
     seeds, classes = evaluation_set(opts.samples, program.spec.conditioning.num_classes, opts.seed)
     reference = calib.capture(program, seeds, classes, progress=lambda it: progress(it, desc="reference", leave=False))
-    runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
     candidate = runner.sample(seeds, classes, progress=lambda it: progress(it, desc="candidate", leave=False))
     judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
     summary = compare(reference, candidate, runner.denoise, judge)
     return summary, to_images(reference.final), to_images(candidate)
 
 
-def measure_latency(
-    program: DiffusionProgram, artifact: Path, providers: tuple[str, ...], repeats: int
-) -> dict[str, Any]:
+def measure_latency(program: DiffusionProgram, runner: PlanRunner, repeats: int) -> dict[str, Any]:
     """One image: a denoiser call (the guided batch) and a whole sampling run, torch vs ORT, side by side."""
-    runner = PlanRunner(artifact, providers)
     spec, plan = program.spec, program.plan
     batch = 2 if uses_guidance(plan, spec.conditioning) else 1
     x = torch.randn(batch, *spec.sample_shape)

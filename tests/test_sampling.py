@@ -23,12 +23,20 @@ def ours(program, seeds=SEEDS, labels=None):
     return to_images(sample(program.plan, spec.conditioning, spec.sample_shape, torch_denoise(program), seeds, labels))
 
 
-def dit_pipeline(program):
+def dit_pipeline_samples(program, labels):
+    """diffusers' DiTPipeline run with the program's scheduler, steps and guidance."""
     plan = program.plan
     scheduler = getattr(diffusers, plan.scheduler_class).from_config(plan.scheduler_config)
     pipe = DiTPipeline(transformer=program.denoiser, vae=IdentityVAE(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    return pipe(
+        class_labels=labels,
+        guidance_scale=plan.guidance_scale,
+        num_inference_steps=plan.num_inference_steps,
+        output_type="pt",
+        generator=generators,
+    ).images
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
@@ -40,13 +48,7 @@ def test_trained_dit_matches_diffusers_dit_pipeline(dit_program, scheduler):
         )
     )
     labels = [3, 7, 1]
-    expected = dit_pipeline(program)(
-        class_labels=labels,
-        guidance_scale=1.0,
-        num_inference_steps=10,
-        output_type="pt",
-        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-    ).images
+    expected = dit_pipeline_samples(program, labels)
     torch.testing.assert_close(ours(program, labels=labels), expected, rtol=0, atol=1e-6)
 
 
@@ -58,13 +60,7 @@ def test_guided_sampling_matches_dit_pipeline(scheduler):
     )
     assert program.spec.conditioning.null_class == 1000
     labels = [5, 999, 42]
-    expected = dit_pipeline(program)(
-        class_labels=labels,
-        guidance_scale=3.0,
-        num_inference_steps=8,
-        output_type="pt",
-        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-    ).images
+    expected = dit_pipeline_samples(program, labels)
     torch.testing.assert_close(ours(program, labels=labels), expected, rtol=0, atol=1e-5)
 
 
