@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .errors import OptimizerError
+from .errors import ConfigError, OptimizerError
 
 HELP = """Optimize a trained diffusion model for a deployment target, verify it, write a report.
 
@@ -246,3 +246,26 @@ def bench(artifact: Path, model: Path | None, repeats: int) -> None:
     except OptimizerError as exc:
         _fail(exc)
     click.echo(json.dumps(latency, indent=2))
+
+
+@main.command("quant-compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
+@click.option("--calibration-samples", default=20, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def quant_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+    """Quantization side by side: our calibration vs naive ones, every format, same seeds (markdown table)."""
+    from .fileio import write_json
+    from .loading import load_program
+    from .quant_compare import compare_quantization, markdown_table
+
+    try:
+        if samples < 2 or calibration_samples < 1:
+            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
+        program = load_program(model)
+        rows = compare_quantization(program, samples, calibration_samples, _progress, _log)
+    except OptimizerError as exc:
+        _fail(exc)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(markdown_table(rows))

@@ -81,6 +81,7 @@ class DiffusionProgram:
     plan: SamplingPlan
     source: Source
     provenance: tuple[PassRecord, ...] = field(default=())
+    annotations: dict[str, Any] = field(default_factory=dict)  # per pass name: what it decided (for the report)
 
     def replace(self, **changes: Any) -> DiffusionProgram:
         return dataclasses.replace(self, **changes)

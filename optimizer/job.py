@@ -123,10 +123,21 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         log(f"lowering to ONNX for {target.backend['name']}")
         artifacts = lower(candidate, staging)
         log(f"verifying on {opts.samples} samples")
-        runner = PlanRunner(staging, tuple(target.backend.get("providers", ())))
+        providers = tuple(target.backend.get("providers", ()))
+        runner = PlanRunner(staging, providers)
         verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
-        log("measuring latency: torch vs ONNX Runtime")
-        latency = measure_latency(program, runner, opts.latency_repeats)
+        baseline = None
+        if candidate.provenance:  # the network or loop changed: time the unoptimized graph beside it
+            log("lowering the original as the fp32 ONNX baseline")
+            reference_dir = staging / ".reference"
+            reference_dir.mkdir()
+            artifacts["reference_onnx_bytes"] = lower(program, reference_dir)["onnx_bytes"]
+            baseline = PlanRunner(reference_dir, providers)
+        log("measuring latency side by side")
+        latency = measure_latency(program, runner, opts.latency_repeats, baseline)
+        if baseline is not None:
+            del baseline
+            shutil.rmtree(staging / ".reference")
         results = evaluate_gates(gates, verification)
         report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
         save_grid(staging / GRID_FILE, ref_images, cand_images)

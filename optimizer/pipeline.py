@@ -83,7 +83,10 @@ def plan_passes(
         missing = sorted(set(getattr(module, "REQUIRES", ())) - capabilities)
         if missing:
             raise ConfigError(f"pass '{name}' needs target capabilities {missing}, which this target lacks")
-        planned.append(PlannedPass(name, module, build_config(module, name, step.get("config", {}))))
+        config = build_config(module, name, step.get("config", {}))
+        if hasattr(module, "check"):  # config-dependent checks, e.g. a format the target lacks
+            module.check(config, capabilities)
+        planned.append(PlannedPass(name, module, config))
     position = {p.name: i for i, p in enumerate(planned)}
     for i, p in enumerate(planned):
         for other in getattr(p.module, "AFTER", ()):

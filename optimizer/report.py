@@ -54,7 +54,8 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         f"- source: `{m['source']['path']}` ({m['source']['format']}, digest {m['source']['digest']})",
         f"- architecture: {m['family']} (`{m['class']}`), {m['parameters']:,} parameters",
         f"- sample shape: {m['sample_shape']}, conditioning: {m['conditioning']}",
-        f"- sizes: input weights {m['input_bytes']:,} B, ONNX {report['artifacts']['onnx_bytes']:,} B",
+        f"- sizes: input weights {m['input_bytes']:,} B, ONNX {report['artifacts']['onnx_bytes']:,} B"
+        + _size_ratio(report["artifacts"]),
         "",
         "## Sampling plan",
         f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
@@ -67,6 +68,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         lines += [f"| {p['name']} | {p['seconds']} | {p['fidelity']} |" for p in report["passes"]]
     else:
         lines.append("None: the target's recipe is empty; what is verified is the lowering itself.")
+    lines += _decisions(report.get("decisions", {}))
     lines += [
         "",
         f"## Verification ({v['samples']} samples, same seeds/classes/scheduler/steps;"
@@ -93,15 +95,62 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         gates_table(gate_results),
         "```",
         "",
-        f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, measured in one run)",
-        "| | torch | onnxruntime | ratio torch/ort |",
-        "|---|---|---|---|",
+        f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, providers"
+        f" {', '.join(lat.get('providers', []))}; contenders interleaved in one run)",
     ]
-    for key in ("per_step", "end_to_end"):
-        t, o = lat[f"torch_{key}_ms"], lat[f"ort_{key}_ms"]
-        lines.append(f"| {key.replace('_', ' ')} | {t:.2f} | {o:.2f} | {t / o:.2f} |")
+    lines += _latency_table(lat, report["target"]["hardware"].get("device", "cpu"))
     lines += ["", "## Samples", f"![reference vs candidate]({GRID_FILE})", ""]
     return "\n".join(lines)
+
+
+def _size_ratio(artifacts: dict[str, Any]) -> str:
+    ref = artifacts.get("reference_onnx_bytes")
+    if not ref:
+        return ""
+    return f" (fp32 ONNX of the original: {ref:,} B; {ref / artifacts['onnx_bytes']:.2f}x smaller)"
+
+
+def _latency_table(lat: dict[str, Any], device: str) -> list[str]:
+    names = {"torch": "original, torch", "ort_fp32": "original, ONNX Runtime fp32", "ort": "artifact, ONNX Runtime"}
+    present = [k for k in names if f"{k}_per_step_ms" in lat]
+    base = "ort_fp32" if "ort_fp32" in present else "torch"
+    lines = [f"| | per step | end to end | speedup vs {names[base]} |", "|---|---|---|---|"]
+    for k in present:
+        step, e2e = lat[f"{k}_per_step_ms"], lat[f"{k}_end_to_end_ms"]
+        ratio = lat[f"{base}_per_step_ms"] / step, lat[f"{base}_end_to_end_ms"] / e2e
+        lines.append(f"| {names[k]} | {step:.2f} | {e2e:.2f} | {ratio[0]:.2f}x / {ratio[1]:.2f}x |")
+    if device == "cuda" and lat.get("providers", ["CPUExecutionProvider"])[0] == "CPUExecutionProvider":
+        lines += [
+            "",
+            "The target is a GPU but no GPU provider was present: these are CPU timings of the Q/DQ graph"
+            " (numerics verified, speed not representative).",
+        ]
+    return lines
+
+
+def _decisions(decisions: dict[str, Any]) -> list[str]:
+    q = decisions.get("quantize")
+    if not q:
+        return []
+    bits = q["weight_bits"]
+    lines = [
+        "",
+        "## Quantization",
+        f"- layers: {q['quantized_layers']} quantized ({', '.join(f'{k}: {v}' for k, v in q['formats'].items())})",
+        f"- kept fp32 (temporal-only or excluded): {', '.join(q['kept_fp32']) or 'none'}",
+        f"- calibration: {q['calibration']['method']}, {q['calibration']['inputs']} denoiser inputs;"
+        f" SmoothQuant alpha {q['smoothquant_alpha']} on {q['smoothed_layers']} layers",
+        f"- weight storage: {bits['stored'] / 8e6:.2f} MB vs {bits['fp32_equivalent'] / 8e6:.2f} MB fp32",
+        f"- teacher-forced model-output error on calibration trajectories: {q['eps_error_before_fallback']:.4g}"
+        f" before fallback, {q['eps_error_after_fallback']:.4g} after",
+    ]
+    if q["fallback"]:
+        lines += ["", "Layers reverted to fp32 (most sensitive first, measured alone):", ""]
+        lines += ["| layer | error when quantized alone | error after reverting |", "|---|---|---|"]
+        lines += [f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in q["fallback"]]
+    for note in q.get("notes", []):
+        lines.append(f"- {note}")
+    return lines
 
 
 def write_report(folder: Path, report: dict[str, Any], gate_results: list[GateResult]) -> None:

@@ -12,14 +12,16 @@ import torch
 
 from backends.onnx_export import export_onnx, input_names
 from backends.plan import plan_document, write_plan
+from backends.qdq import export_quantized
 from backends.runner import PlanRunner
 from calibration import capture as calib
 
 from .adapters import denoiser_module, torch_denoise
 from .ir import DiffusionProgram
+from .quantized import quantized_layers
 from .sampling import sample, to_images, uses_guidance
 from .targets import Target
-from .timing import median_ms
+from .timing import paired_median_ms
 from .verify import DigitsJudge, compare, evaluation_set
 
 ONNX_FILE = "denoiser.onnx"
@@ -44,7 +46,11 @@ def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Cal
 
 
 def lower(program: DiffusionProgram, staging: Path) -> dict[str, Any]:
-    onnx_path = export_onnx(denoiser_module(program), program.spec, staging / ONNX_FILE)
+    module = denoiser_module(program)
+    if quantized_layers(program.denoiser):
+        onnx_path = export_quantized(module, program.spec, staging / ONNX_FILE)
+    else:
+        onnx_path = export_onnx(module, program.spec, staging / ONNX_FILE)
     write_plan(staging, plan_document(program, {"denoiser": onnx_path}, input_names(program.spec)))
     return {
         "onnx": ONNX_FILE,
@@ -69,8 +75,12 @@ def verify_lowered(
     return summary, to_images(reference.final), to_images(candidate)
 
 
-def measure_latency(program: DiffusionProgram, runner: PlanRunner, repeats: int) -> dict[str, Any]:
-    """One image: a denoiser call (the guided batch) and a whole sampling run, torch vs ORT, side by side."""
+def measure_latency(
+    program: DiffusionProgram, runner: PlanRunner, repeats: int, baseline: PlanRunner | None = None
+) -> dict[str, Any]:
+    """One image: a denoiser call (the guided batch) and a whole sampling run, interleaved side by side:
+    the original in torch, the artifact in ORT and, when passes changed the network, the unoptimized
+    fp32 graph in ORT as well (the fair baseline for speed and size)."""
     spec, plan = program.spec, program.plan
     batch = 2 if uses_guidance(plan, spec.conditioning) else 1
     x = torch.randn(batch, *spec.sample_shape)
@@ -78,17 +88,26 @@ def measure_latency(program: DiffusionProgram, runner: PlanRunner, repeats: int)
     y = torch.zeros(batch, dtype=torch.int64) if spec.conditioning.num_classes else None
     labels = [0] if spec.conditioning.num_classes else None
     ref = torch_denoise(program)
-    e2e_repeats = max(1, repeats // 4)
-    return {
+    contenders = {"torch": ref, "ort": runner.denoise}
+    if baseline is not None:
+        contenders["ort_fp32"] = baseline.denoise
+    step = paired_median_ms({k: (lambda f=f: f(x, t, y)) for k, f in contenders.items()}, repeats)
+    loops = {
+        "torch": lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels),
+        "ort": lambda: runner.sample([0], labels),
+    }
+    if baseline is not None:
+        loops["ort_fp32"] = lambda: baseline.sample([0], labels)
+    e2e = paired_median_ms(loops, max(1, repeats // 4), 1)
+    result: dict[str, Any] = {
         "batch": batch,
         "threads": torch.get_num_threads(),
-        "torch_per_step_ms": median_ms(lambda: ref(x, t, y), repeats),
-        "ort_per_step_ms": median_ms(lambda: runner.denoise(x, t, y), repeats),
-        "torch_end_to_end_ms": median_ms(
-            lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels), e2e_repeats, 1
-        ),
-        "ort_end_to_end_ms": median_ms(lambda: runner.sample([0], labels), e2e_repeats, 1),
+        "providers": runner.denoise.session.get_providers(),
     }
+    for key in contenders:
+        result[f"{key}_per_step_ms"] = step[key]
+        result[f"{key}_end_to_end_ms"] = e2e[key]
+    return result
 
 
 def make_report(
@@ -119,6 +138,7 @@ def make_report(
         "backend": target.backend["name"],
         "plan": program.plan.to_dict(),
         "passes": [dataclasses.asdict(p) for p in candidate.provenance],
+        "decisions": candidate.annotations,
         "artifacts": artifacts,
         "evaluation": {"samples": opts.samples, "base_seed": opts.seed},
         "verification": verification,

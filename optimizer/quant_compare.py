@@ -1,0 +1,186 @@
+"""Side by side on one model and one evaluation set: quantization configurations and naive baselines.
+
+Rows run as lowered ONNX in ONNX Runtime where the format has CPU kernels (int8, fp8, int4 Q/DQ), in
+torch emulation otherwise (NVFP4). Baselines: our pass fed random calibration inputs (only the data
+differs), and ONNX Runtime's own `quantize_static` with its defaults, fed random inputs as Olive's
+Stable Diffusion recipe does, or fed our timestep-stratified inputs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backends.ort import OrtDenoiser
+from calibration import capture as calib
+from calibration import selection
+
+from .adapters import torch_denoise
+from .ir import DiffusionProgram
+from .pipeline import Context, plan_passes, run_passes
+from .sampling import build_scheduler, sample
+from .stages import lower
+from .verify import DigitsJudge, compare, evaluation_set
+
+ALL_CAPABILITIES = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
+
+# (row name, quantize config, how it runs)
+ROWS: list[tuple[str, dict[str, Any], str]] = [
+    ("ours int8 W8A8 (cpu-int8 recipe)", {"max_eps_error": 0.02}, "ort"),
+    ("ours int8 W8A8, no fallback", {}, "ort"),
+    ("ours int8 W8A8, no fallback, skewed (PTQ4DM) data", {"calibration": "skewed"}, "ort"),
+    ("ours int8 W8A8, no fallback, SmoothQuant 0.5", {"smoothquant": 0.5}, "ort"),
+    ("same, random calibration data (naive)", {"calibration": "random"}, "ort"),
+    ("same, random data, temporal modules quantized too", {"calibration": "random", "keep_temporal": False}, "ort"),
+    ("ours fp8 W8A8 (h100-fp8 numerics)", {"weights": "fp8", "activations": "fp8"}, "ort"),
+    ("ours int4 W4A8 (h100-fp4 numerics)", {"weights": "int4", "activations": "fp8"}, "ort"),
+    ("ours NVFP4 W4A4 (b200-fp4 numerics)", {"weights": "nvfp4", "activations": "nvfp4"}, "torch"),
+]
+
+
+def compare_quantization(
+    program: DiffusionProgram,
+    samples: int,
+    calibration_samples: int,
+    progress: Callable,
+    log: Callable[[str], None],
+    rows: list[tuple[str, dict[str, Any], str]] | None = None,
+    ort_baselines: bool = True,
+) -> list[dict[str, Any]]:
+    from .job import CALIBRATION_SEED
+
+    num_classes = program.spec.conditioning.num_classes
+    cal_seeds, cal_classes = evaluation_set(calibration_samples, num_classes, CALIBRATION_SEED)
+    trajectories = calib.capture(program, cal_seeds, cal_classes)
+    seeds, classes = evaluation_set(samples, num_classes, 0)
+    log(f"reference: {samples} samples")
+    reference = calib.capture(program, seeds, classes)
+    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
+    results = []
+    with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
+        work = Path(tmp)
+        fp32 = lower(program, work / "fp32")
+        for name, config, runs in progress(rows or ROWS, desc="configurations"):
+            log(name)
+            ctx = Context(
+                reference=program,
+                calibration=trajectories,
+                evaluate=lambda p: {},
+                capabilities=ALL_CAPABILITIES,
+                rng=torch.Generator().manual_seed(0),
+            )
+            candidate = run_passes(
+                program, plan_passes([{"pass": "quantize", "config": config}], ALL_CAPABILITIES), ctx
+            )
+            notes = candidate.annotations["quantize"]
+            if runs == "ort":
+                folder = work / f"row{len(results)}"
+                size = lower(candidate, folder)["onnx_bytes"]
+                denoise = OrtDenoiser(folder / "denoiser.onnx")
+            else:
+                size, denoise = None, torch_denoise(candidate)
+            row = _evaluate(program, reference, seeds, classes, denoise, judge)
+            row.update(
+                name=name,
+                runs=runs,
+                onnx_bytes=size,
+                weight_mb=notes["weight_bits"]["stored"] / 8e6,
+                fallback=[f["layer"] for f in notes["fallback"]],
+            )
+            results.append(row)
+        if ort_baselines:
+            fp32_onnx = work / "fp32" / "denoiser.onnx"
+            steps = build_scheduler(program.plan).config.num_train_timesteps
+            for label, method in (("random", "random"), ("timestep-stratified (ours)", "timestep")):
+                log(f"onnxruntime quantize_static defaults, {label} calibration data")
+                inputs = selection.select(
+                    trajectories, method, 256, torch.Generator().manual_seed(0), steps, num_classes
+                )
+                path = work / f"ort-{method}.onnx"
+                _ort_quantize_static(fp32_onnx, path, inputs)
+                row = _evaluate(program, reference, seeds, classes, OrtDenoiser(path), judge)
+                row.update(
+                    name=f"ORT quantize_static defaults (S8S8, per-tensor), {label} data",
+                    runs="ort",
+                    onnx_bytes=path.stat().st_size,
+                    weight_mb=None,
+                    fallback=[],
+                )
+                results.append(row)
+    for row in results:
+        row["fp32_onnx_bytes"] = fp32["onnx_bytes"]
+    return results
+
+
+def _evaluate(
+    program: DiffusionProgram, reference: Any, seeds: list[int], classes: Any, denoise: Callable, judge: Any
+) -> dict[str, Any]:
+    spec = program.spec
+    candidate = sample(program.plan, spec.conditioning, spec.sample_shape, denoise, seeds, classes)
+    summary = compare(reference, candidate, denoise, judge)
+    keys = (
+        "psnr_db_mean",
+        "psnr_db_min",
+        "ssim_mean",
+        "eps_rel_error_mean",
+        "class_agreement_candidate",
+        "class_agreement_reference",
+        "fd_candidate_to_data",
+        "fd_reference_to_data",
+        "fd_candidate_to_reference",
+    )
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInputs) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(list(inputs.batches(32)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            x, t, y = batch
+            feeds = {"sample": x.numpy(), "timestep": t.numpy()}
+            if y is not None:
+                feeds["class_labels"] = y.numpy()
+            return feeds
+
+    quantize_static(str(fp32), str(out), Reader())
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| configuration | runs in | PSNR mean / min (dB) | SSIM mean | eps rel. error | class agreement | "
+        "FD to data | FD to reference | ONNX MB | fp32 layers kept by fallback |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        agree = r.get("class_agreement_candidate")
+        fd = r.get("fd_candidate_to_data")
+        size = f"{r['onnx_bytes'] / 1e6:.2f}" if r["onnx_bytes"] else "n/a (emulated)"
+        to_ref = r.get("fd_candidate_to_reference")
+        lines.append(
+            f"| {r['name']} | {r['runs']} | {r['psnr_db_mean']:.1f} / {r['psnr_db_min']:.1f} | {r['ssim_mean']:.4f} | "
+            f"{r['eps_rel_error_mean']:.4f} | {'n/a' if agree is None else f'{agree:.2f}'} | "
+            f"{'n/a' if fd is None else f'{fd:.2f}'} | "
+            f"{'n/a' if to_ref is None else f'{to_ref:.3f}'} | "
+            f"{size} | {', '.join(r['fallback']) or '-'} |"
+        )
+    if results:
+        r = results[0]
+        ref = [f"fp32 ONNX {r['fp32_onnx_bytes'] / 1e6:.2f} MB"]
+        if r.get("class_agreement_reference") is not None:
+            ref.append(f"class agreement {r['class_agreement_reference']:.2f}")
+        if r.get("fd_reference_to_data") is not None:
+            ref.append(f"FD to data {r['fd_reference_to_data']:.2f}")
+        lines.append(f"\nReference (original, torch fp32): {', '.join(ref)}.")
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Post-training quantization with timestep-aware calibration (network level).
+
+1. Calibration inputs come from the captured trajectories, stratified over the plan's own timesteps
+   (or PTQ4DM's skewed choice; "random" is the naive baseline, for comparisons).
+2. Temporal-only modules (timestep/class embedding, adaLN modulation, time_emb_proj: functions of t
+   and the label alone) stay fp32 (TFMQ's observation: these features are hypersensitive).
+3. Optional SmoothQuant balancing (alpha) moves activation outliers into the weights (PTQ4DiT).
+4. Every remaining Linear/Conv2d becomes a QuantizedLayer with calibrated ranges.
+5. Fallback: if the teacher-forced noise-prediction error is over `max_eps_error`, the layers whose
+   quantization alone hurts most (measured) go back to fp32, worst first, until it is within budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from calibration import selection
+from optimizer.adapters import Denoiser, adapter_for
+from optimizer.errors import ConfigError
+from optimizer.ir import DiffusionProgram
+from optimizer.pipeline import Context
+from optimizer.quantized import (
+    ACTIVATION_FORMATS,
+    BITS,
+    CAPABILITY,
+    FOUR_BIT,
+    WEIGHT_FORMATS,
+    LayerFormat,
+    QuantizedLayer,
+    quantized_layers,
+)
+from optimizer.sampling import build_scheduler
+
+NAME = "quantize"
+AFTER: tuple[str, ...] = ("prune", "layer_removal", "sampler")
+BEFORE: tuple[str, ...] = ()
+REQUIRES: tuple[str, ...] = ()
+BATCH = 64
+
+
+@dataclass
+class Config:
+    weights: str = "int8"  # int8 | fp8 | int4 | nvfp4
+    activations: str = "uint8"  # none | uint8 | int8 | fp8 | nvfp4
+    calibration: str = "timestep"  # timestep | skewed | random (naive baseline)
+    calibration_inputs: int = 256
+    keep_temporal: bool = True
+    smoothquant: float = 0.0  # SmoothQuant alpha; 0 disables
+    int4_block: int = 128  # shrunk to the largest power of two dividing each layer's input size
+    max_eps_error: float = 0.0  # fallback budget (mean teacher-forced relative error); 0: no fallback
+    max_fallback: int = 8
+    exclude: list[str] = field(default_factory=list)  # module names (prefixes) kept fp32
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if config.weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"quantize: unknown weight format '{config.weights}' (known: {', '.join(WEIGHT_FORMATS)})")
+    if config.activations not in ACTIVATION_FORMATS:
+        raise ConfigError(
+            f"quantize: unknown activation format '{config.activations}' (known: {', '.join(ACTIVATION_FORMATS)})"
+        )
+    for kind in (config.weights, config.activations):
+        if kind != "none" and CAPABILITY[kind] not in capabilities:
+            raise ConfigError(
+                f"quantize: {kind} needs the '{CAPABILITY[kind]}' capability, which this target lacks "
+                f"(it has: {', '.join(sorted(capabilities))})"
+            )
+    if config.activations == "nvfp4" and config.weights != "nvfp4":
+        raise ConfigError("quantize: nvfp4 activations need nvfp4 weights (W4A4)")
+    if config.calibration not in selection.METHODS:
+        raise ConfigError(f"quantize: calibration must be one of {', '.join(selection.METHODS)}")
+    if not 0.0 <= config.smoothquant < 1.0:
+        raise ConfigError("quantize: smoothquant alpha must be in [0, 1)")
+    if config.calibration_inputs < 1 or config.max_fallback < 0 or config.max_eps_error < 0:
+        raise ConfigError("quantize: calibration_inputs >= 1, max_fallback >= 0 and max_eps_error >= 0")
+    if config.int4_block < 8 or config.int4_block & (config.int4_block - 1):
+        raise ConfigError("quantize: int4_block must be a power of two >= 8")
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    config: Config = ctx.config
+    check(config, ctx.capabilities)
+    model = copy.deepcopy(program.denoiser).eval()
+    denoiser = Denoiser(model, adapter_for(program.spec.model_class)).eval()
+    kept = _kept_fp32(program, config)
+    targets = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and not any(_under(name, k) for k in kept)
+    }
+    if not targets:
+        raise ConfigError("quantize: no Linear/Conv2d layers left to quantize")
+    inputs = selection.select(
+        ctx.calibration,
+        config.calibration,
+        config.calibration_inputs,
+        ctx.rng,
+        build_scheduler(program.plan).config.num_train_timesteps,
+        program.spec.conditioning.num_classes,
+    )
+    stats, groups = _observe(denoiser, targets, inputs, outputs=config.activations == "uint8")
+    formats = {name: _layer_format(layer, config, ctx.capabilities) for name, layer in targets.items()}
+    smooth = _smoothing(targets, stats, groups, formats, config.smoothquant)
+    for name, layer in targets.items():
+        s = smooth.get(name)
+        lo, hi = _range(stats[name], s)
+        if s is not None:
+            shape = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, 1, 1)
+            layer.weight.data.mul_(s.reshape(shape))
+        out = stats[name].get("out")
+        _set_module(model, name, QuantizedLayer(layer, formats[name], (lo, hi), s, out))
+
+    subset = _subset(ctx.calibration, rows=16)
+    error_before = _eps_error(denoiser, subset)
+    reverted: list[dict[str, Any]] = []
+    error_after = error_before
+    if config.max_eps_error and error_before > config.max_eps_error:
+        error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config)
+
+    layers = quantized_layers(model)
+    counts: dict[str, int] = {}
+    for layer in layers.values():
+        counts[layer.fmt.describe()] = counts.get(layer.fmt.describe(), 0) + 1
+    notes = {
+        "formats": counts,
+        "quantized_layers": len(layers),
+        "kept_fp32": sorted(kept),
+        "fallback": reverted,
+        "eps_error_before_fallback": error_before,
+        "eps_error_after_fallback": error_after,
+        "calibration": {"method": config.calibration, "inputs": int(inputs.x.shape[0])},
+        "smoothquant_alpha": config.smoothquant,
+        "smoothed_layers": len(smooth),
+        "weight_bits": _weight_bits(model),
+    }
+    return program.replace(denoiser=model, annotations={**program.annotations, NAME: notes})
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _kept_fp32(program: DiffusionProgram, config: Config) -> set[str]:
+    kept = set(config.exclude)
+    if config.keep_temporal:
+        kept |= set(program.spec.temporal_modules)
+    return kept
+
+
+def _layer_format(layer: nn.Module, config: Config, capabilities: frozenset[str]) -> LayerFormat:
+    weights, activations = config.weights, config.activations
+    if weights in FOUR_BIT and not isinstance(layer, nn.Linear):
+        # 4-bit block formats cover Linear layers; convolutions keep 8 bits of the best kind the target has.
+        weights = "fp8" if "fp8" in capabilities else "int8"
+        activations = weights if activations == "nvfp4" else activations
+    block = 0
+    if weights == "int4":
+        block = config.int4_block
+        while layer.weight.shape[1] % block:
+            block //= 2
+        if block < 8:
+            raise ConfigError(f"quantize: input size {layer.weight.shape[1]} has no int4 block size >= 8")
+    if weights == "nvfp4" and layer.weight.shape[1] % 16:
+        raise ConfigError(f"quantize: NVFP4 needs input sizes divisible by 16, got {layer.weight.shape[1]}")
+    return LayerFormat(weights, activations, block)
+
+
+@torch.no_grad()
+def _observe(
+    denoiser: Denoiser, targets: dict[str, nn.Module], inputs: selection.CalibrationInputs, outputs: bool
+) -> tuple[dict[str, dict[str, Any]], list[list[str]]]:
+    """Per layer: per-input-channel min/max over all calibration inputs (and the output range of convs
+    when `outputs`); and groups of layers that read the same tensor."""
+    stats: dict[str, dict[str, Any]] = {}
+    first_inputs: dict[str, torch.Tensor] = {}  # kept alive so that ids stay unique
+
+    def hook(name: str, linear: bool):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1]) if linear else x.transpose(0, 1).reshape(x.shape[1], -1).T
+            lo, hi = flat.amin(dim=0), flat.amax(dim=0)
+            if name not in stats:
+                stats[name] = {"min": lo, "max": hi}
+                first_inputs[name] = x
+            else:
+                stats[name]["min"] = torch.minimum(stats[name]["min"], lo)
+                stats[name]["max"] = torch.maximum(stats[name]["max"], hi)
+
+        return record
+
+    def out_hook(name: str):
+        def record(_module: nn.Module, _args: Any, y: torch.Tensor) -> None:
+            lo, hi = stats[name].get("out", (0.0, 0.0))
+            stats[name]["out"] = (min(lo, float(y.min())), max(hi, float(y.max())))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n, isinstance(m, nn.Linear))) for n, m in targets.items()]
+    if outputs:
+        handles += [m.register_forward_hook(out_hook(n)) for n, m in targets.items() if isinstance(m, nn.Conv2d)]
+    try:
+        for x, t, y in inputs.batches(BATCH):
+            denoiser(x, t, y)
+    finally:
+        for h in handles:
+            h.remove()
+    by_input: dict[int, list[str]] = {}
+    for name in targets:
+        by_input.setdefault(id(first_inputs[name]), []).append(name)
+    return stats, list(by_input.values())
+
+
+def _smoothing(
+    targets: dict[str, nn.Module],
+    stats: dict[str, dict[str, torch.Tensor]],
+    groups: list[list[str]],
+    formats: dict[str, LayerFormat],
+    alpha: float,
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha), shared by layers that read the same tensor."""
+    if not alpha:
+        return {}
+    smooth = {}
+    for group in groups:
+        if any(formats[n].activations in ("none", "nvfp4") or targets[n].weight.dim() != 2 for n in group):
+            continue
+        act = torch.maximum(stats[group[0]]["max"].abs(), stats[group[0]]["min"].abs())
+        w = torch.stack([targets[n].weight.detach().abs().amax(dim=0) for n in group]).amax(dim=0)
+        s = (act.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-2, max=1e2)
+        for n in group:
+            smooth[n] = s
+    return smooth
+
+
+def _range(stat: dict[str, torch.Tensor], smooth: torch.Tensor | None) -> tuple[float, float]:
+    lo, hi = stat["min"], stat["max"]
+    if smooth is not None:
+        lo, hi = lo / smooth, hi / smooth
+    return float(lo.min()), float(hi.max())
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _subset(traj: Any, rows: int) -> Any:
+    """The calibration trajectories on `rows` evenly spread rows (both guidance halves), for quick checks."""
+    import dataclasses
+
+    n = traj.x.shape[1]
+    pick = torch.linspace(0, n - 1, min(rows, n)).round().long()
+    labels = None if traj.labels is None else traj.labels[pick]
+    return dataclasses.replace(traj, x=traj.x[:, pick], output=traj.output[:, pick], labels=labels)
+
+
+@torch.no_grad()
+def _eps_error(denoiser: Denoiser, traj: Any) -> float:
+    """Mean over steps of the teacher-forced relative error of the model output."""
+    errors = []
+    for s in range(traj.x.shape[0]):
+        out = denoiser(traj.x[s], traj.t[s].expand(traj.x.shape[1]), traj.labels)
+        ref = traj.output[s]
+        errors.append(float((out - ref).norm() / ref.norm().clamp(min=1e-12)))
+    return sum(errors) / len(errors)
+
+
+def _fallback(
+    model: nn.Module, denoiser: Denoiser, original: nn.Module, traj: Any, config: Config
+) -> tuple[float, list[dict[str, Any]]]:
+    """Revert the most sensitive layers (each measured alone) to fp32 until the error is within budget."""
+    layers = quantized_layers(model)
+    for layer in layers.values():
+        layer.emulate = False
+    solo = {}
+    for name, layer in layers.items():
+        layer.emulate = True
+        solo[name] = _eps_error(denoiser, traj)
+        layer.emulate = False
+    for layer in layers.values():
+        layer.emulate = True
+    reverted, error = [], _eps_error(denoiser, traj)
+    for name in sorted(solo, key=solo.get, reverse=True)[: config.max_fallback]:
+        if error <= config.max_eps_error:
+            break
+        _set_module(model, name, copy.deepcopy(original.get_submodule(name)))
+        error = _eps_error(denoiser, traj)
+        reverted.append({"layer": name, "solo_eps_error": solo[name], "eps_error_after": error})
+    return error, reverted
+
+
+def _weight_bits(model: nn.Module) -> dict[str, int]:
+    """Bits of weight storage: quantized layers at their format's width, everything else fp32."""
+    quantized = quantized_layers(model)
+    inside = {f"{n}.inner.weight" for n in quantized}
+    total = sum(p.numel() * 32 for n, p in model.named_parameters() if n not in inside)
+    low = sum(q.inner.weight.numel() * BITS[q.fmt.weights] for q in quantized.values())
+    return {"fp32_equivalent": sum(p.numel() * 32 for p in model.parameters()), "stored": total + low}
