@@ -147,7 +147,7 @@ def _quantize_weight(
         expanded = scales.repeat_interleave(fmt.block, dim=1)
         q = torch.clamp(torch.round(wt / expanded), -8, 7).to(torch.int8).numpy()
         q, scale = (q.T, scales.numpy().T) if layout == "in_out" else (q, scales.numpy())
-        tensor = helper.make_tensor(f"{base}_quantized", TensorProto.INT4, q.shape, q.flatten().tolist())
+        tensor = _raw(f"{base}_quantized", TensorProto.INT4, _pack_int4(q), q.shape)
         zero = None
         scale = np.ascontiguousarray(scale, np.float32)
         attrs.update(axis=0 if layout == "in_out" else 1, block_size=fmt.block)
@@ -195,8 +195,16 @@ def _quantize_output(model: onnx.ModelProto, node: onnx.NodeProto, layer: Quanti
     ]
 
 
-def _raw(name: str, dtype: int, data: np.ndarray) -> onnx.TensorProto:
-    return helper.make_tensor(name, dtype, data.shape, data.tobytes(), raw=True)
+def _raw(name: str, dtype: int, data: np.ndarray, shape: tuple[int, ...] | None = None) -> onnx.TensorProto:
+    return helper.make_tensor(name, dtype, data.shape if shape is None else shape, data.tobytes(), raw=True)
+
+
+def _pack_int4(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte, the first in the low nibble (ONNX's INT4 layout)."""
+    nibbles = (q.astype(np.int8).flatten() & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
 def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -227,13 +227,17 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     help="The original model (default: the source path recorded in plan.json).",
 )
 @click.option("--repeats", default=50, show_default=True, help="Timed denoiser calls (end to end: a quarter).")
-def bench(artifact: Path, model: Path | None, repeats: int) -> None:
-    """Time the original model in torch against an `optimize` output run by ONNX Runtime, side by side."""
+@click.option("--images", default=1, show_default=True, help="Images per call (the denoiser batch is 2x with CFG).")
+def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None:
+    """Time an `optimize` output in ONNX Runtime against the original in torch and the original's fp32
+    ONNX graph in ONNX Runtime, interleaved in one run."""
+    import tempfile
+
     from backends.plan import read_plan
     from backends.runner import PlanRunner
 
     from .loading import load_program
-    from .stages import measure_latency
+    from .stages import lower, measure_latency
 
     try:
         plan = read_plan(artifact)
@@ -241,8 +245,12 @@ def bench(artifact: Path, model: Path | None, repeats: int) -> None:
         program = load_program(model or source["path"])
         if program.source.digest != source["digest"]:
             raise OptimizerError(f"{program.source.path} is not the model this artifact was built from")
+        if images < 1:
+            raise ConfigError("--images must be >= 1")
         program = program.replace(plan=plan.sampling)
-        latency = measure_latency(program, PlanRunner(artifact), repeats)
+        with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
+            lower(program, Path(tmp))
+            latency = measure_latency(program, PlanRunner(artifact), repeats, PlanRunner(Path(tmp)), images)
     except OptimizerError as exc:
         _fail(exc)
     click.echo(json.dumps(latency, indent=2))

@@ -36,9 +36,15 @@ ROWS: list[tuple[str, dict[str, Any], str]] = [
     ("ours int8 W8A8, no fallback, skewed (PTQ4DM) data", {"calibration": "skewed"}, "ort"),
     ("ours int8 W8A8, no fallback, SmoothQuant 0.5", {"smoothquant": 0.5}, "ort"),
     ("same, random calibration data (naive)", {"calibration": "random"}, "ort"),
+    ("same, temporal modules quantized too", {"keep_temporal": False}, "ort"),
     ("same, random data, temporal modules quantized too", {"calibration": "random", "keep_temporal": False}, "ort"),
     ("ours fp8 W8A8 (h100-fp8 numerics)", {"weights": "fp8", "activations": "fp8"}, "ort"),
     ("ours int4 W4A8 (h100-fp4 numerics)", {"weights": "int4", "activations": "fp8"}, "ort"),
+    (
+        "same W4A8, temporal modules quantized too",
+        {"weights": "int4", "activations": "fp8", "keep_temporal": False},
+        "ort",
+    ),
     ("ours NVFP4 W4A4 (b200-fp4 numerics)", {"weights": "nvfp4", "activations": "nvfp4"}, "torch"),
 ]
 
@@ -137,8 +143,9 @@ def _evaluate(
     return {k: summary[k] for k in keys if k in summary}
 
 
-def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInputs) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInputs, tuned: bool) -> None:
+    """ONNX Runtime's own PTQ: its defaults, or `tuned` the way its docs recommend for x86 (U8S8, per channel)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -154,7 +161,15 @@ def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInp
                 feeds["class_labels"] = y.numpy()
             return feeds
 
-    quantize_static(str(fp32), str(out), Reader())
+    options: dict[str, Any] = {}
+    if tuned:
+        options = dict(
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        )
+    quantize_static(str(fp32), str(out), Reader(), **options)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

@@ -76,30 +76,36 @@ def verify_lowered(
 
 
 def measure_latency(
-    program: DiffusionProgram, runner: PlanRunner, repeats: int, baseline: PlanRunner | None = None
+    program: DiffusionProgram,
+    runner: PlanRunner,
+    repeats: int,
+    baseline: PlanRunner | None = None,
+    images: int = 1,
 ) -> dict[str, Any]:
     """One image: a denoiser call (the guided batch) and a whole sampling run, interleaved side by side:
     the original in torch, the artifact in ORT and, when passes changed the network, the unoptimized
     fp32 graph in ORT as well (the fair baseline for speed and size)."""
     spec, plan = program.spec, program.plan
-    batch = 2 if uses_guidance(plan, spec.conditioning) else 1
+    batch = images * (2 if uses_guidance(plan, spec.conditioning) else 1)
     x = torch.randn(batch, *spec.sample_shape)
     t = torch.full((batch,), 500.0)
     y = torch.zeros(batch, dtype=torch.int64) if spec.conditioning.num_classes else None
-    labels = [0] if spec.conditioning.num_classes else None
+    seeds = list(range(images))
+    labels = [0] * images if spec.conditioning.num_classes else None
     ref = torch_denoise(program)
     contenders = {"torch": ref, "ort": runner.denoise}
     if baseline is not None:
         contenders["ort_fp32"] = baseline.denoise
     step = paired_median_ms({k: (lambda f=f: f(x, t, y)) for k, f in contenders.items()}, repeats)
     loops = {
-        "torch": lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, [0], labels),
-        "ort": lambda: runner.sample([0], labels),
+        "torch": lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, seeds, labels),
+        "ort": lambda: runner.sample(seeds, labels),
     }
     if baseline is not None:
-        loops["ort_fp32"] = lambda: baseline.sample([0], labels)
+        loops["ort_fp32"] = lambda: baseline.sample(seeds, labels)
     e2e = paired_median_ms(loops, max(1, repeats // 4), 1)
     result: dict[str, Any] = {
+        "images": images,
         "batch": batch,
         "threads": torch.get_num_threads(),
         "providers": runner.denoise.session.get_providers(),

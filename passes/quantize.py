@@ -120,7 +120,7 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     reverted: list[dict[str, Any]] = []
     error_after = error_before
     if config.max_eps_error and error_before > config.max_eps_error:
-        error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config)
+        error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config, ctx.progress)
 
     layers = quantized_layers(model)
     counts: dict[str, int] = {}
@@ -271,14 +271,14 @@ def _eps_error(denoiser: Denoiser, traj: Any) -> float:
 
 
 def _fallback(
-    model: nn.Module, denoiser: Denoiser, original: nn.Module, traj: Any, config: Config
+    model: nn.Module, denoiser: Denoiser, original: nn.Module, traj: Any, config: Config, progress: Any
 ) -> tuple[float, list[dict[str, Any]]]:
     """Revert the most sensitive layers (each measured alone) to fp32 until the error is within budget."""
     layers = quantized_layers(model)
     for layer in layers.values():
         layer.emulate = False
     solo = {}
-    for name, layer in layers.items():
+    for name, layer in progress(layers.items(), desc="quantize: layer sensitivity", leave=False):
         layer.emulate = True
         solo[name] = _eps_error(denoiser, traj)
         layer.emulate = False

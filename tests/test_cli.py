@@ -10,6 +10,7 @@ from conftest import snapshot
 from PIL import Image
 
 from optimizer.cli import main
+from optimizer.targets import TARGETS_DIR, get_target
 from optimizer.zoo import SHIPPED
 
 FAST = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "2"]
@@ -137,6 +138,7 @@ class Exploit:
         ("unknown-arch", "unsupported architecture 'FluxTransformer2DModel'"),
         ("unknown-target", "unknown target 'gpu9000'"),
         ("planned-target", "not implemented yet"),
+        ("fp4-on-hopper", "nvfp4 needs the 'nvfp4' capability, which this target lacks"),
         ("bad-gate", "unknown scheduler"),
     ],
 )
@@ -154,7 +156,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, dit_copy, case
     elif case == "unknown-target":
         target = "gpu9000"
     elif case == "planned-target":
-        target = "h100-fp4"
+        target = "b200-fp4"
+    elif case == "fp4-on-hopper":  # a user's target asking for NVFP4 on sm_90
+        recipe = [{"pass": "quantize", "config": {"weights": "nvfp4", "activations": "nvfp4"}}]
+        data = {**json.loads((TARGETS_DIR / "h100-fp4.json").read_text()), "recipe": recipe}
+        target = tmp_path / "hopper-nvfp4.json"
+        target.write_text(json.dumps(data))
     elif case == "bad-gate":
         extra = ["--scheduler", "warp"]
     before = snapshot(dit_copy.parent)
@@ -175,4 +182,20 @@ def test_inspect_and_targets():
     info = json.loads(result.output)
     assert info["spec"]["family"] == "unet" and info["spec"]["conditioning"]["null_class"] == 10
     listing = invoke("targets").output
-    assert "cpu-fp32" in listing and "h100-fp4" in listing and "planned" in listing
+    assert "cpu-int8" in listing and "W4A8" in listing and "b200-fp4" in listing and "planned" in listing
+
+
+def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
+    out = tmp_path / "out"
+    args = ["--samples", "50", "--calibration-samples", "8", "--latency-repeats", "4"]
+    result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"] == get_target("cpu-int8").gates and not report["gate_overrides"]
+    notes = report["decisions"]["quantize"]
+    assert notes["quantized_layers"] >= 45 and notes["calibration"]["method"] == "timestep"
+    assert report["artifacts"]["onnx_bytes"] < 0.75 * report["artifacts"]["reference_onnx_bytes"]
+    assert {"ort_per_step_ms", "ort_fp32_per_step_ms", "torch_per_step_ms"} <= set(report["latency"])
+    text = (out / "report.md").read_text()
+    assert "## Quantization" in text and "ONNX Runtime fp32" in text
+    assert not (out / ".reference").exists()

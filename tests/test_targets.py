@@ -6,6 +6,7 @@ import pytest
 
 from optimizer.errors import ConfigError
 from optimizer.gates import GATES
+from optimizer.pipeline import plan_passes
 from optimizer.targets import get_target, list_targets, require_available
 
 EXPECTED = {"cpu-fp32", "cpu-int8", "a100-int8", "h100-fp8", "h100-fp4", "b200-fp4"}
@@ -23,8 +24,13 @@ def test_target_list():
 
 
 def test_planned_target_is_refused_clearly():
-    with pytest.raises(ConfigError, match=r"declared but not implemented yet.*available now: cpu-fp32"):
-        require_available(get_target("h100-fp4"))
+    with pytest.raises(ConfigError, match=r"declared but not implemented yet.*NVFP4 lowering.*available now: a100"):
+        require_available(get_target("b200-fp4"))
+    for name in ("cpu-int8", "a100-int8", "h100-fp8", "h100-fp4"):
+        target = get_target(name)
+        require_available(target)
+        assert target.recipe[0]["pass"] == "quantize" and target.gates["min_psnr_db"] > 0
+        plan_passes(target.recipe, target.capabilities)  # every shipped recipe fits its hardware
 
 
 def test_unknown_target():
