@@ -132,7 +132,8 @@ def test_int8_lowering_runs_integer_kernels_in_ort(dit_program, dit_calibration,
     q = quantize(dit_program, dit_calibration)
     path = export_quantized(denoiser_module(q), q.spec, tmp_path / "q.onnx")
     graph = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    assert graph["DequantizeLinear"] == 50 + 34 and graph["QuantizeLinear"] == 34  # weights + shared inputs
+    # 34 distinct layer inputs (q/k/v share one) + the patch-embedding conv's output; one DQ per weight too
+    assert graph["QuantizeLinear"] == 35 and graph["DequantizeLinear"] == 50 + 35
     assert _optimized_ops(path, tmp_path)["MatMulIntegerToFloat"] == 49  # all but the patch-embedding conv
     x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.labels
     emulated, lowered = torch_denoise(q)(x, t, y), OrtDenoiser(path)(x, t, y)
