@@ -261,7 +261,14 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None
 @click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
 @click.option("--calibration-samples", default=20, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
-def quant_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+@click.option(
+    "--rows",
+    type=click.Choice(["all", "ours", "peers"]),
+    default="all",
+    show_default=True,
+    help="Our configurations, the peer tools (ONNX Runtime, modelopt), or both.",
+)
+def quant_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None, rows: str) -> None:
     """Quantization side by side: our calibration vs naive ones, every format, same seeds (markdown table)."""
     from .fileio import write_json
     from .loading import load_program
@@ -271,9 +278,17 @@ def quant_compare(model: Path, samples: int, calibration_samples: int, json_out:
         if samples < 2 or calibration_samples < 1:
             raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
         program = load_program(model)
-        rows = compare_quantization(program, samples, calibration_samples, _progress, _log)
+        results = compare_quantization(
+            program,
+            samples,
+            calibration_samples,
+            _progress,
+            _log,
+            rows=[] if rows == "peers" else None,
+            peers=rows != "ours",
+        )
     except OptimizerError as exc:
         _fail(exc)
     if json_out is not None:
-        write_json(json_out, rows)
-    click.echo(markdown_table(rows))
+        write_json(json_out, results)
+    click.echo(markdown_table(results))

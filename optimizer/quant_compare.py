@@ -3,7 +3,8 @@
 Rows run as lowered ONNX in ONNX Runtime where the format has CPU kernels (int8, fp8, int4 Q/DQ), in
 torch emulation otherwise (NVFP4). Baselines: our pass fed random calibration inputs (only the data
 differs), and ONNX Runtime's own `quantize_static` with its defaults, fed random inputs as Olive's
-Stable Diffusion recipe does, or fed our timestep-stratified inputs.
+Stable Diffusion recipe does, or fed our timestep-stratified inputs; and NVIDIA Model Optimizer's
+INT8/FP8 default configs (torch fake quantization, which runs on CPU) fed either.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from backends.ort import OrtDenoiser
 from calibration import capture as calib
 from calibration import selection
 
-from .adapters import torch_denoise
+from .adapters import Denoiser, adapter_for, torch_denoise
 from .ir import DiffusionProgram
 from .pipeline import Context, plan_passes, run_passes
 from .sampling import build_scheduler, sample
@@ -56,7 +57,7 @@ def compare_quantization(
     progress: Callable,
     log: Callable[[str], None],
     rows: list[tuple[str, dict[str, Any], str]] | None = None,
-    ort_baselines: bool = True,
+    peers: bool = True,
 ) -> list[dict[str, Any]]:
     from .job import CALIBRATION_SEED
 
@@ -71,7 +72,7 @@ def compare_quantization(
     with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
         work = Path(tmp)
         fp32 = lower(program, work / "fp32")
-        for name, config, runs in progress(rows or ROWS, desc="configurations"):
+        for name, config, runs in progress(ROWS if rows is None else rows, desc="configurations"):
             log(name)
             ctx = Context(
                 reference=program,
@@ -99,28 +100,64 @@ def compare_quantization(
                 fallback=[f["layer"] for f in notes["fallback"]],
             )
             results.append(row)
-        if ort_baselines:
+        if peers:
             fp32_onnx = work / "fp32" / "denoiser.onnx"
             steps = build_scheduler(program.plan).config.num_train_timesteps
-            for label, method in (("random", "random"), ("timestep-stratified (ours)", "timestep")):
-                log(f"onnxruntime quantize_static defaults, {label} calibration data")
+            variants = [
+                (f"{setting}, {label} data", tuned, method)
+                for setting, tuned in (
+                    ("ORT quantize_static defaults (all ops, S8S8, per-tensor)", False),
+                    ("ORT quantize_static U8S8 per-channel, MatMul/Gemm/Conv only", True),
+                )
+                for label, method in (("random", "random"), ("our timestep-stratified", "timestep"))
+            ]
+            for i, (name, tuned, method) in enumerate(variants):
+                log(name)
                 inputs = selection.select(
                     trajectories, method, 256, torch.Generator().manual_seed(0), steps, num_classes
                 )
-                path = work / f"ort-{method}.onnx"
-                _ort_quantize_static(fp32_onnx, path, inputs)
+                path = work / f"ort-{i}.onnx"
+                _ort_quantize_static(fp32_onnx, path, inputs, tuned)
                 row = _evaluate(program, reference, seeds, classes, OrtDenoiser(path), judge)
-                row.update(
-                    name=f"ORT quantize_static defaults (S8S8, per-tensor), {label} data",
-                    runs="ort",
-                    onnx_bytes=path.stat().st_size,
-                    weight_mb=None,
-                    fallback=[],
-                )
+                row.update(name=name, runs="ort", onnx_bytes=path.stat().st_size, weight_mb=None, fallback=[])
                 results.append(row)
+            for cfg_name in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):
+                for label, method in (("random", "random"), ("our timestep-stratified", "timestep")):
+                    name = f"modelopt {cfg_name} (max calibration), {label} data"
+                    log(name)
+                    inputs = selection.select(
+                        trajectories, method, 256, torch.Generator().manual_seed(0), steps, num_classes
+                    )
+                    denoise = _modelopt_quantized(program, cfg_name, inputs)
+                    row = _evaluate(program, reference, seeds, classes, denoise, judge)
+                    row.update(name=name, runs="torch", onnx_bytes=None, weight_mb=None, fallback=[])
+                    results.append(row)
     for row in results:
         row["fp32_onnx_bytes"] = fp32["onnx_bytes"]
     return results
+
+
+def _modelopt_quantized(program: DiffusionProgram, config_name: str, inputs: selection.CalibrationInputs) -> Callable:
+    """NVIDIA Model Optimizer's fake quantization (runs on CPU for INT8 and FP8), calibrated on `inputs`."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    model = copy.deepcopy(program.denoiser).eval()
+    module = Denoiser(model, adapter_for(program.spec.model_class)).eval()
+
+    def forward_loop(_model: Any) -> None:
+        with torch.no_grad():
+            for x, t, y in inputs.batches(64):
+                module(x, t, y)
+
+    mtq.quantize(model, getattr(mtq, config_name), forward_loop)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x, t, y)
+
+    return denoise
 
 
 def _evaluate(

@@ -57,6 +57,9 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         f"- sizes: input weights {m['input_bytes']:,} B, ONNX {report['artifacts']['onnx_bytes']:,} B"
         + _size_ratio(report["artifacts"]),
         "",
+        "## Target",
+        f"`{report['target']['name']}`: {report['target']['description']}",
+        "",
         "## Sampling plan",
         f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
         f" guidance scale {report['plan']['guidance_scale']}",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,8 +252,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _subset(traj: Any, rows: int) -> Any:
     """The calibration trajectories on `rows` evenly spread rows (both guidance halves), for quick checks."""
-    import dataclasses
-
     n = traj.x.shape[1]
     pick = torch.linspace(0, n - 1, min(rows, n)).round().long()
     labels = None if traj.labels is None else traj.labels[pick]

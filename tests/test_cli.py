@@ -199,3 +199,9 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
     text = (out / "report.md").read_text()
     assert "## Quantization" in text and "ONNX Runtime fp32" in text
     assert not (out / ".reference").exists()
+
+    bench = invoke("bench", out, "--model", dit_copy, "--repeats", 2, "--images", 2)
+    assert bench.exit_code == 0, bench.output
+    timings = json.loads(bench.output)
+    assert timings["images"] == 2 and timings["batch"] == 4
+    assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))
