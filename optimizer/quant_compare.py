@@ -117,7 +117,11 @@ def compare_quantization(
                     trajectories, method, 256, torch.Generator().manual_seed(0), steps, num_classes
                 )
                 path = work / f"ort-{i}.onnx"
-                _ort_quantize_static(fp32_onnx, path, inputs, tuned)
+                try:
+                    _ort_quantize_static(fp32_onnx, path, inputs, tuned)
+                except Exception as exc:  # a peer tool that cannot quantize this model is a result too
+                    results.append(_failed(name, "ort", exc))
+                    continue
                 row = _evaluate(program, reference, seeds, classes, OrtDenoiser(path), judge)
                 row.update(name=name, runs="ort", onnx_bytes=path.stat().st_size, weight_mb=None, fallback=[])
                 results.append(row)
@@ -128,13 +132,21 @@ def compare_quantization(
                     inputs = selection.select(
                         trajectories, method, 256, torch.Generator().manual_seed(0), steps, num_classes
                     )
-                    denoise = _modelopt_quantized(program, cfg_name, inputs)
+                    try:
+                        denoise = _modelopt_quantized(program, cfg_name, inputs)
+                    except Exception as exc:
+                        results.append(_failed(name, "torch", exc))
+                        continue
                     row = _evaluate(program, reference, seeds, classes, denoise, judge)
                     row.update(name=name, runs="torch", onnx_bytes=None, weight_mb=None, fallback=[])
                     results.append(row)
     for row in results:
         row["fp32_onnx_bytes"] = fp32["onnx_bytes"]
     return results
+
+
+def _failed(name: str, runs: str, exc: Exception) -> dict[str, Any]:
+    return {"name": name, "runs": runs, "failed": f"{type(exc).__name__}: {exc}", "onnx_bytes": None, "fallback": []}
 
 
 def _modelopt_quantized(program: DiffusionProgram, config_name: str, inputs: selection.CalibrationInputs) -> Callable:
@@ -216,6 +228,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['name']} | {r['runs']} | failed: {r['failed'][:120]} |||||||")
+            continue
         agree = r.get("class_agreement_candidate")
         fd = r.get("fd_candidate_to_data")
         size = f"{r['onnx_bytes'] / 1e6:.2f}" if r["onnx_bytes"] else "n/a (emulated)"
