@@ -36,6 +36,7 @@ from optimizer.quantized import (
     quantized_layers,
 )
 from optimizer.sampling import build_scheduler
+from optimizer.verify import per_step_error
 
 NAME = "quantize"
 AFTER: tuple[str, ...] = ("prune", "layer_removal", "sampler")
@@ -258,14 +259,9 @@ def _subset(traj: Any, rows: int) -> Any:
     return dataclasses.replace(traj, x=traj.x[:, pick], output=traj.output[:, pick], labels=labels)
 
 
-@torch.no_grad()
 def _eps_error(denoiser: Denoiser, traj: Any) -> float:
     """Mean over steps of the teacher-forced relative error of the model output."""
-    errors = []
-    for s in range(traj.x.shape[0]):
-        out = denoiser(traj.x[s], traj.t[s].expand(traj.x.shape[1]), traj.labels)
-        ref = traj.output[s]
-        errors.append(float((out - ref).norm() / ref.norm().clamp(min=1e-12)))
+    errors = per_step_error(traj, torch.no_grad()(denoiser))
     return sum(errors) / len(errors)
 
 
