@@ -21,7 +21,7 @@ from backends.ort import OrtDenoiser
 from calibration import capture as calib
 from calibration import selection
 
-from .adapters import Denoiser, adapter_for, torch_denoise
+from .adapters import denoiser_module, torch_denoise
 from .ir import DiffusionProgram
 from .pipeline import Context, plan_passes, run_passes
 from .sampling import build_scheduler, sample
@@ -155,21 +155,16 @@ def _modelopt_quantized(program: DiffusionProgram, config_name: str, inputs: sel
 
     import modelopt.torch.quantization as mtq
 
-    model = copy.deepcopy(program.denoiser).eval()
-    module = Denoiser(model, adapter_for(program.spec.model_class)).eval()
+    quantized = program.replace(denoiser=copy.deepcopy(program.denoiser).eval())
+    module = denoiser_module(quantized)
 
     def forward_loop(_model: Any) -> None:
         with torch.no_grad():
             for x, t, y in inputs.batches(64):
                 module(x, t, y)
 
-    mtq.quantize(model, getattr(mtq, config_name), forward_loop)
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x, t, y)
-
-    return denoise
+    mtq.quantize(quantized.denoiser, getattr(mtq, config_name), forward_loop)
+    return torch_denoise(quantized)
 
 
 def _evaluate(

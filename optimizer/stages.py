@@ -82,7 +82,7 @@ def measure_latency(
     baseline: PlanRunner | None = None,
     images: int = 1,
 ) -> dict[str, Any]:
-    """One image: a denoiser call (the guided batch) and a whole sampling run, interleaved side by side:
+    """`images` images: a denoiser call (their guided batch) and a whole sampling run, interleaved side by side:
     the original in torch, the artifact in ORT and, when passes changed the network, the unoptimized
     fp32 graph in ORT as well (the fair baseline for speed and size)."""
     spec, plan = program.spec, program.plan

@@ -7,17 +7,6 @@ import time
 from collections.abc import Callable
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def paired_median_ms(
     fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 4
 ) -> dict[str, float]:
