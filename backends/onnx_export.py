@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -31,13 +32,27 @@ def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, ...]:
     return (x, t, torch.arange(batch, dtype=torch.int64) % spec.conditioning.num_classes)
 
 
-def export_onnx(denoiser: nn.Module, spec: ModelSpec, path: Path, opset: int = MIN_OPSET, dynamo: bool = True) -> Path:
-    """Write `path` atomically; `denoiser` is called as (sample, timestep, [class_labels])."""
+def export_onnx(
+    denoiser: nn.Module,
+    spec: ModelSpec,
+    path: Path,
+    opset: int = MIN_OPSET,
+    dynamo: bool = True,
+    carried_in: Mapping[str, torch.Tensor] | None = None,
+    carried_out: Sequence[str] = (),
+) -> Path:
+    """Write `path` atomically; `denoiser` is called as (sample, timestep, [class_labels], **carried_in)
+    and returns the model output, followed by the `carried_out` tensors when there are any.
+    `carried_in` holds example values (batch 2) of the tensors a cached variant reads."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET} is not supported")
+    if carried_in and not dynamo:
+        raise ExportError("graph variants with carried tensors export with dynamo only")
     denoiser.eval()
+    carried_in = dict(carried_in or {})
     args = example_inputs(spec)
-    names = input_names(spec)
+    names = input_names(spec) + list(carried_in)
+    outputs = [OUTPUT_NAME, *carried_out]
     batch = torch.export.Dim("batch", min=1, max=4096)
 
     def write(tmp: Path) -> None:
@@ -45,14 +60,16 @@ def export_onnx(denoiser: nn.Module, spec: ModelSpec, path: Path, opset: int = M
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             if dynamo:
+                kwargs = dict(zip(names[2:], args[2:], strict=False)) | carried_in
                 program = torch.onnx.export(
                     denoiser,
-                    args,
+                    args[:2],
+                    kwargs=kwargs,
                     input_names=names,
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     opset_version=opset,
                     dynamo=True,
-                    dynamic_shapes=tuple({0: batch} for _ in names),
+                    dynamic_shapes={name: {0: batch} for name in ["sample", "timestep", *kwargs]},
                     verbose=False,
                 )
                 program.save(str(tmp))
@@ -62,10 +79,10 @@ def export_onnx(denoiser: nn.Module, spec: ModelSpec, path: Path, opset: int = M
                     args,
                     str(tmp),
                     input_names=names,
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     opset_version=opset,
                     dynamo=False,
-                    dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]},
+                    dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]},
                 )
         check_graph(onnx.load(str(tmp)))
 

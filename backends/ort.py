@@ -1,4 +1,4 @@
-"""ONNX Runtime execution of an exported denoiser, callable like the torch one."""
+"""ONNX Runtime execution of an exported denoiser graph, callable like the torch one."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import numpy as np
 import torch
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+STANDARD_INPUTS = ("sample", "timestep", "class_labels")
 
 
 class OrtDenoiser:
+    """One graph: (sample, timestep, [class_labels], carried tensors...) -> (model output, carried tensors...)."""
+
     def __init__(self, path: Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0) -> None:
         import onnxruntime as ort
 
@@ -22,9 +25,26 @@ class OrtDenoiser:
         chosen = [p for p in providers if p in available] or list(DEFAULT_PROVIDERS)
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.carried_in = [n for n in self.input_names if n not in STANDARD_INPUTS]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _feeds(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
         feeds = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
         if "class_labels" in self.input_names:
             feeds["class_labels"] = y.numpy().astype(np.int64)
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        return feeds
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.carried_in:
+            raise ValueError(f"this graph also needs carried tensors {self.carried_in}; call step()")
+        return torch.from_numpy(self.session.run(self.output_names[:1], self._feeds(x, t, y))[0])
+
+    def step(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A loop variant (see optimizer.sampling.StepFn)."""
+        feeds = self._feeds(x, t, y) | {name: carry[name].numpy() for name in self.carried_in}
+        out, *written = self.session.run(self.output_names, feeds)
+        return torch.from_numpy(out), {
+            n: torch.from_numpy(v) for n, v in zip(self.output_names[1:], written, strict=True)
+        }

@@ -11,7 +11,7 @@ layer's own before it is replaced.
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,11 @@ def required_opset(layers: Mapping[str, QuantizedLayer]) -> int:
     return 21 if "int4" in kinds else 19 if "fp8" in kinds else 18
 
 
-def insert_qdq(model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer], prefix: str = "model.") -> int:
-    """Rewrite `model` in place; returns the number of layers quantized. Every layer must be found."""
+def insert_qdq(
+    model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer], prefix: str = "model.", allow_missing: bool = False
+) -> int:
+    """Rewrite `model` in place; returns the number of layers quantized. Every layer must be found
+    unless `allow_missing`."""
     inits = {i.name: i for i in model.graph.initializer}
     found: dict[str, int] = {}  # layer -> node index
     for index, node in enumerate(model.graph.node):
@@ -53,7 +56,7 @@ def insert_qdq(model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer], pre
                     raise ExportError(f"layer '{layer}' maps to more than one graph node")
                 found[layer] = index
     missing = sorted(set(layers) - set(found))
-    if missing:
+    if missing and not allow_missing:
         raise ExportError(f"quantized layers not found in the exported graph: {missing[:5]}")
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # inserted before the node at that index
     after_nodes: dict[int, list[onnx.NodeProto]] = {}  # inserted after it
@@ -79,14 +82,21 @@ def insert_qdq(model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer], pre
     return len(found)
 
 
-def export_quantized(denoiser: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
-    """Export `denoiser` (a Denoiser holding QuantizedLayers) as a Q/DQ graph, written atomically."""
+def export_quantized(
+    denoiser: torch.nn.Module,
+    spec: ModelSpec,
+    path: Path,
+    carried_in: Mapping[str, torch.Tensor] | None = None,
+    carried_out: Sequence[str] = (),
+) -> Path:
+    """Export `denoiser` (a module whose `.model` holds QuantizedLayers) as a Q/DQ graph, written atomically.
+    A cached variant (`carried_in`) skips some layers, so only the layers it runs must be found."""
     layers = quantized_layers(denoiser.model)
     opset = required_opset(layers)
     with export_mode(denoiser):
-        export_onnx(denoiser, spec, path, opset=opset)
+        export_onnx(denoiser, spec, path, opset=opset, carried_in=carried_in, carried_out=carried_out)
     model = onnx.load(str(path))
-    insert_qdq(model, layers)
+    insert_qdq(model, layers, allow_missing=bool(carried_in))
     check_graph(model)
     write_atomic(path, lambda tmp: onnx.save(model, str(tmp)))
     return path

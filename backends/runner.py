@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from optimizer.sampling import sample
+from optimizer.sampling import Variants, sample
 
 from .ort import DEFAULT_PROVIDERS, OrtDenoiser
 from .plan import read_plan
@@ -17,7 +17,12 @@ from .plan import read_plan
 class PlanRunner:
     def __init__(self, folder: Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0) -> None:
         self.plan = read_plan(Path(folder))
-        self.denoise = OrtDenoiser(self.plan.graph_path("denoiser"), providers, threads)
+        self.graphs = {
+            name: OrtDenoiser(self.plan.graph_path(name), providers, threads) for name in self.plan.document["graphs"]
+        }
+        self.loop: Variants = {name: graph.step for name, graph in self.graphs.items()}
+        # The graph of step 0 (a full network evaluation) as a plain denoise function.
+        self.denoise = self.graphs[self.plan.sampling.variant(0)]
 
     def sample(
         self,
@@ -29,7 +34,7 @@ class PlanRunner:
             self.plan.sampling,
             self.plan.conditioning,
             self.plan.sample_shape,
-            self.denoise,
+            self.loop,
             seeds,
             labels,
             progress=progress,

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from optimizer.adapters import torch_denoise
+from optimizer.caching import torch_variants
 from optimizer.errors import ConfigError, LoadError
 from optimizer.fileio import write_atomic
 from optimizer.ir import DiffusionProgram
@@ -59,7 +59,7 @@ def capture(
         program.plan,
         program.spec.conditioning,
         program.spec.sample_shape,
-        denoise or torch_denoise(program),
+        denoise or torch_variants(program),
         seeds,
         classes,
         observer=observe,

@@ -129,7 +129,8 @@ def run(
         result = run_job(model, opts, _progress, _log)
     except OptimizerError as exc:
         _fail(exc)
-    _log(f"wrote {result.out}/ (denoiser.onnx, plan.json, report.md, report.json, grid.png)")
+    graphs = ", ".join(result.report["artifacts"]["onnx"])
+    _log(f"wrote {result.out}/ ({graphs}, plan.json, report.md, report.json, grid.png)")
     if as_json:
         click.echo(json.dumps(result.report["verification"], indent=2))
     click.echo(gates_table(result.gates))

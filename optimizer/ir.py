@@ -39,20 +39,85 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class CacheSchedule:
+    """Feature reuse across steps (DeepCache / FORA / Δ-DiT style), decided ahead of time.
+
+    `region` = (first, stop) over the family's levels: DiT blocks [first, stop) whose summed residual is
+    reused; UNet levels [first, stop) (down block, matching up block and everything deeper) whose
+    output feature is reused. At a refresh step the full network runs and stores the tensor; at the
+    other steps the region is skipped and the stored tensor from the last refresh step stands in.
+    """
+
+    family: str  # "dit" | "unet"
+    region: tuple[int, int]
+    refresh: tuple[bool, ...]  # per step; step 0 always refreshes
+
+    def __post_init__(self) -> None:
+        first, stop = self.region
+        if not 0 <= first < stop:
+            raise ValueError(f"cache region {self.region} is empty or negative")
+        if not self.refresh or not self.refresh[0]:
+            raise ValueError("a cache schedule must refresh at step 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSchedule:
+        return cls(data["family"], tuple(data["region"]), tuple(bool(r) for r in data["refresh"]))
+
+
+@dataclass(frozen=True)
 class SamplingPlan:
-    """The loop: scheduler (diffusers class + config), step count, guidance."""
+    """The loop: scheduler (diffusers class + config), step count, guidance and its per-step policy, cache."""
 
     scheduler_class: str
     scheduler_config: dict[str, Any]
     num_inference_steps: int
     guidance_scale: float = 1.0
+    guided_steps: tuple[bool, ...] | None = None  # per step: run the unconditional pass? None: every step
+    cache: CacheSchedule | None = None
+
+    def __post_init__(self) -> None:
+        n = self.num_inference_steps
+        if self.guided_steps is not None and len(self.guided_steps) != n:
+            raise ValueError(f"guided_steps has {len(self.guided_steps)} entries for {n} steps")
+        if self.cache is None:
+            return
+        if len(self.cache.refresh) != n:
+            raise ValueError(f"cache schedule has {len(self.cache.refresh)} entries for {n} steps")
+        last = 0
+        for i in range(n):
+            if self.cache.refresh[i]:
+                last = i
+            elif self.guided(i) and not self.guided(last):
+                raise ValueError(f"step {i} is guided but reuses features of unguided step {last}")
+
+    def guided(self, step: int) -> bool:
+        """Whether step `step` runs the unconditional pass too (given guidance is on at all)."""
+        return self.guided_steps is None or self.guided_steps[step]
+
+    def variant(self, step: int) -> str:
+        """Which graph variant runs at `step`: "denoiser" (no cache), "full" (refresh) or "cached"."""
+        if self.cache is None:
+            return "denoiser"
+        return "full" if self.cache.refresh[step] else "cached"
+
+    def without_loop_policy(self) -> SamplingPlan:
+        return dataclasses.replace(self, guided_steps=None, cache=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingPlan:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        guided = data.get("guided_steps")
+        cache = data.get("cache")
+        return cls(
+            data["scheduler_class"],
+            data["scheduler_config"],
+            data["num_inference_steps"],
+            data.get("guidance_scale", 1.0),
+            tuple(bool(g) for g in guided) if guided is not None else None,
+            CacheSchedule.from_dict(cache) if cache is not None else None,
+        )
 
 
 @dataclass(frozen=True)

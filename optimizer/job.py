@@ -15,7 +15,7 @@ import torch
 from .errors import ConfigError
 from .fileio import umask
 from .gates import GateResult, check_gate_names, evaluate_gates
-from .ir import DiffusionProgram, SamplingPlan
+from .ir import DiffusionProgram
 from .loading import load_program
 from .pipeline import Context, plan_passes, run_passes
 from .sampling import uses_guidance, with_scheduler
@@ -64,7 +64,7 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
         if opts.guidance > 1 and not program.spec.conditioning.supports_guidance:
             raise ConfigError("this model has no null class, so classifier-free guidance is not possible")
         plan = dataclasses.replace(plan, guidance_scale=float(opts.guidance))
-    return program.replace(plan=SamplingPlan(**dataclasses.asdict(plan)))
+    return program.replace(plan=plan)
 
 
 def check_out_dir(out: Path, model: Path, overwrite: bool) -> None:
@@ -151,12 +151,14 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
 
 def _quick_fidelity(program: DiffusionProgram, calibration: Any) -> dict[str, Any]:
     """After each pass: teacher-forced model-output error on the calibration trajectories."""
-    from .adapters import torch_denoise
-    from .verify import per_step_error
+    from .caching import torch_variants
+    from .flops import plan_flops
+    from .verify import step_errors
 
-    errors = per_step_error(calibration, torch_denoise(program))
+    errors = step_errors(calibration, program.plan, program.spec.conditioning, torch_variants(program))
     return {
         "eps_rel_error_mean": sum(errors) / len(errors),
         "eps_rel_error_max": max(errors),
         "guidance": uses_guidance(program.plan, program.spec.conditioning),
+        "flops_per_image": plan_flops(program)["per_image"],
     }

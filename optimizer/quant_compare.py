@@ -26,7 +26,7 @@ from .ir import DiffusionProgram
 from .pipeline import Context, plan_passes, run_passes
 from .sampling import build_scheduler, sample
 from .stages import lower
-from .verify import DigitsJudge, compare, evaluation_set
+from .verify import DigitsJudge, compare, evaluation_set, per_step_error
 
 ALL_CAPABILITIES = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 
@@ -172,7 +172,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     spec = program.spec
     candidate = sample(program.plan, spec.conditioning, spec.sample_shape, denoise, seeds, classes)
-    summary = compare(reference, candidate, denoise, judge)
+    summary = compare(reference, candidate, per_step_error(reference, denoise), judge)
     keys = (
         "psnr_db_mean",
         "psnr_db_min",

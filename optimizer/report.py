@@ -63,6 +63,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         "## Sampling plan",
         f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
         f" guidance scale {report['plan']['guidance_scale']}",
+        *_flops(report),
         "",
         "## Passes",
     ]
@@ -110,7 +111,10 @@ def _size_ratio(artifacts: dict[str, Any]) -> str:
     ref = artifacts.get("reference_onnx_bytes")
     if not ref:
         return ""
-    return f" (fp32 ONNX of the original: {ref:,} B; {ref / artifacts['onnx_bytes']:.2f}x smaller)"
+    ratio = ref / artifacts["onnx_bytes"]
+    change = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+    files = artifacts.get("onnx", [])
+    return f" in {len(files)} graph(s) (fp32 ONNX of the original: {ref:,} B; {change})"
 
 
 def _latency_table(lat: dict[str, Any], device: str) -> list[str]:
@@ -132,7 +136,70 @@ def _latency_table(lat: dict[str, Any], device: str) -> list[str]:
 
 
 def _decisions(decisions: dict[str, Any]) -> list[str]:
-    q = decisions.get("quantize")
+    return _quantize_decisions(decisions.get("quantize")) + _loop_decisions(decisions)
+
+
+def _flops(report: dict[str, Any]) -> list[str]:
+    f = report.get("flops")
+    if not f:
+        return []
+    before, after = f["original"], f["candidate"]
+    return [
+        f"- denoiser FLOPs per image: {after['per_image'] / 1e9:.3f} G in {after['network_evaluations']} network"
+        f" evaluations (original: {before['per_image'] / 1e9:.3f} G in {before['network_evaluations']};"
+        f" {before['per_image'] / after['per_image']:.2f}x fewer)"
+    ]
+
+
+def _loop_decisions(decisions: dict[str, Any]) -> list[str]:
+    lines = []
+    g = decisions.get("guidance")
+    if g and g.get("policy") != "none":
+        lines += [
+            "",
+            "## Guidance policy",
+            f"- policy `{g['policy']}`: classifier-free guidance on the first {g['guided_steps']} steps,"
+            f" conditional pass only on the last {g['unguided_steps']}"
+            f" ({g['network_evaluations']} network evaluations instead of {g['network_evaluations_before']})",
+        ]
+        if g.get("calibration_psnr_db_by_switch"):
+            tried = ", ".join(f"{k}: {v}" for k, v in g["calibration_psnr_db_by_switch"].items())
+            lines.append(f"- end-to-end PSNR on the calibration seeds by guided-step count: {tried} dB")
+    elif g:
+        lines += ["", "## Guidance policy", f"- unchanged: {g['reason']}"]
+    c = decisions.get("cache")
+    if c:
+        lines += [
+            "",
+            "## Cache schedule",
+            f"- {c['family']} region {c['region']} ({_region_words(c)}), schedule from criterion `{c['criterion']}`"
+            f" (tried: {', '.join(c['criteria_tried'])})",
+            f"- refresh (full) steps: {c['refresh_steps']}; every other step reuses the cached tensor",
+            f"- FLOPs: {c['flops_vs_original']:.3f} of the original per image (budget {c['flops_budget']});"
+            f" end-to-end PSNR on the calibration seeds {c['calibration_psnr_db']} dB",
+            "",
+            "Best candidates (each region's schedule per criterion under the budget, run end to end on the"
+            " calibration seeds):",
+            "",
+            "| criterion | region | refresh steps | reuse error (proxy) | FLOPs vs original | calibration PSNR (dB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['criterion']} | {r['region']} | {r['refresh_steps']} | {r['proxy_error']} | {r['flops_vs_original']}"
+            f" | {r['calibration_psnr_db']} |"
+            for r in c["candidates"][:10]
+        ]
+    return lines
+
+
+def _region_words(c: dict[str, Any]) -> str:
+    first, stop = c["region"]
+    if c["family"] == "dit":
+        return f"transformer blocks {first}..{stop - 1} reuse their residual"
+    return f"levels {first}..{stop - 1} and deeper reuse their up-path feature (DeepCache)"
+
+
+def _quantize_decisions(q: dict[str, Any] | None) -> list[str]:
     if not q:
         return []
     bits = q["weight_bits"]

@@ -1,12 +1,14 @@
 """The sampling loop: diffusers schedulers + classifier-free guidance around any denoise function.
 
-One loop serves every backend: `denoise` is a torch module call, an ONNX Runtime session, etc.
+One loop serves every backend: `denoise` is a torch module call, an ONNX Runtime session, etc. A plan
+with a cache schedule runs graph *variants* ("full" writes the carried tensors, "cached" reads them);
+the loop owns the carried tensors, so every backend executes a plan the same way.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,8 +18,32 @@ from .ir import Conditioning, SamplingPlan
 
 # (x [B,C,H,W], t [B] float32, y [B] int64 or None) -> model output [B,C,H,W]
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (x, t, y, carried tensors in) -> (model output, carried tensors out): one graph variant
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
+Variants = Mapping[str, StepFn]
 # (step index, t, model input x, model labels y, raw model output) for calibration capture
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+
+def as_variants(denoise: DenoiseFn | Variants) -> Variants:
+    """A plain denoise function is the single variant "denoiser", carrying nothing."""
+    if isinstance(denoise, Mapping):
+        return denoise
+    return {"denoiser": lambda x, t, y, carry: (denoise(x, t, y), {})}
+
+
+def run_variant(
+    variants: Variants, name: str, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if name not in variants:
+        raise ConfigError(f"the plan needs graph variant '{name}', which this backend lacks ({', '.join(variants)})")
+    # Carried tensors from a guided step hold [cond, uncond]; an unguided step uses the cond half.
+    carry = {k: v[: x.shape[0]] for k, v in carry.items()}
+    return variants[name](x, t, y, carry)
+
 
 SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
@@ -67,38 +93,50 @@ def sample(
     plan: SamplingPlan,
     conditioning: Conditioning,
     sample_shape: Sequence[int],
-    denoise: DenoiseFn,
+    denoise: DenoiseFn | Variants,
     seeds: Sequence[int],
     labels: Sequence[int] | None = None,
     observer: Observer | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the loop; returns the final samples in model space (usually [-1, 1])."""
+    """Run the loop; returns the final samples in model space (usually [-1, 1]).
+
+    `start` overrides the initial noise (already scaled), e.g. to replay a captured trajectory."""
     if conditioning.num_classes and (labels is None or len(labels) != len(seeds)):
         raise ConfigError("a class-conditional model needs one label per seed")
     if labels is not None and any(not 0 <= c < conditioning.num_classes for c in labels):
         raise ConfigError(f"class labels must lie in [0, {conditioning.num_classes})")
+    variants = as_variants(denoise)
     scheduler = build_scheduler(plan)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma
+    x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma if start is None else start
     y = torch.tensor(list(labels), dtype=torch.int64) if conditioning.num_classes else None
     cfg = uses_guidance(plan, conditioning)
-    if cfg:
-        y = torch.cat([y, torch.full_like(y, conditioning.null_class)])
+    y_guided = torch.cat([y, torch.full_like(y, conditioning.null_class)]) if cfg else y
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    carry: dict[str, torch.Tensor] = {}
     for i, t in enumerate(progress(scheduler.timesteps)):
+        guided = cfg and plan.guided(i)
         x_in = scheduler.scale_model_input(x, t)
-        if cfg:
+        if guided:
             x_in = torch.cat([x_in, x_in])
+        y_in = y_guided if guided else y
         t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
-        out = denoise(x_in, t_in, y)
+        out, written = run_variant(variants, plan.variant(i), x_in, t_in, y_in, carry)
+        carry.update(written)
         if observer is not None:
-            observer(i, t_in, x_in, y, out)
-        if cfg:
-            cond, uncond = out.chunk(2)
-            out = uncond + plan.guidance_scale * (cond - uncond)
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+            observer(i, t_in, x_in, y_in, out)
+        x = scheduler.step(guide(out, plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
     return x
+
+
+def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
+    """Classifier-free guidance on a [cond, uncond] batch; an unguided step's output is used as is."""
+    if not guided:
+        return out
+    cond, uncond = out.chunk(2)
+    return uncond + scale * (cond - uncond)
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:

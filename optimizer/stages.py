@@ -10,19 +10,21 @@ from typing import Any
 
 import torch
 
-from backends.onnx_export import export_onnx, input_names
-from backends.plan import plan_document, write_plan
+from backends.onnx_export import OUTPUT_NAME, example_inputs, export_onnx, input_names
+from backends.plan import GraphFile, plan_document, write_plan
 from backends.qdq import export_quantized
 from backends.runner import PlanRunner
 from calibration import capture as calib
 
 from .adapters import denoiser_module, torch_denoise
+from .caching import CACHE, steps_module
+from .flops import plan_flops
 from .ir import DiffusionProgram
 from .quantized import quantized_layers
 from .sampling import sample, to_images, uses_guidance
 from .targets import Target
 from .timing import paired_median_ms
-from .verify import DigitsJudge, compare, evaluation_set
+from .verify import DigitsJudge, compare, evaluation_set, step_errors
 
 ONNX_FILE = "denoiser.onnx"
 CALIBRATION_FILE = "calibration.safetensors"
@@ -46,15 +48,26 @@ def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Cal
 
 
 def lower(program: DiffusionProgram, staging: Path) -> dict[str, Any]:
-    module = denoiser_module(program)
-    if quantized_layers(program.denoiser):
-        onnx_path = export_quantized(module, program.spec, staging / ONNX_FILE)
+    """Export every graph variant the plan runs, then plan.json saying which runs at each step."""
+    spec = program.spec
+    names = input_names(spec)
+    if program.plan.cache is None:
+        variants = {"denoiser": (denoiser_module(program), {}, ())}
     else:
-        onnx_path = export_onnx(module, program.spec, staging / ONNX_FILE)
-    write_plan(staging, plan_document(program, {"denoiser": onnx_path}, input_names(program.spec)))
+        full, cached = steps_module(program, "full"), steps_module(program, "cached")
+        with torch.no_grad():
+            example = full(*example_inputs(spec))[1]
+        variants = {"full": (full, {}, (CACHE,)), "cached": (cached, {CACHE: example}, ())}
+    export = export_quantized if quantized_layers(program.denoiser) else export_onnx
+    graphs = {}
+    for name, (module, carried_in, carried_out) in variants.items():
+        path = staging / (ONNX_FILE if name == "denoiser" else f"denoiser_{name}.onnx")
+        export(module, spec, path, carried_in=carried_in, carried_out=carried_out)
+        graphs[name] = GraphFile(path, [*names, *carried_in], [OUTPUT_NAME, *carried_out])
+    write_plan(staging, plan_document(program, graphs))
     return {
-        "onnx": ONNX_FILE,
-        "onnx_bytes": onnx_path.stat().st_size,
+        "onnx": [g.path.name for g in graphs.values()],
+        "onnx_bytes": sum(g.path.stat().st_size for g in graphs.values()),
         "plan": "plan.json",
         "calibration": CALIBRATION_FILE,
     }
@@ -71,7 +84,8 @@ def verify_lowered(
     reference = calib.capture(program, seeds, classes, progress=lambda it: progress(it, desc="reference", leave=False))
     candidate = runner.sample(seeds, classes, progress=lambda it: progress(it, desc="candidate", leave=False))
     judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
-    summary = compare(reference, candidate, runner.denoise, judge)
+    errors = step_errors(reference, runner.plan.sampling, runner.plan.conditioning, runner.loop)
+    summary = compare(reference, candidate, errors, judge)
     return summary, to_images(reference.final), to_images(candidate)
 
 
@@ -143,6 +157,7 @@ def make_report(
         "target": {"name": target.name, "description": target.description, "hardware": target.hardware},
         "backend": target.backend["name"],
         "plan": program.plan.to_dict(),
+        "flops": {"original": plan_flops(program), "candidate": plan_flops(candidate)},
         "passes": [dataclasses.asdict(p) for p in candidate.provenance],
         "decisions": candidate.annotations,
         "artifacts": artifacts,

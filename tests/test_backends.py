@@ -7,21 +7,21 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from backends.onnx_export import check_graph, export_onnx, input_names
-from backends.plan import plan_document, read_plan, write_plan
+from backends.onnx_export import check_graph, export_onnx
+from backends.plan import read_plan
 from backends.runner import PlanRunner
 from optimizer.adapters import denoiser_module, torch_denoise
 from optimizer.errors import ExportError, LoadError
 from optimizer.metrics import psnr
 from optimizer.sampling import sample, to_images
+from optimizer.stages import lower
 
 
 @pytest.fixture(scope="module", params=["dit", "unet"])
 def lowered(request, tmp_path_factory):
     program = request.getfixturevalue(f"{request.param}_program")
     folder = tmp_path_factory.mktemp(request.param)
-    onnx_path = export_onnx(denoiser_module(program), program.spec, folder / "denoiser.onnx")
-    write_plan(folder, plan_document(program, {"denoiser": onnx_path}, input_names(program.spec)))
+    lower(program, folder)
     return program, folder
 
 

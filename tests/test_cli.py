@@ -205,3 +205,20 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
     timings = json.loads(bench.output)
     assert timings["images"] == 2 and timings["batch"] == 4
     assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))
+
+
+def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
+    out = tmp_path / "out"
+    args = ["--samples", "50", "--calibration-samples", "8", "--latency-repeats", "4"]
+    result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"] == get_target("cpu-cache").gates and not report["gate_overrides"]
+    flops = report["flops"]
+    assert flops["candidate"]["per_image"] * 2 <= flops["original"]["per_image"]
+    assert report["artifacts"]["onnx"] == ["denoiser_full.onnx", "denoiser_cached.onnx"]
+    assert set(report["decisions"]) == {"guidance", "cache"}
+    text = (out / "report.md").read_text()
+    assert "## Cache schedule" in text and "## Guidance policy" in text and "fewer)" in text
+    png = tmp_path / "s.png"
+    assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0

@@ -1,0 +1,289 @@
+"""Cache schedule: reuse a region's features across steps, refresh steps searched under a FLOPs budget.
+
+Mechanisms (optimizer.caching): DiT -- blocks [first, stop) are replaced by the residual they added at
+the last refresh step (FORA / Δ-DiT; (0, N) is TeaCache's whole-stack residual, (1, N) first-block
+cache); UNet -- DeepCache, the levels from `first` down are replaced by the feature they fed the up path.
+
+Search (BAC's scheduler idea): on the calibration trajectories, for every candidate region, the error a
+reuse injects at the region's exit, err(j -> i) = |stored_j - stored_i| / |exit_i|, for every pair of
+refresh step j and later step i. For each region the refresh steps minimizing the summed error under
+the FLOPs budget are found exactly (dynamic programming over segments); `uniform` refreshes every k
+steps instead (FORA), `first-block` refreshes when the accumulated relative change of the first
+block's residual crosses a threshold (TeaCache / first-block cache, decided on the calibration mean).
+The summed per-step error is only a proxy (an error's effect on the final sample depends on the
+step), so every region's schedule from each criterion is run end to end on the calibration seeds and
+the one closest to the original loop wins. The schedule is static: it is stored in the SamplingPlan and lowered to graph
+variants ("full" writes the cache tensor, "cached" reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+
+from optimizer.caching import levels, region_tensors, steps_module, trace
+from optimizer.errors import ConfigError
+from optimizer.flops import count_flops, plan_flops
+from optimizer.ir import CacheSchedule, DiffusionProgram, SamplingPlan
+from optimizer.pipeline import Context
+from optimizer.sampling import uses_guidance
+from optimizer.verify import replay_psnr
+
+NAME = "cache"
+AFTER: tuple[str, ...] = ("sampler", "guidance", "prune", "layer_removal", "quantize")
+BEFORE: tuple[str, ...] = ()
+REQUIRES: tuple[str, ...] = ()
+CRITERIA = ("all", "similarity", "uniform", "first-block")
+
+
+@dataclass
+class Config:
+    flops_budget: float = 0.5  # denoiser FLOPs per image, as a fraction of the original program's
+    criterion: str = "all"  # "similarity" (BAC-style), "uniform" (FORA), "first-block" (TeaCache) or all of them
+    regions: list = field(default_factory=list)  # [[first, stop], ...] to consider; [] = every admissible one
+    probe_samples: int = 8  # calibration samples whose features score the reuse errors
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if not 0.0 < config.flops_budget <= 1.0:
+        raise ConfigError("cache: flops_budget is a fraction of the original FLOPs, in (0, 1]")
+    if config.criterion not in CRITERIA:
+        raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
+    if config.probe_samples < 1:
+        raise ConfigError("cache: probe_samples must be >= 1")
+    if not all(isinstance(r, list | tuple) and len(r) == 2 for r in config.regions):
+        raise ConfigError("cache: regions must be [[first, stop], ...]")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    criterion: str
+    region: tuple[int, int]
+    refresh: tuple[int, ...]
+    proxy_error: float
+    flops: int
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    config: Config = ctx.config
+    check(config, ctx.capabilities)
+    plan, steps = program.plan, program.plan.num_inference_steps
+    if plan.cache is not None:
+        raise ConfigError("cache: the plan already has a cache schedule")
+    levels(program)  # refuses unsupported families
+    if config.criterion == "first-block" and program.spec.family != "dit":
+        raise ConfigError("cache: the first-block criterion needs a transformer (DiT); use similarity or uniform")
+    criteria = [config.criterion] if config.criterion != "all" else list(CRITERIA[1:])
+    if program.spec.family != "dit" and "first-block" in criteria:
+        criteria.remove("first-block")
+    regions = [tuple(r) for r in config.regions] or admissible_regions(program)
+    for region in regions:
+        steps_module(program, "full", region)  # validates the region
+    if ctx.calibration.steps != steps:
+        raise ConfigError("cache: the calibration trajectories do not match the plan's step count")
+    reference_flops = plan_flops(ctx.reference)["per_image"]
+    budget = config.flops_budget * reference_flops
+    before = plan_flops(program)
+    guided = uses_guidance(plan, program.spec.conditioning)
+    weights = [2 if guided and plan.guided(i) else 1 for i in range(steps)]
+    full_flops = before["per_variant"]["denoiser"]
+    traces = _traces(program, ctx, config.probe_samples)
+    change = _first_block_change(traces, plan, guided, config.probe_samples) if "first-block" in criteria else []
+    candidates: dict[tuple, Candidate] = {}
+    for region in ctx.progress(regions, desc="cache search", leave=False):
+        cached_flops = _cached_flops(program, region)
+        cost = _reuse_costs(traces, program.spec.family, region, plan, guided, config.probe_samples)
+        for criterion in criteria:
+            refresh = _schedule(criterion, cost, weights, full_flops, cached_flops, budget, change)
+            if refresh is None or (region, refresh) in candidates:
+                continue
+            flops = sum(w * (full_flops if i in refresh else cached_flops) for i, w in enumerate(weights))
+            error = sum(cost[_last(refresh, i)][i] for i in range(steps) if i not in refresh)
+            candidates[region, refresh] = Candidate(criterion, region, refresh, error, flops)
+    if not candidates:
+        raise ConfigError(
+            f"cache: no schedule fits flops_budget {config.flops_budget} (the loop alone needs "
+            f"{before['per_image'] / reference_flops:.3f} of the original FLOPs before caching)"
+        )
+    scored = []
+    for c in ctx.progress(list(candidates.values()), desc="cache end-to-end", leave=False):
+        scored.append((replay_psnr(program.replace(plan=_with_cache(plan, program, c)), ctx.calibration), c))
+    best_psnr, best = max(scored, key=lambda s: (s[0], -s[1].flops))
+    decision = {
+        "criterion": best.criterion,
+        "criteria_tried": criteria,
+        "region": list(best.region),
+        "family": program.spec.family,
+        "refresh_steps": list(best.refresh),
+        "calibration_psnr_db": round(best_psnr, 2),
+        "flops_per_image_before": before["per_image"],
+        "flops_per_image_after": best.flops,
+        "flops_vs_original": round(best.flops / reference_flops, 4),
+        "flops_budget": config.flops_budget,
+        "candidates": [
+            {
+                "criterion": c.criterion,
+                "region": list(c.region),
+                "refresh_steps": list(c.refresh),
+                "proxy_error": round(c.proxy_error, 4),
+                "flops_vs_original": round(c.flops / reference_flops, 4),
+                "calibration_psnr_db": round(p, 2),
+            }
+            for p, c in sorted(scored, key=lambda s: -s[0])
+        ],
+    }
+    new_plan = _with_cache(plan, program, best)
+    return program.replace(plan=new_plan, annotations={**program.annotations, NAME: decision})
+
+
+def admissible_regions(program: DiffusionProgram) -> list[tuple[int, int]]:
+    n = levels(program)
+    if program.spec.family == "dit":
+        return [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
+    return [(first, n) for first in range(1, n)]
+
+
+def _with_cache(plan: SamplingPlan, program: DiffusionProgram, c: Candidate) -> SamplingPlan:
+    refresh = tuple(i in c.refresh for i in range(plan.num_inference_steps))
+    return dataclasses.replace(plan, cache=CacheSchedule(program.spec.family, c.region, refresh))
+
+
+def _last(refresh: tuple[int, ...], step: int) -> int:
+    return max(j for j in refresh if j <= step)
+
+
+def _traces(program: DiffusionProgram, ctx: Context, probe: int) -> list[list[torch.Tensor]]:
+    """Per step, the traced activations on the reference's inputs for the probe rows: the first
+    `probe` samples' cond rows, then (under guidance) their uncond rows."""
+    traj = ctx.calibration
+    n = len(traj.seeds)
+    probe = min(probe, n)
+    rows = list(range(probe)) + ([n + i for i in range(probe)] if traj.x.shape[1] == 2 * n else [])
+    labels = traj.labels[rows] if traj.labels is not None else None
+    return [trace(program, traj.x[s][rows], traj.t[s].expand(len(rows)), labels) for s in range(traj.steps)]
+
+
+def _reuse_costs(
+    traces: list, family: str, region: tuple[int, int], plan: SamplingPlan, guided: bool, probe: int
+) -> list[list[float]]:
+    """cost[j][i]: mean relative error at the region exit when step i reuses step j's stored tensor."""
+    feats = [region_tensors(family, traced, region) for traced in traces]
+    steps = len(feats)
+    cost = [[0.0] * steps for _ in range(steps)]
+    for i in range(steps):
+        stored_i, exit_i = feats[i]
+        use_cfg = guided and plan.guided(i)
+        rows = slice(None) if use_cfg or not guided else slice(0, min(probe, stored_i.shape[0]))
+        exit_norm = exit_i[rows].flatten(1).norm(dim=1).clamp_min(1e-12)
+        for j in range(i):
+            if use_cfg and not plan.guided(j):
+                cost[j][i] = math.inf  # a guided step cannot reuse an unguided step's tensor
+                continue
+            diff = (feats[j][0][rows] - stored_i[rows]).flatten(1).norm(dim=1)
+            cost[j][i] = float((diff / exit_norm).mean())
+    return cost
+
+
+def _first_block_change(traces: list, plan: SamplingPlan, guided: bool, probe: int) -> list[float]:
+    """TeaCache / first-block cache indicator: relative L1 change of the first block's residual
+    from step i - 1 to step i (DiT)."""
+    change = [0.0]
+    for i in range(1, len(traces)):
+        rows = slice(None) if guided and plan.guided(i) else slice(0, probe)
+        now = (traces[i][1] - traces[i][0])[rows]
+        then = (traces[i - 1][1] - traces[i - 1][0])[rows]
+        change.append(float(((now - then).abs().flatten(1).mean(1) / then.abs().flatten(1).mean(1)).mean()))
+    return change
+
+
+def _cached_flops(program: DiffusionProgram, region: tuple[int, int]) -> int:
+    x = torch.zeros(1, *program.spec.sample_shape)
+    t = torch.full((1,), 500.0)
+    y = torch.zeros(1, dtype=torch.int64) if program.spec.conditioning.num_classes else None
+    with torch.inference_mode():
+        stored = steps_module(program, "full", region)(x, t, y)[1]
+    return count_flops(steps_module(program, "cached", region), x, t, y, stored)
+
+
+def _schedule(
+    criterion: str,
+    cost: list[list[float]],
+    weights: list[int],
+    full: int,
+    cached: int,
+    budget: float,
+    change: list[float],
+) -> tuple[int, ...] | None:
+    """Refresh steps (always including 0) within the budget, or None when none fits."""
+    steps = len(weights)
+    if full <= cached:
+        return None
+    # FLOPs = sum(w * cached) + sum over refresh steps of w * (full - cached) <= budget
+    capacity = math.floor((budget - sum(weights) * cached) / (full - cached) + 1e-9)
+    if capacity < weights[0]:
+        return None
+    if criterion == "similarity":
+        error, refresh = best_refresh(cost, weights, capacity)
+        return refresh if math.isfinite(error) else None
+    if criterion == "uniform":
+        for every in range(1, steps + 1):
+            refresh = tuple(range(0, steps, every))
+            if sum(weights[i] for i in refresh) <= capacity and all(
+                math.isfinite(cost[_last(refresh, i)][i]) for i in range(steps) if i not in refresh
+            ):
+                return refresh
+        return None
+    return _first_block(change, cost, weights, capacity)
+
+
+def best_refresh(cost: list[list[float]], weights: list[int], capacity: int) -> tuple[float, tuple[int, ...]]:
+    """Exact minimum of sum_i cost[last refresh <= i][i] over refresh sets containing step 0 whose
+    summed weights fit `capacity`."""
+    steps = len(weights)
+
+    @cache
+    def from_step(j: int, room: int) -> tuple[float, tuple[int, ...]]:
+        if room < weights[j]:
+            return (math.inf, ())
+        best, segment = (math.inf, ()), 0.0
+        for k in range(j + 1, steps + 1):
+            if k == steps:
+                option = (segment, (j,))
+            else:
+                rest = from_step(k, room - weights[j])
+                option = (segment + rest[0], (j, *rest[1]))
+            best = min(best, option)
+            if k < steps:
+                segment += cost[j][k]
+        return best
+
+    return from_step(0, capacity)
+
+
+def _first_block(
+    change: list[float], cost: list[list[float]], weights: list[int], capacity: int
+) -> tuple[int, ...] | None:
+    """TeaCache-style: refresh once the first block's accumulated change since the last refresh
+    reaches a threshold; the smallest threshold whose schedule fits the budget."""
+    steps = len(weights)
+
+    def schedule(threshold: float) -> tuple[int, ...]:
+        refresh, acc = [0], 0.0
+        for i in range(1, steps):
+            acc += change[i]
+            if acc >= threshold:
+                refresh.append(i)
+                acc = 0.0
+        return tuple(refresh)
+
+    for threshold in sorted({0.0, *(sum(change[a:b]) for a in range(steps) for b in range(a + 1, steps + 1))}):
+        refresh = schedule(threshold + 1e-12)
+        if sum(weights[i] for i in refresh) <= capacity and all(
+            math.isfinite(cost[_last(refresh, i)][i]) for i in range(steps) if i not in refresh
+        ):
+            return refresh
+    return None
