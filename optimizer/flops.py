@@ -22,7 +22,7 @@ def count_flops(fn: Callable[..., Any], *args: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _inputs(program: DiffusionProgram) -> tuple[torch.Tensor, ...]:
+def _inputs(program: DiffusionProgram) -> tuple[torch.Tensor | None, ...]:
     x = torch.zeros(1, *program.spec.sample_shape)
     t = torch.full((1,), 500.0)
     y = torch.zeros(1, dtype=torch.int64) if program.spec.conditioning.num_classes else None
@@ -31,15 +31,23 @@ def _inputs(program: DiffusionProgram) -> tuple[torch.Tensor, ...]:
 
 def variant_flops(program: DiffusionProgram) -> dict[str, int]:
     """FLOPs of one call of each graph variant the plan runs, for one sample (batch 1)."""
-    args = _inputs(program)
     if program.plan.cache is None:
-        return {"denoiser": count_flops(denoiser_module(program), *args)}
+        return {"denoiser": count_flops(denoiser_module(program), *_inputs(program))}
+    region = program.plan.cache.region
+    return {"full": region_flops(program, region, "full"), "cached": region_flops(program, region, "cached")}
+
+
+def region_flops(program: DiffusionProgram, region: tuple[int, int], mode: str) -> int:
+    """FLOPs of one call (batch 1) of the `mode` variant ("full" or "cached") for a cache region."""
     from .caching import steps_module
 
-    full, cached = steps_module(program, "full"), steps_module(program, "cached")
+    args = _inputs(program)
+    full = steps_module(program, "full", region)
+    if mode == "full":
+        return count_flops(full, *args)
     with torch.inference_mode():
         _, stored = full(*args)
-    return {"full": count_flops(full, *args), "cached": count_flops(cached, *args, stored)}
+    return count_flops(steps_module(program, "cached", region), *args, stored)
 
 
 def plan_flops(program: DiffusionProgram) -> dict[str, Any]:

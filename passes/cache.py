@@ -25,9 +25,9 @@ from functools import cache
 
 import torch
 
-from optimizer.caching import levels, region_tensors, steps_module, trace
+from optimizer.caching import check_region, levels, region_tensors, trace
 from optimizer.errors import ConfigError
-from optimizer.flops import count_flops, plan_flops
+from optimizer.flops import plan_flops, region_flops
 from optimizer.ir import CacheSchedule, DiffusionProgram, SamplingPlan
 from optimizer.pipeline import Context
 from optimizer.sampling import uses_guidance
@@ -82,7 +82,7 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
         criteria.remove("first-block")
     regions = [tuple(r) for r in config.regions] or admissible_regions(program)
     for region in regions:
-        steps_module(program, "full", region)  # validates the region
+        check_region(program, region)
     if ctx.calibration.steps != steps:
         raise ConfigError("cache: the calibration trajectories do not match the plan's step count")
     reference_flops = plan_flops(ctx.reference)["per_image"]
@@ -95,7 +95,7 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     change = _first_block_change(traces, plan, guided, config.probe_samples) if "first-block" in criteria else []
     candidates: dict[tuple, Candidate] = {}
     for region in ctx.progress(regions, desc="cache search", leave=False):
-        cached_flops = _cached_flops(program, region)
+        cached_flops = region_flops(program, region, "cached")
         cost = _reuse_costs(traces, program.spec.family, region, plan, guided, config.probe_samples)
         for criterion in criteria:
             refresh = _schedule(criterion, cost, weights, full_flops, cached_flops, budget, change)
@@ -198,15 +198,6 @@ def _first_block_change(traces: list, plan: SamplingPlan, guided: bool, probe: i
         then = (traces[i - 1][1] - traces[i - 1][0])[rows]
         change.append(float(((now - then).abs().flatten(1).mean(1) / then.abs().flatten(1).mean(1)).mean()))
     return change
-
-
-def _cached_flops(program: DiffusionProgram, region: tuple[int, int]) -> int:
-    x = torch.zeros(1, *program.spec.sample_shape)
-    t = torch.full((1,), 500.0)
-    y = torch.zeros(1, dtype=torch.int64) if program.spec.conditioning.num_classes else None
-    with torch.inference_mode():
-        stored = steps_module(program, "full", region)(x, t, y)[1]
-    return count_flops(steps_module(program, "cached", region), x, t, y, stored)
 
 
 def _schedule(
