@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapter_for, torch_denoise
+from .adapters import torch_denoise
 from .errors import ConfigError
 from .ir import DiffusionProgram
 from .sampling import Variants, as_variants
@@ -149,7 +149,6 @@ def steps_module(program: DiffusionProgram, mode: str, region: tuple[int, int] |
             raise ConfigError("the program has no cache schedule")
         region = program.plan.cache.region
     check_region(program, region)
-    adapter_for(program.spec.model_class)  # refuses unknown classes with the usual message
     cls = DiTSteps if program.spec.family == "dit" else UNetSteps
     return cls(program.denoiser, tuple(region), mode).eval()
 
