@@ -128,3 +128,10 @@ def torch_denoise(program: DiffusionProgram) -> DenoiseFn:
             return module(x, t, y)
 
     return denoise
+
+
+def respec(program: DiffusionProgram, model: nn.Module) -> DiffusionProgram:
+    """The program with a structurally changed denoiser (pruned, blocks removed) and its spec re-derived."""
+    spec = program.spec
+    adapter = adapter_for(spec.model_class)
+    return program.replace(denoiser=model.eval(), spec=adapter.spec(model, spec.conditioning, spec.prediction_type))

@@ -1,4 +1,4 @@
-"""`optimize MODEL --target T --out DIR`, plus `optimize inspect`, `targets`, `calibrate`, `sample`."""
+"""`optimize MODEL --target T --out DIR`, plus `inspect`, `targets`, `calibrate`, `sample`, `bench`, the comparisons."""
 
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def main() -> None:
 @click.option("--max-eps-error", type=float, default=None, help="Gate: maximum per-step model-output relative error.")
 @click.option("--max-agreement-drop", type=float, default=None, help="Gate: maximum class-agreement drop.")
 @click.option("--max-fd-increase", type=float, default=None, help="Gate: maximum Fréchet-distance increase.")
+@click.option("--max-fd-to-reference", type=float, default=None, help="Gate: maximum FD candidate vs reference.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--latency-repeats", default=20, show_default=True, help="Timed calls per latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
@@ -95,6 +96,7 @@ def run(
     max_eps_error: float | None,
     max_agreement_drop: float | None,
     max_fd_increase: float | None,
+    max_fd_to_reference: float | None,
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
@@ -109,6 +111,7 @@ def run(
         "max_eps_rel_error": max_eps_error,
         "max_class_agreement_drop": max_agreement_drop,
         "max_fd_increase": max_fd_increase,
+        "max_fd_to_reference": max_fd_to_reference,
     }
     stem = model.name.split(".")[0] or "model"
     opts = JobOptions(
@@ -293,3 +296,49 @@ def quant_compare(model: Path, samples: int, calibration_samples: int, json_out:
     if json_out is not None:
         write_json(json_out, results)
     click.echo(markdown_table(results))
+
+
+@main.command("cache-compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
+@click.option("--calibration-samples", default=20, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def cache_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+    """Our searched cache schedules vs diffusers' cache hooks at matched FLOPs, same seeds (markdown)."""
+    from .cache_compare import compare_caching, markdown_table
+    from .fileio import write_json
+    from .loading import load_program
+
+    try:
+        if samples < 2 or calibration_samples < 1:
+            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
+        program = load_program(model)
+        rows = compare_caching(program, samples, calibration_samples, _progress, _log)
+    except OptimizerError as exc:
+        _fail(exc)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(markdown_table(rows))
+
+
+@main.command("prune-compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
+@click.option("--calibration-samples", default=20, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def prune_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+    """Pruning and layer removal: our criteria vs naive ones at equal compression, same seeds (markdown)."""
+    from .fileio import write_json
+    from .loading import load_program
+    from .prune_compare import compare_pruning, markdown_table
+
+    try:
+        if samples < 2 or calibration_samples < 1:
+            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
+        program = load_program(model)
+        rows = compare_pruning(program, samples, calibration_samples, _progress, _log)
+    except OptimizerError as exc:
+        _fail(exc)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(markdown_table(rows))

@@ -37,6 +37,12 @@ GATES = {
             "max",
             "increase of the Fréchet distance to the data, in classifier feature space",
         ),
+        Gate(
+            "max_fd_to_reference",
+            "fd_candidate_to_reference",
+            "max",
+            "Fréchet distance between candidate and reference samples (same seeds), classifier feature space",
+        ),
     )
 }
 

@@ -150,13 +150,15 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
 
 
 def _quick_fidelity(program: DiffusionProgram, calibration: Any) -> dict[str, Any]:
-    """After each pass: teacher-forced model-output error on the calibration trajectories."""
+    """After each pass: teacher-forced model-output error and end-to-end PSNR on the calibration set."""
     from .caching import torch_variants
     from .flops import plan_flops
-    from .verify import step_errors
+    from .verify import replay_psnr, step_errors
 
-    errors = step_errors(calibration, program.plan, program.spec.conditioning, torch_variants(program))
+    variants = torch_variants(program)
+    errors = step_errors(calibration, program.plan, program.spec.conditioning, variants)
     return {
+        "calibration_psnr_db": replay_psnr(program, calibration, variants),
         "eps_rel_error_mean": sum(errors) / len(errors),
         "eps_rel_error_max": max(errors),
         "guidance": uses_guidance(program.plan, program.spec.conditioning),

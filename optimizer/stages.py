@@ -150,6 +150,7 @@ def make_report(
             "family": program.spec.family,
             "class": program.spec.model_class,
             "parameters": sum(p.numel() for p in program.denoiser.parameters()),
+            "candidate_parameters": sum(p.numel() for p in candidate.denoiser.parameters()),
             "input_bytes": sum(f.stat().st_size for f in files),
             "sample_shape": list(program.spec.sample_shape),
             "conditioning": dataclasses.asdict(program.spec.conditioning),

@@ -222,3 +222,31 @@ def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_ga
     assert "## Cache schedule" in text and "## Guidance policy" in text and "fewer)" in text
     png = tmp_path / "s.png"
     assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0
+
+
+def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
+    """The cpu-prune recipe with a shortened recovery: a smaller graph, verified, gated and reported."""
+    data = json.loads((TARGETS_DIR / "cpu-prune.json").read_text())
+    data["name"] = "cpu-prune-short"
+    data["recipe"][-1]["config"].update(steps=40, teacher_samples=16)
+    target = tmp_path / "short.json"
+    target.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "4", "--json"]
+    result = invoke(dit_copy, "--target", target, "--out", out, *args)
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["layer_removal", "prune", "recover"]
+    fidelity = [p["fidelity"]["calibration_psnr_db"] for p in report["passes"]]
+    assert fidelity[2] > fidelity[1]  # recovery measurably helps, even this short
+    assert report["model"]["candidate_parameters"] < 0.75 * report["model"]["parameters"]
+    assert report["artifacts"]["onnx_bytes"] < report["artifacts"]["reference_onnx_bytes"]
+    assert report["flops"]["candidate"]["per_image"] < 0.7 * report["flops"]["original"]["per_image"]
+    assert {g for g in report["gates"]} == {
+        "min_psnr_db",
+        "min_ssim",
+        "max_class_agreement_drop",
+        "max_fd_to_reference",
+    }
+    text = (out / "report.md").read_text()
+    assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text

@@ -9,7 +9,7 @@ from optimizer.gates import GATES
 from optimizer.pipeline import plan_passes
 from optimizer.targets import get_target, list_targets, require_available
 
-EXPECTED = {"cpu-fp32", "cpu-int8", "cpu-cache", "a100-int8", "h100-fp8", "h100-fp4", "b200-fp4"}
+EXPECTED = {"cpu-fp32", "cpu-int8", "cpu-cache", "cpu-prune", "a100-int8", "h100-fp8", "h100-fp4", "b200-fp4"}
 
 
 def test_target_list():

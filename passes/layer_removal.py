@@ -1,0 +1,113 @@
+"""Depth pruning: remove whole transformer blocks of a DiT.
+
+LAPTOP-Diff's one-shot criterion: each block's removal is scored alone by the distortion of the
+model output it causes, ||f_without_b(x) - f(x)||^2 / ||f(x)||^2 on calibration inputs stratified
+over the plan's timesteps; the scores are taken as additive and the lowest-scoring blocks go, either
+`blocks` of them or as many as keep the summed score under `max_distortion`. `last` (drop the last
+N blocks) is the naive baseline. The blocks are removed physically (the ModuleList shrinks).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibration import selection
+from optimizer.adapters import denoiser_module, respec
+from optimizer.errors import ConfigError
+from optimizer.ir import DiffusionProgram
+from optimizer.pipeline import Context
+from optimizer.sampling import build_scheduler
+
+NAME = "layer_removal"
+AFTER: tuple[str, ...] = ("sampler",)
+BEFORE: tuple[str, ...] = ("prune", "recover", "quantize", "guidance", "cache")
+REQUIRES: tuple[str, ...] = ()
+CRITERIA = ("distortion", "last")
+
+
+@dataclass
+class Config:
+    blocks: int = 2  # blocks to remove; 0 = as many as max_distortion allows
+    max_distortion: float = 0.0  # with blocks = 0: bound on the summed one-shot distortion
+    criterion: str = "distortion"
+    samples: int = 256  # timestep-stratified calibration inputs
+    batch: int = 64
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if config.criterion not in CRITERIA:
+        raise ConfigError(f"layer_removal: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
+    if config.blocks < 0 or config.max_distortion < 0:
+        raise ConfigError("layer_removal: blocks and max_distortion must be >= 0")
+    if config.blocks == 0 and config.max_distortion == 0:
+        raise ConfigError("layer_removal: set blocks (a count) or max_distortion (a budget)")
+    if config.samples < 1 or config.batch < 1:
+        raise ConfigError("layer_removal: samples and batch must be >= 1")
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    config: Config = ctx.config
+    check(config, ctx.capabilities)
+    if program.spec.family != "dit":  # a target's recipe serves both families: say so in the report
+        skipped = (
+            f"a {program.spec.family} has no transformer blocks to remove (its blocks change resolution or "
+            "channel count); width pruning (prune) applies"
+        )
+        return program.replace(annotations={**program.annotations, NAME: {"skipped": skipped}})
+    model = copy.deepcopy(program.denoiser).eval()
+    count = len(model.transformer_blocks)
+    if config.blocks >= count:
+        raise ConfigError(f"layer_removal: cannot remove {config.blocks} of {count} blocks")
+    scores = _distortions(program, model, config, ctx) if config.criterion == "distortion" else None
+    if scores is None:
+        removed = list(range(count - config.blocks, count))
+    else:
+        order = sorted(range(count), key=lambda b: scores[b])
+        if config.blocks:
+            removed = order[: config.blocks]
+        else:
+            removed, total = [], 0.0
+            for b in order[: count - 1]:
+                if total + scores[b] > config.max_distortion:
+                    break
+                removed.append(b)
+                total += scores[b]
+    if not removed:
+        raise ConfigError(f"layer_removal: no block fits max_distortion {config.max_distortion}")
+    kept = [b for b in range(count) if b not in removed]
+    model.transformer_blocks = nn.ModuleList(model.transformer_blocks[b] for b in kept)
+    model.register_to_config(num_layers=len(kept))
+    decision = {
+        "criterion": config.criterion,
+        "removed": sorted(removed),
+        "kept": kept,  # original index of each remaining block (recovery maps features with it)
+        "distortion_by_block": None if scores is None else [round(s, 6) for s in scores],
+        "parameters_before": sum(p.numel() for p in program.denoiser.parameters()),
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+    }
+    return respec(program, model).replace(annotations={**program.annotations, NAME: decision})
+
+
+def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ctx: Context) -> list[float]:
+    """One-shot output distortion of removing each block alone."""
+    steps = build_scheduler(program.plan).config.num_train_timesteps
+    num_classes = program.spec.conditioning.num_classes
+    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng, steps, num_classes)
+    batches = list(inputs.batches(config.batch))
+    module = denoiser_module(program.replace(denoiser=model))
+    blocks = model.transformer_blocks
+    with torch.no_grad():
+        reference = [module(x, t, y) for x, t, y in batches]
+        scores = []
+        for b in ctx.progress(range(len(blocks)), desc="layer_removal: scoring blocks", leave=False):
+            model.transformer_blocks = nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b)
+            error = sum(
+                float((module(x, t, y) - r).square().sum()) for (x, t, y), r in zip(batches, reference, strict=True)
+            )
+            scores.append(error / sum(float(r.square().sum()) for r in reference))
+        model.transformer_blocks = blocks
+    return scores

@@ -1,0 +1,224 @@
+"""Width pruning: remove attention heads and MLP hidden units (DiT) or resnet inner channels (UNet).
+
+The network is made physically smaller (optimizer.surgery): the same fraction of units goes in every
+layer, so shapes stay uniform. Units are ranked by an importance accumulated over the plan's own
+timesteps (calibration inputs stratified over the steps, see calibration.selection):
+- `taylor` (Diff-Pruning): sum of |w * dL/dw| over a unit's weights, L the denoising loss on the
+  model's own calibration samples re-noised at every plan timestep (no training data needed);
+- `distortion`: the energy of a unit's contribution to its layer's output on the calibration inputs
+  (exact for heads and MLP units; for conv channels, per-channel input energy times weight norm);
+- `magnitude`: the squared norm of a unit's weights, the naive baseline.
+UNet channels go in whole GroupNorm groups (norm2), so the kept channels' normalization is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibration import selection
+from optimizer import surgery
+from optimizer.adapters import denoiser_module, respec
+from optimizer.errors import ConfigError
+from optimizer.ir import DiffusionProgram
+from optimizer.pipeline import Context
+from optimizer.sampling import build_scheduler
+
+NAME = "prune"
+AFTER: tuple[str, ...] = ("sampler", "layer_removal")
+BEFORE: tuple[str, ...] = ("recover", "quantize", "guidance", "cache")
+REQUIRES: tuple[str, ...] = ()
+CRITERIA = ("taylor", "distortion", "magnitude")
+
+
+@dataclass
+class Config:
+    # Each family reads its own fields: a DiT `heads` and `mlp`, a UNet `channels`.
+    heads: float = 0.0  # fraction of attention heads removed in every DiT block
+    mlp: float = 0.25  # fraction of MLP hidden units removed in every DiT block
+    channels: float = 0.25  # fraction of inner channels (whole groups) removed in every UNet resnet
+    criterion: str = "taylor"
+    samples: int = 256  # timestep-stratified calibration inputs that score the units
+    batch: int = 64
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    for name in ("heads", "mlp", "channels"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"prune: {name} is a fraction of units to remove, in [0, 1)")
+    if config.criterion not in CRITERIA:
+        raise ConfigError(f"prune: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
+    if config.samples < 1 or config.batch < 1:
+        raise ConfigError("prune: samples and batch must be >= 1")
+
+
+@dataclass
+class Group:
+    """Units of one layer that are kept or removed together, and how to score and remove them."""
+
+    name: str
+    units: int
+    remove: int
+    size: int  # each unit is `size` consecutive rows/columns of every weight in `weights`
+    weights: list[tuple[nn.Parameter, int]]  # (weight, the dimension that indexes units)
+    output_site: nn.Module  # the layer that consumes the units (its input is the units' activations)
+    contribution: Callable[[torch.Tensor], torch.Tensor]  # that input -> energy per unit
+    apply: Callable[[list[int]], None]
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    config: Config = ctx.config
+    check(config, ctx.capabilities)
+    model = copy.deepcopy(program.denoiser).eval()
+    groups = list(_groups(program.spec.family, model, config))
+    if not any(g.remove for g in groups):
+        fields = "heads / mlp" if program.spec.family == "dit" else "channels"
+        raise ConfigError(f"prune: nothing to remove: with these {fields} fractions every layer keeps all its units")
+    scores = _scores(program, model, groups, config, ctx)
+    removed = {}
+    for g, s in zip(groups, scores, strict=True):
+        keep = sorted(torch.argsort(s, descending=True)[: g.units - g.remove].tolist())
+        g.apply(keep)
+        removed[g.name] = sorted(set(range(g.units)) - set(keep))
+    before = sum(p.numel() for p in program.denoiser.parameters())
+    after = sum(p.numel() for p in model.parameters())
+    pruned = respec(program, model)
+    fractions = {"heads": config.heads, "mlp": config.mlp} if program.spec.family == "dit" else {}
+    decision = {
+        "criterion": config.criterion,
+        "fractions": fractions or {"channels": config.channels},
+        "removed": removed,
+        "parameters_before": before,
+        "parameters_after": after,
+    }
+    return pruned.replace(annotations={**program.annotations, NAME: decision})
+
+
+def _groups(family: str, model: nn.Module, config: Config) -> Iterator[Group]:
+    if family == "dit":
+        for b, block in enumerate(model.transformer_blocks):
+            attn, ff = block.attn1, block.ff
+            if config.heads:
+                yield _head_group(f"transformer_blocks.{b}.attn1", attn, config.heads)
+            if config.mlp:
+                yield _mlp_group(f"transformer_blocks.{b}.ff", ff, config.mlp)
+    elif family == "unet":
+        for name, module in model.named_modules():
+            if type(module).__name__ == "ResnetBlock2D" and config.channels:
+                yield _resnet_group(name, module, config.channels)
+    else:
+        raise ConfigError(f"prune: no pruning rules for the {family} family")
+
+
+def _count(units: int, fraction: float) -> int:
+    return min(units - 1, round(units * fraction))
+
+
+def _head_group(name: str, attn: nn.Module, fraction: float) -> Group:
+    heads, size = attn.heads, attn.inner_dim // attn.heads
+
+    def rows(h: int) -> torch.Tensor:
+        return torch.arange(h * size, (h + 1) * size)
+
+    def contribution(x: torch.Tensor) -> torch.Tensor:  # x: [B, N, heads * size], to_out's input
+        w = attn.to_out[0].weight.detach()
+        parts = x.unflatten(-1, (heads, size))
+        return torch.stack([(parts[..., h, :] @ w[:, rows(h)].T).square().sum() for h in range(heads)])
+
+    return Group(
+        name, heads, _count(heads, fraction), size,
+        [(attn.to_q.weight, 0), (attn.to_k.weight, 0), (attn.to_v.weight, 0), (attn.to_out[0].weight, 1)],
+        attn.to_out[0], contribution,
+        lambda keep: surgery.prune_heads(attn, keep),
+    )  # fmt: skip
+
+
+def _mlp_group(name: str, ff: nn.Module, fraction: float) -> Group:
+    up, down = ff.net[0].proj, ff.net[2]
+
+    def contribution(h: torch.Tensor) -> torch.Tensor:  # h: [B, N, units], down's input
+        return h.flatten(0, -2).square().sum(0) * down.weight.detach().square().sum(0)
+
+    return Group(
+        name, up.out_features, _count(up.out_features, fraction), 1, [(up.weight, 0), (down.weight, 1)],
+        down, contribution,
+        lambda keep: surgery.prune_mlp(ff, keep),
+    )  # fmt: skip
+
+
+def _resnet_group(name: str, resnet: nn.Module, fraction: float) -> Group:
+    norm, conv2 = resnet.norm2, resnet.conv2
+    groups, size = norm.num_groups, norm.num_channels // norm.num_groups
+
+    def contribution(a: torch.Tensor) -> torch.Tensor:  # a: [B, C, H, W], conv2's input
+        energy = a.square().sum((0, 2, 3)) * conv2.weight.detach().square().sum((0, 2, 3))
+        return energy.unflatten(0, (groups, size)).sum(1)
+
+    return Group(
+        name, groups, _count(groups, fraction), size, [(resnet.conv1.weight, 0), (conv2.weight, 1)],
+        conv2, contribution,
+        lambda keep: surgery.prune_resnet(resnet, keep),
+    )  # fmt: skip
+
+
+def _scores(
+    program: DiffusionProgram, model: nn.Module, groups: list[Group], config: Config, ctx: Context
+) -> list[torch.Tensor]:
+    if config.criterion == "magnitude":
+        return [_per_unit(g, lambda p: p.detach().square()) for g in groups]
+    steps = build_scheduler(program.plan).config.num_train_timesteps
+    num_classes = program.spec.conditioning.num_classes
+    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng, steps, num_classes)
+    module = denoiser_module(program.replace(denoiser=model))
+    if config.criterion == "distortion":
+        totals = [torch.zeros(g.units) for g in groups]
+
+        def hook(i: int):
+            def record(_module, args):
+                totals[i] += groups[i].contribution(args[0].detach())
+
+            return record
+
+        handles = [g.output_site.register_forward_pre_hook(hook(i)) for i, g in enumerate(groups)]
+        try:
+            with torch.no_grad():
+                for x, t, y in ctx.progress(list(inputs.batches(config.batch)), desc="prune: scoring", leave=False):
+                    module(x, t, y)
+        finally:
+            for h in handles:
+                h.remove()
+        return totals
+    # taylor: the denoising loss on the model's own samples, re-noised at the plan's timesteps
+    scheduler = build_scheduler(program.plan)
+    finals = ctx.calibration.final
+    totals = [torch.zeros(g.units) for g in groups]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for x, t, y in ctx.progress(list(inputs.batches(config.batch)), desc="prune: scoring", leave=False):
+        x0 = finals[torch.randint(len(finals), (x.shape[0],), generator=ctx.rng)]
+        noise = torch.randn(x0.shape, generator=ctx.rng)
+        steps_t = t.long()
+        noisy = scheduler.add_noise(x0, noise, steps_t)
+        v_prediction = program.spec.prediction_type == "v_prediction"
+        target = scheduler.get_velocity(x0, noise, steps_t) if v_prediction else noise
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(module(noisy, t, y), target).backward()
+        for i, g in enumerate(groups):
+            totals[i] += _per_unit(g, lambda p: (p * p.grad).detach().abs())
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return totals
+
+
+def _per_unit(group: Group, elementwise: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
+    """Sum an elementwise score over each unit's rows/columns of every weight of the group."""
+    total = torch.zeros(group.units)
+    for weight, dim in group.weights:
+        score = elementwise(weight).transpose(0, dim).flatten(1).sum(1)  # per row/column along `dim`
+        total += score.unflatten(0, (group.units, group.size)).sum(1)
+    return total

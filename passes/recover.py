@@ -1,0 +1,179 @@
+"""Recovery after pruning / layer removal: a short distillation from the original denoiser.
+
+Data-free: each batch mixes loop inputs (the exact (x_t, t, class) the plan's loop feeds the model,
+null class included) from the calibration trajectories and from `teacher_samples` fresh trajectories
+of the original on their own seeds, with those trajectories' final samples re-noised at random
+training timesteps. Loss: the student's output vs the teacher's, plus normalized feature distillation on the
+blocks that survived (student block j vs the teacher block it came from; layer_removal records the
+map), each term divided by the teacher's energy so the terms are scale-free. Stops at `steps` or
+`max_seconds`, whichever comes first; the pass records the loss before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibration import capture as calib
+from calibration import selection
+from optimizer.adapters import denoiser_module, respec
+from optimizer.errors import ConfigError
+from optimizer.ir import DiffusionProgram
+from optimizer.pipeline import Context
+from optimizer.sampling import build_scheduler
+from optimizer.verify import evaluation_set
+
+NAME = "recover"
+AFTER: tuple[str, ...] = ("sampler", "layer_removal", "prune")
+BEFORE: tuple[str, ...] = ("quantize", "guidance", "cache")
+REQUIRES: tuple[str, ...] = ()
+TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
+
+
+@dataclass
+class Config:
+    steps: int = 600
+    batch: int = 64
+    lr: float = 3e-4
+    feature_weight: float = 0.5  # weight of the normalized feature term (0: output only)
+    max_seconds: float = 900.0
+    samples: int = 4096  # loop inputs in the pool (timestep-stratified)
+    teacher_samples: int = 256  # fresh trajectories of the original (0: the calibration set only)
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if config.steps < 1 or config.batch < 2 or config.samples < 1 or config.teacher_samples < 0:
+        raise ConfigError("recover: steps >= 1, batch >= 2, samples >= 1 and teacher_samples >= 0")
+    if config.lr <= 0 or config.feature_weight < 0 or config.max_seconds <= 0:
+        raise ConfigError("recover: lr and max_seconds must be > 0, feature_weight >= 0")
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    config: Config = ctx.config
+    check(config, ctx.capabilities)
+    if "prune" not in program.annotations and "layer_removal" not in program.annotations:
+        raise ConfigError("recover: nothing to recover (run it after prune or layer_removal)")
+    teacher_program = ctx.reference
+    student_model = copy.deepcopy(program.denoiser).train()
+    student = denoiser_module(program.replace(denoiser=student_model)).train()
+    teacher = denoiser_module(teacher_program)
+    pairs = _feature_pairs(program.replace(denoiser=student_model), teacher_program)
+    scheduler = build_scheduler(program.plan)
+    train_steps = scheduler.config.num_train_timesteps
+    num_classes = program.spec.conditioning.num_classes
+    trajectories = [ctx.calibration]
+    if config.teacher_samples:
+        seeds, classes = evaluation_set(config.teacher_samples, num_classes, TEACHER_SEED)
+        trajectories.append(calib.capture(teacher_program, seeds, classes))
+    share = [config.samples * len(t.seeds) // sum(len(u.seeds) for u in trajectories) for t in trajectories]
+    pools = [
+        selection.select(t, "timestep", max(1, k), ctx.rng, train_steps, num_classes)
+        for t, k in zip(trajectories, share, strict=True)
+    ]
+    pool = selection.CalibrationInputs(
+        torch.cat([p.x for p in pools]),
+        torch.cat([p.t for p in pools]),
+        None if pools[0].y is None else torch.cat([p.y for p in pools]),
+        torch.cat([p.steps for p in pools]),
+    )
+    finals = torch.cat([t.final for t in trajectories])
+    labels = None if not num_classes else torch.tensor([c for t in trajectories for c in t.classes], dtype=torch.int64)
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+    for p in student_model.parameters():
+        p.requires_grad_(True)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        half = config.batch // 2
+        pick = torch.randint(pool.x.shape[0], (half,), generator=ctx.rng)
+        x, t = pool.x[pick], pool.t[pick]
+        y = None if pool.y is None else pool.y[pick]
+        rows = torch.randint(finals.shape[0], (config.batch - half,), generator=ctx.rng)
+        steps = torch.randint(train_steps, (len(rows),), generator=ctx.rng)
+        noisy = scheduler.add_noise(finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
+        x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
+        if y is not None and labels is not None:
+            y = torch.cat([y, labels[rows]])
+        return x, t, y
+
+    losses, start = [], time.perf_counter()
+    with _Features(pairs) as features:
+        for _ in ctx.progress(range(config.steps), desc="recover: distilling", leave=False):
+            x, t, y = batch()
+            features.clear()
+            with torch.no_grad():
+                features.capture = "teacher"
+                target = teacher(x, t, y)
+            features.capture = "student"
+            loss = _energy_normalized(student(x, t, y), target)
+            if config.feature_weight and pairs:
+                loss = loss + config.feature_weight * features.loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if time.perf_counter() - start > config.max_seconds:
+                break
+    for p in student_model.parameters():
+        p.requires_grad_(False)
+    window = max(1, min(20, len(losses) // 5))
+    decision = {
+        "steps": len(losses),
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss_first": round(sum(losses[:window]) / window, 5),
+        "loss_last": round(sum(losses[-window:]) / window, 5),
+        "feature_pairs": len(pairs),
+    }
+    return respec(program, student_model.eval()).replace(annotations={**program.annotations, NAME: decision})
+
+
+def _energy_normalized(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
+
+
+def _feature_pairs(program: DiffusionProgram, teacher: DiffusionProgram) -> list[tuple[nn.Module, nn.Module]]:
+    """(student block, teacher block) pairs: the blocks that survived, matched by original index."""
+    student_blocks = [program.denoiser.get_submodule(b) for b in program.spec.blocks]
+    teacher_blocks = [teacher.denoiser.get_submodule(b) for b in teacher.spec.blocks]
+    kept = program.annotations.get("layer_removal", {}).get("kept", list(range(len(teacher_blocks))))
+    if len(kept) != len(student_blocks):
+        return []  # an unknown structural change: distil on the output alone
+    return [(s, teacher_blocks[k]) for s, k in zip(student_blocks, kept, strict=True)]
+
+
+class _Features:
+    """Forward hooks that record each paired block's output, teacher's then student's."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+        self.pairs, self.capture = pairs, "teacher"
+        self.outputs: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+        self.handles: list = []
+
+    def __enter__(self) -> _Features:
+        for role, index in (("student", 0), ("teacher", 1)):
+            for pair in self.pairs:
+                self.handles.append(pair[index].register_forward_hook(self._record(role)))
+        return self
+
+    def _record(self, role: str):
+        def hook(_module, _args, output):
+            if self.capture == role:
+                self.outputs[role].append(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def clear(self) -> None:
+        self.outputs = {"teacher": [], "student": []}
+
+    def loss(self) -> torch.Tensor:
+        pairs = zip(self.outputs["student"], self.outputs["teacher"], strict=True)
+        return torch.stack([_energy_normalized(s, t) for s, t in pairs]).mean()
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
