@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .flops import count_flops
 from .ir import DiffusionProgram
 from .peer_caches import HookedDenoiser, PeerCache
-from .pipeline import Context, plan_passes, run_passes
+from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import DenoiseFn, Variants, sample, uses_guidance
 from .timing import paired_median_ms
 from .verify import DigitsJudge, compare, evaluation_set
@@ -104,13 +104,7 @@ def compare_caching(
         evaluate(row)
     base = rows[0].result["flops_per_image"]
     budgets = sorted({_budget(r.result["flops_per_image"] / base) for r in rows[1:]} | {0.5})
-    ctx = Context(
-        reference=program,
-        calibration=trajectories,
-        evaluate=lambda p: {},
-        capabilities=frozenset({"fp32"}),
-        progress=progress,
-    )
+    ctx = offline_context(program, trajectories, progress=progress)
     log("ours: guidance policy search")
     guided = run_passes(program, plan_passes([{"pass": "guidance", "config": GUIDANCE}], ctx.capabilities), ctx)
     ours: list[Row] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +261,47 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None
     click.echo(json.dumps(latency, indent=2))
 
 
-@main.command("quant-compare")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
-@click.option("--calibration-samples", default=20, show_default=True)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def _comparison_command(name: str) -> Callable:
+    """A side-by-side command: MODEL, --samples, --calibration-samples, --json-out."""
+
+    def decorate(fn: Callable) -> Callable:
+        fn = click.option(
+            "--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON."
+        )(fn)
+        fn = click.option("--calibration-samples", default=20, show_default=True)(fn)
+        fn = click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")(
+            fn
+        )
+        fn = click.argument("model", type=click.Path(path_type=Path))(fn)
+        return main.command(name)(fn)
+
+    return decorate
+
+
+def _run_comparison(
+    model: Path,
+    samples: int,
+    calibration_samples: int,
+    json_out: Path | None,
+    compare: Callable[[Any], list[dict[str, Any]]],
+    table: Callable[[list[dict[str, Any]]], str],
+) -> None:
+    """Load, run `compare(program)`, write the rows as JSON if asked, print `table(rows)`."""
+    from .fileio import write_json
+    from .loading import load_program
+
+    try:
+        if samples < 2 or calibration_samples < 1:
+            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
+        rows = compare(load_program(model))
+    except OptimizerError as exc:
+        _fail(exc)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(table(rows))
+
+
+@_comparison_command("quant-compare")
 @click.option(
     "--rows",
     type=click.Choice(["all", "ours", "peers"]),
@@ -274,71 +311,34 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None
 )
 def quant_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None, rows: str) -> None:
     """Quantization side by side: our calibration vs naive ones, every format, same seeds (markdown table)."""
-    from .fileio import write_json
-    from .loading import load_program
     from .quant_compare import compare_quantization, markdown_table
 
-    try:
-        if samples < 2 or calibration_samples < 1:
-            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
-        program = load_program(model)
-        results = compare_quantization(
-            program,
-            samples,
-            calibration_samples,
-            _progress,
-            _log,
-            rows=[] if rows == "peers" else None,
-            peers=rows != "ours",
+    def compare(program: Any) -> list[dict[str, Any]]:
+        chosen = [] if rows == "peers" else None
+        return compare_quantization(
+            program, samples, calibration_samples, _progress, _log, rows=chosen, peers=rows != "ours"
         )
-    except OptimizerError as exc:
-        _fail(exc)
-    if json_out is not None:
-        write_json(json_out, results)
-    click.echo(markdown_table(results))
+
+    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)
 
 
-@main.command("cache-compare")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
-@click.option("--calibration-samples", default=20, show_default=True)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+@_comparison_command("cache-compare")
 def cache_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
     """Our searched cache schedules vs diffusers' cache hooks at matched FLOPs, same seeds (markdown)."""
     from .cache_compare import compare_caching, markdown_table
-    from .fileio import write_json
-    from .loading import load_program
 
-    try:
-        if samples < 2 or calibration_samples < 1:
-            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
-        program = load_program(model)
-        rows = compare_caching(program, samples, calibration_samples, _progress, _log)
-    except OptimizerError as exc:
-        _fail(exc)
-    if json_out is not None:
-        write_json(json_out, rows)
-    click.echo(markdown_table(rows))
+    def compare(program: Any) -> list[dict[str, Any]]:
+        return compare_caching(program, samples, calibration_samples, _progress, _log)
+
+    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)
 
 
-@main.command("prune-compare")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")
-@click.option("--calibration-samples", default=20, show_default=True)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+@_comparison_command("prune-compare")
 def prune_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
     """Pruning and layer removal: our criteria vs naive ones at equal compression, same seeds (markdown)."""
-    from .fileio import write_json
-    from .loading import load_program
     from .prune_compare import compare_pruning, markdown_table
 
-    try:
-        if samples < 2 or calibration_samples < 1:
-            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
-        program = load_program(model)
-        rows = compare_pruning(program, samples, calibration_samples, _progress, _log)
-    except OptimizerError as exc:
-        _fail(exc)
-    if json_out is not None:
-        write_json(json_out, rows)
-    click.echo(markdown_table(rows))
+    def compare(program: Any) -> list[dict[str, Any]]:
+        return compare_pruning(program, samples, calibration_samples, _progress, _log)
+
+    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)

@@ -32,6 +32,16 @@ class Context:
     config: Any = None  # the running pass's Config instance
 
 
+def offline_context(
+    reference: DiffusionProgram,
+    calibration: Any,
+    capabilities: frozenset[str] = frozenset({"fp32"}),
+    progress: Callable[..., Iterable] = lambda it, **_: it,
+) -> Context:
+    """A context for running passes outside a job (the comparison commands): nothing evaluated per pass."""
+    return Context(reference, calibration, lambda p: {}, capabilities, progress=progress)
+
+
 @dataclass(frozen=True)
 class PlannedPass:
     name: str

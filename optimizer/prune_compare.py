@@ -21,7 +21,7 @@ from calibration import capture as calib
 from .adapters import torch_denoise
 from .flops import plan_flops
 from .ir import DiffusionProgram
-from .pipeline import Context, plan_passes, run_passes
+from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import sample
 from .stages import lower
 from .timing import paired_median_ms
@@ -84,13 +84,7 @@ def compare_pruning(
     log(f"reference: {samples} samples")
     reference = calib.capture(program, seeds, classes)
     judge = DigitsJudge.load() if DigitsJudge.applies(spec) else None
-    ctx = Context(
-        reference=program,
-        calibration=trajectories,
-        evaluate=lambda p: {},
-        capabilities=frozenset({"fp32"}),
-        progress=progress,
-    )
+    ctx = offline_context(program, trajectories, progress=progress)
     results: list[dict[str, Any]] = []
     graphs: dict[str, OrtDenoiser] = {}
     with tempfile.TemporaryDirectory(prefix="prune-compare-") as tmp:

@@ -23,7 +23,7 @@ from calibration import selection
 
 from .adapters import denoiser_module, torch_denoise
 from .ir import DiffusionProgram
-from .pipeline import Context, plan_passes, run_passes
+from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import build_scheduler, sample
 from .stages import lower
 from .verify import DigitsJudge, compare, evaluation_set, per_step_error
@@ -74,13 +74,7 @@ def compare_quantization(
         fp32 = lower(program, work / "fp32")
         for name, config, runs in progress(ROWS if rows is None else rows, desc="configurations"):
             log(name)
-            ctx = Context(
-                reference=program,
-                calibration=trajectories,
-                evaluate=lambda p: {},
-                capabilities=ALL_CAPABILITIES,
-                rng=torch.Generator().manual_seed(0),
-            )
+            ctx = offline_context(program, trajectories, ALL_CAPABILITIES)
             candidate = run_passes(
                 program, plan_passes([{"pass": "quantize", "config": config}], ALL_CAPABILITIES), ctx
             )
