@@ -58,8 +58,10 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     if "prune" not in program.annotations and "layer_removal" not in program.annotations:
         raise ConfigError("recover: nothing to recover (run it after prune or layer_removal)")
     teacher_program = ctx.reference
-    student_model = copy.deepcopy(program.denoiser).train()
-    student = denoiser_module(program.replace(denoiser=student_model)).train()
+    # The student stays in eval mode: train-mode regularizers (dropout, DiT's 10% class-label
+    # dropout) would make it fit the teacher on inputs the teacher never saw.
+    student_model = copy.deepcopy(program.denoiser).eval()
+    student = denoiser_module(program.replace(denoiser=student_model))
     teacher = denoiser_module(teacher_program)
     pairs = _feature_pairs(program.replace(denoiser=student_model), teacher_program)
     scheduler = build_scheduler(program.plan)
@@ -129,7 +131,7 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
         "loss_last": round(sum(losses[-window:]) / window, 5),
         "feature_pairs": len(pairs),
     }
-    return respec(program, student_model.eval()).replace(annotations={**program.annotations, NAME: decision})
+    return respec(program, student_model).replace(annotations={**program.annotations, NAME: decision})
 
 
 def _energy_normalized(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,23 @@ def test_recovery_distillation_brings_the_pruned_model_back(family, request, cal
     torch.testing.assert_close(ort_out, torch_out, rtol=1e-3, atol=1e-3)
 
 
+def test_recovery_is_reproducible_and_keeps_labels(dit_program, calibrations):
+    """Same inputs, same weights: the student trains in eval mode, so DiT's 10% class-label dropout
+    (train mode only, drawn from the global RNG) never corrupts what it learns."""
+    cal = calibrations["dit"]
+    pruned = run(dit_program, cal, [{"pass": "prune", "config": {"mlp": 0.25, "criterion": "magnitude"}}])
+    recipe = [{"pass": "recover", "config": {"steps": 3, "batch": 8, "teacher_samples": 2}}]
+    results = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        recovered = run(pruned, cal, recipe, reference=dit_program)
+        results.append(recovered.denoiser.state_dict())
+    assert results[0].keys() == results[1].keys()
+    for name, tensor in results[0].items():
+        assert torch.equal(tensor, results[1][name]), name
+    assert not recovered.denoiser.training
+
+
 def test_prune_compare_lowers_and_times_every_row(dit_program):
     from optimizer.prune_compare import markdown_table
 
