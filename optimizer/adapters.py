@@ -130,6 +130,10 @@ def torch_denoise(program: DiffusionProgram) -> DenoiseFn:
     return denoise
 
 
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def respec(program: DiffusionProgram, model: nn.Module) -> DiffusionProgram:
     """The program with a structurally changed denoiser (pruned, blocks removed) and its spec re-derived."""
     spec = program.spec

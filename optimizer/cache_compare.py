@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from calibration import capture as calib
-
 from .adapters import torch_denoise
 from .caching import torch_variants
+from .comparison import comparison_set
 from .errors import ConfigError
 from .flops import count_flops
 from .ir import DiffusionProgram
@@ -30,7 +29,7 @@ from .peer_caches import HookedDenoiser, PeerCache
 from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import DenoiseFn, Variants, sample, uses_guidance
 from .timing import paired_median_ms
-from .verify import DigitsJudge, compare, evaluation_set
+from .verify import compare
 
 WIDE = (-1, 1000)  # every timestep of a 1000-step training schedule
 DEFAULT_PEERS = (
@@ -74,20 +73,11 @@ def compare_caching(
     timing_rounds: int = 3,
 ) -> list[dict[str, Any]]:
     """Rows as dicts (see _summary); `cache_config` overrides the cache pass's config (not its budget)."""
-    from .job import CALIBRATION_SEED
-
     spec = program.spec
     if not uses_guidance(program.plan, spec.conditioning):
         peers = tuple(p for p in peers if p.method != "faster-cache")  # it approximates the unconditional pass
     peers = tuple(p for p in peers if p.applies(spec.family))
-    num_classes = spec.conditioning.num_classes
-    cal_seeds, cal_classes = evaluation_set(calibration_samples, num_classes, CALIBRATION_SEED)
-    log(f"calibration: {calibration_samples} trajectories")
-    trajectories = calib.capture(program, cal_seeds, cal_classes)
-    seeds, classes = evaluation_set(samples, num_classes, 0)
-    log(f"reference: {samples} samples")
-    reference = calib.capture(program, seeds, classes)
-    judge = DigitsJudge.load() if DigitsJudge.applies(spec) else None
+    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
 
     def evaluate(row: Row) -> None:
         log(row.name)

@@ -148,6 +148,7 @@ def inspect(model: Path) -> None:
     """Describe MODEL: architecture, blocks, attention sites, conditioning, sampling plan."""
     import dataclasses
 
+    from .adapters import parameter_count
     from .loading import load_program
 
     try:
@@ -160,7 +161,7 @@ def inspect(model: Path) -> None:
         "source": dataclasses.asdict(program.source),
         "spec": spec,
         "plan": program.plan.to_dict(),
-        "parameters": sum(p.numel() for p in program.denoiser.parameters()),
+        "parameters": parameter_count(program.denoiser),
     }
     click.echo(json.dumps(info, indent=2))
 

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 
 from backends.ort import OrtDenoiser
-from calibration import capture as calib
 
-from .adapters import torch_denoise
+from .adapters import parameter_count, torch_denoise
+from .comparison import comparison_set
 from .flops import plan_flops
 from .ir import DiffusionProgram
 from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import sample
 from .stages import lower
 from .timing import paired_median_ms
-from .verify import DigitsJudge, compare, evaluation_set, per_step_error
+from .verify import compare, per_step_error
 
 RECOVER = {"pass": "recover", "config": {"steps": 600}}  # as the cpu-prune target
 
@@ -70,7 +70,6 @@ def compare_pruning(
     latency_repeats: int = 20,
 ) -> list[dict[str, Any]]:
     from .errors import ConfigError
-    from .job import CALIBRATION_SEED
 
     spec = program.spec
     if rows is None:
@@ -78,12 +77,7 @@ def compare_pruning(
             raise ConfigError(f"no pruning comparison for the {spec.family} family")
         rows = ROWS[spec.family]
     num_classes = spec.conditioning.num_classes
-    log(f"calibration: {calibration_samples} trajectories")
-    trajectories = calib.capture(program, *evaluation_set(calibration_samples, num_classes, CALIBRATION_SEED))
-    seeds, classes = evaluation_set(samples, num_classes, 0)
-    log(f"reference: {samples} samples")
-    reference = calib.capture(program, seeds, classes)
-    judge = DigitsJudge.load() if DigitsJudge.applies(spec) else None
+    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
     ctx = offline_context(program, trajectories, progress=progress)
     results: list[dict[str, Any]] = []
     graphs: dict[str, OrtDenoiser] = {}
@@ -104,7 +98,7 @@ def compare_pruning(
                 {
                     "name": name,
                     "recipe": recipe,
-                    "parameters": sum(p.numel() for p in candidate.denoiser.parameters()),
+                    "parameters": parameter_count(candidate.denoiser),
                     "flops_per_image": plan_flops(candidate)["per_image"],
                     "onnx_bytes": size,
                     "recovery": candidate.annotations.get("recover"),

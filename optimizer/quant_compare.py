@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from backends.ort import OrtDenoiser
-from calibration import capture as calib
 from calibration import selection
 
 from .adapters import denoiser_module, torch_denoise
+from .comparison import comparison_set
 from .ir import DiffusionProgram
 from .pipeline import offline_context, plan_passes, run_passes
 from .sampling import build_scheduler, sample
 from .stages import lower
-from .verify import DigitsJudge, compare, evaluation_set, per_step_error
+from .verify import compare, per_step_error
 
 ALL_CAPABILITIES = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 
@@ -59,15 +59,8 @@ def compare_quantization(
     rows: list[tuple[str, dict[str, Any], str]] | None = None,
     peers: bool = True,
 ) -> list[dict[str, Any]]:
-    from .job import CALIBRATION_SEED
-
     num_classes = program.spec.conditioning.num_classes
-    cal_seeds, cal_classes = evaluation_set(calibration_samples, num_classes, CALIBRATION_SEED)
-    trajectories = calib.capture(program, cal_seeds, cal_classes)
-    seeds, classes = evaluation_set(samples, num_classes, 0)
-    log(f"reference: {samples} samples")
-    reference = calib.capture(program, seeds, classes)
-    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
+    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
     results = []
     with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
         work = Path(tmp)

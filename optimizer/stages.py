@@ -16,7 +16,7 @@ from backends.qdq import export_quantized
 from backends.runner import PlanRunner
 from calibration import capture as calib
 
-from .adapters import denoiser_module, torch_denoise
+from .adapters import denoiser_module, parameter_count, torch_denoise
 from .caching import CACHE, steps_module
 from .flops import plan_flops
 from .ir import DiffusionProgram
@@ -149,8 +149,8 @@ def make_report(
             "source": dataclasses.asdict(program.source),
             "family": program.spec.family,
             "class": program.spec.model_class,
-            "parameters": sum(p.numel() for p in program.denoiser.parameters()),
-            "candidate_parameters": sum(p.numel() for p in candidate.denoiser.parameters()),
+            "parameters": parameter_count(program.denoiser),
+            "candidate_parameters": parameter_count(candidate.denoiser),
             "input_bytes": sum(f.stat().st_size for f in files),
             "sample_shape": list(program.spec.sample_shape),
             "conditioning": dataclasses.asdict(program.spec.conditioning),

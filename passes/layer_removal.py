@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from calibration import selection
-from optimizer.adapters import denoiser_module, respec
+from optimizer.adapters import denoiser_module, parameter_count, respec
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
 from optimizer.pipeline import Context
-from optimizer.sampling import build_scheduler
 
 NAME = "layer_removal"
 AFTER: tuple[str, ...] = ("sampler",)
@@ -86,17 +85,15 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
         "removed": sorted(removed),
         "kept": kept,  # original index of each remaining block (recovery maps features with it)
         "distortion_by_block": None if scores is None else [round(s, 6) for s in scores],
-        "parameters_before": sum(p.numel() for p in program.denoiser.parameters()),
-        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "parameters_before": parameter_count(program.denoiser),
+        "parameters_after": parameter_count(model),
     }
     return respec(program, model).replace(annotations={**program.annotations, NAME: decision})
 
 
 def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ctx: Context) -> list[float]:
     """One-shot output distortion of removing each block alone."""
-    steps = build_scheduler(program.plan).config.num_train_timesteps
-    num_classes = program.spec.conditioning.num_classes
-    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng, steps, num_classes)
+    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng)
     batches = list(inputs.batches(config.batch))
     module = denoiser_module(program.replace(denoiser=model))
     blocks = model.transformer_blocks

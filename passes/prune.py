@@ -22,7 +22,7 @@ from torch import nn
 
 from calibration import selection
 from optimizer import surgery
-from optimizer.adapters import denoiser_module, respec
+from optimizer.adapters import denoiser_module, parameter_count, respec
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
 from optimizer.pipeline import Context
@@ -84,8 +84,8 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
         keep = sorted(torch.argsort(s, descending=True)[: g.units - g.remove].tolist())
         g.apply(keep)
         removed[g.name] = sorted(set(range(g.units)) - set(keep))
-    before = sum(p.numel() for p in program.denoiser.parameters())
-    after = sum(p.numel() for p in model.parameters())
+    before = parameter_count(program.denoiser)
+    after = parameter_count(model)
     pruned = respec(program, model)
     fractions = {"heads": config.heads, "mlp": config.mlp} if program.spec.family == "dit" else {}
     decision = {
@@ -170,9 +170,7 @@ def _scores(
 ) -> list[torch.Tensor]:
     if config.criterion == "magnitude":
         return [_per_unit(g, lambda p: p.detach().square()) for g in groups]
-    steps = build_scheduler(program.plan).config.num_train_timesteps
-    num_classes = program.spec.conditioning.num_classes
-    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng, steps, num_classes)
+    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng)
     module = denoiser_module(program.replace(denoiser=model))
     if config.criterion == "distortion":
         totals = [torch.zeros(g.units) for g in groups]
