@@ -8,6 +8,16 @@ import numpy as np
 import torch
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def runtime_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises when a session cannot be created or run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented")
+    return (*(getattr(state, n) for n in names if hasattr(state, n)), state.RuntimeException)
+
+
 STANDARD_INPUTS = ("sample", "timestep", "class_labels")
 
 

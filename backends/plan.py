@@ -7,16 +7,18 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import LoadError
+from optimizer.errors import ConfigError, LoadError
 from optimizer.fileio import write_json
 from optimizer.ir import Conditioning, DiffusionProgram, SamplingPlan
+from optimizer.limits import MAX_STEPS
+from optimizer.outputs import PLAN_FILE, PLAN_FORMAT, resolve
 from optimizer.sampling import build_scheduler, uses_guidance
+from optimizer.validate import get, integer, read_json_object, string_list
 
 from .ort import STANDARD_INPUTS
 
-FORMAT = "diffusion-plan"
+FORMAT = PLAN_FORMAT
 VERSION = 2  # 2: per-step graph variants with carried tensors (v1 files still load)
-PLAN_FILE = "plan.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,11 @@ class GraphFile:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile]) -> dict[str, Any]:
@@ -93,29 +99,114 @@ class LoadedPlan:
     sample_shape: tuple[int, int, int]
 
     def graph_path(self, name: str) -> Path:
+        """The graph file, which read_plan checked to be a regular file inside the folder with its digest."""
         return self.folder / self.document["graphs"][name]["file"]
 
 
 def read_plan(folder: Path) -> LoadedPlan:
-    from optimizer.loading import read_json
-
+    """Read and check plan.json completely: a runner then reads nothing outside `folder`, and only
+    graphs whose sha256 matches what the plan recorded."""
+    folder = resolve(folder, "artifact")
     path = folder / PLAN_FILE
-    if not path.exists():
+    if not path.is_file():
         raise LoadError(f"{folder}: no {PLAN_FILE} (is this an `optimize` output folder?)")
-    doc = read_json(path)
+    doc = read_json_object(path, LoadError, PLAN_FILE)
+    where = str(path)
     if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
         raise LoadError(f"{path}: not a {FORMAT} v1 or v{VERSION} file")
-    for name, graph in doc["graphs"].items():
-        if not (folder / graph["file"]).exists():
-            raise LoadError(f"{path}: graph '{name}' file {graph['file']} is missing")
+    graphs = get(doc, "graphs", dict, where, error=LoadError)
+    if not graphs:
+        raise LoadError(f"{where}: lists no graphs")
+    for name, graph in graphs.items():
+        _check_graph(folder, name, of_dict(graph, f"{where}: graphs.{name}"), where)
     try:
-        sampling = SamplingPlan.from_dict(doc["sampling"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LoadError(f"{path}: invalid sampling plan ({exc})") from exc
-    resolved = [float(t) for t in build_scheduler(sampling).timesteps]
-    if resolved != doc["timesteps"]:
-        raise LoadError(f"{path}: this diffusers version resolves different timesteps than the plan records")
-    for i, step in enumerate(doc["steps"]):
-        if step["graph"] != sampling.variant(i) or step["graph"] not in doc["graphs"]:
-            raise LoadError(f"{path}: step {i} names graph '{step['graph']}', which the plan does not provide")
-    return LoadedPlan(folder, doc, sampling, Conditioning(**doc["conditioning"]), tuple(doc["sample_shape"]))
+        sampling = SamplingPlan.from_dict(get(doc, "sampling", dict, where, error=LoadError))
+        integer(sampling.num_inference_steps, "num_inference_steps", 1, MAX_STEPS, LoadError)
+        resolved = [float(t) for t in build_scheduler(sampling).timesteps]
+        conditioning = Conditioning(**get(doc, "conditioning", dict, where, error=LoadError))
+        integer(conditioning.num_classes, "conditioning.num_classes", 0, 1_000_000, LoadError)
+        if conditioning.null_class is not None:
+            integer(conditioning.null_class, "conditioning.null_class", 0, 1_000_000, LoadError)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise LoadError(f"{where}: invalid sampling plan or conditioning ({' '.join(str(exc).split())})") from None
+    _check_conditioning(graphs, conditioning, sampling, where)
+    shape = get(doc, "sample_shape", list, where, error=LoadError)
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 65536 for d in shape):
+        raise LoadError(f"{where}: sample_shape must be three positive integers, got {shape!r}")
+    if resolved != doc.get("timesteps"):
+        raise LoadError(f"{where}: this diffusers version resolves different timesteps than the plan records")
+    steps = get(doc, "steps", list, where, error=LoadError)
+    if len(steps) != sampling.num_inference_steps:
+        raise LoadError(f"{where}: {len(steps)} steps listed for a {sampling.num_inference_steps}-step plan")
+    for i, step in enumerate(steps):
+        graph = of_dict(step, f"{where}: steps[{i}]").get("graph")
+        if graph != sampling.variant(i) or graph not in graphs:
+            raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
+    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape))
+
+
+def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, sampling: SamplingPlan, where: str) -> None:
+    """The graphs take class labels exactly when the plan is class-conditional, and the null class of
+    guidance follows the real classes."""
+    for name, graph in graphs.items():
+        if ("class_labels" in graph["inputs"]) != (conditioning.num_classes > 0):
+            raise LoadError(f"{where}: graph '{name}' inputs do not match conditioning {conditioning}")
+        if graph["inputs"][:2] != ["sample", "timestep"] or not graph["outputs"]:
+            raise LoadError(f"{where}: graph '{name}' must take sample and timestep and have an output")
+    null = conditioning.null_class
+    if uses_guidance(sampling, conditioning) and null is not None and null < conditioning.num_classes:
+        raise LoadError(f"{where}: conditioning.null_class {null} is one of the {conditioning.num_classes} classes")
+
+
+def of_dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise LoadError(f"{where} must be an object")
+    return value
+
+
+def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> None:
+    """A bare file name, a regular file (no symlink) directly in `folder`, the recorded sha256, no external data."""
+    file = get(graph, "file", str, f"{where}: graphs.{name}", error=LoadError)
+    if Path(file).name != file or file in ("", ".", ".."):
+        raise LoadError(f"{where}: graph '{name}' file {file!r} is not a file name inside the artifact folder")
+    path = folder / file
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise LoadError(f"{where}: graph '{name}' file {file} is a link or not a regular file; refusing to run it")
+    if not path.exists():
+        raise LoadError(f"{where}: graph '{name}' file {file} is missing")
+    string_list(get(graph, "inputs", list, f"{where}: graphs.{name}", error=LoadError), "inputs", LoadError)
+    string_list(get(graph, "outputs", list, f"{where}: graphs.{name}", error=LoadError), "outputs", LoadError)
+    recorded = get(graph, "sha256", str, f"{where}: graphs.{name}", error=LoadError)
+    if sha256(path) != recorded:
+        raise LoadError(f"{where}: graph '{name}' file {file} does not match its recorded sha256; refusing to run it")
+    _refuse_external_data(path)
+
+
+def _refuse_external_data(path: Path) -> None:
+    """Our graphs carry their weights inline; a graph that points at external data files could read any
+    file on the machine, so it is refused."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise LoadError(f"{path}: not a readable ONNX graph ({' '.join(str(exc).split())[:200]})") from None
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            raise LoadError(f"{path}: tensor '{tensor.name}' refers to external data; refusing to run it")
+
+
+def _all_tensors(graph: Any) -> Any:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)

@@ -143,7 +143,8 @@ def _quantize_weight(
     if fmt.weights in ("int8", "fp8"):
         shaped = scales.reshape(-1, *([1] * (wt.dim() - 1)))
         if fmt.weights == "int8":
-            q = torch.clamp(torch.round(wt / shaped), -128, 127).to(torch.int8).numpy()
+            top = 2 ** (fmt.weight_bits - 1)
+            q = torch.clamp(torch.round(wt / shaped), -top, top - 1).to(torch.int8).numpy()
             tensor = numpy_helper.from_array(q.T if layout == "in_out" else q, f"{base}_quantized")
             zero = numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{base}_zero_point")
         else:

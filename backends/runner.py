@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from optimizer.errors import LoadError
 from optimizer.sampling import Variants, sample
 
 from .ort import DEFAULT_PROVIDERS, OrtDenoiser
@@ -20,6 +21,10 @@ class PlanRunner:
         self.graphs = {
             name: OrtDenoiser(self.plan.graph_path(name), providers, threads) for name in self.plan.document["graphs"]
         }
+        for name, graph in self.graphs.items():
+            recorded = self.plan.document["graphs"][name]
+            if graph.input_names != recorded["inputs"] or graph.output_names != recorded["outputs"]:
+                raise LoadError(f"{self.plan.folder}: graph '{name}' inputs/outputs differ from what plan.json records")
         self.loop: Variants = {name: graph.step for name, graph in self.graphs.items()}
         # The graph of step 0 (a full network evaluation) as a plain denoise function.
         self.denoise = self.graphs[self.plan.sampling.variant(0)]

@@ -19,7 +19,7 @@ from optimizer.caching import torch_variants
 from optimizer.errors import ConfigError, LoadError
 from optimizer.fileio import write_atomic
 from optimizer.ir import DiffusionProgram
-from optimizer.sampling import sample
+from optimizer.sampling import sample, uses_guidance
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,38 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
         raise LoadError(f"{path}: not a readable calibration file ({exc})") from exc
     if program is not None and meta.get("fingerprint") != program.fingerprint():
         raise ConfigError(f"{path}: captured from a different model or sampling plan; capture it again")
-    classes = json.loads(meta.get("classes", "null"))
-    return Trajectories(
-        x=tensors["x"],
-        t=tensors["t"],
-        labels=tensors.get("labels"),
-        output=tensors["output"],
-        final=tensors["final"],
-        seeds=tuple(json.loads(meta.get("seeds", "[]"))),
-        classes=tuple(classes) if classes is not None else None,
-        fingerprint=meta.get("fingerprint", ""),
-    )
+    try:
+        seeds, classes = json.loads(meta.get("seeds", "[]")), json.loads(meta.get("classes", "null"))
+        traj = Trajectories(
+            x=tensors["x"],
+            t=tensors["t"],
+            labels=tensors.get("labels"),
+            output=tensors["output"],
+            final=tensors["final"],
+            seeds=tuple(int(s) for s in seeds),
+            classes=tuple(int(c) for c in classes) if classes is not None else None,
+            fingerprint=meta.get("fingerprint", ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoadError(f"{path}: not a calibration capture ({exc})") from None
+    if program is not None:
+        _check_matches(traj, program, path)
+    return traj
+
+
+def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) -> None:
+    """A file with the right fingerprint must also have the shapes and values the plan implies."""
+    spec, plan = program.spec, program.plan
+    n = len(traj.seeds)
+    batch = n * (2 if uses_guidance(plan, spec.conditioning) else 1)
+    step = (plan.num_inference_steps, batch, *spec.sample_shape)
+    expected = {"x": step, "output": step, "t": (plan.num_inference_steps,), "final": (n, *spec.sample_shape)}
+    for name, shape in expected.items():
+        tensor = getattr(traj, name)
+        if tuple(tensor.shape) != shape or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise LoadError(f"{path}: tensor '{name}' must be finite floats of shape {list(shape)}")
+    classes = spec.conditioning.num_classes
+    if n < 1 or (classes and (traj.classes is None or len(traj.classes) != n)):
+        raise LoadError(f"{path}: seeds and classes do not match the capture")
+    if classes and (traj.labels is None or tuple(traj.labels.shape) != (batch,) or traj.labels.dtype != torch.int64):
+        raise LoadError(f"{path}: tensor 'labels' must be int64 of shape [{batch}]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from .sampling import DenoiseFn
 class Adapter:
     family: str
     model_class: str
+    # Config counts and sizes capped before anything is built (see limits.check_caps).
+    CAPS: ClassVar[dict[str, int]] = {}
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         import diffusers
@@ -36,10 +38,36 @@ class Adapter:
     def conditioning(self, model: nn.Module) -> Conditioning:
         raise NotImplementedError
 
+    def label_rows(self, model: nn.Module) -> int:
+        """Rows of the class-label embedding table (0: the model takes no labels)."""
+        raise NotImplementedError
+
+    def check_conditioning(self, model: nn.Module, conditioning: Conditioning, where: str) -> None:
+        rows = self.label_rows(model)
+        if rows and conditioning.num_classes < 1:
+            raise LoadError(f"{where}: the model takes class labels, so conditioning.num_classes must be >= 1")
+        if conditioning.num_classes > rows:
+            raise LoadError(
+                f"{where}: conditioning.num_classes {conditioning.num_classes} exceeds the model's "
+                f"class-embedding table ({rows} rows)"
+            )
+        null = conditioning.null_class
+        if null is not None and not (conditioning.num_classes <= null < rows):
+            raise LoadError(
+                f"{where}: conditioning.null_class {null} is out of range: the unconditional label must be a "
+                f"row of the class-embedding table after the {conditioning.num_classes} classes, in "
+                f"[{conditioning.num_classes}, {rows})"
+            )
+
     def sample_shape(self, config: dict[str, Any]) -> tuple[int, int, int]:
-        size = config["sample_size"]
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (config["in_channels"], h, w)
+        size, channels = config.get("sample_size"), config.get("in_channels")
+        h, w = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else (0, 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (channels, h, w)):
+            raise LoadError(
+                f"{self.model_class} config: in_channels and sample_size (an integer or [height, width]) "
+                f"must be positive integers, got {channels!r} and {size!r}"
+            )
+        return (channels, h, w)
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(blocks, temporal modules)."""
@@ -64,10 +92,24 @@ class Adapter:
 
 
 class DiTAdapter(Adapter):
+    CAPS: ClassVar[dict[str, int]] = {
+        "num_layers": 1024,
+        "num_attention_heads": 1024,
+        "attention_head_dim": 4096,
+        "sample_size": 4096,
+        "patch_size": 64,
+        "in_channels": 4096,
+        "out_channels": 4096,
+        "num_embeds_ada_norm": 1_000_000,
+    }
+
     def conditioning(self, model: nn.Module) -> Conditioning:
         num = model.config.num_embeds_ada_norm
-        rows = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        rows = self.label_rows(model)
         return Conditioning(num_classes=num, null_class=num if rows > num else None)
+
+    def label_rows(self, model: nn.Module) -> int:
+        return model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         blocks = tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
@@ -76,9 +118,25 @@ class DiTAdapter(Adapter):
 
 
 class UNetAdapter(Adapter):
+    CAPS: ClassVar[dict[str, int]] = {
+        "sample_size": 4096,
+        "in_channels": 4096,
+        "out_channels": 4096,
+        "block_out_channels": 65536,
+        "layers_per_block": 64,
+        "attention_head_dim": 4096,
+        "norm_num_groups": 4096,
+        "num_class_embeds": 1_000_000,
+        "num_train_timesteps": 100_000,
+    }
+
     def conditioning(self, model: nn.Module) -> Conditioning:
         # A plain UNet2DModel does not say which label (if any) is the unconditional one.
         return Conditioning(num_classes=model.config.num_class_embeds or 0, null_class=None)
+
+    def label_rows(self, model: nn.Module) -> int:
+        table = model.class_embedding
+        return table.num_embeddings if isinstance(table, nn.Embedding) else 0
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         down = (f"down_blocks.{i}" for i in range(len(model.down_blocks)))

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import ConfigError, OptimizerError
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_PASS,
+    EXIT_SIGNAL_BASE,
+    ConfigError,
+    InternalError,
+    Interrupted,
+    LoadError,
+    OptimizerError,
+    describe_environment_error,
+    is_environment_error,
+)
+from .limits import MAX_REPEATS, MAX_SAMPLES, MAX_SEED
+from .outputs import write_error_log
 
 HELP = """Optimize a trained diffusion model for a deployment target, verify it, write a report.
 
@@ -21,13 +39,80 @@ HELP = """Optimize a trained diffusion model for a deployment target, verify it,
 """
 
 
-class DefaultRunGroup(click.Group):
-    """Treat `optimize MODEL ...` as `optimize run MODEL ...`."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class OptimizeGroup(click.Group):
+    """`optimize MODEL ...` means `optimize run MODEL ...`; every outcome maps to one documented exit code."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> None:  # type: ignore[override]
+        extra.pop("standalone_mode", None)
+        with _signals_raise():
+            try:
+                code = super().main(args, prog_name, standalone_mode=False, **extra)
+            except SystemExit:
+                raise
+            except BaseException as exc:  # every outcome gets its exit code
+                code = _report(exc)
+        sys.exit(code if isinstance(code, int) else EXIT_PASS)
+
+
+def _report(exc: BaseException) -> int:
+    """Print one line on stderr for `exc` and return its exit code (see optimizer.errors)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        exc.show()
+        return EXIT_BAD_INPUT
+    if isinstance(exc, click.ClickException):
+        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+        _error(f"{_one_line(exc.format_message())}{hint}")
+        return EXIT_BAD_INPUT
+    if isinstance(exc, OptimizerError):
+        _error(_one_line(str(exc)))
+        return EXIT_BAD_INPUT
+    if is_environment_error(exc):
+        _error(describe_environment_error(exc))
+        return EXIT_BAD_INPUT
+    if isinstance(exc, Interrupted | KeyboardInterrupt | click.Abort):
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        click.echo(f"interrupted by {signal.Signals(signum).name}; unfinished outputs were removed", err=True)
+        return EXIT_SIGNAL_BASE + signum
+    log = exc.log if isinstance(exc, InternalError) else write_error_log(exc)
+    click.echo(f"internal error (a bug, not your input): {_one_line(str(exc))[:400]}; traceback in {log}", err=True)
+    return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP raise `Interrupted`, so a job's cleanup runs; later ones are ignored until the
+    cleanup is done. Only the main thread can own signal handlers (tests may call from elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
@@ -40,14 +125,15 @@ def _log(message: str) -> None:
     click.echo(f"[optimize] {message}", err=True)
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
-
-
-@click.group(cls=DefaultRunGroup, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OptimizeGroup, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="diffusion-optimizer")
 def main() -> None:
     pass
+
+
+ALLOW_LARGE = click.option(
+    "--allow-large", is_flag=True, help="Run even when the memory estimate exceeds the memory available now."
+)
 
 
 @main.command()
@@ -78,9 +164,10 @@ def main() -> None:
 @click.option("--max-agreement-drop", type=float, default=None, help="Gate: maximum class-agreement drop.")
 @click.option("--max-fd-increase", type=float, default=None, help="Gate: maximum Fréchet-distance increase.")
 @click.option("--max-fd-to-reference", type=float, default=None, help="Gate: maximum FD candidate vs reference.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace --out when it is an earlier `optimize` output folder.")
 @click.option("--latency-repeats", default=20, show_default=True, help="Timed calls per latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
+@ALLOW_LARGE
 def run(
     model: Path,
     target: str,
@@ -101,8 +188,10 @@ def run(
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
+    allow_large: bool,
 ) -> None:
-    """Optimize MODEL for TARGET; exit 1 when a quality gate fails, 2 on bad input."""
+    """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
+    130/143: interrupted."""
     from .gates import gates_table
     from .job import JobOptions, run_job
 
@@ -128,33 +217,31 @@ def run(
         calibration=calibration,
         overwrite=overwrite,
         latency_repeats=latency_repeats,
+        allow_large=allow_large,
     )
-    try:
-        result = run_job(model, opts, _progress, _log)
-    except OptimizerError as exc:
-        _fail(exc)
+    result = run_job(model, opts, _progress, _log)
     graphs = ", ".join(result.report["artifacts"]["onnx"])
     _log(f"wrote {result.out}/ ({graphs}, plan.json, report.md, report.json, grid.png)")
     if as_json:
-        click.echo(json.dumps(result.report["verification"], indent=2))
+        from .report import json_safe
+
+        click.echo(json.dumps(json_safe(result.report["verification"]), indent=2, allow_nan=False))
     click.echo(gates_table(result.gates))
     click.echo("PASS" if result.passed else "FAIL: a quality gate failed (see the table above)")
-    sys.exit(0 if result.passed else 1)
+    sys.exit(EXIT_PASS if result.passed else EXIT_GATE_FAILED)
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-def inspect(model: Path) -> None:
+@ALLOW_LARGE
+def inspect(model: Path, allow_large: bool) -> None:
     """Describe MODEL: architecture, blocks, attention sites, conditioning, sampling plan."""
     import dataclasses
 
     from .adapters import parameter_count
     from .loading import load_program
 
-    try:
-        program = load_program(model)
-    except OptimizerError as exc:
-        _fail(exc)
+    program = load_program(model, allow_large)
     spec = dataclasses.asdict(program.spec)
     spec.pop("model_config")
     info = {
@@ -176,30 +263,48 @@ def targets() -> None:
         click.echo(f"{t.name:<10} {t.backend['name']:<12} {status}\n           {t.description}")
 
 
+SAMPLES = click.IntRange(1, MAX_SAMPLES)
+SEED = click.IntRange(0, MAX_SEED)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="calibration .safetensors file")
-@click.option("--samples", default=20, show_default=True)
-@click.option("--seed", default=10_000, show_default=True)
-def calibrate(model: Path, out: Path, samples: int, seed: int) -> None:
+@click.option("--samples", type=SAMPLES, default=20, show_default=True)
+@click.option("--seed", type=SEED, default=10_000, show_default=True)
+@ALLOW_LARGE
+def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool) -> None:
     """Capture reference trajectories (x_t, t, class, output per step) for reuse with --calibration."""
     from calibration.capture import capture, save
 
+    from .job import JobOptions, check_job_memory
     from .loading import load_program
+    from .outputs import check_out_file, input_paths
     from .verify import evaluation_set
 
-    try:
-        program = load_program(model)
-        seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, seed)
-        save(capture(program, seeds, classes, progress=lambda it: _progress(it, desc="calibration")), out)
-    except OptimizerError as exc:
-        _fail(exc)
+    check_out_file(out, input_paths(model))
+    program = load_program(model, allow_large)
+    check_job_memory(program, JobOptions(samples=samples, calibration_samples=samples, allow_large=allow_large))
+    seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, seed)
+    save(capture(program, seeds, classes, progress=lambda it: _progress(it, desc="calibration")), out)
     _log(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def _artifact_errors(artifact: Path) -> Iterator[None]:
+    """ONNX Runtime failing on a user's artifact (checked, but e.g. a label its graph cannot embed) is bad
+    input, not a bug of ours."""
+    from backends.ort import runtime_errors
+
+    try:
+        yield
+    except runtime_errors() as exc:
+        raise LoadError(f"{artifact}: ONNX Runtime cannot run this artifact ({_one_line(str(exc))[:300]})") from None
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), show_default=True)
+@click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), show_default=True)
 @click.option("--label", "labels", type=int, multiple=True, help="Class per seed (repeat; default 0).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG file")
 def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out: Path) -> None:
@@ -210,14 +315,16 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     from backends.runner import PlanRunner
 
     from .fileio import write_atomic
+    from .outputs import check_out_file
     from .sampling import to_images
 
-    try:
+    check_out_file(out, [artifact])
+    if len(seeds) > 1024:
+        raise ConfigError("sample: at most 1024 --seed values per call")
+    with _artifact_errors(artifact):
         runner = PlanRunner(artifact)
         classes = (list(labels) or [0] * len(seeds)) if runner.plan.conditioning.num_classes else None
         images = to_images(runner.sample(list(seeds), classes, progress=lambda it: _progress(it, desc="sample")))
-    except OptimizerError as exc:
-        _fail(exc)
     row = np.concatenate([(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images], axis=1)
     picture = Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row)
     write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
@@ -232,9 +339,22 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     default=None,
     help="The original model (default: the source path recorded in plan.json).",
 )
-@click.option("--repeats", default=50, show_default=True, help="Timed denoiser calls (end to end: a quarter).")
-@click.option("--images", default=1, show_default=True, help="Images per call (the denoiser batch is 2x with CFG).")
-def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None:
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, MAX_REPEATS),
+    default=50,
+    show_default=True,
+    help="Timed denoiser calls (end to end: a quarter).",
+)
+@click.option(
+    "--images",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Images per call (the denoiser batch is 2x with CFG).",
+)
+@ALLOW_LARGE
+def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_large: bool) -> None:
     """Time an `optimize` output in ONNX Runtime against the original in torch and the original's fp32
     ONNX graph in ONNX Runtime, interleaved in one run."""
     import tempfile
@@ -242,37 +362,40 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int) -> None
     from backends.plan import read_plan
     from backends.runner import PlanRunner
 
+    from .job import JobOptions, check_job_memory
     from .loading import load_program
     from .stages import lower, measure_latency
 
-    try:
-        plan = read_plan(artifact)
-        source = plan.document["model"]["source"]
-        program = load_program(model or source["path"])
-        if program.source.digest != source["digest"]:
-            raise OptimizerError(f"{program.source.path} is not the model this artifact was built from")
-        if images < 1:
-            raise ConfigError("--images must be >= 1")
-        program = program.replace(plan=plan.sampling)
-        with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
-            lower(program, Path(tmp))
+    plan = read_plan(artifact)
+    source = plan.document["model"]["source"]
+    program = load_program(model or source["path"], allow_large)
+    if program.source.digest != source["digest"]:
+        raise ConfigError(f"{program.source.path} is not the model this artifact was built from")
+    program = program.replace(plan=plan.sampling)
+    check_job_memory(program, JobOptions(samples=images, calibration_samples=1, allow_large=allow_large))
+    with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
+        lower(program, Path(tmp))
+        with _artifact_errors(artifact):
             latency = measure_latency(program, PlanRunner(artifact), repeats, PlanRunner(Path(tmp)), images)
-    except OptimizerError as exc:
-        _fail(exc)
     click.echo(json.dumps(latency, indent=2))
 
 
 def _comparison_command(name: str) -> Callable:
-    """A side-by-side command: MODEL, --samples, --calibration-samples, --json-out."""
+    """A side-by-side command: MODEL, --samples, --calibration-samples, --json-out, --allow-large."""
 
     def decorate(fn: Callable) -> Callable:
+        fn = ALLOW_LARGE(fn)
         fn = click.option(
             "--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON."
         )(fn)
-        fn = click.option("--calibration-samples", default=20, show_default=True)(fn)
-        fn = click.option("--samples", default=100, show_default=True, help="Evaluation seeds (classes cycle 0..N-1).")(
-            fn
-        )
+        fn = click.option("--calibration-samples", type=SAMPLES, default=20, show_default=True)(fn)
+        fn = click.option(
+            "--samples",
+            type=click.IntRange(2, MAX_SAMPLES),
+            default=100,
+            show_default=True,
+            help="Evaluation seeds (classes cycle 0..N-1).",
+        )(fn)
         fn = click.argument("model", type=click.Path(path_type=Path))(fn)
         return main.command(name)(fn)
 
@@ -284,19 +407,23 @@ def _run_comparison(
     samples: int,
     calibration_samples: int,
     json_out: Path | None,
+    allow_large: bool,
     compare: Callable[[Any], list[dict[str, Any]]],
     table: Callable[[list[dict[str, Any]]], str],
 ) -> None:
     """Load, run `compare(program)`, write the rows as JSON if asked, print `table(rows)`."""
     from .fileio import write_json
+    from .job import JobOptions, check_job_memory
     from .loading import load_program
+    from .outputs import check_out_file, input_paths
 
-    try:
-        if samples < 2 or calibration_samples < 1:
-            raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
-        rows = compare(load_program(model))
-    except OptimizerError as exc:
-        _fail(exc)
+    if json_out is not None:
+        check_out_file(json_out, input_paths(model), "--json-out")
+    program = load_program(model, allow_large)
+    check_job_memory(
+        program, JobOptions(samples=samples, calibration_samples=calibration_samples, allow_large=allow_large)
+    )
+    rows = compare(program)
     if json_out is not None:
         write_json(json_out, rows)
     click.echo(table(rows))
@@ -310,7 +437,9 @@ def _run_comparison(
     show_default=True,
     help="Our configurations, the peer tools (ONNX Runtime, modelopt), or both.",
 )
-def quant_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None, rows: str) -> None:
+def quant_compare(
+    model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool, rows: str
+) -> None:
     """Quantization side by side: our calibration vs naive ones, every format, same seeds (markdown table)."""
     from .quant_compare import compare_quantization, markdown_table
 
@@ -320,26 +449,34 @@ def quant_compare(model: Path, samples: int, calibration_samples: int, json_out:
             program, samples, calibration_samples, _progress, _log, rows=chosen, peers=rows != "ours"
         )
 
-    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)
+    _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
 
 
 @_comparison_command("cache-compare")
-def cache_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+def cache_compare(
+    model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool
+) -> None:
     """Our searched cache schedules vs diffusers' cache hooks at matched FLOPs, same seeds (markdown)."""
     from .cache_compare import compare_caching, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
         return compare_caching(program, samples, calibration_samples, _progress, _log)
 
-    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)
+    _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
 
 
 @_comparison_command("prune-compare")
-def prune_compare(model: Path, samples: int, calibration_samples: int, json_out: Path | None) -> None:
+def prune_compare(
+    model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool
+) -> None:
     """Pruning and layer removal: our criteria vs naive ones at equal compression, same seeds (markdown)."""
     from .prune_compare import compare_pruning, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
         return compare_pruning(program, samples, calibration_samples, _progress, _log)
 
-    _run_comparison(model, samples, calibration_samples, json_out, compare, markdown_table)
+    _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
+
+
+if __name__ == "__main__":
+    main()

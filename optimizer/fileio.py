@@ -9,9 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`."""
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+    Only a regular file is ever replaced (never a device node, folder or socket)."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} exists and is not a regular file; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -32,7 +37,9 @@ def umask() -> int:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    """Strict JSON: a NaN or Infinity anywhere is a bug upstream and raises instead of writing invalid JSON."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_bytes(path: Path, data: bytes) -> None:

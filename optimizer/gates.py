@@ -62,13 +62,13 @@ class GateResult:
 
 def check_gate_names(gates: dict[str, Any], where: str) -> None:
     from .errors import ConfigError
+    from .validate import number
 
     unknown = sorted(set(gates) - set(GATES))
     if unknown:
         raise ConfigError(f"{where}: unknown gate(s) {unknown} (known: {', '.join(GATES)})")
     for name, value in gates.items():
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where}: gate {name} must be a number, got {value!r}")
+        number(value, f"{where}: gate {name}")
 
 
 def evaluate_gates(gates: dict[str, float], summary: dict[str, Any]) -> list[GateResult]:

@@ -10,6 +10,9 @@ from typing import Any
 
 from torch import nn
 
+from .errors import ConfigError
+from .validate import finite_tree, get, integer, number
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -61,7 +64,14 @@ class CacheSchedule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheSchedule:
-        return cls(data["family"], tuple(data["region"]), tuple(bool(r) for r in data["refresh"]))
+        where = "sampling.cache"
+        region = get(data, "region", list, where)
+        refresh = get(data, "refresh", list, where)
+        if len(region) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) for r in region):
+            raise ConfigError(f"{where}.region must be [first, stop]")
+        if not all(isinstance(r, bool) for r in refresh):
+            raise ConfigError(f"{where}.refresh must be a list of true/false")
+        return cls(get(data, "family", str, where), (region[0], region[1]), tuple(refresh))
 
 
 @dataclass(frozen=True)
@@ -108,14 +118,20 @@ class SamplingPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingPlan:
-        guided = data.get("guided_steps")
-        cache = data.get("cache")
+        """Read a plan written by `to_dict` (e.g. from plan.json), every field type-checked."""
+        where = "sampling"
+        guided = get(data, "guided_steps", (list, type(None)), where, None)
+        cache = get(data, "cache", (dict, type(None)), where, None)
+        config = get(data, "scheduler_config", dict, where)
+        finite_tree(config, f"{where}.scheduler_config")
+        if guided is not None and not all(isinstance(g, bool) for g in guided):
+            raise ConfigError(f"{where}.guided_steps must be a list of true/false")
         return cls(
-            data["scheduler_class"],
-            data["scheduler_config"],
-            data["num_inference_steps"],
-            data.get("guidance_scale", 1.0),
-            tuple(bool(g) for g in guided) if guided is not None else None,
+            get(data, "scheduler_class", str, where),
+            config,
+            integer(get(data, "num_inference_steps", int, where), f"{where}.num_inference_steps", 1),
+            number(get(data, "guidance_scale", (int, float), where, 1.0), f"{where}.guidance_scale", 0.0),
+            tuple(guided) if guided is not None else None,
             CacheSchedule.from_dict(cache) if cache is not None else None,
         )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +11,19 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .fileio import umask
+from calibration import capture as calib
+
+from . import limits
+from .adapters import parameter_count
+from .errors import ConfigError, InternalError, OptimizerError, is_environment_error
 from .gates import GateResult, check_gate_names, evaluate_gates
 from .ir import DiffusionProgram
-from .loading import load_program
+from .loading import MAX_GUIDANCE, load_program
+from .outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
 from .pipeline import Context, plan_passes, run_passes
-from .sampling import uses_guidance, with_scheduler
+from .sampling import check_plan, uses_guidance, with_scheduler
 from .targets import get_target, require_available
+from .validate import integer, number
 
 CALIBRATION_SEED = 10_000  # calibration and evaluation use disjoint seeds
 Progress = Callable[..., Iterable]
@@ -39,6 +43,7 @@ class JobOptions:
     calibration: Path | None = None
     overwrite: bool = False
     latency_repeats: int = 20
+    allow_large: bool = False  # skip the memory estimate's refusal (the deliberately huge)
 
 
 @dataclass
@@ -52,100 +57,125 @@ class JobResult:
         return all(r.passed is not False for r in self.gates)
 
 
+def check_options(opts: JobOptions) -> None:
+    """Every number a user can pass, bounded, before anything else runs."""
+    integer(opts.samples, "--samples", 2, limits.MAX_SAMPLES)
+    integer(opts.calibration_samples, "--calibration-samples", 1, limits.MAX_SAMPLES)
+    integer(opts.seed, "--seed", 0, limits.MAX_SEED)
+    integer(opts.latency_repeats, "--latency-repeats", 1, limits.MAX_REPEATS)
+    if opts.steps is not None:
+        integer(opts.steps, "--steps", 1, limits.MAX_STEPS)
+    if opts.guidance is not None:
+        number(opts.guidance, "--guidance", 0.0, MAX_GUIDANCE)
+    check_gate_names(opts.gates, "command line")
+
+
 def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> DiffusionProgram:
     plan = program.plan
     if opts.scheduler:
         plan = with_scheduler(plan, opts.scheduler)
     if opts.steps is not None:
-        if opts.steps < 1:
-            raise ConfigError("--steps must be >= 1")
         plan = dataclasses.replace(plan, num_inference_steps=opts.steps)
     if opts.guidance is not None:
         if opts.guidance > 1 and not program.spec.conditioning.supports_guidance:
             raise ConfigError("this model has no null class, so classifier-free guidance is not possible")
         plan = dataclasses.replace(plan, guidance_scale=float(opts.guidance))
+    check_plan(plan)
     return program.replace(plan=plan)
 
 
-def check_out_dir(out: Path, model: Path, overwrite: bool) -> None:
-    out, model = out.resolve(), model.resolve()
-    holder = model if model.is_dir() else model.parent
-    if out == holder or out in model.parents or (model.is_dir() and model in out.parents):
-        raise ConfigError(f"--out {out} would write into or over the input model; choose another folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
+def check_job_memory(program: DiffusionProgram, opts: JobOptions) -> None:
+    """The largest batch a job samples at once is --samples seeds (verification) or the calibration set."""
+    spec, plan = program.spec, program.plan
+    footprint = limits.footprint(spec.model_class, spec.model_config)
+    need = limits.job_memory(
+        footprint,
+        spec.sample_shape,
+        plan.num_inference_steps,
+        uses_guidance(plan, spec.conditioning),
+        max(opts.samples, opts.calibration_samples),
+    )
+    limits.require_memory(need, "this run", "use fewer --samples / --calibration-samples", opts.allow_large)
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap the finished staging folder into place; an old `out` is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{staging.name}")
-        out.rename(old)
-    staging.chmod(0o777 & ~umask())
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+def job_inputs(model_path: Path, opts: JobOptions) -> list[Path]:
+    """Everything the job reads, which --out must never touch."""
+    extra = [Path(opts.target)] if opts.target.endswith(".json") else []
+    return [*input_paths(model_path), *extra, *([opts.calibration] if opts.calibration else [])]
 
 
 def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callable[[str], None]) -> JobResult:
+    # Everything that can be checked is checked before any work starts.
+    check_options(opts)
+    target = get_target(opts.target)
+    require_available(target)
+    out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
+    program = apply_sampling_options(load_program(model_path, opts.allow_large), opts)
+    planned = plan_passes(target.recipe, target.capabilities, program=program)
+    check_job_memory(program, opts)
+    given = calib.load(opts.calibration, program) if opts.calibration is not None else None
+    log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
+    staging = create_staging(out, log)
+    try:
+        result = _run_stages(program, target, planned, opts, staging, progress, log, given)
+        publish(staging, out)
+    except BaseException as exc:
+        if isinstance(exc, Exception) and not isinstance(exc, OptimizerError) and not is_environment_error(exc):
+            raise InternalError(exc, keep_error_log(staging, exc)) from exc
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, out=opts.out)
+
+
+def _run_stages(
+    program: DiffusionProgram,
+    target: Any,
+    planned: list,
+    opts: JobOptions,
+    staging: Path,
+    progress: Progress,
+    log: Callable[[str], None],
+    given: Any,
+) -> JobResult:
     from backends.runner import PlanRunner
 
     from .report import GRID_FILE, save_grid, write_report
     from .stages import calibrate, lower, make_report, measure_latency, verify_lowered
 
-    # Everything that can be checked is checked before any work starts.
-    target = get_target(opts.target)
-    require_available(target)
-    check_gate_names(opts.gates, "command line")
-    if opts.samples < 2 or opts.calibration_samples < 1:
-        raise ConfigError("--samples must be >= 2 and --calibration-samples >= 1")
-    check_out_dir(opts.out, model_path, opts.overwrite)
-    log(f"loading {model_path}")
-    program = apply_sampling_options(load_program(model_path), opts)
-    planned = plan_passes(target.recipe, target.capabilities)
     gates = {**target.gates, **opts.gates}
-
-    opts.out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.staging-", dir=opts.out.resolve().parent))
-    try:
-        log("calibrating: capturing reference trajectories")
-        calibration = calibrate(program, opts, staging, progress)
-        ctx = Context(
-            reference=program,
-            calibration=calibration,
-            capabilities=target.capabilities,
-            evaluate=lambda p: _quick_fidelity(p, calibration),
-            progress=progress,
-            rng=torch.Generator().manual_seed(opts.seed),
-        )
-        candidate = run_passes(program, planned, ctx)
-        log(f"lowering to ONNX for {target.backend['name']}")
-        artifacts = lower(candidate, staging)
-        log(f"verifying on {opts.samples} samples")
-        providers = tuple(target.backend.get("providers", ()))
-        runner = PlanRunner(staging, providers)
-        verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
-        baseline = None
-        if candidate.provenance:  # the network or loop changed: time the unoptimized graph beside it
-            log("lowering the original as the fp32 ONNX baseline")
-            reference_dir = staging / ".reference"
-            reference_dir.mkdir()
-            artifacts["reference_onnx_bytes"] = lower(program, reference_dir)["onnx_bytes"]
-            baseline = PlanRunner(reference_dir, providers)
-        log("measuring latency side by side")
-        latency = measure_latency(program, runner, opts.latency_repeats, baseline)
-        if baseline is not None:
-            del baseline
-            shutil.rmtree(staging / ".reference")
-        results = evaluate_gates(gates, verification)
-        report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
-        save_grid(staging / GRID_FILE, ref_images, cand_images)
-        write_report(staging, report, results)
-        publish(staging, opts.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    log("calibrating: " + ("using --calibration" if given is not None else "capturing reference trajectories"))
+    calibration = calibrate(program, opts, staging, progress, given)
+    ctx = Context(
+        reference=program,
+        calibration=calibration,
+        capabilities=target.capabilities,
+        evaluate=lambda p: _quick_fidelity(p, calibration),
+        progress=progress,
+        rng=torch.Generator().manual_seed(opts.seed),
+    )
+    candidate = run_passes(program, planned, ctx)
+    log(f"lowering to ONNX for {target.backend['name']}")
+    artifacts = lower(candidate, staging)
+    log(f"verifying on {opts.samples} samples")
+    providers = tuple(target.backend.get("providers", ()))
+    runner = PlanRunner(staging, providers)
+    verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
+    baseline = None
+    if candidate.provenance:  # the network or loop changed: time the unoptimized graph beside it
+        log("lowering the original as the fp32 ONNX baseline")
+        reference_dir = staging / ".reference"
+        reference_dir.mkdir()
+        artifacts["reference_onnx_bytes"] = lower(program, reference_dir)["onnx_bytes"]
+        baseline = PlanRunner(reference_dir, providers)
+    log("measuring latency side by side")
+    latency = measure_latency(program, runner, opts.latency_repeats, baseline)
+    if baseline is not None:
+        del baseline
+        shutil.rmtree(staging / ".reference")
+    results = evaluate_gates(gates, verification)
+    report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
+    save_grid(staging / GRID_FILE, ref_images, cand_images)
+    write_report(staging, report, results)
     return JobResult(opts.out, report, results)
 
 

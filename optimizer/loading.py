@@ -1,41 +1,52 @@
 """Load a DiffusionProgram from our checkpoint format or a diffusers folder, safely.
 
 Weights come from safetensors, or from torch files with `weights_only=True`: a pickle that would run
-code is refused. Nothing is ever written next to the input.
+code is refused. Every field of a sidecar or config is type- and range-checked, the model's cost is
+estimated on the meta device before it is built (see limits), and weights holding NaN/Inf are refused.
+Nothing is ever written next to the input.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import limits
+from . import sampling as sampling_scheduler
 from .adapters import adapter_for
 from .checkpoint import FORMAT, sidecar_path
-from .errors import LoadError
+from .errors import ConfigError, LoadError
 from .ir import Conditioning, DiffusionProgram, SamplingPlan, Source
-from .sampling import with_scheduler
+from .outputs import resolve
+from .sampling import check_plan, with_scheduler
+from .validate import finite_tree, get, integer, number, read_json_object
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "num_inference_steps": 20, "guidance_scale": 2.0}
+DEFAULT_SCHEDULER = {"class": "DDPMScheduler", "config": {}}
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MAX_GUIDANCE = 1000.0
+LARGE_ADVICE = "this machine cannot hold the model"
 
 
-def load_program(path: str | Path) -> DiffusionProgram:
+def load_program(path: str | Path, allow_large: bool = False) -> DiffusionProgram:
     p = Path(path)
-    if not p.exists():
+    resolved = resolve(p, "model")
+    if not resolved.exists():
         raise LoadError(f"{p}: no such file or directory")
-    if p.is_dir():
-        return _load_diffusers(p)
+    if resolved.is_dir():
+        return _load_diffusers(p, allow_large)
+    if not resolved.is_file():
+        raise LoadError(f"{p}: not a regular file or a folder")
     if p.suffix == ".json":
         p = _weights_for_sidecar(p)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise LoadError(f"{p}: unsupported file type '{p.suffix}' (expected {', '.join(WEIGHT_SUFFIXES)} or a folder)")
-    return _load_checkpoint(p)
+    return _load_checkpoint(p, allow_large)
 
 
 def _weights_for_sidecar(sidecar: Path) -> Path:
@@ -46,13 +57,7 @@ def _weights_for_sidecar(sidecar: Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise LoadError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, LoadError, "JSON")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -93,71 +98,99 @@ def file_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_checkpoint(weights: Path) -> DiffusionProgram:
+def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
     sidecar = sidecar_path(weights)
     if not sidecar.exists():
         raise LoadError(f"{weights}: missing config '{sidecar.name}' beside it (our checkpoints are weights + JSON)")
     meta = read_json(sidecar)
+    where = str(sidecar)
     if meta.get("format") != FORMAT:
-        raise LoadError(f"{sidecar}: not a {FORMAT} config (format={meta.get('format')!r})")
-    model_meta = meta.get("model")
-    if not isinstance(model_meta, dict) or not isinstance(model_meta.get("config"), dict):
-        raise LoadError(f"{sidecar}: missing 'model.class' / 'model.config'")
-    cond = meta.get("conditioning")
-    conditioning = Conditioning(int(cond["num_classes"]), cond.get("null_class")) if cond else None
+        raise LoadError(f"{where}: not a {FORMAT} config (format={meta.get('format')!r})")
+    model_meta = get(meta, "model", dict, where, error=LoadError)
+    cond = get(meta, "conditioning", (dict, type(None)), where, default=None, error=LoadError)
     return _assemble(
-        model_class=str(model_meta.get("class")),
-        config=model_meta["config"],
-        state=read_weights(weights),
-        scheduler=meta.get("scheduler") or {"class": "DDPMScheduler", "config": {}},
-        sampling=meta.get("sampling") or DEFAULT_SAMPLING,
-        conditioning=conditioning,
+        model_class=get(model_meta, "class", str, f"{where}: model", error=LoadError),
+        config=get(model_meta, "config", dict, f"{where}: model", error=LoadError),
+        weights=weights,
+        scheduler=get(meta, "scheduler", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SCHEDULER,
+        sampling=get(meta, "sampling", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SAMPLING,
+        conditioning=None if cond is None else _conditioning(cond, f"{where}: conditioning"),
         source=Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
+        where=where,
+        allow_large=allow_large,
     )
 
 
-def _load_diffusers(folder: Path) -> DiffusionProgram:
+def _conditioning(data: dict[str, Any], where: str) -> Conditioning:
+    num = integer(
+        get(data, "num_classes", object, where, error=LoadError), f"{where}.num_classes", 0, 1_000_000, LoadError
+    )
+    null = get(data, "null_class", (int, type(None)), where, default=None, error=LoadError)
+    if null is not None:
+        integer(null, f"{where}.null_class", 0, 1_000_000, LoadError)
+    return Conditioning(num, null)
+
+
+def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:
     """A `save_pretrained` model folder, or a pipeline folder (model_index.json) with transformer/ or unet/."""
-    scheduler = {"class": "DDPMScheduler", "config": {}}
+    scheduler = DEFAULT_SCHEDULER
     model_dir = folder
     if (folder / "model_index.json").exists():
         index = read_json(folder / "model_index.json")
         component = next((c for c in ("transformer", "unet") if c in index), None)
         if component is None:
-            raise LoadError(f"{folder}: pipeline has no 'transformer' or 'unet' component")
+            raise LoadError(f"{folder}: model_index.json names no 'transformer' or 'unet' component")
         model_dir = folder / component
+        if not (model_dir / "config.json").is_file():
+            raise LoadError(f"{folder}: model_index.json names '{component}', but {component}/config.json is missing")
         if (folder / "scheduler" / "scheduler_config.json").exists():
             sched = read_json(folder / "scheduler" / "scheduler_config.json")
-            scheduler = {"class": sched.get("_class_name", "DDPMScheduler"), "config": sched}
-    if not (model_dir / "config.json").exists():
+            scheduler = {
+                "class": get(sched, "_class_name", str, "scheduler_config.json", "DDPMScheduler", LoadError),
+                "config": sched,
+            }
+    elif not (model_dir / "config.json").is_file():
         raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
     config = read_json(model_dir / "config.json")
-    weights = next((model_dir / n for n in DIFFUSERS_WEIGHTS if (model_dir / n).exists()), None)
+    weights = next((model_dir / n for n in DIFFUSERS_WEIGHTS if (model_dir / n).is_file()), None)
     if weights is None:
         raise LoadError(f"{model_dir}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
     return _assemble(
         model_class=str(config.get("_class_name")),
         config=config,
-        state=read_weights(weights),
+        weights=weights,
         scheduler=scheduler,
         sampling=DEFAULT_SAMPLING,
         conditioning=None,
         source=Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights])),
+        where=str(model_dir / "config.json"),
+        allow_large=allow_large,
     )
 
 
 def _assemble(
     model_class: str,
     config: dict[str, Any],
-    state: dict[str, torch.Tensor],
+    weights: Path,
     scheduler: dict[str, Any],
     sampling: dict[str, Any],
     conditioning: Conditioning | None,
     source: Source,
+    where: str,
+    allow_large: bool,
 ) -> DiffusionProgram:
+    """Check everything that is cheap to check, estimate the cost, then build and load."""
     adapter = adapter_for(model_class)
+    finite_tree(config, f"{where}: config", LoadError)
+    limits.check_caps(config, adapter.CAPS, f"{where}: config")
+    plan = _plan(scheduler, sampling, where)
+    footprint = limits.footprint(model_class, config)
+    need = 2 * max(footprint.weight_bytes, weights.stat().st_size)  # the file's tensors + the model
+    limits.require_memory(need, f"loading {footprint.parameters:,} parameters", LARGE_ADVICE, allow_large)
     model = adapter.build(config)
+    state = read_weights(weights)
     _check_shapes(model, state, source)
+    _check_finite(state, weights)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         missing, unexpected = result.missing_keys, result.unexpected_keys
@@ -165,7 +198,50 @@ def _assemble(
             f"{source.path}: weights do not fit the {model_class} config "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
-    return program_from_model(model, scheduler, sampling, conditioning, source)
+    return _program(model, plan, conditioning, source, where)
+
+
+def _plan(scheduler: dict[str, Any], sampling: dict[str, Any], where: str) -> SamplingPlan:
+    """The sampling plan of a sidecar/pipeline, every field checked and the scheduler built once."""
+    scheduler_class = get(scheduler, "class", str, f"{where}: scheduler", error=LoadError)
+    try:
+        sampling_scheduler.scheduler_class(scheduler_class)
+    except ConfigError as exc:
+        raise LoadError(f"{where}: scheduler.class: {exc}") from None
+    scheduler_config = get(scheduler, "config", dict, f"{where}: scheduler", {}, LoadError)
+    finite_tree(scheduler_config, f"{where}: scheduler.config", LoadError)
+    steps = get(sampling, "num_inference_steps", object, f"{where}: sampling", 20, LoadError)
+    guidance = get(sampling, "guidance_scale", object, f"{where}: sampling", 1.0, LoadError)
+    name = get(sampling, "scheduler", str, f"{where}: sampling", scheduler_class, LoadError)
+    base = SamplingPlan(
+        scheduler_class,
+        {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        integer(steps, f"{where}: sampling.num_inference_steps", 1, limits.MAX_STEPS, LoadError),
+        number(guidance, f"{where}: sampling.guidance_scale", 0.0, MAX_GUIDANCE, LoadError),
+    )
+    try:
+        plan = with_scheduler(base, name)
+        check_plan(plan)
+    except ConfigError as exc:
+        raise LoadError(f"{where}: {exc}") from None
+    return plan
+
+
+def _program(
+    model: torch.nn.Module,
+    plan: SamplingPlan,
+    conditioning: Conditioning | None,
+    source: Source,
+    where: str,
+) -> DiffusionProgram:
+    adapter = adapter_for(type(model).__name__)
+    model.eval().requires_grad_(False)
+    if conditioning is not None:
+        adapter.check_conditioning(model, conditioning, where)
+    spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
+    if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
+        plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
+    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source)
 
 
 def program_from_model(
@@ -176,21 +252,8 @@ def program_from_model(
     source: Source | None = None,
 ) -> DiffusionProgram:
     """Wrap an in-memory diffusers model (DiTTransformer2DModel / UNet2DModel) as a program."""
-    adapter = adapter_for(type(model).__name__)
-    scheduler = scheduler or {"class": "DDPMScheduler", "config": {}}
-    sampling = sampling or DEFAULT_SAMPLING
-    model.eval().requires_grad_(False)
-    base = SamplingPlan(
-        str(scheduler.get("class")),
-        {k: v for k, v in scheduler.get("config", {}).items() if not k.startswith("_")},
-        int(sampling.get("num_inference_steps", 20)),
-        float(sampling.get("guidance_scale", 1.0)),
-    )
-    plan = with_scheduler(base, str(sampling.get("scheduler", base.scheduler_class)))
-    spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
-    if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
-        plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
-    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source or Source("<memory>", "memory", ""))
+    plan = _plan(scheduler or DEFAULT_SCHEDULER, sampling or DEFAULT_SAMPLING, "<memory>")
+    return _program(model, plan, conditioning, source or Source("<memory>", "memory", ""), "<memory>")
 
 
 def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Source) -> None:
@@ -201,3 +264,11 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source
             f"{source.path}: weight shapes do not fit the config, e.g. {bad[0]}: "
             f"{tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
         )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN/Inf weights make every later number meaningless (and crash the Fréchet distance): refuse now."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise LoadError(f"{path}: weight '{key}' holds {bad:,} NaN/Inf values; refusing a broken model")

@@ -41,10 +41,11 @@ def channel_amax(w: torch.Tensor) -> torch.Tensor:
     return w.abs().reshape(w.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
 
 
-def fake_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8; returns (dequantized weight, scales [out])."""
-    scale = int8_symmetric_scale(channel_amax(w))
-    return fake_int(w, scale, torch.zeros(()), -128, 127), scale.flatten()
+def fake_int8_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 (`bits` 7: the reduced range, values in [-64, 63]);
+    returns (dequantized weight, scales [out])."""
+    scale = int8_symmetric_scale(channel_amax(w), bits)
+    return fake_int(w, scale, torch.zeros(()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1), scale.flatten()
 
 
 def round_fp8(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 
 from .errors import ConfigError
 from .ir import DiffusionProgram, PassRecord
+from .limits import MAX_CONFIG_INT
+from .validate import number
 
 
 @dataclass
@@ -70,19 +72,24 @@ def build_config(module: ModuleType, name: str, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         expected = hints[key]
         origin = typing.get_origin(expected) or expected
-        if (
-            isinstance(origin, type)
-            and not isinstance(value, origin)
-            and not (origin is float and isinstance(value, int))
+        if isinstance(origin, type) and (
+            (not isinstance(value, origin) and not (origin is float and isinstance(value, int)))
+            or (isinstance(value, bool) and origin is not bool)
         ):
             raise ConfigError(f"pass '{name}': {key} must be {expected}, got {value!r}")
+        if origin in (int, float):
+            number(value, f"pass '{name}': {key}", -MAX_CONFIG_INT, MAX_CONFIG_INT)
     return cls(**values)
 
 
 def plan_passes(
-    recipe: list[dict[str, Any]], capabilities: frozenset[str], registry: dict[str, ModuleType] | None = None
+    recipe: list[dict[str, Any]],
+    capabilities: frozenset[str],
+    registry: dict[str, ModuleType] | None = None,
+    program: DiffusionProgram | None = None,
 ) -> list[PlannedPass]:
-    """Resolve names and configs, and check ordering and capabilities, before anything runs."""
+    """Resolve names and configs, and check ordering and capabilities, before anything runs; with
+    `program`, also the checks a pass can make against the model (`check_program`)."""
     registry = discover_passes() if registry is None else registry
     planned = []
     for step in recipe:
@@ -96,6 +103,8 @@ def plan_passes(
         config = build_config(module, name, step.get("config", {}))
         if hasattr(module, "check"):  # config-dependent checks, e.g. a format the target lacks
             module.check(config, capabilities)
+        if program is not None and hasattr(module, "check_program"):
+            module.check_program(config, program)
         planned.append(PlannedPass(name, module, config))
     position = {p.name: i for i, p in enumerate(planned)}
     for i, p in enumerate(planned):

@@ -29,9 +29,11 @@ class LayerFormat:
     weights: str
     activations: str = "none"
     block: int = 0  # int4 block size along the input dimension
+    weight_bits: int = 8  # int8 weights: 7 is ONNX Runtime's `reduce_range` (values in [-64, 63])
 
     def describe(self) -> str:
-        return f"W{BITS[self.weights]}A{BITS[self.activations]} ({self.weights}/{self.activations})"
+        reduced = ", 7-bit weight range" if self.weights == "int8" and self.weight_bits == 7 else ""
+        return f"W{BITS[self.weights]}A{BITS[self.activations]} ({self.weights}/{self.activations}{reduced})"
 
 
 class QuantizedLayer(nn.Module):
@@ -109,7 +111,7 @@ def activation_params(kind: str, act_range: tuple[float, float]) -> tuple[float,
 def quantize_weight(w: torch.Tensor, fmt: LayerFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """(dequantized weight, scales): per output channel for 8-bit, per block for int4, E4M3 blocks for NVFP4."""
     if fmt.weights == "int8":
-        return nx.fake_int8_weight(w)
+        return nx.fake_int8_weight(w, fmt.weight_bits)
     if fmt.weights == "fp8":
         scale = nx.fp8_scale(nx.channel_amax(w))
         return nx.fake_fp8(w, scale), scale.flatten()

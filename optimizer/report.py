@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, colu
             tile = Image.fromarray(img[..., 0] if c == 1 else img).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile.convert("RGB"), (label_w + i * (cell_w + pad), y0))
     write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def json_safe(value: Any) -> Any:
+    """A measured NaN/Inf (e.g. the error of a candidate that diverged) is reported as null: report.json
+    stays valid JSON, and the gate on it has already failed (NaN compares false to every bound)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _fmt(value: Any) -> str:
@@ -280,6 +293,6 @@ def _quantize_decisions(q: dict[str, Any] | None) -> list[str]:
 
 
 def write_report(folder: Path, report: dict[str, Any], gate_results: list[GateResult]) -> None:
-    write_json(folder / "report.json", report)
+    write_json(folder / "report.json", json_safe(report))
     text = markdown(report, gate_results)
     write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text))

@@ -53,28 +53,83 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_scheduler(plan: SamplingPlan) -> Any:
+def scheduler_class(name: str) -> type:
+    """A concrete diffusers scheduler class by name (not a mixin or base class)."""
     import diffusers
 
-    cls = getattr(diffusers, plan.scheduler_class, None)
-    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ConfigError(f"unknown scheduler '{plan.scheduler_class}'")
-    scheduler = cls.from_config(plan.scheduler_config)
-    scheduler.set_timesteps(plan.num_inference_steps)
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    concrete = (
+        isinstance(cls, type)
+        and issubclass(cls, diffusers.SchedulerMixin)
+        and issubclass(cls, diffusers.ConfigMixin)
+        and cls is not diffusers.SchedulerMixin
+        and callable(getattr(cls, "step", None))
+    )
+    if not concrete:
+        known = ", ".join(SCHEDULER_ALIASES)
+        raise ConfigError(f"unknown scheduler '{name}' (aliases: {known}, or a diffusers scheduler class)")
+    return cls
+
+
+def _check_scheduler_config(config: dict[str, Any]) -> None:
+    """Sizes a scheduler allocates at construction: bounded before diffusers sees them."""
+    from .limits import MAX_TRAIN_TIMESTEPS
+
+    n = config.get("num_train_timesteps", 1000)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ConfigError(
+            f"scheduler num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS:,}], got {n!r}"
+        )
+    betas = config.get("trained_betas")
+    if betas is not None and (not isinstance(betas, list) or len(betas) > MAX_TRAIN_TIMESTEPS):
+        raise ConfigError("scheduler trained_betas must be a list of at most one entry per train timestep")
+
+
+def _from_config(cls: type, config: dict[str, Any]) -> Any:
+    _check_scheduler_config(config)
+    try:
+        return cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types for a bad config
+        raise ConfigError(f"{cls.__name__} cannot be built from this scheduler config ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def build_scheduler(plan: SamplingPlan) -> Any:
+    scheduler = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
+    train = scheduler.config.num_train_timesteps
+    if not 1 <= plan.num_inference_steps <= train:
+        raise ConfigError(
+            f"{plan.num_inference_steps} sampling steps: must be in [1, {train}] (the scheduler's train timesteps)"
+        )
+    try:
+        scheduler.set_timesteps(plan.num_inference_steps)
+    except Exception as exc:
+        raise ConfigError(
+            f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({_one_line(exc)})"
+        ) from None
     return scheduler
+
+
+def check_plan(plan: SamplingPlan) -> None:
+    """Everything a loop will ask of the scheduler, tried once on a tiny tensor before any real work."""
+    scheduler = build_scheduler(plan)
+    try:
+        x = torch.zeros(1, 1, 2, 2)
+        t = scheduler.timesteps[0]
+        scheduler.step(scheduler.scale_model_input(x, t), t, x)
+    except Exception as exc:
+        raise ConfigError(f"{plan.scheduler_class} cannot run this sampling loop ({_one_line(exc)})") from None
 
 
 def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:
     """Swap the scheduler (alias or diffusers class name), keeping the trained noise schedule."""
-    import diffusers
-
     class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
-    cls = getattr(diffusers, class_name, None)
-    if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-        known = ", ".join(SCHEDULER_ALIASES)
-        raise ConfigError(f"unknown scheduler '{name}' (aliases: {known}, or a diffusers scheduler class)")
-    config = {**cls.from_config(plan.scheduler_config).config, **overrides}
-    defaults = cls().config
+    cls = scheduler_class(class_name)
+    config = {**_from_config(cls, plan.scheduler_config).config, **overrides}
+    defaults = _from_config(cls, {}).config
     # Keep only what differs from the class defaults: compact, and free of non-JSON values like -inf.
     changed = {k: v for k, v in config.items() if not k.startswith("_") and v != defaults.get(k)}
     return SamplingPlan(class_name, changed, plan.num_inference_steps, plan.guidance_scale)
@@ -140,5 +195,5 @@ def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
 
 
 def to_images(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] -> [0, 1], as diffusers pipelines post-process."""
-    return (x / 2 + 0.5).clamp(0, 1)
+    """Model space [-1, 1] -> [0, 1], as diffusers pipelines post-process (NaN shows as black)."""
+    return torch.nan_to_num(x / 2 + 0.5, nan=0.0).clamp(0, 1)

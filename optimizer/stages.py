@@ -30,13 +30,19 @@ ONNX_FILE = "denoiser.onnx"
 CALIBRATION_FILE = "calibration.safetensors"
 
 
-def calibrate(program: DiffusionProgram, opts: Any, staging: Path, progress: Callable) -> calib.Trajectories:
+def calibrate(
+    program: DiffusionProgram,
+    opts: Any,
+    staging: Path,
+    progress: Callable,
+    given: calib.Trajectories | None = None,
+) -> calib.Trajectories:
+    """Capture the reference trajectories, or use `given` (read from --calibration and checked earlier)."""
     from .job import CALIBRATION_SEED
 
-    if opts.calibration is not None:
-        trajectories = calib.load(opts.calibration, program)
+    if given is not None:
         shutil.copyfile(opts.calibration, staging / CALIBRATION_FILE)
-        return trajectories
+        return given
     seeds, classes = evaluation_set(
         opts.calibration_samples, program.spec.conditioning.num_classes, CALIBRATION_SEED + opts.seed
     )

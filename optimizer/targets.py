@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .gates import check_gate_names
+from .validate import finite_tree, get, read_json_file, read_json_object, string_list
 
 TARGETS_DIR = Path(__file__).parent / "targets"
+BACKENDS = ("onnxruntime", "tensorrt")  # tensorrt targets are verified through their Q/DQ graph in ORT for now
 REQUIRED = ("name", "status", "description", "hardware", "backend", "recipe", "gates")
 
 
@@ -30,28 +31,43 @@ class Target:
         return frozenset(self.hardware.get("capabilities", ()))
 
 
-def parse_target(data: dict[str, Any], where: str) -> Target:
+def parse_target(data: Any, where: str) -> Target:
+    """Every field checked for type (and gates for finiteness) before anything reads it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a target is a JSON object, got {type(data).__name__}")
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ConfigError(f"{where}: target is missing {missing}")
-    if not isinstance(data["recipe"], list) or not all(isinstance(s, dict) and "pass" in s for s in data["recipe"]):
-        raise ConfigError(f"{where}: recipe must be a list of {{'pass': NAME, 'config': {{...}}}}")
-    check_gate_names(data["gates"], where)
+    for key in ("name", "status", "description"):
+        get(data, key, str, where)
+    if data["status"] not in ("available", "planned"):
+        raise ConfigError(f"{where}: status must be 'available' or 'planned', got {data['status']!r}")
+    get(data, "planned_in", (str, type(None)), where, None)
+    hardware, backend = get(data, "hardware", dict, where), get(data, "backend", dict, where)
+    string_list(hardware.get("capabilities", []), f"{where}: hardware.capabilities")
+    if get(backend, "name", str, f"{where}: backend") not in BACKENDS:
+        raise ConfigError(f"{where}: unknown backend {backend['name']!r} (known: {', '.join(BACKENDS)})")
+    string_list(backend.get("providers", []), f"{where}: backend.providers")
+    recipe = get(data, "recipe", list, where)
+    for i, step in enumerate(recipe):
+        if not isinstance(step, dict) or not isinstance(step.get("pass"), str):
+            raise ConfigError(f"{where}: recipe[{i}] must be {{'pass': NAME, 'config': {{...}}}}")
+        finite_tree(get(step, "config", dict, f"{where}: recipe[{i}]", {}), f"{where}: recipe[{i}].config")
+    check_gate_names(get(data, "gates", dict, where), where)
     return Target(**{k: data[k] for k in (*REQUIRED, "planned_in") if k in data})
 
 
 def list_targets() -> list[Target]:
-    return [parse_target(json.loads(p.read_text()), str(p)) for p in sorted(TARGETS_DIR.glob("*.json"))]
+    return [parse_target(read_json_object(p, what="target"), str(p)) for p in sorted(TARGETS_DIR.glob("*.json"))]
 
 
 def get_target(name_or_path: str) -> Target:
     """A shipped target by name, or a target JSON file of the user's."""
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        try:
-            return parse_target(json.loads(path.read_text()), str(path))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ConfigError(f"target file {path}: no such file")
+        return parse_target(read_json_file(path, what="target"), str(path))
     shipped = {t.name: t for t in list_targets()}
     if name_or_path not in shipped:
         raise ConfigError(f"unknown target '{name_or_path}' (known: {', '.join(shipped)})")

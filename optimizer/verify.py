@@ -103,7 +103,7 @@ class DigitsJudge:
     def judge(self, x: torch.Tensor, classes: Sequence[int]) -> tuple[float, np.ndarray]:
         """(agreement with the requested classes, features) for model-space samples."""
         with torch.inference_mode():
-            x = x.clamp(-1, 1)
+            x = torch.nan_to_num(x, nan=0.0).clamp(-1, 1)  # a diverged sample is judged, not a crash
             predicted = self.classifier(x).argmax(1)
             features = self.classifier.features(x).numpy()
         # Rounded so that "2 of 100" compares equal to a 0.02 bound after subtraction.

@@ -29,6 +29,7 @@ from optimizer.caching import check_region, levels, region_tensors, trace
 from optimizer.errors import ConfigError
 from optimizer.flops import plan_flops, region_flops
 from optimizer.ir import CacheSchedule, DiffusionProgram, SamplingPlan
+from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 from optimizer.sampling import uses_guidance
 from optimizer.verify import replay_psnr
@@ -53,9 +54,12 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("cache: flops_budget is a fraction of the original FLOPs, in (0, 1]")
     if config.criterion not in CRITERIA:
         raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
-    if config.probe_samples < 1:
-        raise ConfigError("cache: probe_samples must be >= 1")
-    if not all(isinstance(r, list | tuple) and len(r) == 2 for r in config.regions):
+    if not 1 <= config.probe_samples <= MAX_INPUTS:
+        raise ConfigError(f"cache: probe_samples must be in [1, {MAX_INPUTS}]")
+    if not all(
+        isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in r)
+        for r in config.regions
+    ):
         raise ConfigError("cache: regions must be [[first, stop], ...]")
 
 

@@ -19,6 +19,7 @@ from calibration import selection
 from optimizer.adapters import denoiser_module, parameter_count, respec
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
+from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 
 NAME = "layer_removal"
@@ -44,8 +45,8 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("layer_removal: blocks and max_distortion must be >= 0")
     if config.blocks == 0 and config.max_distortion == 0:
         raise ConfigError("layer_removal: set blocks (a count) or max_distortion (a budget)")
-    if config.samples < 1 or config.batch < 1:
-        raise ConfigError("layer_removal: samples and batch must be >= 1")
+    if not (1 <= config.samples <= MAX_INPUTS and 1 <= config.batch <= MAX_INPUTS):
+        raise ConfigError(f"layer_removal: samples and batch must be in [1, {MAX_INPUTS}]")
 
 
 def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:

@@ -25,6 +25,7 @@ from optimizer import surgery
 from optimizer.adapters import denoiser_module, parameter_count, respec
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
+from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 from optimizer.sampling import build_scheduler
 
@@ -52,8 +53,8 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
             raise ConfigError(f"prune: {name} is a fraction of units to remove, in [0, 1)")
     if config.criterion not in CRITERIA:
         raise ConfigError(f"prune: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
-    if config.samples < 1 or config.batch < 1:
-        raise ConfigError("prune: samples and batch must be >= 1")
+    if not (1 <= config.samples <= MAX_INPUTS and 1 <= config.batch <= MAX_INPUTS):
+        raise ConfigError(f"prune: samples and batch must be in [1, {MAX_INPUTS}]")
 
 
 @dataclass

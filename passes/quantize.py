@@ -24,6 +24,7 @@ from calibration import selection
 from optimizer.adapters import Denoiser, adapter_for
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
+from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 from optimizer.quantized import (
     ACTIVATION_FORMATS,
@@ -57,6 +58,10 @@ class Config:
     max_eps_error: float = 0.0  # fallback budget (mean teacher-forced relative error); 0: no fallback
     max_fallback: int = 8
     exclude: list[str] = field(default_factory=list)  # module names (prefixes) kept fp32
+    # 7-bit int8 weights. ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs
+    # of uint8 x int8 products in 16 bits (vpmaddubsw), which saturate with full-range weights; 7-bit
+    # weights cannot (255 * 63 * 2 < 2^15). ORT's quantize_static calls this `reduce_range`.
+    reduce_range: bool = False
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -78,10 +83,12 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"quantize: calibration must be one of {', '.join(selection.METHODS)}")
     if not 0.0 <= config.smoothquant < 1.0:
         raise ConfigError("quantize: smoothquant alpha must be in [0, 1)")
-    if config.calibration_inputs < 1 or config.max_fallback < 0 or config.max_eps_error < 0:
-        raise ConfigError("quantize: calibration_inputs >= 1, max_fallback >= 0 and max_eps_error >= 0")
-    if config.int4_block < 8 or config.int4_block & (config.int4_block - 1):
-        raise ConfigError("quantize: int4_block must be a power of two >= 8")
+    if not 1 <= config.calibration_inputs <= MAX_INPUTS or config.max_fallback < 0 or config.max_eps_error < 0:
+        raise ConfigError(
+            f"quantize: calibration_inputs in [1, {MAX_INPUTS}], max_fallback >= 0 and max_eps_error >= 0"
+        )
+    if not 8 <= config.int4_block <= 4096 or config.int4_block & (config.int4_block - 1):
+        raise ConfigError("quantize: int4_block must be a power of two in [8, 4096]")
 
 
 def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
@@ -169,7 +176,7 @@ def _layer_format(layer: nn.Module, config: Config, capabilities: frozenset[str]
             raise ConfigError(f"quantize: input size {layer.weight.shape[1]} has no int4 block size >= 8")
     if weights == "nvfp4" and layer.weight.shape[1] % 16:
         raise ConfigError(f"quantize: NVFP4 needs input sizes divisible by 16, got {layer.weight.shape[1]}")
-    return LayerFormat(weights, activations, block)
+    return LayerFormat(weights, activations, block, 7 if weights == "int8" and config.reduce_range else 8)
 
 
 @torch.no_grad()

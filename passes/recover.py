@@ -23,6 +23,7 @@ from calibration import selection
 from optimizer.adapters import denoiser_module, respec
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
+from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 from optimizer.sampling import build_scheduler
 from optimizer.verify import evaluation_set
@@ -46,8 +47,12 @@ class Config:
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    if config.steps < 1 or config.batch < 2 or config.samples < 1 or config.teacher_samples < 0:
-        raise ConfigError("recover: steps >= 1, batch >= 2, samples >= 1 and teacher_samples >= 0")
+    counts = (config.batch, config.samples, config.teacher_samples + 1)
+    if not 1 <= config.steps <= 1_000_000 or config.batch < 2 or not all(1 <= c <= MAX_INPUTS for c in counts):
+        raise ConfigError(
+            f"recover: steps >= 1 (at most 1000000), batch >= 2, samples >= 1 and teacher_samples >= 0 "
+            f"(batch and samples at most {MAX_INPUTS})"
+        )
     if config.lr <= 0 or config.feature_weight < 0 or config.max_seconds <= 0:
         raise ConfigError("recover: lr and max_seconds must be > 0, feature_weight >= 0")
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from optimizer.errors import ConfigError
 from optimizer.ir import DiffusionProgram
+from optimizer.limits import MAX_STEPS
 from optimizer.pipeline import Context
-from optimizer.sampling import with_scheduler
+from optimizer.sampling import check_plan, with_scheduler
 
 NAME = "sampler"
 AFTER: tuple[str, ...] = ()
@@ -26,11 +27,20 @@ class Config:
     steps: int = 0  # 0 keeps the current count
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    if config.steps < 0:
-        raise ConfigError("sampler: steps must be >= 0")
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if not 0 <= config.steps <= MAX_STEPS:
+        raise ConfigError(f"sampler: steps must be in [0, {MAX_STEPS}] (0 keeps the current count)")
+
+
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    """Before any work: the new loop can be built for this model's scheduler."""
+    check_plan(_plan(program, config))
+
+
+def _plan(program: DiffusionProgram, config: Config):
     plan = with_scheduler(program.plan, config.scheduler) if config.scheduler else program.plan
-    if config.steps:
-        plan = dataclasses.replace(plan, num_inference_steps=config.steps)
-    return program.replace(plan=plan)
+    return dataclasses.replace(plan, num_inference_steps=config.steps) if config.steps else plan
+
+
+def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
+    return program.replace(plan=_plan(program, ctx.config))

@@ -99,7 +99,7 @@ def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
 
 def test_out_folder_rules(tmp_path, dit_copy):
     result = invoke(dit_copy, "--out", dit_copy.parent, *FAST)
-    assert result.exit_code == 2 and "would write into or over the input model" in result.output
+    assert result.exit_code == 2 and "would write onto, into or over the input" in result.output
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
