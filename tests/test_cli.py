@@ -187,7 +187,7 @@ def test_inspect_and_targets():
 
 def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "50", "--calibration-samples", "8", "--latency-repeats", "4"]
+    args = ["--samples", "30", "--calibration-samples", "4", "--latency-repeats", "2"]
     result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -200,7 +200,7 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
     assert "## Quantization" in text and "ONNX Runtime fp32" in text
     assert not (out / ".reference").exists()
 
-    bench = invoke("bench", out, "--model", dit_copy, "--repeats", 2, "--images", 2)
+    bench = invoke("bench", out, "--model", dit_copy, "--repeats", 1, "--images", 2)
     assert bench.exit_code == 0, bench.output
     timings = json.loads(bench.output)
     assert timings["images"] == 2 and timings["batch"] == 4
@@ -209,7 +209,7 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "50", "--calibration-samples", "8", "--latency-repeats", "4"]
+    args = ["--samples", "30", "--calibration-samples", "8", "--latency-repeats", "2"]
     result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

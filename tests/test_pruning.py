@@ -160,7 +160,7 @@ def test_recovery_distillation_brings_the_pruned_model_back(family, request, cal
     if family == "dit":
         recipe.insert(0, {"pass": "layer_removal", "config": {"blocks": 2}})
     pruned = run(program, cal, recipe)
-    config = {"steps": 40, "batch": 32}
+    config = {"steps": 40, "batch": 32, "teacher_samples": 16}
     recovered = run(pruned, cal, [{"pass": "recover", "config": config}], reference=program)
     notes = recovered.annotations["recover"]
     assert notes["steps"] == 40 and notes["loss_last"] < notes["loss_first"]
