@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import ConfigError, LoadError
-from optimizer.fileio import write_json
+from optimizer.errors import ConfigError, LoadError, one_line
+from optimizer.fileio import sha256_files, write_json
 from optimizer.ir import Conditioning, DiffusionProgram, SamplingPlan
 from optimizer.limits import MAX_STEPS
 from optimizer.outputs import PLAN_FILE, PLAN_FORMAT, resolve
 from optimizer.sampling import build_scheduler, uses_guidance
-from optimizer.validate import get, integer, read_json_object, string_list
+from optimizer.validate import get, integer, is_int, of_type, read_json_object, string_list
 
 from .ort import STANDARD_INPUTS
 
@@ -29,11 +28,7 @@ class GraphFile:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_files([path])
 
 
 def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile]) -> dict[str, Any]:
@@ -118,20 +113,17 @@ def read_plan(folder: Path) -> LoadedPlan:
     if not graphs:
         raise LoadError(f"{where}: lists no graphs")
     for name, graph in graphs.items():
-        _check_graph(folder, name, of_dict(graph, f"{where}: graphs.{name}"), where)
+        _check_graph(folder, name, of_type(graph, dict, f"{where}: graphs.{name}", LoadError), where)
     try:
         sampling = SamplingPlan.from_dict(get(doc, "sampling", dict, where, error=LoadError))
         integer(sampling.num_inference_steps, "num_inference_steps", 1, MAX_STEPS, LoadError)
         resolved = [float(t) for t in build_scheduler(sampling).timesteps]
-        conditioning = Conditioning(**get(doc, "conditioning", dict, where, error=LoadError))
-        integer(conditioning.num_classes, "conditioning.num_classes", 0, 1_000_000, LoadError)
-        if conditioning.null_class is not None:
-            integer(conditioning.null_class, "conditioning.null_class", 0, 1_000_000, LoadError)
+        conditioning = Conditioning.from_dict(get(doc, "conditioning", dict, where, error=LoadError))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise LoadError(f"{where}: invalid sampling plan or conditioning ({' '.join(str(exc).split())})") from None
+        raise LoadError(f"{where}: invalid sampling plan or conditioning ({one_line(str(exc))})") from None
     _check_conditioning(graphs, conditioning, sampling, where)
     shape = get(doc, "sample_shape", list, where, error=LoadError)
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 65536 for d in shape):
+    if len(shape) != 3 or not all(is_int(d) and 0 < d <= 65536 for d in shape):
         raise LoadError(f"{where}: sample_shape must be three positive integers, got {shape!r}")
     if resolved != doc.get("timesteps"):
         raise LoadError(f"{where}: this diffusers version resolves different timesteps than the plan records")
@@ -139,7 +131,7 @@ def read_plan(folder: Path) -> LoadedPlan:
     if len(steps) != sampling.num_inference_steps:
         raise LoadError(f"{where}: {len(steps)} steps listed for a {sampling.num_inference_steps}-step plan")
     for i, step in enumerate(steps):
-        graph = of_dict(step, f"{where}: steps[{i}]").get("graph")
+        graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:
             raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
     return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape))
@@ -156,12 +148,6 @@ def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, samp
     null = conditioning.null_class
     if uses_guidance(sampling, conditioning) and null is not None and null < conditioning.num_classes:
         raise LoadError(f"{where}: conditioning.null_class {null} is one of the {conditioning.num_classes} classes")
-
-
-def of_dict(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise LoadError(f"{where} must be an object")
-    return value
 
 
 def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> None:
@@ -190,7 +176,7 @@ def _refuse_external_data(path: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError
-        raise LoadError(f"{path}: not a readable ONNX graph ({' '.join(str(exc).split())[:200]})") from None
+        raise LoadError(f"{path}: not a readable ONNX graph ({one_line(str(exc), 200)})") from None
     for tensor in _all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
             raise LoadError(f"{path}: tensor '{tensor.name}' refers to external data; refusing to run it")

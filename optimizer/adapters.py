@@ -11,6 +11,7 @@ from torch import nn
 from .errors import LoadError
 from .ir import Conditioning, DiffusionProgram, ModelSpec
 from .sampling import DenoiseFn
+from .validate import is_int
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Adapter:
     def sample_shape(self, config: dict[str, Any]) -> tuple[int, int, int]:
         size, channels = config.get("sample_size"), config.get("in_channels")
         h, w = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else (0, 0)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (channels, h, w)):
+        if not all(is_int(v) and v > 0 for v in (channels, h, w)):
             raise LoadError(
                 f"{self.model_class} config: in_channels and sample_size (an integer or [height, width]) "
                 f"must be positive integers, got {channels!r} and {size!r}"

@@ -7,15 +7,16 @@ null class used for guidance) and the default sampling plan.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from .fileio import write_atomic, write_json
 
 FORMAT = "diffusion-optimizer-checkpoint"
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VERSION = 1
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -24,6 +25,8 @@ def sidecar_path(weights: Path) -> Path:
 
 def save_checkpoint(weights: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write weights as safetensors and the sidecar JSON, each atomically."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     write_atomic(weights, lambda tmp: save_file(tensors, str(tmp)))
     write_json(sidecar_path(weights), {"format": FORMAT, "version": VERSION, **meta})

@@ -26,6 +26,7 @@ from .errors import (
     OptimizerError,
     describe_environment_error,
     is_environment_error,
+    one_line,
 )
 from .limits import MAX_REPEATS, MAX_SAMPLES, MAX_SEED
 from .outputs import write_error_log
@@ -69,10 +70,10 @@ def _report(exc: BaseException) -> int:
         return EXIT_BAD_INPUT
     if isinstance(exc, click.ClickException):
         hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
-        _error(f"{_one_line(exc.format_message())}{hint}")
+        _error(f"{one_line(exc.format_message())}{hint}")
         return EXIT_BAD_INPUT
     if isinstance(exc, OptimizerError):
-        _error(_one_line(str(exc)))
+        _error(one_line(str(exc)))
         return EXIT_BAD_INPUT
     if is_environment_error(exc):
         _error(describe_environment_error(exc))
@@ -82,12 +83,8 @@ def _report(exc: BaseException) -> int:
         click.echo(f"interrupted by {signal.Signals(signum).name}; unfinished outputs were removed", err=True)
         return EXIT_SIGNAL_BASE + signum
     log = exc.log if isinstance(exc, InternalError) else write_error_log(exc)
-    click.echo(f"internal error (a bug, not your input): {_one_line(str(exc))[:400]}; traceback in {log}", err=True)
+    click.echo(f"internal error (a bug, not your input): {one_line(str(exc), 400)}; traceback in {log}", err=True)
     return EXIT_INTERNAL
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _error(message: str) -> None:
@@ -277,14 +274,14 @@ def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool
     """Capture reference trajectories (x_t, t, class, output per step) for reuse with --calibration."""
     from calibration.capture import capture, save
 
-    from .job import JobOptions, check_job_memory
+    from .job import check_job_memory
     from .loading import load_program
     from .outputs import check_out_file, input_paths
     from .verify import evaluation_set
 
     check_out_file(out, input_paths(model))
     program = load_program(model, allow_large)
-    check_job_memory(program, JobOptions(samples=samples, calibration_samples=samples, allow_large=allow_large))
+    check_job_memory(program, samples, allow_large)
     seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, seed)
     save(capture(program, seeds, classes, progress=lambda it: _progress(it, desc="calibration")), out)
     _log(f"wrote {out}")
@@ -299,7 +296,7 @@ def _artifact_errors(artifact: Path) -> Iterator[None]:
     try:
         yield
     except runtime_errors() as exc:
-        raise LoadError(f"{artifact}: ONNX Runtime cannot run this artifact ({_one_line(str(exc))[:300]})") from None
+        raise LoadError(f"{artifact}: ONNX Runtime cannot run this artifact ({one_line(str(exc), 300)})") from None
 
 
 @main.command()
@@ -362,7 +359,7 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     from backends.plan import read_plan
     from backends.runner import PlanRunner
 
-    from .job import JobOptions, check_job_memory
+    from .job import check_job_memory
     from .loading import load_program
     from .stages import lower, measure_latency
 
@@ -372,7 +369,7 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     if program.source.digest != source["digest"]:
         raise ConfigError(f"{program.source.path} is not the model this artifact was built from")
     program = program.replace(plan=plan.sampling)
-    check_job_memory(program, JobOptions(samples=images, calibration_samples=1, allow_large=allow_large))
+    check_job_memory(program, images, allow_large)
     with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
         lower(program, Path(tmp))
         with _artifact_errors(artifact):
@@ -413,16 +410,14 @@ def _run_comparison(
 ) -> None:
     """Load, run `compare(program)`, write the rows as JSON if asked, print `table(rows)`."""
     from .fileio import write_json
-    from .job import JobOptions, check_job_memory
+    from .job import check_job_memory
     from .loading import load_program
     from .outputs import check_out_file, input_paths
 
     if json_out is not None:
         check_out_file(json_out, input_paths(model), "--json-out")
     program = load_program(model, allow_large)
-    check_job_memory(
-        program, JobOptions(samples=samples, calibration_samples=calibration_samples, allow_large=allow_large)
-    )
+    check_job_memory(program, max(samples, calibration_samples), allow_large)
     rows = compare(program)
     if json_out is not None:
         write_json(json_out, rows)

@@ -34,6 +34,15 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
+def one_line(message: object, limit: int | None = None) -> str:
+    """`message` (text or an exception) on one line, cut to `limit` characters; an exception with no
+    message gives its type name."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text[:limit] if limit else text
+
+
 def is_environment_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
 
@@ -67,7 +76,7 @@ class InternalError(Exception):
     """A bug surfaced during a job; the traceback was written to `log`."""
 
     def __init__(self, cause: BaseException, log: Path) -> None:
-        super().__init__(f"{type(cause).__name__}: {' '.join(str(cause).split())}")
+        super().__init__(f"{type(cause).__name__}: {one_line(str(cause))}")
         self.log = log
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,16 @@ def write_json(path: Path, data: Any) -> None:
     """Strict JSON: a NaN or Infinity anywhere is a bug upstream and raises instead of writing invalid JSON."""
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """Hex sha256 of the files' bytes in order, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

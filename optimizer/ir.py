@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .validate import finite_tree, get, integer, number
+from .validate import finite_tree, get, integer, is_int, number
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,15 @@ class Conditioning:
     @property
     def supports_guidance(self) -> bool:
         return self.num_classes > 0 and self.null_class is not None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "conditioning") -> Conditioning:
+        """Read a sidecar's or plan.json's conditioning, every field type-checked and bounded."""
+        num = integer(get(data, "num_classes", object, where), f"{where}.num_classes", 0, 1_000_000)
+        null = get(data, "null_class", (int, type(None)), where, None)
+        if null is not None:
+            integer(null, f"{where}.null_class", 0, 1_000_000)
+        return cls(num, null)
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class CacheSchedule:
         where = "sampling.cache"
         region = get(data, "region", list, where)
         refresh = get(data, "refresh", list, where)
-        if len(region) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) for r in region):
+        if len(region) != 2 or not all(is_int(r) for r in region):
             raise ConfigError(f"{where}.region must be [first, stop]")
         if not all(isinstance(r, bool) for r in refresh):
             raise ConfigError(f"{where}.refresh must be a list of true/false")

@@ -22,7 +22,7 @@ from .loading import MAX_GUIDANCE, load_program
 from .outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
 from .pipeline import Context, plan_passes, run_passes
 from .sampling import check_plan, uses_guidance, with_scheduler
-from .targets import get_target, require_available
+from .targets import get_target, require_available, target_file
 from .validate import integer, number
 
 CALIBRATION_SEED = 10_000  # calibration and evaluation use disjoint seeds
@@ -80,12 +80,13 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
         if opts.guidance > 1 and not program.spec.conditioning.supports_guidance:
             raise ConfigError("this model has no null class, so classifier-free guidance is not possible")
         plan = dataclasses.replace(plan, guidance_scale=float(opts.guidance))
-    check_plan(plan)
+    if plan != program.plan:  # the loaded plan was checked when the model was loaded
+        check_plan(plan)
     return program.replace(plan=plan)
 
 
-def check_job_memory(program: DiffusionProgram, opts: JobOptions) -> None:
-    """The largest batch a job samples at once is --samples seeds (verification) or the calibration set."""
+def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool) -> None:
+    """Refuse a run whose largest batch, `samples` seeds sampled at once, would not fit in memory."""
     spec, plan = program.spec, program.plan
     footprint = limits.footprint(spec.model_class, spec.model_config)
     need = limits.job_memory(
@@ -93,15 +94,15 @@ def check_job_memory(program: DiffusionProgram, opts: JobOptions) -> None:
         spec.sample_shape,
         plan.num_inference_steps,
         uses_guidance(plan, spec.conditioning),
-        max(opts.samples, opts.calibration_samples),
+        samples,
     )
-    limits.require_memory(need, "this run", "use fewer --samples / --calibration-samples", opts.allow_large)
+    limits.require_memory(need, "this run", "use fewer --samples / --calibration-samples", allow_large)
 
 
 def job_inputs(model_path: Path, opts: JobOptions) -> list[Path]:
     """Everything the job reads, which --out must never touch."""
-    extra = [Path(opts.target)] if opts.target.endswith(".json") else []
-    return [*input_paths(model_path), *extra, *([opts.calibration] if opts.calibration else [])]
+    given = [target_file(opts.target), opts.calibration]
+    return [*input_paths(model_path), *(p for p in given if p is not None)]
 
 
 def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callable[[str], None]) -> JobResult:
@@ -112,7 +113,8 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
     program = apply_sampling_options(load_program(model_path, opts.allow_large), opts)
     planned = plan_passes(target.recipe, target.capabilities, program=program)
-    check_job_memory(program, opts)
+    # The largest batch is the verification set or the calibration set, each sampled at once.
+    check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
     given = calib.load(opts.calibration, program) if opts.calibration is not None else None
     log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
     staging = create_staging(out, log)

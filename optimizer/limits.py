@@ -16,9 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .errors import LimitError, LoadError
+from .errors import LimitError, LoadError, one_line
+from .validate import is_int
 
 MAX_TRAIN_TIMESTEPS = 100_000
 MAX_STEPS = 1_000
@@ -62,7 +61,7 @@ def check_caps(config: dict[str, Any], caps: dict[str, int], where: str) -> None
         if isinstance(value, list | tuple) and not 0 < len(value) <= 16:
             raise LoadError(f"{where}: '{key}' must have 1 to 16 entries, got {len(value)}")
         for v in values:
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= cap:
+            if not is_int(v) or not 0 < v <= cap:
                 raise LoadError(f"{where}: '{key}' must be an integer in [1, {cap:,}], got {v!r}")
 
 
@@ -73,6 +72,7 @@ def footprint(model_class: str, config: dict[str, Any]) -> Footprint:
 
 @functools.lru_cache(maxsize=16)
 def _footprint(model_class: str, config_json: str) -> Footprint:
+    import torch  # here, not at import: the CLI reads this module's bounds before it needs torch
     from diffusers.models.attention_processor import Attention
 
     from .adapters import adapter_for
@@ -81,7 +81,7 @@ def _footprint(model_class: str, config_json: str) -> Footprint:
     config = json.loads(config_json)
     largest = 0
 
-    def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def record(module: Any, args: tuple, output: Any) -> None:
         nonlocal largest
         for out in output if isinstance(output, tuple) else (output,):
             if isinstance(out, torch.Tensor):
@@ -106,7 +106,7 @@ def _footprint(model_class: str, config_json: str) -> Footprint:
     except LoadError:
         raise
     except Exception as exc:  # diffusers raises many types for an inconsistent config
-        raise LoadError(f"invalid {model_class} config: {' '.join(str(exc).split())[:300]}") from None
+        raise LoadError(f"invalid {model_class} config: {one_line(str(exc), 300)}") from None
     return Footprint(sum(p.numel() for p in model.parameters()), largest)
 
 

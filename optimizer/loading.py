@@ -8,7 +8,6 @@ Nothing is ever written next to the input.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,14 @@ import torch
 from . import limits
 from . import sampling as sampling_scheduler
 from .adapters import adapter_for
-from .checkpoint import FORMAT, sidecar_path
+from .checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
 from .errors import ConfigError, LoadError
+from .fileio import sha256_files
 from .ir import Conditioning, DiffusionProgram, SamplingPlan, Source
 from .outputs import resolve
 from .sampling import check_plan, with_scheduler
 from .validate import finite_tree, get, integer, number, read_json_object
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "num_inference_steps": 20, "guidance_scale": 2.0}
 DEFAULT_SCHEDULER = {"class": "DDPMScheduler", "config": {}}
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -90,12 +89,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_files(paths)[:16]
 
 
 def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
@@ -122,13 +116,10 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
 
 
 def _conditioning(data: dict[str, Any], where: str) -> Conditioning:
-    num = integer(
-        get(data, "num_classes", object, where, error=LoadError), f"{where}.num_classes", 0, 1_000_000, LoadError
-    )
-    null = get(data, "null_class", (int, type(None)), where, default=None, error=LoadError)
-    if null is not None:
-        integer(null, f"{where}.null_class", 0, 1_000_000, LoadError)
-    return Conditioning(num, null)
+    try:
+        return Conditioning.from_dict(data, where)
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
 
 
 def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:

@@ -18,8 +18,10 @@ import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .errors import ConfigError
+from .checkpoint import WEIGHT_SUFFIXES, sidecar_path
+from .errors import ConfigError, OptimizerError, one_line
 from .fileio import umask
+from .validate import read_json_object
 
 PLAN_FILE = "plan.json"  # every published artifact has one; backends write it
 PLAN_FORMAT = "diffusion-plan"
@@ -34,16 +36,16 @@ def resolve(path: Path, what: str) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop (Python < 3.13)
-        raise ConfigError(f"{what} {path}: cannot be resolved ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{what} {path}: cannot be resolved ({one_line(str(exc))})") from None
 
 
 def input_paths(model: Path) -> list[Path]:
     """Every path a job reads for `model`: the file, its sidecar or weights, or the whole folder."""
     paths = [model]
     if model.suffix == ".json":
-        paths += [model.with_suffix(s) for s in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")]
+        paths += [model.with_suffix(s) for s in WEIGHT_SUFFIXES]
     elif not model.is_dir():
-        paths.append(model.with_suffix(".json"))
+        paths.append(sidecar_path(model))
     return paths
 
 
@@ -58,12 +60,9 @@ def _clashes(out: Path, inputs: Iterable[Path]) -> Path | None:
 
 def is_optimize_output(folder: Path) -> bool:
     """A folder `optimize` published: it holds our plan.json."""
-    import json
-
-    plan = folder / PLAN_FILE
     try:
-        return plan.is_file() and json.loads(plan.read_text()).get("format") == PLAN_FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(folder / PLAN_FILE).get("format") == PLAN_FORMAT
+    except OptimizerError:
         return False
 
 
@@ -170,7 +169,7 @@ def keep_error_log(staging: Path, exc: BaseException) -> Path:
         for entry in staging.iterdir():
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         log = staging / ERROR_LOG
-        log.write_text("".join(traceback.format_exception(exc)))
+        log.write_text(_traceback(exc))
         return log
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
@@ -181,5 +180,9 @@ def write_error_log(exc: BaseException) -> Path:
     """A traceback in the temporary folder, for failures outside a job's staging folder."""
     fd, name = tempfile.mkstemp(prefix=f"optimize-error-{os.getpid()}-", suffix=".log")
     with os.fdopen(fd, "w") as f:
-        f.write("".join(traceback.format_exception(exc)))
+        f.write(_traceback(exc))
     return Path(name)
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .ir import Conditioning, SamplingPlan
+from .validate import is_int
 
 # (x [B,C,H,W], t [B] float32, y [B] int64 or None) -> model output [B,C,H,W]
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -76,7 +77,7 @@ def _check_scheduler_config(config: dict[str, Any]) -> None:
     from .limits import MAX_TRAIN_TIMESTEPS
 
     n = config.get("num_train_timesteps", 1000)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+    if not is_int(n) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
         raise ConfigError(
             f"scheduler num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS:,}], got {n!r}"
         )
@@ -90,11 +91,7 @@ def _from_config(cls: type, config: dict[str, Any]) -> Any:
     try:
         return cls.from_config(config)
     except Exception as exc:  # diffusers raises many types for a bad config
-        raise ConfigError(f"{cls.__name__} cannot be built from this scheduler config ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"{cls.__name__} cannot be built from this scheduler config ({one_line(exc, 300)})") from None
 
 
 def build_scheduler(plan: SamplingPlan) -> Any:
@@ -108,7 +105,7 @@ def build_scheduler(plan: SamplingPlan) -> Any:
         scheduler.set_timesteps(plan.num_inference_steps)
     except Exception as exc:
         raise ConfigError(
-            f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({_one_line(exc)})"
+            f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({one_line(exc, 300)})"
         ) from None
     return scheduler
 
@@ -121,7 +118,7 @@ def check_plan(plan: SamplingPlan) -> None:
         t = scheduler.timesteps[0]
         scheduler.step(scheduler.scale_model_input(x, t), t, x)
     except Exception as exc:
-        raise ConfigError(f"{plan.scheduler_class} cannot run this sampling loop ({_one_line(exc)})") from None
+        raise ConfigError(f"{plan.scheduler_class} cannot run this sampling loop ({one_line(exc, 300)})") from None
 
 
 def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:

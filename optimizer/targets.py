@@ -61,10 +61,16 @@ def list_targets() -> list[Target]:
     return [parse_target(read_json_object(p, what="target"), str(p)) for p in sorted(TARGETS_DIR.glob("*.json"))]
 
 
+def target_file(name_or_path: str) -> Path | None:
+    """The user's target file when `name_or_path` names one (a .json path), else None (a shipped name)."""
+    path = Path(name_or_path)
+    return path if path.suffix == ".json" else None
+
+
 def get_target(name_or_path: str) -> Target:
     """A shipped target by name, or a target JSON file of the user's."""
-    path = Path(name_or_path)
-    if path.suffix == ".json":
+    path = target_file(name_or_path)
+    if path is not None:
         if not path.exists():
             raise ConfigError(f"target file {path}: no such file")
         return parse_target(read_json_file(path, what="target"), str(path))

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, OptimizerError
+from .errors import ConfigError, OptimizerError, one_line
 
 MAX_JSON_BYTES = 16 << 20  # sidecars, targets and plans are small; a larger file is not one of them
 _MISSING: Any = object()
@@ -30,7 +30,7 @@ def read_json_file(path: Path, error: type[OptimizerError] = ConfigError, what: 
             raise error(f"{path}: {path.stat().st_size:,} bytes is too large for a {what} file")
         return json.loads(path.read_bytes().decode("utf-8"), parse_constant=refuse_constant)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{path}: not valid JSON ({_one_line(exc)})") from None
+        raise error(f"{path}: not valid JSON ({one_line(exc)})") from None
 
 
 def read_json_object(path: Path, error: type[OptimizerError] = ConfigError, what: str = "JSON") -> dict[str, Any]:
@@ -40,12 +40,13 @@ def read_json_object(path: Path, error: type[OptimizerError] = ConfigError, what
     return data
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer: an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def number(
@@ -70,7 +71,7 @@ def integer(
     error: type[OptimizerError] = ConfigError,
 ) -> int:
     """An integer (not a bool, not a float) within [lo, hi]."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_int(value):
         raise error(f"{name} must be an integer, got {value!r}")
     _check_range(value, name, lo, hi, error)
     return value

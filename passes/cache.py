@@ -32,6 +32,7 @@ from optimizer.ir import CacheSchedule, DiffusionProgram, SamplingPlan
 from optimizer.limits import MAX_INPUTS
 from optimizer.pipeline import Context
 from optimizer.sampling import uses_guidance
+from optimizer.validate import is_int
 from optimizer.verify import replay_psnr
 
 NAME = "cache"
@@ -56,10 +57,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
     if not 1 <= config.probe_samples <= MAX_INPUTS:
         raise ConfigError(f"cache: probe_samples must be in [1, {MAX_INPUTS}]")
-    if not all(
-        isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in r)
-        for r in config.regions
-    ):
+    if not all(isinstance(r, list | tuple) and len(r) == 2 and all(is_int(i) for i in r) for r in config.regions):
         raise ConfigError("cache: regions must be [[first, stop], ...]")
 
 
