@@ -11,13 +11,16 @@ import onnx
 import torch
 from torch import nn
 
-from optimizer.errors import ExportError
-from optimizer.fileio import write_atomic
-from optimizer.ir import ModelSpec
+from core.errors import ExportError
+from core.fileio import write_atomic
+from core.ir import ModelSpec
 
 MIN_OPSET = 18
 OUTPUT_NAME = "model_output"  # epsilon, v or x0, as the spec's prediction_type says
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+STANDARD_INPUTS = ("sample", "timestep", "class_labels")  # every other graph input is a carried tensor
 
 
 def input_names(spec: ModelSpec) -> list[str]:

@@ -1,11 +1,18 @@
-"""ONNX Runtime execution of an exported denoiser graph, callable like the torch one."""
+"""The ONNX Runtime backend: ONNX graphs (fp32 or Q/DQ) run by ORT sessions on the target's providers."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from core.ir import DiffusionProgram
+
+from .onnx_export import STANDARD_INPUTS
+from .runner import PlanRunner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -16,9 +23,6 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
 
     names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented")
     return (*(getattr(state, n) for n in names if hasattr(state, n)), state.RuntimeException)
-
-
-STANDARD_INPUTS = ("sample", "timestep", "class_labels")
 
 
 class OrtDenoiser:
@@ -38,6 +42,9 @@ class OrtDenoiser:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.carried_in = [n for n in self.input_names if n not in STANDARD_INPUTS]
 
+    def describe(self) -> dict[str, Any]:
+        return {"providers": self.session.get_providers()}
+
     def _feeds(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
         feeds = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
         if "class_labels" in self.input_names:
@@ -52,9 +59,45 @@ class OrtDenoiser:
     def step(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A loop variant (see optimizer.sampling.StepFn)."""
+        """A loop variant (see core.sampling.StepFn)."""
         feeds = self._feeds(x, t, y) | {name: carry[name].numpy() for name in self.carried_in}
         out, *written = self.session.run(self.output_names, feeds)
         return torch.from_numpy(out), {
             n: torch.from_numpy(v) for n, v in zip(self.output_names[1:], written, strict=True)
         }
+
+
+class OrtBackend:
+    """Options: "providers" (ORT execution providers, in order of preference; unavailable ones are
+    skipped, CPU is the fallback) and "threads" (intra-op threads, 0: ORT's default)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.providers = tuple(options.get("providers", DEFAULT_PROVIDERS))
+        self.threads = int(options.get("threads", 0))
+
+    def options(self) -> dict[str, Any]:
+        return {"name": self.name, "providers": list(self.providers)}
+
+    def lower(self, program: DiffusionProgram, folder: Path) -> dict[str, Any]:
+        from .lowering import lower_onnx
+
+        return lower_onnx(program, folder, self.options())
+
+    def runner(self, folder: Path) -> PlanRunner:
+        def open_graph(path: Path) -> OrtDenoiser:
+            return OrtDenoiser(path, self.providers, self.threads)
+
+        return PlanRunner(folder, open_graph, self.describe())
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {"name": self.name, "version": ort.__version__, "providers_requested": list(self.providers)}
+
+    def runtime_errors(self) -> tuple[type[BaseException], ...]:
+        return runtime_errors()
+
+
+BACKEND = OrtBackend

@@ -6,15 +6,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import ConfigError, LoadError, one_line
-from optimizer.fileio import sha256_files, write_json
-from optimizer.ir import Conditioning, DiffusionProgram, SamplingPlan
-from optimizer.limits import MAX_STEPS
-from optimizer.outputs import PLAN_FILE, PLAN_FORMAT, resolve
-from optimizer.sampling import build_scheduler, uses_guidance
-from optimizer.validate import get, integer, is_int, of_type, read_json_object, string_list
+from core.errors import ConfigError, LoadError, one_line
+from core.fileio import sha256_files, write_json
+from core.ir import Conditioning, DiffusionProgram, SamplingPlan
+from core.limits import MAX_STEPS
+from core.outputs import PLAN_FILE, PLAN_FORMAT, resolve
+from core.sampling import build_scheduler, uses_guidance
+from core.validate import get, integer, is_int, of_type, read_json_object, string_list
 
-from .ort import STANDARD_INPUTS
+from .onnx_export import STANDARD_INPUTS
 
 FORMAT = PLAN_FORMAT
 VERSION = 2  # 2: per-step graph variants with carried tensors (v1 files still load)
@@ -31,7 +31,7 @@ def sha256(path: Path) -> str:
     return sha256_files([path])
 
 
-def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile]) -> dict[str, Any]:
+def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile], backend: dict[str, Any]) -> dict[str, Any]:
     """Describe the loop: scheduler, resolved timesteps, guidance, and which graph runs at each step,
     with the tensors it reads from and writes to the carry (the loop keeps the latest of each)."""
     plan = program.plan
@@ -54,6 +54,7 @@ def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile]) -> di
     return {
         "format": FORMAT,
         "version": VERSION,
+        "backend": dict(backend),  # which backend runs the graphs, with its options
         "model": {
             "family": program.spec.family,
             "class": program.spec.model_class,
@@ -109,6 +110,9 @@ def read_plan(folder: Path) -> LoadedPlan:
     where = str(path)
     if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
         raise LoadError(f"{path}: not a {FORMAT} v1 or v{VERSION} file")
+    backend = get(doc, "backend", dict, where, {"name": "onnxruntime"}, error=LoadError)
+    get(backend, "name", str, f"{where}: backend", error=LoadError)
+    string_list(backend.get("providers", []), f"{where}: backend.providers", LoadError)
     graphs = get(doc, "graphs", dict, where, error=LoadError)
     if not graphs:
         raise LoadError(f"{where}: lists no graphs")

@@ -19,10 +19,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.errors import ExportError
-from optimizer.fileio import write_atomic
-from optimizer.ir import ModelSpec
-from optimizer.quantized import QuantizedLayer, export_mode, quantized_layers
+from core.errors import ExportError
+from core.fileio import write_atomic
+from core.ir import ModelSpec
+from core.quantized import QuantizedLayer, export_mode, quantized_layers
 
 from .onnx_export import check_graph, export_onnx
 

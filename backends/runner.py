@@ -1,26 +1,40 @@
-"""Execute a lowered artifact (plan.json + graphs) with ONNX Runtime: the same loop as the reference."""
+"""Execute a lowered artifact (plan.json + graphs) on any graph runtime: the same loop as the reference."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from optimizer.errors import LoadError
-from optimizer.sampling import Variants, sample
+from core.errors import LoadError
+from core.sampling import Variants, sample
 
-from .ort import DEFAULT_PROVIDERS, OrtDenoiser
 from .plan import read_plan
 
 
+class Graph(Protocol):
+    """One executable graph: (sample, timestep, [class_labels], carried tensors...) -> (output, carried...)."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def step(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
 class PlanRunner:
-    def __init__(self, folder: Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0) -> None:
+    """The loop of plan.json over graphs opened by a backend's `open_graph(path)`."""
+
+    def __init__(self, folder: Path, open_graph: Callable[[Path], Graph], describe: dict[str, Any]) -> None:
         self.plan = read_plan(Path(folder))
-        self.graphs = {
-            name: OrtDenoiser(self.plan.graph_path(name), providers, threads) for name in self.plan.document["graphs"]
-        }
+        self.graphs = {name: open_graph(self.plan.graph_path(name)) for name in self.plan.document["graphs"]}
         for name, graph in self.graphs.items():
             recorded = self.plan.document["graphs"][name]
             if graph.input_names != recorded["inputs"] or graph.output_names != recorded["outputs"]:
@@ -28,6 +42,11 @@ class PlanRunner:
         self.loop: Variants = {name: graph.step for name, graph in self.graphs.items()}
         # The graph of step 0 (a full network evaluation) as a plain denoise function.
         self.denoise = self.graphs[self.plan.sampling.variant(0)]
+        self._describe = describe
+
+    def describe(self) -> dict[str, Any]:
+        """The backend's description and what the runtime chose for the graphs (e.g. providers)."""
+        return {**self._describe, **self.denoise.describe()}
 
     def sample(
         self,

@@ -15,11 +15,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from optimizer.caching import torch_variants
-from optimizer.errors import ConfigError, LoadError
-from optimizer.fileio import write_atomic
-from optimizer.ir import DiffusionProgram
-from optimizer.sampling import sample, uses_guidance
+from core.errors import ConfigError, LoadError
+from core.fileio import write_atomic
+from core.ir import DiffusionProgram
+from core.sampling import sample, uses_guidance
+from core.variants import torch_loop
+
+CALIBRATION_SEED = 10_000  # calibration seeds start here; evaluation seeds at 0: the two sets are disjoint
+
+
+def evaluation_set(n: int, num_classes: int, base_seed: int) -> tuple[list[int], list[int] | None]:
+    """Seeds base_seed.. and, for class-conditional models, classes cycling 0..num_classes-1."""
+    seeds = list(range(base_seed, base_seed + n))
+    return seeds, ([i % num_classes for i in range(n)] if num_classes else None)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def capture(
         program.plan,
         program.spec.conditioning,
         program.spec.sample_shape,
-        denoise or torch_variants(program),
+        denoise or torch_loop(program),
         seeds,
         classes,
         observer=observe,
@@ -75,6 +83,14 @@ def capture(
         classes=tuple(classes) if classes is not None else None,
         fingerprint=program.fingerprint(),
     )
+
+
+def capture_calibration(
+    program: DiffusionProgram, samples: int, seed: int = 0, progress: Callable[[Any], Any] = lambda it: it
+) -> Trajectories:
+    """The calibration set: `samples` trajectories of `program` on seeds CALIBRATION_SEED + seed + i."""
+    seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, CALIBRATION_SEED + seed)
+    return capture(program, seeds, classes, progress=progress)
 
 
 def save(traj: Trajectories, path: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optimizer.errors import ConfigError
+from core.errors import ConfigError
 
 from .capture import Trajectories
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .errors import (
+from core.errors import (
     EXIT_BAD_INPUT,
     EXIT_GATE_FAILED,
     EXIT_INTERNAL,
@@ -28,8 +28,8 @@ from .errors import (
     is_environment_error,
     one_line,
 )
-from .limits import MAX_REPEATS, MAX_SAMPLES, MAX_SEED
-from .outputs import write_error_log
+from core.limits import MAX_REPEATS, MAX_SAMPLES, MAX_SEED
+from core.outputs import write_error_log
 
 HELP = """Optimize a trained diffusion model for a deployment target, verify it, write a report.
 
@@ -64,7 +64,7 @@ class OptimizeGroup(click.Group):
 
 
 def _report(exc: BaseException) -> int:
-    """Print one line on stderr for `exc` and return its exit code (see optimizer.errors)."""
+    """Print one line on stderr for `exc` and return its exit code (see core.errors)."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):
         exc.show()
         return EXIT_BAD_INPUT
@@ -113,9 +113,10 @@ def _signals_raise() -> Iterator[None]:
 
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
-    from tqdm import tqdm
+    """tqdm on a terminal; in a CI log, start/end lines and a line every 30 s (core.progress)."""
+    from core.progress import progress
 
-    return tqdm(iterable, unit="step", disable=None, **kwargs)  # None: off when not a terminal
+    return progress(iterable, log=_log, **kwargs)
 
 
 def _log(message: str) -> None:
@@ -189,8 +190,8 @@ def run(
 ) -> None:
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
     130/143: interrupted."""
-    from .gates import gates_table
-    from .job import JobOptions, run_job
+    from optimizer.job import JobOptions, run_job
+    from verify.gates import gates_table
 
     overrides = {
         "min_psnr_db": min_psnr,
@@ -220,7 +221,7 @@ def run(
     graphs = ", ".join(result.report["artifacts"]["onnx"])
     _log(f"wrote {result.out}/ ({graphs}, plan.json, report.md, report.json, grid.png)")
     if as_json:
-        from .report import json_safe
+        from optimizer.report import json_safe
 
         click.echo(json.dumps(json_safe(result.report["verification"]), indent=2, allow_nan=False))
     click.echo(gates_table(result.gates))
@@ -235,8 +236,8 @@ def inspect(model: Path, allow_large: bool) -> None:
     """Describe MODEL: architecture, blocks, attention sites, conditioning, sampling plan."""
     import dataclasses
 
-    from .adapters import parameter_count
-    from .loading import load_program
+    from core.adapters import parameter_count
+    from core.loading import load_program
 
     program = load_program(model, allow_large)
     spec = dataclasses.asdict(program.spec)
@@ -253,7 +254,7 @@ def inspect(model: Path, allow_large: bool) -> None:
 @main.command()
 def targets() -> None:
     """List the targets, their backend and status."""
-    from .targets import list_targets
+    from optimizer.targets import list_targets
 
     for t in list_targets():
         status = "available" if t.status == "available" else f"planned ({t.planned_in})"
@@ -272,12 +273,10 @@ SEED = click.IntRange(0, MAX_SEED)
 @ALLOW_LARGE
 def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool) -> None:
     """Capture reference trajectories (x_t, t, class, output per step) for reuse with --calibration."""
-    from calibration.capture import capture, save
-
-    from .job import check_job_memory
-    from .loading import load_program
-    from .outputs import check_out_file, input_paths
-    from .verify import evaluation_set
+    from calibration.capture import capture, evaluation_set, save
+    from core.loading import load_program
+    from core.outputs import check_out_file, input_paths
+    from optimizer.job import check_job_memory
 
     check_out_file(out, input_paths(model))
     program = load_program(model, allow_large)
@@ -287,16 +286,22 @@ def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool
     _log(f"wrote {out}")
 
 
-@contextlib.contextmanager
-def _artifact_errors(artifact: Path) -> Iterator[None]:
-    """ONNX Runtime failing on a user's artifact (checked, but e.g. a label its graph cannot embed) is bad
-    input, not a bug of ours."""
-    from backends.ort import runtime_errors
+def _artifact_backend(artifact: Path) -> Any:
+    """The backend an output folder's plan.json names (plan.json fully checked first)."""
+    from backends.plan import read_plan
+    from backends.registry import get_backend
 
+    return get_backend(read_plan(artifact).document.get("backend", {"name": "onnxruntime"}))
+
+
+@contextlib.contextmanager
+def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
+    """The runtime failing on a user's artifact (checked, but e.g. a label its graph cannot embed) is bad
+    input, not a bug of ours."""
     try:
         yield
-    except runtime_errors() as exc:
-        raise LoadError(f"{artifact}: ONNX Runtime cannot run this artifact ({one_line(str(exc), 300)})") from None
+    except backend.runtime_errors() as exc:
+        raise LoadError(f"{artifact}: {backend.name} cannot run this artifact ({one_line(str(exc), 300)})") from None
 
 
 @main.command()
@@ -309,17 +314,16 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     import numpy as np
     from PIL import Image
 
-    from backends.runner import PlanRunner
-
-    from .fileio import write_atomic
-    from .outputs import check_out_file
-    from .sampling import to_images
+    from core.fileio import write_atomic
+    from core.outputs import check_out_file
+    from core.sampling import to_images
 
     check_out_file(out, [artifact])
     if len(seeds) > 1024:
         raise ConfigError("sample: at most 1024 --seed values per call")
-    with _artifact_errors(artifact):
-        runner = PlanRunner(artifact)
+    backend = _artifact_backend(artifact)
+    with _artifact_errors(artifact, backend):
+        runner = backend.runner(artifact)
         classes = (list(labels) or [0] * len(seeds)) if runner.plan.conditioning.num_classes else None
         images = to_images(runner.sample(list(seeds), classes, progress=lambda it: _progress(it, desc="sample")))
     row = np.concatenate([(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images], axis=1)
@@ -357,13 +361,12 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     import tempfile
 
     from backends.plan import read_plan
-    from backends.runner import PlanRunner
-
-    from .job import check_job_memory
-    from .loading import load_program
-    from .stages import lower, measure_latency
+    from core.loading import load_program
+    from optimizer.job import check_job_memory
+    from verify.latency import measure_latency
 
     plan = read_plan(artifact)
+    backend = _artifact_backend(artifact)
     source = plan.document["model"]["source"]
     program = load_program(model or source["path"], allow_large)
     if program.source.digest != source["digest"]:
@@ -371,9 +374,9 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     program = program.replace(plan=plan.sampling)
     check_job_memory(program, images, allow_large)
     with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
-        lower(program, Path(tmp))
-        with _artifact_errors(artifact):
-            latency = measure_latency(program, PlanRunner(artifact), repeats, PlanRunner(Path(tmp)), images)
+        backend.lower(program, Path(tmp))
+        with _artifact_errors(artifact, backend):
+            latency = measure_latency(program, backend.runner(artifact), repeats, backend.runner(Path(tmp)), images)
     click.echo(json.dumps(latency, indent=2))
 
 
@@ -409,10 +412,10 @@ def _run_comparison(
     table: Callable[[list[dict[str, Any]]], str],
 ) -> None:
     """Load, run `compare(program)`, write the rows as JSON if asked, print `table(rows)`."""
-    from .fileio import write_json
-    from .job import check_job_memory
-    from .loading import load_program
-    from .outputs import check_out_file, input_paths
+    from core.fileio import write_json
+    from core.loading import load_program
+    from core.outputs import check_out_file, input_paths
+    from optimizer.job import check_job_memory
 
     if json_out is not None:
         check_out_file(json_out, input_paths(model), "--json-out")
@@ -436,7 +439,7 @@ def quant_compare(
     model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool, rows: str
 ) -> None:
     """Quantization side by side: our calibration vs naive ones, every format, same seeds (markdown table)."""
-    from .quant_compare import compare_quantization, markdown_table
+    from bench.quant_compare import compare_quantization, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
         chosen = [] if rows == "peers" else None
@@ -452,7 +455,7 @@ def cache_compare(
     model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool
 ) -> None:
     """Our searched cache schedules vs diffusers' cache hooks at matched FLOPs, same seeds (markdown)."""
-    from .cache_compare import compare_caching, markdown_table
+    from bench.cache_compare import compare_caching, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
         return compare_caching(program, samples, calibration_samples, _progress, _log)
@@ -465,7 +468,7 @@ def prune_compare(
     model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool
 ) -> None:
     """Pruning and layer removal: our criteria vs naive ones at equal compression, same seeds (markdown)."""
-    from .prune_compare import compare_pruning, markdown_table
+    from bench.prune_compare import compare_pruning, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
         return compare_pruning(program, samples, calibration_samples, _progress, _log)

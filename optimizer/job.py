@@ -11,21 +11,23 @@ from typing import Any
 
 import torch
 
+from backends.registry import get_backend
 from calibration import capture as calib
+from calibration.capture import Trajectories
+from core import limits
+from core.adapters import parameter_count
+from core.errors import ConfigError, InternalError, OptimizerError, is_environment_error
+from core.ir import DiffusionProgram
+from core.loading import MAX_GUIDANCE, load_program
+from core.outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
+from core.progress import timed
+from core.sampling import check_plan, uses_guidance, with_scheduler
+from core.validate import integer, number
+from optimizer.targets import Target, get_target, require_available, target_file
+from passes.base import CALIBRATION, Context
+from passes.manager import Analyses, PlannedPass, plan_passes, quick_fidelity, run_passes
+from verify.gates import GateResult, check_gate_names, evaluate_gates
 
-from . import limits
-from .adapters import parameter_count
-from .errors import ConfigError, InternalError, OptimizerError, is_environment_error
-from .gates import GateResult, check_gate_names, evaluate_gates
-from .ir import DiffusionProgram
-from .loading import MAX_GUIDANCE, load_program
-from .outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
-from .pipeline import Context, plan_passes, run_passes
-from .sampling import check_plan, uses_guidance, with_scheduler
-from .targets import get_target, require_available, target_file
-from .validate import integer, number
-
-CALIBRATION_SEED = 10_000  # calibration and evaluation use disjoint seeds
 Progress = Callable[..., Iterable]
 
 
@@ -131,68 +133,64 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
 
 def _run_stages(
     program: DiffusionProgram,
-    target: Any,
-    planned: list,
+    target: Target,
+    planned: list[PlannedPass],
     opts: JobOptions,
     staging: Path,
     progress: Progress,
     log: Callable[[str], None],
-    given: Any,
+    given: Trajectories | None,
 ) -> JobResult:
-    from backends.runner import PlanRunner
+    from optimizer.report import GRID_FILE, decision_sections, save_grid, write_report
+    from optimizer.stages import CALIBRATION_FILE, calibrate, make_report, verify_lowered
+    from verify.latency import measure_latency
 
-    from .report import GRID_FILE, save_grid, write_report
-    from .stages import calibrate, lower, make_report, measure_latency, verify_lowered
-
+    backend = get_backend(target.backend)
     gates = {**target.gates, **opts.gates}
-    log("calibrating: " + ("using --calibration" if given is not None else "capturing reference trajectories"))
-    calibration = calibrate(program, opts, staging, progress, given)
+    source = (
+        "using --calibration" if given is not None else f"capturing {opts.calibration_samples} reference trajectories"
+    )
+    with timed(log, f"calibrating ({source})"):
+        calibration = calibrate(program, opts, staging, progress, given)
+    # A pass that changes the loop invalidates calibration: the same seeds and classes are recaptured.
+    analyses = Analyses(
+        capture=lambda reference: calib.capture(
+            reference,
+            calibration.seeds,
+            calibration.classes,
+            progress=lambda it: progress(it, desc="calibration, new loop", leave=False),
+        ),
+        log=log,
+    )
+    analyses.provide(CALIBRATION, program, calibration)
     ctx = Context(
         reference=program,
-        calibration=calibration,
+        analyses=analyses,
         capabilities=target.capabilities,
-        evaluate=lambda p: _quick_fidelity(p, calibration),
         progress=progress,
         rng=torch.Generator().manual_seed(opts.seed),
     )
-    candidate = run_passes(program, planned, ctx)
-    log(f"lowering to ONNX for {target.backend['name']}")
-    artifacts = lower(candidate, staging)
-    log(f"verifying on {opts.samples} samples")
-    providers = tuple(target.backend.get("providers", ()))
-    runner = PlanRunner(staging, providers)
-    verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
+    candidate = run_passes(program, planned, ctx, evaluate=quick_fidelity, log=log)
+    with timed(log, f"lowering for {backend.name}"):
+        artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
+    with timed(log, f"verifying on {opts.samples} samples"):
+        runner = backend.runner(staging)
+        verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
     baseline = None
     if candidate.provenance:  # the network or loop changed: time the unoptimized graph beside it
-        log("lowering the original as the fp32 ONNX baseline")
-        reference_dir = staging / ".reference"
-        reference_dir.mkdir()
-        artifacts["reference_onnx_bytes"] = lower(program, reference_dir)["onnx_bytes"]
-        baseline = PlanRunner(reference_dir, providers)
-    log("measuring latency side by side")
-    latency = measure_latency(program, runner, opts.latency_repeats, baseline)
+        with timed(log, "lowering the original as the fp32 baseline"):
+            reference_dir = staging / ".reference"
+            reference_dir.mkdir()
+            artifacts["reference_onnx_bytes"] = backend.lower(program, reference_dir)["onnx_bytes"]
+            baseline = backend.runner(reference_dir)
+    with timed(log, "measuring latency side by side"):
+        latency = measure_latency(program, runner, opts.latency_repeats, baseline)
     if baseline is not None:
         del baseline
         shutil.rmtree(staging / ".reference")
     results = evaluate_gates(gates, verification)
-    report = make_report(program, candidate, target, artifacts, verification, latency, opts, gates)
+    description = {**backend.describe(), **runner.describe()}
+    report = make_report(program, candidate, target, description, artifacts, verification, latency, opts, gates)
     save_grid(staging / GRID_FILE, ref_images, cand_images)
-    write_report(staging, report, results)
+    write_report(staging, report, results, decision_sections(candidate))
     return JobResult(opts.out, report, results)
-
-
-def _quick_fidelity(program: DiffusionProgram, calibration: Any) -> dict[str, Any]:
-    """After each pass: teacher-forced model-output error and end-to-end PSNR on the calibration set."""
-    from .caching import torch_variants
-    from .flops import plan_flops
-    from .verify import replay_psnr, step_errors
-
-    variants = torch_variants(program)
-    errors = step_errors(calibration, program.plan, program.spec.conditioning, variants)
-    return {
-        "calibration_psnr_db": replay_psnr(program, calibration, variants),
-        "eps_rel_error_mean": sum(errors) / len(errors),
-        "eps_rel_error_max": max(errors),
-        "guidance": uses_guidance(program.plan, program.spec.conditioning),
-        "flops_per_image": plan_flops(program)["per_image"],
-    }

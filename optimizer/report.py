@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .fileio import write_atomic, write_json
-from .gates import GateResult, gates_table
+from core.fileio import write_atomic, write_json
+from core.ir import DiffusionProgram
+from verify.gates import GateResult, gates_table
 
 GRID_FILE = "grid.png"
 
@@ -54,7 +55,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
+def decision_sections(program: DiffusionProgram) -> list[str]:
+    """Each applied pass's own report section (its Decision renders it), in the order they ran."""
+    lines = []
+    for record in program.provenance:
+        body = record.decision.markdown()
+        if body:
+            lines += ["", f"## {record.decision.title or record.name}", *body]
+    return lines
+
+
+def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()) -> str:
     m, v, lat = report["model"], report["verification"], report["latency"]
     passed = all(r.passed is not False for r in gate_results)
     lines = [
@@ -96,7 +107,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult]) -> str:
         lines += [_pass_row(p) for p in report["passes"]]
     else:
         lines.append("None: the target's recipe is empty; what is verified is the lowering itself.")
-    lines += _decisions(report.get("decisions", {}))
+    lines += sections
     lines += [
         "",
         f"## Verification ({v['samples']} samples, same seeds/classes/scheduler/steps;"
@@ -169,45 +180,6 @@ def _latency_table(lat: dict[str, Any], device: str) -> list[str]:
     return lines
 
 
-def _decisions(decisions: dict[str, Any]) -> list[str]:
-    return _network_decisions(decisions) + _quantize_decisions(decisions.get("quantize")) + _loop_decisions(decisions)
-
-
-def _network_decisions(decisions: dict[str, Any]) -> list[str]:
-    lines = []
-    d = decisions.get("layer_removal")
-    if d and "skipped" in d:
-        lines += ["", "## Layer removal", f"- not applied: {d['skipped']}"]
-    elif d:
-        lines += [
-            "",
-            "## Layer removal",
-            f"- removed blocks {d['removed']} by `{d['criterion']}`; parameters {d['parameters_before']:,} ->"
-            f" {d['parameters_after']:,}",
-        ]
-        if d.get("distortion_by_block"):
-            scores = ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(d["distortion_by_block"]))
-            lines.append(f"- one-shot output distortion of removing each block alone: {scores}")
-    p = decisions.get("prune")
-    if p:
-        fractions = ", ".join(f"{k} {v:g}" for k, v in p["fractions"].items() if v)
-        lines += [
-            "",
-            "## Width pruning",
-            f"- criterion `{p['criterion']}`; removed per layer: {fractions}; parameters {p['parameters_before']:,} ->"
-            f" {p['parameters_after']:,}",
-        ]
-    r = decisions.get("recover")
-    if r:
-        lines += [
-            "",
-            "## Recovery distillation",
-            f"- {r['steps']} steps in {r['seconds']} s; distillation loss {r['loss_first']} -> {r['loss_last']}"
-            f" (output + {r['feature_pairs']} block features); fidelity before and after: see Passes",
-        ]
-    return lines
-
-
 def _flops(report: dict[str, Any]) -> list[str]:
     f = report.get("flops")
     if not f:
@@ -220,79 +192,9 @@ def _flops(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _loop_decisions(decisions: dict[str, Any]) -> list[str]:
-    lines = []
-    g = decisions.get("guidance")
-    if g and g.get("policy") != "none":
-        lines += [
-            "",
-            "## Guidance policy",
-            f"- policy `{g['policy']}`: classifier-free guidance on the first {g['guided_steps']} steps,"
-            f" conditional pass only on the last {g['unguided_steps']}"
-            f" ({g['network_evaluations']} network evaluations instead of {g['network_evaluations_before']})",
-        ]
-        if g.get("calibration_psnr_db_by_switch"):
-            tried = ", ".join(f"{k}: {v}" for k, v in g["calibration_psnr_db_by_switch"].items())
-            lines.append(f"- end-to-end PSNR on the calibration seeds by guided-step count: {tried} dB")
-    elif g:
-        lines += ["", "## Guidance policy", f"- unchanged: {g['reason']}"]
-    c = decisions.get("cache")
-    if c:
-        lines += [
-            "",
-            "## Cache schedule",
-            f"- {c['family']} region {c['region']} ({_region_words(c)}), schedule from criterion `{c['criterion']}`"
-            f" (tried: {', '.join(c['criteria_tried'])})",
-            f"- refresh (full) steps: {c['refresh_steps']}; every other step reuses the cached tensor",
-            f"- FLOPs: {c['flops_vs_original']:.3f} of the original per image (budget {c['flops_budget']});"
-            f" end-to-end PSNR on the calibration seeds {c['calibration_psnr_db']} dB",
-            "",
-            "Best candidates (each region's schedule per criterion under the budget, run end to end on the"
-            " calibration seeds):",
-            "",
-            "| criterion | region | refresh steps | reuse error (proxy) | FLOPs vs original | calibration PSNR (dB) |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['criterion']} | {r['region']} | {r['refresh_steps']} | {r['proxy_error']} | {r['flops_vs_original']}"
-            f" | {r['calibration_psnr_db']} |"
-            for r in c["candidates"][:10]
-        ]
-    return lines
-
-
-def _region_words(c: dict[str, Any]) -> str:
-    first, stop = c["region"]
-    if c["family"] == "dit":
-        return f"transformer blocks {first}..{stop - 1} reuse their residual"
-    return f"levels {first}..{stop - 1} and deeper reuse their up-path feature (DeepCache)"
-
-
-def _quantize_decisions(q: dict[str, Any] | None) -> list[str]:
-    if not q:
-        return []
-    bits = q["weight_bits"]
-    lines = [
-        "",
-        "## Quantization",
-        f"- layers: {q['quantized_layers']} quantized ({', '.join(f'{k}: {v}' for k, v in q['formats'].items())})",
-        f"- kept fp32 (temporal-only or excluded): {', '.join(q['kept_fp32']) or 'none'}",
-        f"- calibration: {q['calibration']['method']}, {q['calibration']['inputs']} denoiser inputs;"
-        f" SmoothQuant alpha {q['smoothquant_alpha']} on {q['smoothed_layers']} layers",
-        f"- weight storage: {bits['stored'] / 8e6:.2f} MB vs {bits['fp32_equivalent'] / 8e6:.2f} MB fp32",
-        f"- teacher-forced model-output error on calibration trajectories: {q['eps_error_before_fallback']:.4g}"
-        f" before fallback, {q['eps_error_after_fallback']:.4g} after",
-    ]
-    if q["fallback"]:
-        lines += ["", "Layers reverted to fp32 (most sensitive first, measured alone):", ""]
-        lines += ["| layer | error when quantized alone | error after reverting |", "|---|---|---|"]
-        lines += [f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in q["fallback"]]
-    for note in q.get("notes", []):
-        lines.append(f"- {note}")
-    return lines
-
-
-def write_report(folder: Path, report: dict[str, Any], gate_results: list[GateResult]) -> None:
+def write_report(
+    folder: Path, report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()
+) -> None:
     write_json(folder / "report.json", json_safe(report))
-    text = markdown(report, gate_results)
+    text = markdown(report, gate_results, list(sections))
     write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text))

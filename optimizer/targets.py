@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .gates import check_gate_names
-from .validate import finite_tree, get, read_json_file, read_json_object, string_list
+from core.errors import ConfigError
+from core.validate import finite_tree, get, read_json_file, read_json_object, string_list
+from verify.gates import check_gate_names
 
 TARGETS_DIR = Path(__file__).parent / "targets"
-BACKENDS = ("onnxruntime", "tensorrt")  # tensorrt targets are verified through their Q/DQ graph in ORT for now
 REQUIRED = ("name", "status", "description", "hardware", "backend", "recipe", "gates")
 
 
@@ -45,8 +44,10 @@ def parse_target(data: Any, where: str) -> Target:
     get(data, "planned_in", (str, type(None)), where, None)
     hardware, backend = get(data, "hardware", dict, where), get(data, "backend", dict, where)
     string_list(hardware.get("capabilities", []), f"{where}: hardware.capabilities")
-    if get(backend, "name", str, f"{where}: backend") not in BACKENDS:
-        raise ConfigError(f"{where}: unknown backend {backend['name']!r} (known: {', '.join(BACKENDS)})")
+    from backends.registry import names
+
+    if get(backend, "name", str, f"{where}: backend") not in names():
+        raise ConfigError(f"{where}: unknown backend {backend['name']!r} (known: {', '.join(names())})")
     string_list(backend.get("providers", []), f"{where}: backend.providers")
     recipe = get(data, "recipe", list, where)
     for i, step in enumerate(recipe):

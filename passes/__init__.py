@@ -1,10 +1,10 @@
-"""Optimization passes, one module each. The contract (checked by optimizer.pipeline):
+"""Optimization passes, one module each, plus the infrastructure that runs them.
 
-- `NAME: str` and a `Config` dataclass (typed fields with defaults);
-- `run(program, ctx) -> DiffusionProgram`: reads its Config from `ctx.config`, returns a new
-  program and leaves its input untouched;
-- optional ordering: `AFTER` / `BEFORE` (names of passes that, when present in the recipe, must
-  run earlier / later) and `REQUIRES` (target capabilities, e.g. "fp8").
+- `base`: the contract. A pass module defines `PASS = Pass(name, phase, Config, run, requires,
+  invalidates, ...)`; `run(program, config, ctx)` returns `PassResult(new_program, decision)`, where
+  the decision is a typed `core.ir.Decision` that renders the pass's report section.
+- `analyses`: calibration trajectories and FLOPs, cached by fingerprint, recomputed when invalidated.
+- `manager`: finds the passes, checks a recipe completely before anything runs, orders it by phase.
 
-Passes never import each other.
+Passes never import each other (tests/test_architecture.py checks it).
 """

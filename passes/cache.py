@@ -1,6 +1,6 @@
 """Cache schedule: reuse a region's features across steps, refresh steps searched under a FLOPs budget.
 
-Mechanisms (optimizer.caching): DiT -- blocks [first, stop) are replaced by the residual they added at
+Mechanisms (core.caching): DiT -- blocks [first, stop) are replaced by the residual they added at
 the last refresh step (FORA / Δ-DiT; (0, N) is TeaCache's whole-stack residual, (1, N) first-block
 cache); UNet -- DeepCache, the levels from `first` down are replaced by the feature they fed the up path.
 
@@ -22,23 +22,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import torch
 
-from optimizer.caching import check_region, levels, region_tensors, trace
-from optimizer.errors import ConfigError
-from optimizer.flops import plan_flops, region_flops
-from optimizer.ir import CacheSchedule, DiffusionProgram, SamplingPlan
-from optimizer.limits import MAX_INPUTS
-from optimizer.pipeline import Context
-from optimizer.sampling import uses_guidance
-from optimizer.validate import is_int
-from optimizer.verify import replay_psnr
+from core.caching import check_region, levels, region_tensors, trace
+from core.errors import ConfigError
+from core.flops import variant_flops
+from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram, SamplingPlan
+from core.limits import MAX_INPUTS
+from core.sampling import uses_guidance
+from core.validate import is_int
+from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from verify.fidelity import replay_psnr
 
-NAME = "cache"
-AFTER: tuple[str, ...] = ("sampler", "guidance", "prune", "layer_removal", "quantize")
-BEFORE: tuple[str, ...] = ()
-REQUIRES: tuple[str, ...] = ()
 CRITERIA = ("all", "similarity", "uniform", "first-block")
 
 
@@ -62,6 +59,48 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 
 @dataclass(frozen=True)
+class CacheDecision(Decision):
+    criterion: str
+    criteria_tried: list[str]
+    region: list[int]
+    family: str
+    refresh_steps: list[int]
+    calibration_psnr_db: float
+    flops_per_image_before: int
+    flops_per_image_after: int
+    flops_vs_original: float
+    flops_budget: float
+    candidates: list[dict[str, Any]]  # best first: each region's schedule per criterion, run end to end
+
+    title = "Cache schedule"
+
+    def markdown(self) -> list[str]:
+        first, stop = self.region
+        if self.family == "dit":
+            region = f"transformer blocks {first}..{stop - 1} reuse their residual"
+        else:
+            region = f"levels {first}..{stop - 1} and deeper reuse their up-path feature (DeepCache)"
+        lines = [
+            f"- {self.family} region {self.region} ({region}), schedule from criterion `{self.criterion}`"
+            f" (tried: {', '.join(self.criteria_tried)})",
+            f"- refresh (full) steps: {self.refresh_steps}; every other step reuses the cached tensor",
+            f"- FLOPs: {self.flops_vs_original:.3f} of the original per image (budget {self.flops_budget});"
+            f" end-to-end PSNR on the calibration seeds {self.calibration_psnr_db} dB",
+            "",
+            "Best candidates (each region's schedule per criterion under the budget, run end to end on the"
+            " calibration seeds):",
+            "",
+            "| criterion | region | refresh steps | reuse error (proxy) | FLOPs vs original | calibration PSNR (dB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        return lines + [
+            f"| {r['criterion']} | {r['region']} | {r['refresh_steps']} | {r['proxy_error']} | {r['flops_vs_original']}"
+            f" | {r['calibration_psnr_db']} |"
+            for r in self.candidates[:10]
+        ]
+
+
+@dataclass(frozen=True)
 class Candidate:
     criterion: str
     region: tuple[int, int]
@@ -70,34 +109,37 @@ class Candidate:
     flops: int
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
-    plan, steps = program.plan, program.plan.num_inference_steps
-    if plan.cache is not None:
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    """The family supports caching, the criterion suits it and every given region fits the network."""
+    if program.plan.cache is not None:
         raise ConfigError("cache: the plan already has a cache schedule")
     levels(program)  # refuses unsupported families
     if config.criterion == "first-block" and program.spec.family != "dit":
         raise ConfigError("cache: the first-block criterion needs a transformer (DiT); use similarity or uniform")
+    for region in config.regions:
+        check_region(program, tuple(region))
+
+
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
+    check_program(config, program)  # again: an earlier pass may have removed blocks
+    plan, steps = program.plan, program.plan.num_inference_steps
     criteria = [config.criterion] if config.criterion != "all" else list(CRITERIA[1:])
     if program.spec.family != "dit" and "first-block" in criteria:
         criteria.remove("first-block")
     regions = [tuple(r) for r in config.regions] or admissible_regions(program)
-    for region in regions:
-        check_region(program, region)
     if ctx.calibration.steps != steps:
         raise ConfigError("cache: the calibration trajectories do not match the plan's step count")
-    reference_flops = plan_flops(ctx.reference)["per_image"]
+    reference_flops = ctx.flops(ctx.reference)["per_image"]
     budget = config.flops_budget * reference_flops
-    before = plan_flops(program)
+    before = ctx.flops(program)
     guided = uses_guidance(plan, program.spec.conditioning)
     weights = [2 if guided and plan.guided(i) else 1 for i in range(steps)]
-    full_flops = before["per_variant"]["denoiser"]
+    full_flops = before["per_variant"][DENOISER]
     traces = _traces(program, ctx, config.probe_samples)
     change = _first_block_change(traces, plan, guided, config.probe_samples) if "first-block" in criteria else []
     candidates: dict[tuple, Candidate] = {}
     for region in ctx.progress(regions, desc="cache search", leave=False):
-        cached_flops = region_flops(program, region, "cached")
+        cached_flops = variant_flops(program, region)[CACHED]
         cost = _reuse_costs(traces, program.spec.family, region, plan, guided, config.probe_samples)
         for criterion in criteria:
             refresh = _schedule(criterion, cost, weights, full_flops, cached_flops, budget, change)
@@ -115,18 +157,18 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     for c in ctx.progress(list(candidates.values()), desc="cache end-to-end", leave=False):
         scored.append((replay_psnr(program.replace(plan=_with_cache(plan, program, c)), ctx.calibration), c))
     best_psnr, best = max(scored, key=lambda s: (s[0], -s[1].flops))
-    decision = {
-        "criterion": best.criterion,
-        "criteria_tried": criteria,
-        "region": list(best.region),
-        "family": program.spec.family,
-        "refresh_steps": list(best.refresh),
-        "calibration_psnr_db": round(best_psnr, 2),
-        "flops_per_image_before": before["per_image"],
-        "flops_per_image_after": best.flops,
-        "flops_vs_original": round(best.flops / reference_flops, 4),
-        "flops_budget": config.flops_budget,
-        "candidates": [
+    decision = CacheDecision(
+        criterion=best.criterion,
+        criteria_tried=criteria,
+        region=list(best.region),
+        family=program.spec.family,
+        refresh_steps=list(best.refresh),
+        calibration_psnr_db=round(best_psnr, 2),
+        flops_per_image_before=before["per_image"],
+        flops_per_image_after=best.flops,
+        flops_vs_original=round(best.flops / reference_flops, 4),
+        flops_budget=config.flops_budget,
+        candidates=[
             {
                 "criterion": c.criterion,
                 "region": list(c.region),
@@ -137,9 +179,8 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
             }
             for p, c in sorted(scored, key=lambda s: -s[0])
         ],
-    }
-    new_plan = _with_cache(plan, program, best)
-    return program.replace(plan=new_plan, annotations={**program.annotations, NAME: decision})
+    )
+    return PassResult(program.replace(plan=_with_cache(plan, program, best)), decision)
 
 
 def admissible_regions(program: DiffusionProgram) -> list[tuple[int, int]]:
@@ -280,3 +321,14 @@ def _first_block(
         ):
             return refresh
     return None
+
+
+PASS = Pass(
+    name="cache",
+    phase=Phase.REUSE_POLICY,
+    config=Config,
+    run=run,
+    invalidates=frozenset({FLOPS}),
+    check=check,
+    check_program=check_program,
+)

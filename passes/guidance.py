@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram, SamplingPlan
-from optimizer.pipeline import Context
-from optimizer.sampling import uses_guidance
-from optimizer.verify import replay_psnr
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram, SamplingPlan
+from core.sampling import uses_guidance
+from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from verify.fidelity import replay_psnr
 
-NAME = "guidance"
-AFTER: tuple[str, ...] = ("sampler",)
-BEFORE: tuple[str, ...] = ("cache",)  # the cache search budgets the evaluations this pass leaves
-REQUIRES: tuple[str, ...] = ()
 POLICIES = ("searched", "adaptive", "early")
 
 
@@ -43,6 +39,34 @@ class Config:
     quantile: float = 0.1  # adaptive: the similarity of this quantile of the calibration samples must clear it
     fraction: float = 0.5  # early: fraction of the steps that keep guidance
     min_guided_steps: int = 1
+
+
+@dataclass(frozen=True)
+class GuidanceDecision(Decision):
+    policy: str  # "none": the plan does not use guidance (see reason)
+    reason: str = ""
+    calibration_psnr_db_by_switch: dict[int, float] = field(default_factory=dict)
+    guided_steps: int = 0
+    unguided_steps: int = 0
+    network_evaluations: int = 0
+    network_evaluations_before: int = 0
+    similarity_quantile_per_step: list[float] = field(default_factory=list)
+    similarity_mean_per_step: list[float] = field(default_factory=list)
+
+    title = "Guidance policy"
+
+    def markdown(self) -> list[str]:
+        if self.policy == "none":
+            return [f"- unchanged: {self.reason}"]
+        lines = [
+            f"- policy `{self.policy}`: classifier-free guidance on the first {self.guided_steps} steps,"
+            f" conditional pass only on the last {self.unguided_steps}"
+            f" ({self.network_evaluations} network evaluations instead of {self.network_evaluations_before})"
+        ]
+        if self.calibration_psnr_db_by_switch:
+            tried = ", ".join(f"{k}: {v}" for k, v in self.calibration_psnr_db_by_switch.items())
+            lines.append(f"- end-to-end PSNR on the calibration seeds by guided-step count: {tried} dB")
+        return lines
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -62,15 +86,13 @@ def similarity(trajectories) -> torch.Tensor:
     return F.cosine_similarity(cond.flatten(2), uncond.flatten(2), dim=2)
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     plan, steps = program.plan, program.plan.num_inference_steps
     if not uses_guidance(plan, program.spec.conditioning):
-        decision = {"policy": "none", "reason": "the plan does not use classifier-free guidance"}
-        return program.replace(annotations={**program.annotations, NAME: decision})
+        decision = GuidanceDecision("none", "the plan does not use classifier-free guidance")
+        return PassResult(program.replace(), decision)
     if plan.cache is not None:
-        raise ConfigError("guidance: run this pass before 'cache' (the cache schedule depends on it)")
+        raise ConfigError("guidance: the plan already has a cache schedule, which depends on the guidance policy")
     calibration = ctx.calibration
     if calibration.steps != steps:
         raise ConfigError("guidance: the calibration trajectories do not match the plan's step count")
@@ -90,18 +112,28 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     else:
         switch = math.ceil(config.fraction * steps)
     switch = min(steps, max(switch, config.min_guided_steps))
-    decision = {
-        "policy": config.policy,
-        "calibration_psnr_db_by_switch": {k: round(v, 2) for k, v in sorted(scores.items())},
-        "guided_steps": switch,
-        "unguided_steps": steps - switch,
-        "network_evaluations": steps + switch,
-        "network_evaluations_before": 2 * steps,
-        "similarity_quantile_per_step": [round(float(v), 5) for v in level],
-        "similarity_mean_per_step": [round(float(v), 5) for v in sims.mean(1)],
-    }
-    return program.replace(plan=_policy(plan, switch), annotations={**program.annotations, NAME: decision})
+    decision = GuidanceDecision(
+        policy=config.policy,
+        calibration_psnr_db_by_switch={k: round(v, 2) for k, v in sorted(scores.items())},
+        guided_steps=switch,
+        unguided_steps=steps - switch,
+        network_evaluations=steps + switch,
+        network_evaluations_before=2 * steps,
+        similarity_quantile_per_step=[round(float(v), 5) for v in level],
+        similarity_mean_per_step=[round(float(v), 5) for v in sims.mean(1)],
+    )
+    return PassResult(program.replace(plan=_policy(plan, switch)), decision)
 
 
 def _policy(plan: SamplingPlan, switch: int) -> SamplingPlan:
     return dataclasses.replace(plan, guided_steps=tuple(i < switch for i in range(plan.num_inference_steps)))
+
+
+PASS = Pass(
+    name="guidance",
+    phase=Phase.GUIDANCE_POLICY,
+    config=Config,
+    run=run,
+    invalidates=frozenset({FLOPS}),
+    check=check,
+)

@@ -10,22 +10,18 @@ N blocks) is the naive baseline. The blocks are removed physically (the ModuleLi
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from calibration import selection
-from optimizer.adapters import denoiser_module, parameter_count, respec
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram
-from optimizer.limits import MAX_INPUTS
-from optimizer.pipeline import Context
+from core.adapters import denoiser_module, parameter_count, respec
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
-NAME = "layer_removal"
-AFTER: tuple[str, ...] = ("sampler",)
-BEFORE: tuple[str, ...] = ("prune", "recover", "quantize", "guidance", "cache")
-REQUIRES: tuple[str, ...] = ()
 CRITERIA = ("distortion", "last")
 
 
@@ -36,6 +32,31 @@ class Config:
     criterion: str = "distortion"
     samples: int = 256  # timestep-stratified calibration inputs
     batch: int = 64
+
+
+@dataclass(frozen=True)
+class LayerRemovalDecision(Decision):
+    skipped: str | None = None  # why nothing was removed (a family without removable blocks)
+    criterion: str = ""
+    removed: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # original index of each remaining block
+    distortion_by_block: list[float] | None = None
+    parameters_before: int = 0
+    parameters_after: int = 0
+
+    title = "Layer removal"
+
+    def markdown(self) -> list[str]:
+        if self.skipped:
+            return [f"- not applied: {self.skipped}"]
+        lines = [
+            f"- removed blocks {self.removed} by `{self.criterion}`; parameters {self.parameters_before:,} ->"
+            f" {self.parameters_after:,}"
+        ]
+        if self.distortion_by_block:
+            scores = ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(self.distortion_by_block))
+            lines.append(f"- one-shot output distortion of removing each block alone: {scores}")
+        return lines
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -49,15 +70,19 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"layer_removal: samples and batch must be in [1, {MAX_INPUTS}]")
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    count = len(program.spec.blocks)
+    if program.spec.family == "dit" and config.blocks >= count:
+        raise ConfigError(f"layer_removal: cannot remove {config.blocks} of {count} blocks")
+
+
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     if program.spec.family != "dit":  # a target's recipe serves both families: say so in the report
         skipped = (
             f"a {program.spec.family} has no transformer blocks to remove (its blocks change resolution or "
             "channel count); width pruning (prune) applies"
         )
-        return program.replace(annotations={**program.annotations, NAME: {"skipped": skipped}})
+        return PassResult(program.replace(), LayerRemovalDecision(skipped=skipped))
     model = copy.deepcopy(program.denoiser).eval()
     count = len(model.transformer_blocks)
     if config.blocks >= count:
@@ -81,15 +106,17 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     kept = [b for b in range(count) if b not in removed]
     model.transformer_blocks = nn.ModuleList(model.transformer_blocks[b] for b in kept)
     model.register_to_config(num_layers=len(kept))
-    decision = {
-        "criterion": config.criterion,
-        "removed": sorted(removed),
-        "kept": kept,  # original index of each remaining block (recovery maps features with it)
-        "distortion_by_block": None if scores is None else [round(s, 6) for s in scores],
-        "parameters_before": parameter_count(program.denoiser),
-        "parameters_after": parameter_count(model),
-    }
-    return respec(program, model).replace(annotations={**program.annotations, NAME: decision})
+    decision = LayerRemovalDecision(
+        criterion=config.criterion,
+        removed=sorted(removed),
+        kept=kept,
+        distortion_by_block=None if scores is None else [round(s, 6) for s in scores],
+        parameters_before=parameter_count(program.denoiser),
+        parameters_after=parameter_count(model),
+    )
+    # The lineage goes into the spec: recovery pairs each surviving block with its original.
+    origin = program.spec.origins()
+    return PassResult(respec(program, model, tuple(origin[b] for b in kept)), decision)
 
 
 def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ctx: Context) -> list[float]:
@@ -109,3 +136,14 @@ def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ct
             scores.append(error / sum(float(r.square().sum()) for r in reference))
         model.transformer_blocks = blocks
     return scores
+
+
+PASS = Pass(
+    name="layer_removal",
+    phase=Phase.STRUCTURE,
+    config=Config,
+    run=run,
+    invalidates=frozenset({FLOPS}),
+    check=check,
+    check_program=check_program,
+)

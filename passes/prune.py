@@ -1,6 +1,6 @@
 """Width pruning: remove attention heads and MLP hidden units (DiT) or resnet inner channels (UNet).
 
-The network is made physically smaller (optimizer.surgery): the same fraction of units goes in every
+The network is made physically smaller (core.surgery): the same fraction of units goes in every
 layer, so shapes stay uniform. Units are ranked by an importance accumulated over the plan's own
 timesteps (calibration inputs stratified over the steps, see calibration.selection):
 - `taylor` (Diff-Pruning): sum of |w * dL/dw| over a unit's weights, L the denoising loss on the
@@ -21,18 +21,14 @@ import torch
 from torch import nn
 
 from calibration import selection
-from optimizer import surgery
-from optimizer.adapters import denoiser_module, parameter_count, respec
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram
-from optimizer.limits import MAX_INPUTS
-from optimizer.pipeline import Context
-from optimizer.sampling import build_scheduler
+from core import surgery
+from core.adapters import denoiser_module, parameter_count, respec
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.sampling import build_scheduler
+from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
-NAME = "prune"
-AFTER: tuple[str, ...] = ("sampler", "layer_removal")
-BEFORE: tuple[str, ...] = ("recover", "quantize", "guidance", "cache")
-REQUIRES: tuple[str, ...] = ()
 CRITERIA = ("taylor", "distortion", "magnitude")
 
 
@@ -45,6 +41,24 @@ class Config:
     criterion: str = "taylor"
     samples: int = 256  # timestep-stratified calibration inputs that score the units
     batch: int = 64
+
+
+@dataclass(frozen=True)
+class PruneDecision(Decision):
+    criterion: str
+    fractions: dict[str, float]
+    removed: dict[str, list[int]]  # per layer group: the unit indices removed
+    parameters_before: int
+    parameters_after: int
+
+    title = "Width pruning"
+
+    def markdown(self) -> list[str]:
+        fractions = ", ".join(f"{k} {v:g}" for k, v in self.fractions.items() if v)
+        return [
+            f"- criterion `{self.criterion}`; removed per layer: {fractions}; parameters {self.parameters_before:,}"
+            f" -> {self.parameters_after:,}"
+        ]
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -71,9 +85,7 @@ class Group:
     apply: Callable[[list[int]], None]
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
     groups = list(_groups(program.spec.family, model, config))
     if not any(g.remove for g in groups):
@@ -89,14 +101,8 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     after = parameter_count(model)
     pruned = respec(program, model)
     fractions = {"heads": config.heads, "mlp": config.mlp} if program.spec.family == "dit" else {}
-    decision = {
-        "criterion": config.criterion,
-        "fractions": fractions or {"channels": config.channels},
-        "removed": removed,
-        "parameters_before": before,
-        "parameters_after": after,
-    }
-    return pruned.replace(annotations={**program.annotations, NAME: decision})
+    decision = PruneDecision(config.criterion, fractions or {"channels": config.channels}, removed, before, after)
+    return PassResult(pruned, decision)
 
 
 def _groups(family: str, model: nn.Module, config: Config) -> Iterator[Group]:
@@ -221,3 +227,13 @@ def _per_unit(group: Group, elementwise: Callable[[nn.Parameter], torch.Tensor])
         score = elementwise(weight).transpose(0, dim).flatten(1).sum(1)  # per row/column along `dim`
         total += score.unflatten(0, (group.units, group.size)).sum(1)
     return total
+
+
+PASS = Pass(
+    name="prune",
+    phase=Phase.STRUCTURE,
+    config=Config,
+    run=run,
+    invalidates=frozenset({FLOPS}),
+    check=check,
+)

@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from calibration import selection
-from optimizer.adapters import Denoiser, adapter_for
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram
-from optimizer.limits import MAX_INPUTS
-from optimizer.pipeline import Context
-from optimizer.quantized import (
+from core.adapters import Denoiser, adapter_for
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.quantized import (
     ACTIVATION_FORMATS,
     BITS,
     CAPABILITY,
@@ -36,13 +35,10 @@ from optimizer.quantized import (
     QuantizedLayer,
     quantized_layers,
 )
-from optimizer.sampling import build_scheduler
-from optimizer.verify import per_step_error
+from core.sampling import build_scheduler
+from passes.base import Context, Pass, PassResult, Phase
+from verify.fidelity import per_step_error
 
-NAME = "quantize"
-AFTER: tuple[str, ...] = ("prune", "layer_removal", "sampler")
-BEFORE: tuple[str, ...] = ()
-REQUIRES: tuple[str, ...] = ()
 BATCH = 64
 
 
@@ -62,6 +58,43 @@ class Config:
     # of uint8 x int8 products in 16 bits (vpmaddubsw), which saturate with full-range weights; 7-bit
     # weights cannot (255 * 63 * 2 < 2^15). ORT's quantize_static calls this `reduce_range`.
     reduce_range: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizeDecision(Decision):
+    formats: dict[str, int]  # layer format -> how many layers
+    quantized_layers: int
+    kept_fp32: list[str]
+    fallback: list[dict[str, Any]]  # layers reverted to fp32, most sensitive first
+    eps_error_before_fallback: float
+    eps_error_after_fallback: float
+    calibration: dict[str, Any]
+    smoothquant_alpha: float
+    smoothed_layers: int
+    weight_bits: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    title = "Quantization"
+
+    def markdown(self) -> list[str]:
+        bits = self.weight_bits
+        lines = [
+            f"- layers: {self.quantized_layers} quantized ({', '.join(f'{k}: {v}' for k, v in self.formats.items())})",
+            f"- kept fp32 (temporal-only or excluded): {', '.join(self.kept_fp32) or 'none'}",
+            f"- calibration: {self.calibration['method']}, {self.calibration['inputs']} denoiser inputs;"
+            f" SmoothQuant alpha {self.smoothquant_alpha} on {self.smoothed_layers} layers",
+            f"- weight storage: {bits['stored'] / 8e6:.2f} MB vs {bits['fp32_equivalent'] / 8e6:.2f} MB fp32",
+            f"- teacher-forced model-output error on calibration trajectories: {self.eps_error_before_fallback:.4g}"
+            f" before fallback, {self.eps_error_after_fallback:.4g} after",
+        ]
+        if self.fallback:
+            lines += ["", "Layers reverted to fp32 (most sensitive first, measured alone):", ""]
+            lines += ["| layer | error when quantized alone | error after reverting |", "|---|---|---|"]
+            lines += [
+                f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in self.fallback
+            ]
+        lines += [f"- {note}" for note in self.notes]
+        return lines
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -91,9 +124,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("quantize: int4_block must be a power of two in [8, 4096]")
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
     denoiser = Denoiser(model, adapter_for(program.spec.model_class)).eval()
     kept = _kept_fp32(program, config)
@@ -135,19 +166,19 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     counts: dict[str, int] = {}
     for layer in layers.values():
         counts[layer.fmt.describe()] = counts.get(layer.fmt.describe(), 0) + 1
-    notes = {
-        "formats": counts,
-        "quantized_layers": len(layers),
-        "kept_fp32": sorted(kept),
-        "fallback": reverted,
-        "eps_error_before_fallback": error_before,
-        "eps_error_after_fallback": error_after,
-        "calibration": {"method": config.calibration, "inputs": int(inputs.x.shape[0])},
-        "smoothquant_alpha": config.smoothquant,
-        "smoothed_layers": len(smooth),
-        "weight_bits": _weight_bits(model),
-    }
-    return program.replace(denoiser=model, annotations={**program.annotations, NAME: notes})
+    decision = QuantizeDecision(
+        formats=counts,
+        quantized_layers=len(layers),
+        kept_fp32=sorted(kept),
+        fallback=reverted,
+        eps_error_before_fallback=error_before,
+        eps_error_after_fallback=error_after,
+        calibration={"method": config.calibration, "inputs": int(inputs.x.shape[0])},
+        smoothquant_alpha=config.smoothquant,
+        smoothed_layers=len(smooth),
+        weight_bits=_weight_bits(model),
+    )
+    return PassResult(program.replace(denoiser=model), decision)
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -303,3 +334,6 @@ def _weight_bits(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() * 32 for n, p in model.named_parameters() if n not in inside)
     low = sum(q.inner.weight.numel() * BITS[q.fmt.weights] for q in quantized.values())
     return {"fp32_equivalent": sum(p.numel() * 32 for p in model.parameters()), "stored": total + low}
+
+
+PASS = Pass(name="quantize", phase=Phase.NUMERICS, config=Config, run=run, check=check)

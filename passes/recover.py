@@ -20,18 +20,14 @@ from torch import nn
 
 from calibration import capture as calib
 from calibration import selection
-from optimizer.adapters import denoiser_module, respec
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram
-from optimizer.limits import MAX_INPUTS
-from optimizer.pipeline import Context
-from optimizer.sampling import build_scheduler
-from optimizer.verify import evaluation_set
+from calibration.capture import evaluation_set
+from core.adapters import denoiser_module, respec
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.sampling import build_scheduler
+from passes.base import Context, Pass, PassResult, Phase
 
-NAME = "recover"
-AFTER: tuple[str, ...] = ("sampler", "layer_removal", "prune")
-BEFORE: tuple[str, ...] = ("quantize", "guidance", "cache")
-REQUIRES: tuple[str, ...] = ()
 TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
 
 
@@ -46,6 +42,23 @@ class Config:
     teacher_samples: int = 256  # fresh trajectories of the original (0: the calibration set only)
 
 
+@dataclass(frozen=True)
+class RecoverDecision(Decision):
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    feature_pairs: int
+
+    title = "Recovery distillation"
+
+    def markdown(self) -> list[str]:
+        return [
+            f"- {self.steps} steps in {self.seconds} s; distillation loss {self.loss_first} -> {self.loss_last}"
+            f" (output + {self.feature_pairs} block features); fidelity before and after: see Passes"
+        ]
+
+
 def check(config: Config, capabilities: frozenset[str]) -> None:
     counts = (config.batch, config.samples, config.teacher_samples + 1)
     if not 1 <= config.steps <= 1_000_000 or config.batch < 2 or not all(1 <= c <= MAX_INPUTS for c in counts):
@@ -57,11 +70,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("recover: lr and max_seconds must be > 0, feature_weight >= 0")
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    config: Config = ctx.config
-    check(config, ctx.capabilities)
-    if "prune" not in program.annotations and "layer_removal" not in program.annotations:
-        raise ConfigError("recover: nothing to recover (run it after prune or layer_removal)")
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     teacher_program = ctx.reference
     # The student stays in eval mode: train-mode regularizers (dropout, DiT's 10% class-label
     # dropout) would make it fit the teacher on inputs the teacher never saw.
@@ -129,14 +138,14 @@ def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
     for p in student_model.parameters():
         p.requires_grad_(False)
     window = max(1, min(20, len(losses) // 5))
-    decision = {
-        "steps": len(losses),
-        "seconds": round(time.perf_counter() - start, 1),
-        "loss_first": round(sum(losses[:window]) / window, 5),
-        "loss_last": round(sum(losses[-window:]) / window, 5),
-        "feature_pairs": len(pairs),
-    }
-    return respec(program, student_model).replace(annotations={**program.annotations, NAME: decision})
+    decision = RecoverDecision(
+        steps=len(losses),
+        seconds=round(time.perf_counter() - start, 1),
+        loss_first=round(sum(losses[:window]) / window, 5),
+        loss_last=round(sum(losses[-window:]) / window, 5),
+        feature_pairs=len(pairs),
+    )
+    return PassResult(respec(program, student_model), decision)
 
 
 def _energy_normalized(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -147,10 +156,10 @@ def _feature_pairs(program: DiffusionProgram, teacher: DiffusionProgram) -> list
     """(student block, teacher block) pairs: the blocks that survived, matched by original index."""
     student_blocks = [program.denoiser.get_submodule(b) for b in program.spec.blocks]
     teacher_blocks = [teacher.denoiser.get_submodule(b) for b in teacher.spec.blocks]
-    kept = program.annotations.get("layer_removal", {}).get("kept", list(range(len(teacher_blocks))))
-    if len(kept) != len(student_blocks):
+    origin = program.spec.origins()
+    if len(origin) != len(student_blocks) or max(origin, default=-1) >= len(teacher_blocks):
         return []  # an unknown structural change: distil on the output alone
-    return [(s, teacher_blocks[k]) for s, k in zip(student_blocks, kept, strict=True)]
+    return [(s, teacher_blocks[k]) for s, k in zip(student_blocks, origin, strict=True)]
 
 
 class _Features:
@@ -184,3 +193,13 @@ class _Features:
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+
+
+PASS = Pass(
+    name="recover",
+    phase=Phase.RECOVERY,
+    config=Config,
+    run=run,
+    needs_earlier=frozenset({Phase.STRUCTURE}),  # nothing to recover otherwise
+    check=check,
+)

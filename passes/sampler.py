@@ -9,22 +9,33 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from optimizer.errors import ConfigError
-from optimizer.ir import DiffusionProgram
-from optimizer.limits import MAX_STEPS
-from optimizer.pipeline import Context
-from optimizer.sampling import check_plan, with_scheduler
-
-NAME = "sampler"
-AFTER: tuple[str, ...] = ()
-BEFORE: tuple[str, ...] = ()
-REQUIRES: tuple[str, ...] = ()
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram, SamplingPlan
+from core.limits import MAX_STEPS
+from core.sampling import check_plan, with_scheduler
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
 
 
 @dataclass
 class Config:
     scheduler: str = ""  # alias (ddpm, ddim, dpmsolver++, euler) or diffusers class; "" keeps the current one
     steps: int = 0  # 0 keeps the current count
+
+
+@dataclass(frozen=True)
+class SamplerDecision(Decision):
+    scheduler_before: str
+    steps_before: int
+    scheduler: str
+    steps: int
+
+    title = "Sampler"
+
+    def markdown(self) -> list[str]:
+        return [
+            f"- loop re-planned: `{self.scheduler_before}` at {self.steps_before} steps -> `{self.scheduler}` at"
+            f" {self.steps} steps; calibration recaptured for the new loop"
+        ]
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -37,10 +48,25 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
     check_plan(_plan(program, config))
 
 
-def _plan(program: DiffusionProgram, config: Config):
+def _plan(program: DiffusionProgram, config: Config) -> SamplingPlan:
     plan = with_scheduler(program.plan, config.scheduler) if config.scheduler else program.plan
     return dataclasses.replace(plan, num_inference_steps=config.steps) if config.steps else plan
 
 
-def run(program: DiffusionProgram, ctx: Context) -> DiffusionProgram:
-    return program.replace(plan=_plan(program, ctx.config))
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
+    before, plan = program.plan, _plan(program, config)
+    decision = SamplerDecision(
+        before.scheduler_class, before.num_inference_steps, plan.scheduler_class, plan.num_inference_steps
+    )
+    return PassResult(program.replace(plan=plan), decision)
+
+
+PASS = Pass(
+    name="sampler",
+    phase=Phase.PLAN,
+    config=Config,
+    run=run,
+    invalidates=frozenset({CALIBRATION, FLOPS}),
+    check=check,
+    check_program=check_program,
+)

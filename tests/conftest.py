@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimizer.loading import load_program
-from optimizer.zoo import SHIPPED
+from core.loading import load_program
+from zoo import SHIPPED
 
 
 @pytest.fixture(autouse=True)

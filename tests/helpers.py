@@ -52,3 +52,21 @@ def tiny_unet(num_class_embeds: int | None = None) -> nn.Module:
         attention_head_dim=8,
         num_class_embeds=num_class_embeds,
     ).eval()
+
+
+def lower(program, folder):
+    """Lower `program` with the ONNX Runtime backend, as the cpu targets do."""
+    from backends.registry import get_backend
+
+    return get_backend({"name": "onnxruntime"}).lower(program, folder)
+
+
+def run_recipe(program, calibration, recipe, capabilities=frozenset({"fp32"}), reference=None, **context):
+    """Run a recipe outside a job on given calibration trajectories (of `reference`, default `program`)."""
+    import dataclasses
+
+    from passes.manager import offline_context, plan_passes, run_passes
+
+    ctx = offline_context(reference or program, calibration, capabilities)
+    ctx = dataclasses.replace(ctx, **context)
+    return run_passes(program, plan_passes(recipe, capabilities, program=program), ctx)

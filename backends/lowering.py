@@ -1,0 +1,42 @@
+"""Lower a program to ONNX: one graph per variant its plan runs (core.variants), then plan.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.ir import DENOISER, DiffusionProgram
+from core.quantized import quantized_layers
+from core.variants import graph_variants
+
+from .onnx_export import OUTPUT_NAME, example_inputs, export_onnx, input_names
+from .plan import GraphFile, plan_document, write_plan
+
+ONNX_FILE = "denoiser.onnx"
+
+
+def graph_file(variant: str) -> str:
+    return ONNX_FILE if variant == DENOISER else f"denoiser_{variant}.onnx"
+
+
+def lower_onnx(program: DiffusionProgram, folder: Path, backend: dict[str, Any]) -> dict[str, Any]:
+    """Export every graph variant the plan runs into `folder`, then plan.json saying which runs at each
+    step and which `backend` executes them. Returns what was written."""
+    from .qdq import export_quantized
+
+    spec = program.spec
+    variants = graph_variants(program)
+    writers = [v for v in variants.values() if v.carried_out]
+    export = export_quantized if quantized_layers(program.denoiser) else export_onnx
+    graphs = {}
+    for name, variant in variants.items():
+        carried = variant.example_carry(writers[0], *example_inputs(spec)) if variant.carried_in else {}
+        path = folder / graph_file(name)
+        export(variant.module, spec, path, carried_in=carried, carried_out=variant.carried_out)
+        graphs[name] = GraphFile(path, [*input_names(spec), *carried], [OUTPUT_NAME, *variant.carried_out])
+    write_plan(folder, plan_document(program, graphs, backend))
+    return {
+        "onnx": [g.path.name for g in graphs.values()],
+        "onnx_bytes": sum(g.path.stat().st_size for g in graphs.values()),
+        "plan": "plan.json",
+    }

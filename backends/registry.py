@@ -1,0 +1,88 @@
+"""The backend interface and the registry that resolves `target.backend.name` to an implementation.
+
+A backend module (one file, e.g. backends/ort.py) defines `BACKEND`: a callable taking the target's
+backend options (a dict with at least "name") and returning an object with this interface.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from core.errors import ConfigError
+from core.ir import DiffusionProgram
+from core.sampling import DenoiseFn, Variants
+
+from .plan import LoadedPlan, read_plan
+
+SHARED = ("registry", "lowering", "onnx_export", "plan", "qdq", "runner")  # not backends themselves
+
+
+class Runner(Protocol):
+    """Executes a lowered artifact: the same loop as the reference program, on the backend's runtime."""
+
+    plan: LoadedPlan
+    loop: Variants  # the graph variants as loop callables (core.sampling.StepFn)
+    denoise: DenoiseFn  # the graph of step 0 as a plain denoise function (latency of one call)
+
+    def sample(
+        self, seeds: Sequence[int], labels: Sequence[int] | None = None, progress: Callable[[Any], Any] = ...
+    ) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def lower(self, program: DiffusionProgram, folder: Path) -> dict[str, Any]:
+        """Write the program's artifacts (graphs/engines + plan.json) into `folder`; what was written."""
+        ...
+
+    def runner(self, folder: Path) -> Runner: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Name, runtime version, devices/providers: for the report."""
+        ...
+
+    def runtime_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions its runtime raises on a bad artifact (reported as bad input, exit 2)."""
+        ...
+
+
+@cache
+def factories() -> dict[str, Callable[[Mapping[str, Any]], Backend]]:
+    """Every backend module's `BACKEND`, by name."""
+    import backends
+
+    found = {}
+    for info in pkgutil.iter_modules(backends.__path__):
+        if info.name in SHARED:
+            continue
+        factory = importlib.import_module(f"backends.{info.name}").BACKEND
+        found[factory.name] = factory
+    return found
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(factories()))
+
+
+def get_backend(options: Mapping[str, Any]) -> Backend:
+    """The backend a target's "backend" options name, configured with them."""
+    name = options.get("name")
+    if name not in factories():
+        raise ConfigError(f"unknown backend {name!r} (known: {', '.join(names())})")
+    return factories()[name](options)
+
+
+def open_runner(folder: Path, options: Mapping[str, Any] | None = None) -> Runner:
+    """A runner over an output folder, on the backend its plan.json names (`options` override it)."""
+    recorded = read_plan(folder).document.get("backend", {"name": "onnxruntime"})
+    return get_backend(dict(options or recorded)).runner(folder)

@@ -1,0 +1,34 @@
+"""What every side-by-side command (quant-, cache-, prune-compare) starts from: calibration
+trajectories, the evaluation seeds with the original's samples on them, and the digits judge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from calibration.capture import evaluation_set
+from core.ir import DiffusionProgram
+from verify.fidelity import DigitsJudge
+
+
+class ComparisonSet(NamedTuple):
+    calibration: Any  # calibration.capture.Trajectories, on the calibration seeds
+    seeds: list[int]
+    classes: list[int] | None
+    reference: Any  # the original's trajectories on the evaluation seeds
+    judge: DigitsJudge | None
+
+
+def comparison_set(
+    program: DiffusionProgram, samples: int, calibration_samples: int, log: Callable[[str], None]
+) -> ComparisonSet:
+    from calibration import capture as calib
+
+    num_classes = program.spec.conditioning.num_classes
+    log(f"calibration: {calibration_samples} trajectories")
+    calibration = calib.capture_calibration(program, calibration_samples)
+    seeds, classes = evaluation_set(samples, num_classes, 0)
+    log(f"reference: {samples} samples")
+    reference = calib.capture(program, seeds, classes)
+    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
+    return ComparisonSet(calibration, seeds, classes, reference, judge)

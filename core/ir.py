@@ -1,0 +1,218 @@
+"""The IR: a DiffusionProgram is a denoiser network plus the sampling loop that calls it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from core.errors import ConfigError
+from core.validate import finite_tree, get, integer, is_int, number
+
+# The graph variants a loop can run (built by core.variants): one network, or a cache schedule's two.
+DENOISER, FULL, CACHED = "denoiser", "full", "cached"
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Class conditioning. `null_class` is the label of the unconditional branch (None: no guidance)."""
+
+    num_classes: int = 0
+    null_class: int | None = None
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.num_classes > 0 and self.null_class is not None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "conditioning") -> Conditioning:
+        """Read a sidecar's or plan.json's conditioning, every field type-checked and bounded."""
+        num = integer(get(data, "num_classes", object, where), f"{where}.num_classes", 0, 1_000_000)
+        null = get(data, "null_class", (int, type(None)), where, None)
+        if null is not None:
+            integer(null, f"{where}.null_class", 0, 1_000_000)
+        return cls(num, null)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline needs to know about the denoiser's architecture."""
+
+    family: str  # "dit" | "unet"
+    model_class: str  # diffusers class name
+    model_config: dict[str, Any]
+    sample_shape: tuple[int, int, int]  # (C, H, W)
+    conditioning: Conditioning
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    blocks: tuple[str, ...]  # module names of the repeated blocks, in execution order
+    attention_sites: tuple[str, ...]  # module names of attention layers
+    temporal_modules: tuple[str, ...]  # modules whose output depends on (t, class) only
+    # Structural lineage: for each of `blocks`, the index of the original block it descends from
+    # (None: the original blocks, unchanged). Set by passes that remove blocks; read by recovery.
+    block_origin: tuple[int, ...] | None = None
+
+    def origins(self) -> tuple[int, ...]:
+        return self.block_origin if self.block_origin is not None else tuple(range(len(self.blocks)))
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    """Feature reuse across steps (DeepCache / FORA / Δ-DiT style), decided ahead of time.
+
+    `region` = (first, stop) over the family's levels: DiT blocks [first, stop) whose summed residual is
+    reused; UNet levels [first, stop) (down block, matching up block and everything deeper) whose
+    output feature is reused. At a refresh step the full network runs and stores the tensor; at the
+    other steps the region is skipped and the stored tensor from the last refresh step stands in.
+    """
+
+    family: str  # "dit" | "unet"
+    region: tuple[int, int]
+    refresh: tuple[bool, ...]  # per step; step 0 always refreshes
+
+    def __post_init__(self) -> None:
+        first, stop = self.region
+        if not 0 <= first < stop:
+            raise ValueError(f"cache region {self.region} is empty or negative")
+        if not self.refresh or not self.refresh[0]:
+            raise ValueError("a cache schedule must refresh at step 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSchedule:
+        where = "sampling.cache"
+        region = get(data, "region", list, where)
+        refresh = get(data, "refresh", list, where)
+        if len(region) != 2 or not all(is_int(r) for r in region):
+            raise ConfigError(f"{where}.region must be [first, stop]")
+        if not all(isinstance(r, bool) for r in refresh):
+            raise ConfigError(f"{where}.refresh must be a list of true/false")
+        return cls(get(data, "family", str, where), (region[0], region[1]), tuple(refresh))
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The loop: scheduler (diffusers class + config), step count, guidance and its per-step policy, cache."""
+
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    num_inference_steps: int
+    guidance_scale: float = 1.0
+    guided_steps: tuple[bool, ...] | None = None  # per step: run the unconditional pass? None: every step
+    cache: CacheSchedule | None = None
+
+    def __post_init__(self) -> None:
+        n = self.num_inference_steps
+        if self.guided_steps is not None and len(self.guided_steps) != n:
+            raise ValueError(f"guided_steps has {len(self.guided_steps)} entries for {n} steps")
+        if self.cache is None:
+            return
+        if len(self.cache.refresh) != n:
+            raise ValueError(f"cache schedule has {len(self.cache.refresh)} entries for {n} steps")
+        last = 0
+        for i in range(n):
+            if self.cache.refresh[i]:
+                last = i
+            elif self.guided(i) and not self.guided(last):
+                raise ValueError(f"step {i} is guided but reuses features of unguided step {last}")
+
+    def guided(self, step: int) -> bool:
+        """Whether step `step` runs the unconditional pass too (given guidance is on at all)."""
+        return self.guided_steps is None or self.guided_steps[step]
+
+    def variant(self, step: int) -> str:
+        """Which graph variant runs at `step`: "denoiser" (no cache), "full" (refresh) or "cached"."""
+        if self.cache is None:
+            return DENOISER
+        return FULL if self.cache.refresh[step] else CACHED
+
+    def without_loop_policy(self) -> SamplingPlan:
+        return dataclasses.replace(self, guided_steps=None, cache=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingPlan:
+        """Read a plan written by `to_dict` (e.g. from plan.json), every field type-checked."""
+        where = "sampling"
+        guided = get(data, "guided_steps", (list, type(None)), where, None)
+        cache = get(data, "cache", (dict, type(None)), where, None)
+        config = get(data, "scheduler_config", dict, where)
+        finite_tree(config, f"{where}.scheduler_config")
+        if guided is not None and not all(isinstance(g, bool) for g in guided):
+            raise ConfigError(f"{where}.guided_steps must be a list of true/false")
+        return cls(
+            get(data, "scheduler_class", str, where),
+            config,
+            integer(get(data, "num_inference_steps", int, where), f"{where}.num_inference_steps", 1),
+            number(get(data, "guidance_scale", (int, float), where, 1.0), f"{where}.guidance_scale", 0.0),
+            tuple(guided) if guided is not None else None,
+            CacheSchedule.from_dict(cache) if cache is not None else None,
+        )
+
+
+class Decision:
+    """What a pass decided. Each pass subclasses it as a frozen dataclass with typed fields; the report
+    stores `to_dict()` in report.json and puts `markdown()` (the pass's own section) in report.md."""
+
+    title = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def markdown(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One applied pass: its config, what it decided, the fidelity measured right after it, its wall time."""
+
+    name: str
+    phase: str
+    config: dict[str, Any]
+    decision: Decision
+    fidelity: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the program came from: the input path, its format and a digest of its weights."""
+
+    path: str
+    format: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class DiffusionProgram:
+    denoiser: nn.Module
+    spec: ModelSpec
+    plan: SamplingPlan
+    source: Source
+    provenance: tuple[PassRecord, ...] = field(default=())
+
+    def replace(self, **changes: Any) -> DiffusionProgram:
+        return dataclasses.replace(self, **changes)
+
+    def decision(self, pass_name: str) -> Any:
+        """The decision of the last applied pass named `pass_name` (None if it did not run)."""
+        found = [r.decision for r in self.provenance if r.name == pass_name]
+        return found[-1] if found else None
+
+    def fingerprint(self) -> str:
+        """Identifies (weights, loop, passes with their configs): the key analyses are cached under."""
+        payload = json.dumps(
+            {
+                "source": self.source.digest,
+                "plan": self.plan.to_dict(),
+                "passes": [{"name": p.name, "config": p.config} for p in self.provenance],
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,148 @@
+"""What a run may cost, estimated before anything real is built.
+
+A config's repetition counts and sizes are capped first (a config with 10^9 layers is refused in
+microseconds); then the denoiser is built on torch's `meta` device, which allocates nothing, and run once
+at batch 1 on meta tensors: that gives the exact parameter count and the largest activation of one call
+(attention scores included). Memory for loading, and for a whole job (weights, the batched sampling loop,
+the captured trajectories), is estimated from those and compared with the memory available now.
+`--allow-large` turns the memory refusal off for the deliberately huge; the caps stay.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import LimitError, LoadError, one_line
+from core.validate import is_int
+
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_STEPS = 1_000
+MAX_SAMPLES = 100_000
+MAX_SEED = 2**62  # torch generators take 64-bit seeds; seed + sample index must stay in range
+MAX_REPEATS = 10_000
+MAX_INPUTS = 65_536  # calibration inputs / samples a pass may hold at once
+MAX_CONFIG_INT = 1 << 31
+BYTES = 4  # fp32
+LIVE_TENSORS = 4  # a call holds its input, output and a few intermediates of the largest size at once
+JOB_WEIGHT_COPIES = 5  # reference, candidate, a pass's working copy, ONNX export, the ORT session
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Measured on the meta device: parameters, and the largest tensor of one denoiser call per sample."""
+
+    parameters: int
+    activation_elements: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.parameters * BYTES
+
+    def call_bytes(self, batch: int) -> int:
+        return LIVE_TENSORS * batch * self.activation_elements * BYTES
+
+
+def check_caps(config: dict[str, Any], caps: dict[str, int], where: str) -> None:
+    """Counts and sizes that cost time or memory before any estimate can run: positive and capped.
+    A list value (e.g. UNet block_out_channels) is checked element by element and capped in length."""
+    for key, value in config.items():
+        if isinstance(value, list | tuple) and len(value) > 64:
+            raise LoadError(f"{where}: '{key}' has {len(value):,} entries; no supported config has more than 64")
+    for key, cap in caps.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        if isinstance(value, list | tuple) and not 0 < len(value) <= 16:
+            raise LoadError(f"{where}: '{key}' must have 1 to 16 entries, got {len(value)}")
+        for v in values:
+            if not is_int(v) or not 0 < v <= cap:
+                raise LoadError(f"{where}: '{key}' must be an integer in [1, {cap:,}], got {v!r}")
+
+
+def footprint(model_class: str, config: dict[str, Any]) -> Footprint:
+    """Exact parameter count and largest activation, without allocating: build and run on `meta`."""
+    return _footprint(model_class, json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _footprint(model_class: str, config_json: str) -> Footprint:
+    import torch  # here, not at import: the CLI reads this module's bounds before it needs torch
+    from diffusers.models.attention_processor import Attention
+
+    from core.adapters import adapter_for
+
+    adapter = adapter_for(model_class)
+    config = json.loads(config_json)
+    largest = 0
+
+    def record(module: Any, args: tuple, output: Any) -> None:
+        nonlocal largest
+        for out in output if isinstance(output, tuple) else (output,):
+            if isinstance(out, torch.Tensor):
+                largest = max(largest, out.numel())
+        if isinstance(module, Attention) and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            tokens = x.shape[1] if x.dim() == 3 else x[0, 0].numel()
+            largest = max(largest, x.shape[0] * module.heads * tokens * tokens)  # softmax(QK^T) per head
+
+    try:
+        with torch.device("meta"):
+            model = adapter.build(config).eval()
+        shape = adapter.sample_shape(config)
+        hooks = [m.register_forward_hook(record) for m in model.modules()]
+        x = torch.zeros(1, *shape, device="meta")
+        t = torch.zeros(1, device="meta")
+        y = torch.zeros(1, dtype=torch.int64, device="meta")
+        with torch.no_grad():
+            adapter.forward(model, x, t, y)
+        for hook in hooks:
+            hook.remove()
+    except LoadError:
+        raise
+    except Exception as exc:  # diffusers raises many types for an inconsistent config
+        raise LoadError(f"invalid {model_class} config: {one_line(str(exc), 300)}") from None
+    return Footprint(sum(p.numel() for p in model.parameters()), largest)
+
+
+def available_memory() -> int:
+    """Bytes the kernel says a new allocation can get now (MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def require_memory(need: int, what: str, advice: str, allow_large: bool) -> None:
+    if allow_large:
+        return
+    have = available_memory()
+    if need > have:
+        raise LimitError(
+            f"{what} needs about {need / GIB:.1f} GiB of memory and {have / GIB:.1f} GiB is available; "
+            f"{advice} (or pass --allow-large to try anyway)"
+        )
+
+
+def trajectory_bytes(sample_shape: tuple[int, ...], steps: int, batch: int) -> int:
+    """A capture: model inputs and outputs at every step, kept twice while stacked."""
+    elements = 1
+    for d in sample_shape:
+        elements *= d
+    return 2 * 2 * steps * batch * elements * BYTES
+
+
+def job_memory(fp: Footprint, sample_shape: tuple[int, ...], steps: int, guided: bool, samples: int) -> int:
+    """The peak of a job whose largest batch samples `samples` seeds at once: weights, one batched call,
+    the reference trajectories and the candidate's (the same size, in the worst case)."""
+    batch = samples * (2 if guided else 1)
+    return JOB_WEIGHT_COPIES * fp.weight_bytes + fp.call_bytes(batch) + 2 * trajectory_bytes(sample_shape, steps, batch)

@@ -1,0 +1,265 @@
+"""Load a DiffusionProgram from our checkpoint format or a diffusers folder, safely.
+
+Weights come from safetensors, or from torch files with `weights_only=True`: a pickle that would run
+code is refused. Every field of a sidecar or config is type- and range-checked, the model's cost is
+estimated on the meta device before it is built (see limits), and weights holding NaN/Inf are refused.
+Nothing is ever written next to the input.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import limits
+from core import sampling as sampling_scheduler
+from core.adapters import adapter_for
+from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
+from core.errors import ConfigError, LoadError
+from core.fileio import sha256_files
+from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source
+from core.outputs import resolve
+from core.sampling import check_plan, with_scheduler
+from core.validate import finite_tree, get, integer, number, read_json_object
+
+DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "num_inference_steps": 20, "guidance_scale": 2.0}
+DEFAULT_SCHEDULER = {"class": "DDPMScheduler", "config": {}}
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MAX_GUIDANCE = 1000.0
+LARGE_ADVICE = "this machine cannot hold the model"
+
+
+def load_program(path: str | Path, allow_large: bool = False) -> DiffusionProgram:
+    p = Path(path)
+    resolved = resolve(p, "model")
+    if not resolved.exists():
+        raise LoadError(f"{p}: no such file or directory")
+    if resolved.is_dir():
+        return _load_diffusers(p, allow_large)
+    if not resolved.is_file():
+        raise LoadError(f"{p}: not a regular file or a folder")
+    if p.suffix == ".json":
+        p = _weights_for_sidecar(p)
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise LoadError(f"{p}: unsupported file type '{p.suffix}' (expected {', '.join(WEIGHT_SUFFIXES)} or a folder)")
+    return _load_checkpoint(p, allow_large)
+
+
+def _weights_for_sidecar(sidecar: Path) -> Path:
+    for suffix in WEIGHT_SUFFIXES:
+        if (candidate := sidecar.with_suffix(suffix)).exists():
+            return candidate
+    raise LoadError(f"{sidecar}: no weights file beside it ({', '.join(WEIGHT_SUFFIXES)})")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, LoadError, "JSON")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file, refusing executable pickles."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LoadError(
+            f"{path}: refused, the pickle holds objects other than tensors ({first}); "
+            "convert it to safetensors from a trusted environment"
+        ) from None
+    except Exception as exc:  # zip/EOF/stream errors from a damaged file
+        raise LoadError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoadError(f"{path}: expected a state dict of tensors")
+    return data
+
+
+def file_digest(paths: list[Path]) -> str:
+    return sha256_files(paths)[:16]
+
+
+def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
+    sidecar = sidecar_path(weights)
+    if not sidecar.exists():
+        raise LoadError(f"{weights}: missing config '{sidecar.name}' beside it (our checkpoints are weights + JSON)")
+    meta = read_json(sidecar)
+    where = str(sidecar)
+    if meta.get("format") != FORMAT:
+        raise LoadError(f"{where}: not a {FORMAT} config (format={meta.get('format')!r})")
+    model_meta = get(meta, "model", dict, where, error=LoadError)
+    cond = get(meta, "conditioning", (dict, type(None)), where, default=None, error=LoadError)
+    return _assemble(
+        model_class=get(model_meta, "class", str, f"{where}: model", error=LoadError),
+        config=get(model_meta, "config", dict, f"{where}: model", error=LoadError),
+        weights=weights,
+        scheduler=get(meta, "scheduler", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SCHEDULER,
+        sampling=get(meta, "sampling", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SAMPLING,
+        conditioning=None if cond is None else _conditioning(cond, f"{where}: conditioning"),
+        source=Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
+        where=where,
+        allow_large=allow_large,
+    )
+
+
+def _conditioning(data: dict[str, Any], where: str) -> Conditioning:
+    try:
+        return Conditioning.from_dict(data, where)
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:
+    """A `save_pretrained` model folder, or a pipeline folder (model_index.json) with transformer/ or unet/."""
+    scheduler = DEFAULT_SCHEDULER
+    model_dir = folder
+    if (folder / "model_index.json").exists():
+        index = read_json(folder / "model_index.json")
+        component = next((c for c in ("transformer", "unet") if c in index), None)
+        if component is None:
+            raise LoadError(f"{folder}: model_index.json names no 'transformer' or 'unet' component")
+        model_dir = folder / component
+        if not (model_dir / "config.json").is_file():
+            raise LoadError(f"{folder}: model_index.json names '{component}', but {component}/config.json is missing")
+        if (folder / "scheduler" / "scheduler_config.json").exists():
+            sched = read_json(folder / "scheduler" / "scheduler_config.json")
+            scheduler = {
+                "class": get(sched, "_class_name", str, "scheduler_config.json", "DDPMScheduler", LoadError),
+                "config": sched,
+            }
+    elif not (model_dir / "config.json").is_file():
+        raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
+    config = read_json(model_dir / "config.json")
+    weights = next((model_dir / n for n in DIFFUSERS_WEIGHTS if (model_dir / n).is_file()), None)
+    if weights is None:
+        raise LoadError(f"{model_dir}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
+    return _assemble(
+        model_class=str(config.get("_class_name")),
+        config=config,
+        weights=weights,
+        scheduler=scheduler,
+        sampling=DEFAULT_SAMPLING,
+        conditioning=None,
+        source=Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights])),
+        where=str(model_dir / "config.json"),
+        allow_large=allow_large,
+    )
+
+
+def _assemble(
+    model_class: str,
+    config: dict[str, Any],
+    weights: Path,
+    scheduler: dict[str, Any],
+    sampling: dict[str, Any],
+    conditioning: Conditioning | None,
+    source: Source,
+    where: str,
+    allow_large: bool,
+) -> DiffusionProgram:
+    """Check everything that is cheap to check, estimate the cost, then build and load."""
+    adapter = adapter_for(model_class)
+    finite_tree(config, f"{where}: config", LoadError)
+    limits.check_caps(config, adapter.CAPS, f"{where}: config")
+    plan = _plan(scheduler, sampling, where)
+    footprint = limits.footprint(model_class, config)
+    need = 2 * max(footprint.weight_bytes, weights.stat().st_size)  # the file's tensors + the model
+    limits.require_memory(need, f"loading {footprint.parameters:,} parameters", LARGE_ADVICE, allow_large)
+    model = adapter.build(config)
+    state = read_weights(weights)
+    _check_shapes(model, state, source)
+    _check_finite(state, weights)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        raise LoadError(
+            f"{source.path}: weights do not fit the {model_class} config "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    return _program(model, plan, conditioning, source, where)
+
+
+def _plan(scheduler: dict[str, Any], sampling: dict[str, Any], where: str) -> SamplingPlan:
+    """The sampling plan of a sidecar/pipeline, every field checked and the scheduler built once."""
+    scheduler_class = get(scheduler, "class", str, f"{where}: scheduler", error=LoadError)
+    try:
+        sampling_scheduler.scheduler_class(scheduler_class)
+    except ConfigError as exc:
+        raise LoadError(f"{where}: scheduler.class: {exc}") from None
+    scheduler_config = get(scheduler, "config", dict, f"{where}: scheduler", {}, LoadError)
+    finite_tree(scheduler_config, f"{where}: scheduler.config", LoadError)
+    steps = get(sampling, "num_inference_steps", object, f"{where}: sampling", 20, LoadError)
+    guidance = get(sampling, "guidance_scale", object, f"{where}: sampling", 1.0, LoadError)
+    name = get(sampling, "scheduler", str, f"{where}: sampling", scheduler_class, LoadError)
+    base = SamplingPlan(
+        scheduler_class,
+        {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        integer(steps, f"{where}: sampling.num_inference_steps", 1, limits.MAX_STEPS, LoadError),
+        number(guidance, f"{where}: sampling.guidance_scale", 0.0, MAX_GUIDANCE, LoadError),
+    )
+    try:
+        plan = with_scheduler(base, name)
+        check_plan(plan)
+    except ConfigError as exc:
+        raise LoadError(f"{where}: {exc}") from None
+    return plan
+
+
+def _program(
+    model: torch.nn.Module,
+    plan: SamplingPlan,
+    conditioning: Conditioning | None,
+    source: Source,
+    where: str,
+) -> DiffusionProgram:
+    adapter = adapter_for(type(model).__name__)
+    model.eval().requires_grad_(False)
+    if conditioning is not None:
+        adapter.check_conditioning(model, conditioning, where)
+    spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
+    if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
+        plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
+    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source)
+
+
+def program_from_model(
+    model: torch.nn.Module,
+    scheduler: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
+    conditioning: Conditioning | None = None,
+    source: Source | None = None,
+) -> DiffusionProgram:
+    """Wrap an in-memory diffusers model (DiTTransformer2DModel / UNet2DModel) as a program."""
+    plan = _plan(scheduler or DEFAULT_SCHEDULER, sampling or DEFAULT_SAMPLING, "<memory>")
+    return _program(model, plan, conditioning, source or Source("<memory>", "memory", ""), "<memory>")
+
+
+def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Source) -> None:
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise LoadError(
+            f"{source.path}: weight shapes do not fit the config, e.g. {bad[0]}: "
+            f"{tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN/Inf weights make every later number meaningless (and crash the Fréchet distance): refuse now."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise LoadError(f"{path}: weight '{key}' holds {bad:,} NaN/Inf values; refusing a broken model")

@@ -1,0 +1,196 @@
+"""The sampling loop: diffusers schedulers + classifier-free guidance around any denoise function.
+
+One loop serves every backend: `denoise` is a torch module call, an ONNX Runtime session, etc. A plan
+with a cache schedule runs graph *variants* ("full" writes the carried tensors, "cached" reads them);
+the loop owns the carried tensors, so every backend executes a plan the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError, one_line
+from core.ir import DENOISER, Conditioning, SamplingPlan
+from core.validate import is_int
+
+# (x [B,C,H,W], t [B] float32, y [B] int64 or None) -> model output [B,C,H,W]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (x, t, y, carried tensors in) -> (model output, carried tensors out): one graph variant
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
+Variants = Mapping[str, StepFn]
+# (step index, t, model input x, model labels y, raw model output) for calibration capture
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+
+def as_variants(denoise: DenoiseFn | Variants) -> Variants:
+    """A plain denoise function is the single variant "denoiser", carrying nothing."""
+    if isinstance(denoise, Mapping):
+        return denoise
+    return {DENOISER: lambda x, t, y, carry: (denoise(x, t, y), {})}
+
+
+def run_variant(
+    variants: Variants, name: str, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if name not in variants:
+        raise ConfigError(f"the plan needs graph variant '{name}', which this backend lacks ({', '.join(variants)})")
+    # Carried tensors from a guided step hold [cond, uncond]; an unguided step uses the cond half.
+    carry = {k: v[: x.shape[0]] for k, v in carry.items()}
+    return variants[name](x, t, y, carry)
+
+
+SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def scheduler_class(name: str) -> type:
+    """A concrete diffusers scheduler class by name (not a mixin or base class)."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    concrete = (
+        isinstance(cls, type)
+        and issubclass(cls, diffusers.SchedulerMixin)
+        and issubclass(cls, diffusers.ConfigMixin)
+        and cls is not diffusers.SchedulerMixin
+        and callable(getattr(cls, "step", None))
+    )
+    if not concrete:
+        known = ", ".join(SCHEDULER_ALIASES)
+        raise ConfigError(f"unknown scheduler '{name}' (aliases: {known}, or a diffusers scheduler class)")
+    return cls
+
+
+def _check_scheduler_config(config: dict[str, Any]) -> None:
+    """Sizes a scheduler allocates at construction: bounded before diffusers sees them."""
+    from core.limits import MAX_TRAIN_TIMESTEPS
+
+    n = config.get("num_train_timesteps", 1000)
+    if not is_int(n) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ConfigError(
+            f"scheduler num_train_timesteps must be an integer in [1, {MAX_TRAIN_TIMESTEPS:,}], got {n!r}"
+        )
+    betas = config.get("trained_betas")
+    if betas is not None and (not isinstance(betas, list) or len(betas) > MAX_TRAIN_TIMESTEPS):
+        raise ConfigError("scheduler trained_betas must be a list of at most one entry per train timestep")
+
+
+def _from_config(cls: type, config: dict[str, Any]) -> Any:
+    _check_scheduler_config(config)
+    try:
+        return cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types for a bad config
+        raise ConfigError(f"{cls.__name__} cannot be built from this scheduler config ({one_line(exc, 300)})") from None
+
+
+def build_scheduler(plan: SamplingPlan) -> Any:
+    scheduler = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
+    train = scheduler.config.num_train_timesteps
+    if not 1 <= plan.num_inference_steps <= train:
+        raise ConfigError(
+            f"{plan.num_inference_steps} sampling steps: must be in [1, {train}] (the scheduler's train timesteps)"
+        )
+    try:
+        scheduler.set_timesteps(plan.num_inference_steps)
+    except Exception as exc:
+        raise ConfigError(
+            f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({one_line(exc, 300)})"
+        ) from None
+    return scheduler
+
+
+def check_plan(plan: SamplingPlan) -> None:
+    """Everything a loop will ask of the scheduler, tried once on a tiny tensor before any real work."""
+    scheduler = build_scheduler(plan)
+    try:
+        x = torch.zeros(1, 1, 2, 2)
+        t = scheduler.timesteps[0]
+        scheduler.step(scheduler.scale_model_input(x, t), t, x)
+    except Exception as exc:
+        raise ConfigError(f"{plan.scheduler_class} cannot run this sampling loop ({one_line(exc, 300)})") from None
+
+
+def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:
+    """Swap the scheduler (alias or diffusers class name), keeping the trained noise schedule."""
+    class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
+    cls = scheduler_class(class_name)
+    config = {**_from_config(cls, plan.scheduler_config).config, **overrides}
+    defaults = _from_config(cls, {}).config
+    # Keep only what differs from the class defaults: compact, and free of non-JSON values like -inf.
+    changed = {k: v for k, v in config.items() if not k.startswith("_") and v != defaults.get(k)}
+    return SamplingPlan(class_name, changed, plan.num_inference_steps, plan.guidance_scale)
+
+
+def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
+    return plan.guidance_scale > 1.0 and conditioning.supports_guidance
+
+
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One generator per sample, so a sample depends on its seed alone (as diffusers' randn_tensor)."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+
+def sample(
+    plan: SamplingPlan,
+    conditioning: Conditioning,
+    sample_shape: Sequence[int],
+    denoise: DenoiseFn | Variants,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None = None,
+    observer: Observer | None = None,
+    progress: Callable[[Any], Any] = lambda it: it,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the loop; returns the final samples in model space (usually [-1, 1]).
+
+    `start` overrides the initial noise (already scaled), e.g. to replay a captured trajectory."""
+    if conditioning.num_classes and (labels is None or len(labels) != len(seeds)):
+        raise ConfigError("a class-conditional model needs one label per seed")
+    if labels is not None and any(not 0 <= c < conditioning.num_classes for c in labels):
+        raise ConfigError(f"class labels must lie in [0, {conditioning.num_classes})")
+    variants = as_variants(denoise)
+    scheduler = build_scheduler(plan)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma if start is None else start
+    y = torch.tensor(list(labels), dtype=torch.int64) if conditioning.num_classes else None
+    cfg = uses_guidance(plan, conditioning)
+    y_guided = torch.cat([y, torch.full_like(y, conditioning.null_class)]) if cfg else y
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    carry: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(progress(scheduler.timesteps)):
+        guided = cfg and plan.guided(i)
+        x_in = scheduler.scale_model_input(x, t)
+        if guided:
+            x_in = torch.cat([x_in, x_in])
+        y_in = y_guided if guided else y
+        t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
+        out, written = run_variant(variants, plan.variant(i), x_in, t_in, y_in, carry)
+        carry.update(written)
+        if observer is not None:
+            observer(i, t_in, x_in, y_in, out)
+        x = scheduler.step(guide(out, plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
+    return x
+
+
+def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
+    """Classifier-free guidance on a [cond, uncond] batch; an unguided step's output is used as is."""
+    if not guided:
+        return out
+    cond, uncond = out.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def to_images(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1], as diffusers pipelines post-process (NaN shows as black)."""
+    return torch.nan_to_num(x / 2 + 0.5, nan=0.0).clamp(0, 1)

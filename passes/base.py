@@ -1,0 +1,90 @@
+"""The pass contract: a pass is data (name, phase, requires, invalidates, Config) plus `run`.
+
+Models: torch.fx's PassBase/PassManager (a pass returns a new program; the manager checks and
+orders), LLVM's new pass manager (analyses computed on demand, cached, and dropped when a pass
+says it invalidated them) and torchao's config + handler (a typed Config per pass).
+
+A pass module defines `PASS = Pass(...)`; `passes.manager` finds it by scanning this package, so
+adding a pass is one new file. A pass never imports another pass: what one pass leaves for a later
+one lives in the program (the spec's block lineage, the plan), never in a side channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+import torch
+
+from core.ir import Decision, DiffusionProgram
+
+if TYPE_CHECKING:
+    from calibration.capture import Trajectories
+    from passes.analyses import Analyses
+
+
+class Phase(IntEnum):
+    """When a pass runs. The manager runs a recipe phase by phase (recipe order within a phase)."""
+
+    PLAN = 1  # the loop itself: scheduler and step count (sampler)
+    STRUCTURE = 2  # which blocks, heads and channels exist (layer_removal, prune)
+    RECOVERY = 3  # weights retrained toward the original (recover)
+    NUMERICS = 4  # number formats (quantize)
+    GUIDANCE_POLICY = 5  # which steps run the unconditional pass (guidance)
+    REUSE_POLICY = 6  # which steps recompute which features (cache): priced on everything before it
+
+
+# Analyses: facts about a program that passes read and the manager caches (passes.analyses).
+CALIBRATION = "calibration"  # the reference network's trajectories under the current loop
+FLOPS = "flops"  # denoiser FLOPs per image (core.flops.plan_flops)
+ANALYSES = (CALIBRATION, FLOPS)
+
+C = TypeVar("C")
+
+
+class PassResult(NamedTuple):
+    """What `run` returns: a new program (the input is left untouched) and the typed decision."""
+
+    program: DiffusionProgram
+    decision: Decision
+
+
+@dataclass
+class Context:
+    """What a pass may use besides its program and Config."""
+
+    reference: DiffusionProgram  # the original network under the current loop (no guidance/cache policy)
+    analyses: Analyses
+    capabilities: frozenset[str]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    progress: Callable[..., Iterable] = lambda it, **_: it
+
+    @property
+    def calibration(self) -> Trajectories:
+        """The reference's trajectories on the calibration seeds, recaptured when a pass changed the loop."""
+        return self.analyses.calibration(self.reference)
+
+    def flops(self, program: DiffusionProgram) -> dict[str, Any]:
+        return self.analyses.flops(program)
+
+
+@dataclass(frozen=True)
+class Pass(Generic[C]):
+    name: str
+    phase: Phase
+    config: type[C]  # a dataclass with typed fields and defaults; the recipe's "config" fills it
+    run: Callable[[DiffusionProgram, C, Context], PassResult]
+    requires: frozenset[str] = frozenset()  # target capabilities, e.g. {"int8"}
+    invalidates: frozenset[str] = frozenset()  # analyses (ANALYSES) its output makes stale
+    needs_earlier: frozenset[Phase] = frozenset()  # phases the recipe must also contain, before this one
+    check: Callable[[C, frozenset[str]], None] | None = None  # config vs target, before anything runs
+    check_program: Callable[[C, DiffusionProgram], None] | None = None  # config vs the model, ditto
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.invalidates) - set(ANALYSES)
+        if unknown:
+            raise ValueError(f"pass '{self.name}' invalidates unknown analyses {sorted(unknown)}")

@@ -1,0 +1,214 @@
+"""The pass manager: resolve and check a whole recipe before anything runs, order it by phase, run it.
+
+Checks made up front: every pass is known, its config keys and types, the target's capabilities
+(`requires`), config checks against the target (`check`) and the model (`check_program`), no pass
+twice, and the phases a pass needs earlier in the recipe (`needs_earlier`). While running it keeps the
+contract: a new program each time, and a changed loop only from a pass that declares it invalidates
+calibration (then the reference is re-planned and calibration recaptured on the next read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import time
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from calibration.capture import Trajectories
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram, PassRecord
+from core.limits import MAX_CONFIG_INT
+from core.progress import timed
+from core.validate import number
+from passes.analyses import Analyses
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+
+INFRASTRUCTURE = ("base", "analyses", "manager")  # modules of this package that are not passes
+_REGISTERED: dict[str, Pass] = {}
+Evaluate = Callable[[DiffusionProgram, Context], dict[str, Any]]
+
+
+def register(p: Pass) -> Pass:
+    """Make a pass defined outside this package known to `registry()` (e.g. a test's or a plugin's)."""
+    if not isinstance(p, Pass):
+        raise TypeError(f"register() takes a Pass, got {type(p).__name__}")
+    _REGISTERED[p.name] = p
+    return p
+
+
+def discover_passes() -> dict[str, Pass]:
+    """The `PASS` of every module in this package, by name."""
+    import passes
+
+    found = {}
+    for info in pkgutil.iter_modules(passes.__path__):
+        if info.name in INFRASTRUCTURE:
+            continue
+        module = importlib.import_module(f"passes.{info.name}")
+        p = getattr(module, "PASS", None)
+        if not isinstance(p, Pass):
+            raise TypeError(f"passes.{info.name} defines no PASS = Pass(...)")
+        found[p.name] = p
+    return found
+
+
+def registry() -> dict[str, Pass]:
+    return {**discover_passes(), **_REGISTERED}
+
+
+@dataclass(frozen=True)
+class PlannedPass:
+    spec: Pass
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def build_config(p: Pass, values: dict[str, Any]) -> Any:
+    cls = p.config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"pass '{p.name}': unknown config key(s) {unknown} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        expected = hints[key]
+        origin = typing.get_origin(expected) or expected
+        if isinstance(origin, type) and (
+            (not isinstance(value, origin) and not (origin is float and isinstance(value, int)))
+            or (isinstance(value, bool) and origin is not bool)
+        ):
+            raise ConfigError(f"pass '{p.name}': {key} must be {expected}, got {value!r}")
+        if origin in (int, float):
+            number(value, f"pass '{p.name}': {key}", -MAX_CONFIG_INT, MAX_CONFIG_INT)
+    return cls(**values)
+
+
+def plan_passes(
+    recipe: list[dict[str, Any]],
+    capabilities: frozenset[str],
+    passes: dict[str, Pass] | None = None,
+    program: DiffusionProgram | None = None,
+) -> list[PlannedPass]:
+    """The recipe resolved, checked and ordered by phase (recipe order within a phase); with `program`,
+    also each pass's checks against the model."""
+    known = registry() if passes is None else passes
+    planned = []
+    for step in recipe:
+        name = step.get("pass")
+        if name not in known:
+            raise ConfigError(f"unknown pass '{name}' (known: {', '.join(sorted(known)) or 'none'})")
+        p = known[name]
+        if any(q.name == name for q in planned):
+            raise ConfigError(f"pass '{name}' appears twice in the recipe")
+        missing = sorted(p.requires - capabilities)
+        if missing:
+            raise ConfigError(f"pass '{name}' needs target capabilities {missing}, which this target lacks")
+        config = build_config(p, step.get("config", {}))
+        if p.check is not None:
+            p.check(config, capabilities)
+        if program is not None and p.check_program is not None:
+            p.check_program(config, program)
+        planned.append(PlannedPass(p, config))
+    planned.sort(key=lambda q: q.spec.phase)
+    applied = applied_phases(program) if program is not None else set()
+    for i, q in enumerate(planned):
+        present = applied | {earlier.spec.phase for earlier in planned[:i]}
+        for phase in sorted(q.spec.needs_earlier - present):
+            raise ConfigError(f"pass '{q.name}' needs a {phase.name.lower()} pass before it in the recipe")
+    return planned
+
+
+def applied_phases(program: DiffusionProgram) -> set[Phase]:
+    """The phases of the passes already applied to `program`."""
+    return {Phase[record.phase.upper()] for record in program.provenance}
+
+
+def run_passes(
+    program: DiffusionProgram,
+    planned: list[PlannedPass],
+    ctx: Context,
+    evaluate: Evaluate | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> DiffusionProgram:
+    """Run the planned passes in order; after each, `evaluate` (if given) measures the result for the
+    record. `ctx` is not modified: a pass that changed the loop re-plans a copy's reference."""
+    for i, q in enumerate(planned):
+        for phase in sorted(q.spec.needs_earlier - applied_phases(program)):
+            raise ConfigError(f"pass '{q.name}' needs a {phase.name.lower()} pass applied before it")
+        with timed(log, f"pass {i + 1}/{len(planned)} '{q.name}' ({q.spec.phase.name.lower()})"):
+            start = time.perf_counter()
+            result = q.spec.run(program, q.config, ctx)
+            seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult) or not isinstance(result.program, DiffusionProgram):
+            raise TypeError(f"pass '{q.name}' must return PassResult(program, decision)")
+        if result.program is program:
+            raise TypeError(f"pass '{q.name}' must return a new DiffusionProgram")
+        if not isinstance(result.decision, Decision):
+            raise TypeError(f"pass '{q.name}' must return a Decision, got {type(result.decision).__name__}")
+        loop_changed = result.program.plan.without_loop_policy() != program.plan.without_loop_policy()
+        if loop_changed and CALIBRATION not in q.spec.invalidates:
+            raise TypeError(f"pass '{q.name}' changed the loop but does not declare it invalidates calibration")
+        record = PassRecord(
+            q.name, q.spec.phase.name.lower(), dataclasses.asdict(q.config), result.decision, {}, round(seconds, 3)
+        )
+        new = result.program.replace(provenance=(*result.program.provenance, record))
+        if CALIBRATION in q.spec.invalidates:
+            ctx = dataclasses.replace(ctx, reference=ctx.reference.replace(plan=new.plan.without_loop_policy()))
+        if FLOPS not in q.spec.invalidates:
+            ctx.analyses.carry_over(FLOPS, program, new)
+        if evaluate is not None:
+            record = dataclasses.replace(record, fidelity=evaluate(new, ctx))
+            new = new.replace(provenance=(*new.provenance[:-1], record))
+        program = new
+    return program
+
+
+def offline_context(
+    reference: DiffusionProgram,
+    calibration: Trajectories,
+    capabilities: frozenset[str] = frozenset({"fp32"}),
+    progress: Callable[..., Iterable] = lambda it, **_: it,
+) -> Context:
+    """A context for running passes outside a job (the comparison commands), on given calibration."""
+    analyses = Analyses()
+    analyses.provide(CALIBRATION, reference, calibration)
+    return Context(reference, analyses, capabilities, progress=progress)
+
+
+def quick_fidelity(program: DiffusionProgram, ctx: Context) -> dict[str, Any]:
+    """After a pass, on the calibration set: teacher-forced model-output error and end-to-end PSNR."""
+    from core.sampling import uses_guidance
+    from core.variants import torch_loop
+    from verify.fidelity import replay_psnr, step_errors
+
+    calibration = ctx.calibration
+    loop = torch_loop(program)
+    errors = step_errors(calibration, program.plan, program.spec.conditioning, loop)
+    return {
+        "calibration_psnr_db": replay_psnr(program, calibration, loop),
+        "eps_rel_error_mean": sum(errors) / len(errors),
+        "eps_rel_error_max": max(errors),
+        "guidance": uses_guidance(program.plan, program.spec.conditioning),
+        "flops_per_image": ctx.flops(program)["per_image"],
+    }
+
+
+__all__ = [
+    "Analyses",
+    "Context",
+    "Phase",
+    "PlannedPass",
+    "build_config",
+    "offline_context",
+    "plan_passes",
+    "quick_fidelity",
+    "register",
+    "run_passes",
+]

@@ -1,0 +1,282 @@
+"""Items 8-9: `optimize` end to end on both shipped models, gate failures, and bad input."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import snapshot
+from PIL import Image
+
+from optimizer.cli import main
+from optimizer.targets import TARGETS_DIR, get_target
+from zoo import SHIPPED
+
+FAST = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "2"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(params=["dit", "unet"])
+def model_copy(request, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for src in (SHIPPED[request.param], SHIPPED[request.param].with_suffix(".json")):
+        shutil.copy(src, folder / src.name)
+    return folder / SHIPPED[request.param].name
+
+
+def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
+    before = snapshot(model_copy.parent)
+    out = tmp_path / "out"
+    result = invoke(model_copy, "--target", "cpu-fp32", "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    for name in ("denoiser.onnx", "plan.json", "report.json", "report.md", "grid.png", "calibration.safetensors"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    v = report["verification"]
+    assert v["psnr_db_min"] >= 60 and v["eps_rel_error_max"] < 1e-3 and v["class_agreement_drop"] == 0
+    assert report["latency"]["torch_per_step_ms"] > 0 and report["latency"]["ort_end_to_end_ms"] > 0
+    assert report["model"]["parameters"] > 100_000 and report["artifacts"]["onnx_bytes"] > 100_000
+    assert "**Result: PASS**" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size[1] == 3 * (16 * 4 + 2)
+    assert snapshot(model_copy.parent) == before  # the input folder is untouched
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+    # The artifact serves on its own: `optimize sample` runs the plan with ONNX Runtime.
+    png = tmp_path / "s.png"
+    assert invoke("sample", out, "--seed", 1, "--seed", 2, "--label", 3, "--label", 4, "--out", png).exit_code == 0
+    assert Image.open(png).size == (32, 16)
+
+
+def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
+    calibration = tmp_path / "cal.safetensors"
+    assert invoke("calibrate", dit_copy, "--out", calibration, "--samples", 3).exit_code == 0
+    target = tmp_path / "fast.json"
+    target.write_text(
+        json.dumps(
+            {
+                "name": "fast",
+                "status": "available",
+                "description": "5-step DDIM instead of 20-step DPM-Solver++",
+                "hardware": {"capabilities": ["fp32"]},
+                "backend": {"name": "onnxruntime"},
+                "recipe": [{"pass": "sampler", "config": {"scheduler": "ddim", "steps": 5}}],
+                "gates": {"min_psnr_db": 60.0},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    result = invoke(
+        dit_copy,
+        "--target",
+        target,
+        "--out",
+        out,
+        "--calibration",
+        calibration,
+        "--samples",
+        10,
+        "--latency-repeats",
+        1,
+    )
+    # A 5-step DDIM loop does not reproduce the original 20-step samples: the gate must fail.
+    assert result.exit_code == 1
+    assert "min_psnr_db" in result.output and "FAIL" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["sampler"]
+    assert report["passes"][0]["config"] == {"scheduler": "ddim", "steps": 5}
+    assert "eps_rel_error_max" in report["passes"][0]["fidelity"]
+    assert report["verification"]["psnr_db_mean"] < 60
+    assert json.loads((out / "plan.json").read_text())["sampling"]["num_inference_steps"] == 5
+    assert "**Result: FAIL**" in (out / "report.md").read_text()
+    assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
+
+
+def test_out_folder_rules(tmp_path, dit_copy):
+    result = invoke(dit_copy, "--out", dit_copy.parent, *FAST)
+    assert result.exit_code == 2 and "would write onto, into or over the input" in result.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    result = invoke(dit_copy, "--out", busy, *FAST)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (busy / "keep.txt").exists()
+
+
+def corrupt_truncated(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def corrupt_unknown_arch(path):
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    meta["model"]["class"] = "FluxTransformer2DModel"
+    sidecar.write_text(json.dumps(meta))
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such file"),
+        ("truncated", "corrupt or truncated"),
+        ("pickle", "refused"),
+        ("unknown-arch", "unsupported architecture 'FluxTransformer2DModel'"),
+        ("unknown-target", "unknown target 'gpu9000'"),
+        ("planned-target", "not implemented yet"),
+        ("fp4-on-hopper", "nvfp4 needs the 'nvfp4' capability, which this target lacks"),
+        ("bad-gate", "unknown scheduler"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, dit_copy, case, message):
+    model, target, extra = dit_copy, "cpu-fp32", []
+    if case == "missing":
+        model = dit_copy.parent / "nope.safetensors"
+    elif case == "truncated":
+        corrupt_truncated(dit_copy)
+    elif case == "pickle":
+        model = dit_copy.with_suffix(".ckpt")
+        torch.save({"state_dict": {}, "x": Exploit(tmp_path / "pwned")}, model)  # shares the DiT's sidecar
+    elif case == "unknown-arch":
+        corrupt_unknown_arch(dit_copy)
+    elif case == "unknown-target":
+        target = "gpu9000"
+    elif case == "planned-target":
+        target = "b200-fp4"
+    elif case == "fp4-on-hopper":  # a user's target asking for NVFP4 on sm_90
+        recipe = [{"pass": "quantize", "config": {"weights": "nvfp4", "activations": "nvfp4"}}]
+        data = {**json.loads((TARGETS_DIR / "h100-fp4.json").read_text()), "recipe": recipe}
+        target = tmp_path / "hopper-nvfp4.json"
+        target.write_text(json.dumps(data))
+    elif case == "bad-gate":
+        extra = ["--scheduler", "warp"]
+    before = snapshot(dit_copy.parent)
+    out = tmp_path / "out"
+    result = invoke(model, "--target", target, "--out", out, *FAST, *extra)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in result.output
+    assert snapshot(dit_copy.parent) == before
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_inspect_and_targets():
+    result = invoke("inspect", SHIPPED["unet"])
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["spec"]["family"] == "unet" and info["spec"]["conditioning"]["null_class"] == 10
+    listing = invoke("targets").output
+    assert "cpu-int8" in listing and "W4A8" in listing and "b200-fp4" in listing and "planned" in listing
+
+
+def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
+    out = tmp_path / "out"
+    args = ["--samples", "30", "--calibration-samples", "4", "--latency-repeats", "2"]
+    result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"] == get_target("cpu-int8").gates and not report["gate_overrides"]
+    notes = report["decisions"]["quantize"]
+    assert notes["quantized_layers"] >= 45 and notes["calibration"]["method"] == "timestep"
+    assert report["artifacts"]["onnx_bytes"] < 0.75 * report["artifacts"]["reference_onnx_bytes"]
+    assert {"ort_per_step_ms", "ort_fp32_per_step_ms", "torch_per_step_ms"} <= set(report["latency"])
+    text = (out / "report.md").read_text()
+    assert "## Quantization" in text and "ONNX Runtime fp32" in text
+    assert not (out / ".reference").exists()
+
+    bench = invoke("bench", out, "--model", dit_copy, "--repeats", 1, "--images", 2)
+    assert bench.exit_code == 0, bench.output
+    timings = json.loads(bench.output)
+    assert timings["images"] == 2 and timings["batch"] == 4
+    assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))
+
+
+def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
+    out = tmp_path / "out"
+    args = ["--samples", "30", "--calibration-samples", "8", "--latency-repeats", "2"]
+    result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["gates"] == get_target("cpu-cache").gates and not report["gate_overrides"]
+    flops = report["flops"]
+    assert flops["candidate"]["per_image"] * 2 <= flops["original"]["per_image"]
+    assert report["artifacts"]["onnx"] == ["denoiser_full.onnx", "denoiser_cached.onnx"]
+    assert set(report["decisions"]) == {"guidance", "cache"}
+    text = (out / "report.md").read_text()
+    assert "## Cache schedule" in text and "## Guidance policy" in text and "fewer)" in text
+    png = tmp_path / "s.png"
+    assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0
+
+
+def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
+    """The cpu-prune recipe with a shortened recovery: a smaller graph, verified, gated and reported."""
+    data = json.loads((TARGETS_DIR / "cpu-prune.json").read_text())
+    data["name"] = "cpu-prune-short"
+    data["recipe"][-1]["config"].update(steps=40, teacher_samples=16)
+    target = tmp_path / "short.json"
+    target.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "4", "--json"]
+    result = invoke(dit_copy, "--target", target, "--out", out, *args)
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["layer_removal", "prune", "recover"]
+    fidelity = [p["fidelity"]["calibration_psnr_db"] for p in report["passes"]]
+    assert fidelity[2] > fidelity[1]  # recovery measurably helps, even this short
+    assert report["model"]["candidate_parameters"] < 0.75 * report["model"]["parameters"]
+    assert report["artifacts"]["onnx_bytes"] < report["artifacts"]["reference_onnx_bytes"]
+    assert report["flops"]["candidate"]["per_image"] < 0.7 * report["flops"]["original"]["per_image"]
+    assert {g for g in report["gates"]} == {
+        "min_psnr_db",
+        "min_ssim",
+        "max_class_agreement_drop",
+        "max_fd_to_reference",
+    }
+    text = (out / "report.md").read_text()
+    assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
+
+
+def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loop(tmp_path, dit_copy):
+    """[sampler(steps=10), guidance, cache]: the loop changes first, so the calibration the loop-policy
+    passes search on is recaptured for 10 steps; the artifact runs 10 steps with both policies."""
+    data = json.loads((TARGETS_DIR / "cpu-cache.json").read_text())
+    data["name"] = "cpu-cache-10"
+    data["recipe"][1]["config"].update(regions=[[0, 8], [2, 8]], probe_samples=4)
+    data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"steps": 10}}]
+    target = tmp_path / "t.json"
+    target.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--samples", "8", "--calibration-samples", "4", "--latency-repeats", "1"]
+    result = invoke(dit_copy, "--target", target, "--out", out, *args)
+    assert result.exit_code in (0, 1), result.output
+    assert re.search(r"recapturing calibration: the loop changed \(\w+, 10 steps\)", result.output)
+    report = json.loads((out / "report.json").read_text())
+    assert [(p["name"], p["phase"]) for p in report["passes"]] == [
+        ("sampler", "plan"),
+        ("guidance", "guidance_policy"),
+        ("cache", "reuse_policy"),
+    ]
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["steps"]) == 10 and plan["backend"]["name"] == "onnxruntime"
+    assert len(plan["sampling"]["cache"]["refresh"]) == 10 and len(plan["sampling"]["guided_steps"]) == 10
+    assert len(report["verification"]["eps_rel_error_per_step"]) == 10  # errors on the new loop
+    assert report["passes"][2]["fidelity"]["calibration_psnr_db"] > 20
+    text = (out / "report.md").read_text()
+    assert "## Sampler" in text and "## Guidance policy" in text and "## Cache schedule" in text

@@ -1,0 +1,74 @@
+"""Item 5: targets are data files; planned targets say so instead of pretending."""
+
+import json
+
+import pytest
+
+from core.errors import ConfigError
+from optimizer.targets import get_target, list_targets, require_available
+from passes.manager import plan_passes
+from verify.gates import GATES
+
+EXPECTED = {"cpu-fp32", "cpu-int8", "cpu-cache", "cpu-prune", "a100-int8", "h100-fp8", "h100-fp4", "b200-fp4"}
+
+
+def test_target_list():
+    targets = {t.name: t for t in list_targets()}
+    assert set(targets) == EXPECTED
+    assert targets["cpu-fp32"].status == "available" and targets["cpu-fp32"].recipe == []
+    assert set(targets["cpu-fp32"].gates) <= set(GATES) and targets["cpu-fp32"].gates["min_psnr_db"] == 60
+    # Hopper has FP8 but no FP4 tensor cores; Blackwell has NVFP4.
+    assert "fp8" in targets["h100-fp4"].capabilities and "nvfp4" not in targets["h100-fp4"].capabilities
+    assert "nvfp4" in targets["b200-fp4"].capabilities
+    assert "W4A8" in targets["h100-fp4"].description
+
+
+def test_planned_target_is_refused_clearly():
+    with pytest.raises(ConfigError, match=r"declared but not implemented yet.*NVFP4 lowering.*available now: a100"):
+        require_available(get_target("b200-fp4"))
+    for name in ("cpu-int8", "a100-int8", "h100-fp8", "h100-fp4"):
+        target = get_target(name)
+        require_available(target)
+        assert target.recipe[0]["pass"] == "quantize" and target.gates["min_psnr_db"] > 0
+        plan_passes(target.recipe, target.capabilities)  # every shipped recipe fits its hardware
+
+
+def test_unknown_target():
+    with pytest.raises(ConfigError, match="unknown target 'tpu-v9'"):
+        get_target("tpu-v9")
+
+
+def test_user_target_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "status": "available",
+                "description": "d",
+                "hardware": {"capabilities": ["fp32"]},
+                "backend": {"name": "onnxruntime"},
+                "recipe": [],
+                "gates": {"min_psnr_db": 40},
+            }
+        )
+    )
+    assert get_target(str(path)).gates == {"min_psnr_db": 40}
+    path.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "status": "available",
+                "description": "d",
+                "hardware": {},
+                "backend": {"name": "onnxruntime"},
+                "recipe": [],
+                "gates": {"min_psnrr": 1},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="unknown gate"):
+        get_target(str(path))
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        get_target(str(path))

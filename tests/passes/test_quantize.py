@@ -1,0 +1,196 @@
+"""Issue 3: the quantize pass, timestep-aware calibration and Q/DQ lowering, on the trained shipped models."""
+
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import run_recipe
+from torch import nn
+
+from backends.ort import OrtDenoiser
+from backends.qdq import export_quantized
+from calibration import capture as calib
+from calibration import selection
+from calibration.capture import evaluation_set
+from core.adapters import denoiser_module, torch_denoise
+from core.errors import ConfigError, ExportError
+from core.quantized import QuantizedLayer, export_mode, quantized_layers
+from passes.manager import plan_passes
+from verify.fidelity import per_step_error
+
+ALL = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
+
+
+@pytest.fixture(scope="module")
+def dit_calibration(dit_program):
+    return calib.capture(dit_program, *evaluation_set(8, 10, 10_000))
+
+
+@pytest.fixture(scope="module")
+def dit_heldout(dit_program):
+    return calib.capture(dit_program, *evaluation_set(10, 10, 0))
+
+
+def quantize(program, trajectories, capabilities=ALL, **config):
+    recipe = [{"pass": "quantize", "config": config}]
+    return run_recipe(program, trajectories, recipe, capabilities, rng=torch.Generator().manual_seed(0))
+
+
+def heldout_error(program, trajectories) -> float:
+    errors = per_step_error(trajectories, torch_denoise(program))
+    return sum(errors) / len(errors)
+
+
+def test_selection_is_stratified_over_the_plan_steps(dit_calibration):
+    g = torch.Generator().manual_seed(0)
+    inputs = selection.select(dit_calibration, "timestep", 40, g)
+    assert collections.Counter(inputs.steps.tolist()) == {s: 2 for s in range(20)}
+    assert torch.equal(inputs.t, dit_calibration.t[inputs.steps])
+    skewed = selection.select(dit_calibration, "skewed", 200, g)
+    counts = collections.Counter(skewed.steps.tolist())
+    mid = int(torch.argmin((dit_calibration.t / 1000 - 0.4).abs()))
+    assert counts[mid] == max(counts.values()) and counts[mid] > 3 * counts.get(0, 0)
+    naive = selection.select(dit_calibration, "random", 16, g)
+    assert (naive.steps == -1).all() and naive.x.shape == (16, 1, 16, 16) and naive.y.max() <= 10
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        selection.select(dit_calibration, "best", 4, g)
+
+
+def test_bad_configs_are_refused_before_running():
+    cpu = frozenset({"fp32", "int8"})
+    with pytest.raises(ConfigError, match="fp8 needs the 'fp8' capability, which this target lacks"):
+        plan_passes([{"pass": "quantize", "config": {"weights": "fp8", "activations": "fp8"}}], cpu)
+    with pytest.raises(ConfigError, match="nvfp4 needs the 'nvfp4' capability"):
+        plan_passes([{"pass": "quantize", "config": {"weights": "nvfp4", "activations": "none"}}], cpu | {"fp8"})
+    with pytest.raises(ConfigError, match="nvfp4 activations need nvfp4 weights"):
+        plan_passes([{"pass": "quantize", "config": {"weights": "int8", "activations": "nvfp4"}}], ALL)
+    with pytest.raises(ConfigError, match="unknown weight format 'int3'"):
+        plan_passes([{"pass": "quantize", "config": {"weights": "int3"}}], ALL)
+    with pytest.raises(ConfigError, match="smoothquant alpha"):
+        plan_passes([{"pass": "quantize", "config": {"smoothquant": 1.5}}], ALL)
+    # Ordered by phase, whatever the recipe's order: the loop first, number formats after.
+    planned = plan_passes([{"pass": "quantize"}, {"pass": "sampler", "config": {"steps": 10}}], ALL)
+    assert [p.name for p in planned] == ["sampler", "quantize"]
+
+
+def test_int8_pass_keeps_temporal_modules_and_leaves_the_reference_alone(dit_program, dit_calibration):
+    before = {k: v.clone() for k, v in dit_program.denoiser.state_dict().items()}
+    q = quantize(dit_program, dit_calibration)
+    assert all(torch.equal(v, before[k]) for k, v in dit_program.denoiser.state_dict().items())
+    layers = quantized_layers(q.denoiser)
+    assert len(layers) == 50 and all(layer.fmt.describe() == "W8A8 (int8/uint8)" for layer in layers.values())
+    for name in dit_program.spec.temporal_modules:
+        assert not any(isinstance(m, QuantizedLayer) for m in q.denoiser.get_submodule(name).modules())
+    notes = q.decision("quantize").to_dict()
+    assert notes["weight_bits"]["stored"] < 0.65 * notes["weight_bits"]["fp32_equivalent"]
+    # q, k and v read the same tensor, so they share one activation range
+    block = q.denoiser.transformer_blocks[0].attn1
+    assert block.to_q.act_range == block.to_k.act_range == block.to_v.act_range
+
+
+def test_timestep_calibration_beats_random_calibration_at_equal_bits(dit_program, dit_calibration, dit_heldout):
+    ours = heldout_error(quantize(dit_program, dit_calibration), dit_heldout)
+    naive = heldout_error(quantize(dit_program, dit_calibration, calibration="random"), dit_heldout)
+    assert ours < 0.9 * naive
+
+
+def test_fallback_reverts_the_most_sensitive_layer_first(dit_program, dit_calibration, dit_heldout):
+    q = quantize(dit_program, dit_calibration, max_eps_error=0.03, max_fallback=3)
+    notes = q.decision("quantize").to_dict()
+    assert notes["eps_error_before_fallback"] > 0.03 >= notes["eps_error_after_fallback"]
+    reverted = [f["layer"] for f in notes["fallback"]]
+    assert reverted and type(q.denoiser.get_submodule(reverted[0])) is nn.Conv2d  # the patch embedding
+    solo = [f["solo_eps_error"] for f in notes["fallback"]]
+    assert solo == sorted(solo, reverse=True)
+    no_fallback = quantize(dit_program, dit_calibration)
+    assert heldout_error(q, dit_heldout) < heldout_error(no_fallback, dit_heldout)
+
+
+def test_smoothquant_folding_preserves_the_function(dit_program, dit_calibration):
+    q = quantize(dit_program, dit_calibration, smoothquant=0.5)
+    assert q.decision("quantize").smoothed_layers > 0
+    x, t, y = dit_calibration.x[5, :4], dit_calibration.t[5].expand(4), dit_calibration.labels[:4]
+    module = denoiser_module(q)
+    with export_mode(module), torch.no_grad():  # smoothing without rounding: the original function
+        smoothed = module(x, t, y)
+    assert torch.allclose(smoothed, torch_denoise(dit_program)(x, t, y), atol=1e-4)
+
+
+def _optimized_ops(path, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def test_int8_lowering_runs_integer_kernels_in_ort(dit_program, dit_calibration, tmp_path):
+    # The cpu-int8 recipe's 7-bit weights: ORT's U8S8 kernels on x86 without VNNI saturate on full-range ones.
+    q = quantize(dit_program, dit_calibration, reduce_range=True)
+    path = export_quantized(denoiser_module(q), q.spec, tmp_path / "q.onnx")
+    model = onnx.load(str(path))
+    weights = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("weight_quantized")]
+    assert len(weights) == 50 and all(w.min() >= -64 and w.max() <= 63 for w in weights)
+    graph = collections.Counter(n.op_type for n in model.graph.node)
+    # 34 distinct layer inputs (q/k/v share one) + the patch-embedding conv's output; one DQ per weight too
+    assert graph["QuantizeLinear"] == 35 and graph["DequantizeLinear"] == 50 + 35
+    assert _optimized_ops(path, tmp_path)["MatMulIntegerToFloat"] == 49  # all but the patch-embedding conv
+    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.labels
+    emulated, lowered = torch_denoise(q)(x, t, y), OrtDenoiser(path)(x, t, y)
+    reference = dit_calibration.output[10]
+    err = float((lowered - reference).norm() / reference.norm())
+    # the lowered graph does what the emulation does, up to 1-LSB flips of fp32 reordering
+    assert float((lowered - emulated).norm() / emulated.norm()) < 0.5 * err
+
+
+def test_unet_convs_get_quantized_outputs_and_fuse(unet_program, tmp_path):
+    calibration = calib.capture(unet_program, *evaluation_set(4, 10, 10_000))
+    q = quantize(unet_program, calibration, capabilities=frozenset({"fp32", "int8"}))
+    convs = [m for m in quantized_layers(q.denoiser).values() if isinstance(m.inner, nn.Conv2d)]
+    assert convs and all(m.out_range is not None for m in convs)
+    path = export_quantized(denoiser_module(q), q.spec, tmp_path / "unet.onnx")
+    assert _optimized_ops(path, tmp_path)["QLinearConv"] >= len(convs) - 2
+
+
+@pytest.mark.parametrize("weights, activations", [("fp8", "fp8"), ("int4", "fp8"), ("int8", "int8")])
+def test_gpu_formats_lower_to_qdq_that_ort_executes(dit_program, dit_calibration, tmp_path, weights, activations):
+    q = quantize(dit_program, dit_calibration, weights=weights, activations=activations)
+    path = export_quantized(denoiser_module(q), q.spec, tmp_path / "q.onnx")
+    model = onnx.load(str(path))
+    types = {i.data_type for i in model.graph.initializer if i.name.endswith("weight_quantized")}
+    want = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8}
+    assert want[weights] in types
+    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.labels
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the plain Q/DQ semantics
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    lowered = torch.from_numpy(
+        session.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "class_labels": y.numpy()})[0]
+    )
+    emulated = torch_denoise(q)(x, t, y)
+    assert float((lowered - emulated).norm() / emulated.norm()) < 0.01
+    fp32_bytes = 4 * sum(p.numel() for p in dit_program.denoiser.parameters())
+    assert path.stat().st_size < 0.85 * fp32_bytes
+
+
+def test_nvfp4_is_emulated_and_refuses_lowering_clearly(dit_program, dit_calibration, dit_heldout, tmp_path):
+    q = quantize(dit_program, dit_calibration, weights="nvfp4", activations="nvfp4")
+    fmt = {layer.fmt.describe() for layer in quantized_layers(q.denoiser).values()}
+    assert "W4A4 (nvfp4/nvfp4)" in fmt and "W8A8 (fp8/fp8)" in fmt  # the patch-embedding conv keeps 8 bits
+    assert heldout_error(q, dit_heldout) < 0.5
+    with pytest.raises(ExportError, match="NVFP4 has no ONNX Runtime kernels"):
+        export_quantized(denoiser_module(q), q.spec, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quant_compare_rows_are_measured_side_by_side(dit_program):
+    from bench.quant_compare import compare_quantization, markdown_table
+
+    rows = [("ours", {}, "ort"), ("naive data", {"calibration": "random"}, "torch")]
+    results = compare_quantization(dit_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, peers=False)
+    assert [r["name"] for r in results] == ["ours", "naive data"]
+    assert results[0]["onnx_bytes"] < results[0]["fp32_onnx_bytes"] and results[1]["onnx_bytes"] is None
+    assert all(10 < r["psnr_db_mean"] < 100 and r["class_agreement_reference"] is not None for r in results)
+    table = markdown_table(results)
+    assert table.count("\n| ") == 2 and "n/a (emulated)" in table

@@ -1,0 +1,94 @@
+"""The package layers: imports only point down, and no pass imports another pass (DESIGN.md, "Layers")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bottom to top: a package may import only itself and the packages before it.
+LAYERS = ("core", "zoo", "calibration", "verify", "backends", "passes", "bench", "optimizer")
+PASS_INFRASTRUCTURE = {"base", "manager"}  # passes/ modules that are not passes
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module an import statement in `path` names, wherever it sits (functions, TYPE_CHECKING too)."""
+    found = set()
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {p: set() for p in LAYERS}
+    for package in LAYERS:
+        for path in (root / package).rglob("*.py"):
+            graph[package] |= {m.split(".")[0] for m in imported_modules(path, root)} & set(LAYERS)
+        graph[package].discard(package)
+    return graph
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{package} imports {other}"
+        for package, imports in graph.items()
+        for other in sorted(imports)
+        if LAYERS.index(other) > LAYERS.index(package)
+    ]
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return [*path, node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, node])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for package in LAYERS:
+        if package not in state and (cycle := visit(package, [])):
+            return cycle
+    return None
+
+
+def test_imports_only_point_down() -> None:
+    assert upward_imports(package_graph()) == []
+
+
+def test_the_package_graph_has_no_cycle() -> None:
+    assert find_cycle(package_graph()) is None
+
+
+def test_no_pass_imports_another_pass() -> None:
+    passes = {p.stem for p in (ROOT / "passes").glob("*.py")} - {"__init__", *PASS_INFRASTRUCTURE}
+    offenders = []
+    for name in passes:
+        imported = imported_modules(ROOT / "passes" / f"{name}.py")
+        others = {m.split(".")[1] for m in imported if m.startswith("passes.") and m.count(".") >= 1}
+        offenders += [f"passes.{name} imports passes.{o}" for o in sorted(others & passes - {name})]
+    assert not offenders, offenders
+
+
+def test_the_guard_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
+    """The checks above fail on a planted violation (guards the guard)."""
+    for package in LAYERS:
+        (tmp_path / package).mkdir()
+    (tmp_path / "core" / "probe.py").write_text("def f():\n    from optimizer.job import run_job\n")
+    (tmp_path / "optimizer" / "job.py").write_text("from .stages import x\nfrom core import probe\n")
+    graph = package_graph(tmp_path)
+    assert upward_imports(graph) == ["core imports optimizer"]
+    assert find_cycle(graph) == ["core", "optimizer", "core"]

@@ -1,0 +1,52 @@
+"""Item 1: the shipped models are trained, reproducible from a seeded script, and good enough to judge with."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calibration.capture import evaluation_set
+from core.adapters import torch_denoise
+from core.sampling import sample
+from verify.fidelity import DigitsJudge
+from zoo import SHIPPED, load_classifier
+from zoo.data import load_digits16, split
+from zoo.train import train_classifier, train_denoiser
+
+
+def test_training_is_seeded(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_denoiser("dit", a, steps=3, batch_size=8, seed=5)
+    train_denoiser("dit", b, steps=3, batch_size=8, seed=5)
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    meta = json.loads(a.with_suffix(".json").read_text())
+    assert meta["training"]["command"].startswith("python -m zoo train dit")
+
+
+def test_classifier_script_runs(tmp_path):
+    meta = train_classifier(tmp_path / "c.safetensors", epochs=1)
+    assert 0 <= meta["training"]["heldout_accuracy"] <= 1
+
+
+def test_shipped_classifier_is_accurate_on_held_out_digits():
+    images, labels = load_digits16()
+    _, held_out = split(len(images), holdout=0.2, seed=0)
+    with torch.no_grad():
+        accuracy = (load_classifier()(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+    assert accuracy >= 0.95
+
+
+# Measured with the shipped plan (DDIM, 20 steps, guidance 2) on these 50 seeds: DiT 0.94, UNet 0.98 (chance 0.1).
+@pytest.mark.parametrize("which,bar", [("dit", 0.9), ("unet", 0.9)])
+def test_shipped_denoisers_draw_the_requested_digit(request, which, bar):
+    program = request.getfixturevalue(f"{which}_program")
+    seeds, classes = evaluation_set(50, 10, base_seed=123)
+    x = sample(
+        program.plan, program.spec.conditioning, program.spec.sample_shape, torch_denoise(program), seeds, classes
+    )
+    agreement, _ = DigitsJudge.load().judge(x, classes)
+    assert agreement >= bar
+    meta = json.loads(SHIPPED[which].with_suffix(".json").read_text())
+    assert meta["training"]["steps"] >= 1000 and "command" in meta["training"]

@@ -1,0 +1,1 @@
+"""Fidelity: paired and distribution metrics, gates, latency measurement."""

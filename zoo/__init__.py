@@ -1,0 +1,21 @@
+"""In-tree reference models trained on sklearn's digits: a DiT, a UNet and a classifier."""
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+SHIPPED = {
+    "dit": WEIGHTS / "dit-digits.safetensors",
+    "unet": WEIGHTS / "unet-digits.safetensors",
+    "classifier": WEIGHTS / "classifier-digits.safetensors",
+}
+
+
+def load_classifier():  # -> DigitsClassifier
+    """The shipped digits classifier (eval mode), read from safetensors."""
+    from safetensors.torch import load_file
+
+    from zoo.models import DigitsClassifier
+
+    model = DigitsClassifier()
+    model.load_state_dict(load_file(str(SHIPPED["classifier"])))
+    return model.eval().requires_grad_(False)
