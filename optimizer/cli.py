@@ -258,7 +258,9 @@ def targets() -> None:
 
     for t in list_targets():
         status = "available" if t.status == "available" else f"planned ({t.planned_in})"
-        click.echo(f"{t.name:<10} {t.backend['name']:<12} {status}\n           {t.description}")
+        providers = ", ".join(t.backend.get("providers", []))
+        backend = f"{t.backend['name']} ({providers})" if providers else t.backend["name"]
+        click.echo(f"{t.name:<10} {status}; backend {backend}\n           {t.description}")
 
 
 SAMPLES = click.IntRange(1, MAX_SAMPLES)
@@ -310,7 +312,7 @@ def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
 @click.option("--label", "labels", type=int, multiple=True, help="Class per seed (repeat; default 0).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG file")
 def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out: Path) -> None:
-    """Generate samples from an `optimize` output folder with ONNX Runtime."""
+    """Generate samples from an `optimize` output folder, on the backend its plan.json names."""
     import numpy as np
     from PIL import Image
 
@@ -356,8 +358,8 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
 )
 @ALLOW_LARGE
 def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_large: bool) -> None:
-    """Time an `optimize` output in ONNX Runtime against the original in torch and the original's fp32
-    ONNX graph in ONNX Runtime, interleaved in one run."""
+    """Time an `optimize` output on its backend against the original in torch and the original's fp32
+    graph on the same backend, interleaved in one run."""
     import tempfile
 
     from backends.plan import read_plan

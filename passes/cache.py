@@ -41,7 +41,7 @@ CRITERIA = ("all", "similarity", "uniform", "first-block")
 
 @dataclass
 class Config:
-    flops_budget: float = 0.5  # denoiser FLOPs per image, as a fraction of the original program's
+    flops_budget: float = 0.5  # denoiser FLOPs per image, as a fraction of the reference loop's (original network)
     criterion: str = "all"  # "similarity" (BAC-style), "uniform" (FORA), "first-block" (TeaCache) or all of them
     regions: list = field(default_factory=list)  # [[first, stop], ...] to consider; [] = every admissible one
     probe_samples: int = 8  # calibration samples whose features score the reuse errors
@@ -84,7 +84,8 @@ class CacheDecision(Decision):
             f"- {self.family} region {self.region} ({region}), schedule from criterion `{self.criterion}`"
             f" (tried: {', '.join(self.criteria_tried)})",
             f"- refresh (full) steps: {self.refresh_steps}; every other step reuses the cached tensor",
-            f"- FLOPs: {self.flops_vs_original:.3f} of the original per image (budget {self.flops_budget});"
+            f"- FLOPs: {self.flops_vs_original:.3f} of the original network's on this loop, per image (budget"
+            f" {self.flops_budget});"
             f" end-to-end PSNR on the calibration seeds {self.calibration_psnr_db} dB",
             "",
             "Best candidates (each region's schedule per criterion under the budget, run end to end on the"

@@ -139,6 +139,7 @@ def run_passes(
 ) -> DiffusionProgram:
     """Run the planned passes in order; after each, `evaluate` (if given) measures the result for the
     record. `ctx` is not modified: a pass that changed the loop re-plans a copy's reference."""
+    ctx = dataclasses.replace(ctx, origin=ctx.origin or ctx.reference)
     for i, q in enumerate(planned):
         for phase in sorted(q.spec.needs_earlier - applied_phases(program)):
             raise ConfigError(f"pass '{q.name}' needs a {phase.name.lower()} pass applied before it")
@@ -183,7 +184,8 @@ def offline_context(
 
 
 def quick_fidelity(program: DiffusionProgram, ctx: Context) -> dict[str, Any]:
-    """After a pass, on the calibration set: teacher-forced model-output error and end-to-end PSNR."""
+    """After a pass, on the calibration seeds: teacher-forced model-output error on the current loop's
+    trajectories, and the end-to-end PSNR of its samples vs the original loop's (before any pass)."""
     from core.sampling import uses_guidance
     from core.variants import torch_loop
     from verify.fidelity import replay_psnr, step_errors
@@ -192,7 +194,7 @@ def quick_fidelity(program: DiffusionProgram, ctx: Context) -> dict[str, Any]:
     loop = torch_loop(program)
     errors = step_errors(calibration, program.plan, program.spec.conditioning, loop)
     return {
-        "calibration_psnr_db": replay_psnr(program, calibration, loop),
+        "calibration_psnr_db": replay_psnr(program, ctx.analyses.calibration(ctx.origin or ctx.reference), loop),
         "eps_rel_error_mean": sum(errors) / len(errors),
         "eps_rel_error_max": max(errors),
         "guidance": uses_guidance(program.plan, program.spec.conditioning),

@@ -277,6 +277,8 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     assert len(plan["steps"]) == 10 and plan["backend"]["name"] == "onnxruntime"
     assert len(plan["sampling"]["cache"]["refresh"]) == 10 and len(plan["sampling"]["guided_steps"]) == 10
     assert len(report["verification"]["eps_rel_error_per_step"]) == 10  # errors on the new loop
-    assert report["passes"][2]["fidelity"]["calibration_psnr_db"] > 20
+    # Each pass's end-to-end PSNR is against the original 20-step loop: a real loss, not 10 steps vs itself.
+    psnr = [p["fidelity"]["calibration_psnr_db"] for p in report["passes"]]
+    assert 15 < psnr[0] < 100 and psnr[2] > 15
     text = (out / "report.md").read_text()
     assert "## Sampler" in text and "## Guidance policy" in text and "## Cache schedule" in text
