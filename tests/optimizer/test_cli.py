@@ -258,12 +258,12 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     passes search on is recaptured for 10 steps; the artifact runs 10 steps with both policies."""
     data = json.loads((TARGETS_DIR / "cpu-cache.json").read_text())
     data["name"] = "cpu-cache-10"
-    data["recipe"][1]["config"].update(regions=[[0, 8], [2, 8]], probe_samples=4)
+    data["recipe"][1]["config"].update(regions=[[0, 8]], criterion="uniform", probe_samples=2)
     data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"steps": 10}}]
     target = tmp_path / "t.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "8", "--calibration-samples", "4", "--latency-repeats", "1"]
+    args = ["--samples", "4", "--calibration-samples", "3", "--latency-repeats", "1"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code in (0, 1), result.output
     assert re.search(r"recapturing calibration: the loop changed \(\w+, 10 steps\)", result.output)
