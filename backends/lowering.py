@@ -7,7 +7,7 @@ from typing import Any
 
 from core.ir import DENOISER, DiffusionProgram
 from core.quantized import quantized_layers
-from core.variants import graph_variants
+from core.variants import example_carry, graph_variants
 
 from .onnx_export import OUTPUT_NAME, example_inputs, export_onnx, input_names
 from .plan import GraphFile, plan_document, write_plan
@@ -26,11 +26,11 @@ def lower_onnx(program: DiffusionProgram, folder: Path, backend: dict[str, Any])
 
     spec = program.spec
     variants = graph_variants(program)
-    writers = [v for v in variants.values() if v.carried_out]
+    carry = example_carry(variants, *example_inputs(spec))
     export = export_quantized if quantized_layers(program.denoiser) else export_onnx
     graphs = {}
     for name, variant in variants.items():
-        carried = variant.example_carry(writers[0], *example_inputs(spec)) if variant.carried_in else {}
+        carried = {n: carry[n] for n in variant.carried_in}
         path = folder / graph_file(name)
         export(variant.module, spec, path, carried_in=carried, carried_out=variant.carried_out)
         graphs[name] = GraphFile(path, [*input_names(spec), *carried], [OUTPUT_NAME, *variant.carried_out])

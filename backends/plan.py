@@ -93,6 +93,7 @@ class LoadedPlan:
     sampling: SamplingPlan
     conditioning: Conditioning
     sample_shape: tuple[int, int, int]
+    backend: dict[str, Any]  # the backend that built it, with its options (v2 plans before it: onnxruntime)
 
     def graph_path(self, name: str) -> Path:
         """The graph file, which read_plan checked to be a regular file inside the folder with its digest."""
@@ -138,7 +139,7 @@ def read_plan(folder: Path) -> LoadedPlan:
         graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:
             raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
-    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape))
+    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape), backend)
 
 
 def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, sampling: SamplingPlan, where: str) -> None:

@@ -6,8 +6,6 @@ backend options (a dict with at least "name") and returning an object with this 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from core.discovery import module_members
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 from core.sampling import DenoiseFn, Variants
@@ -59,15 +58,7 @@ class Backend(Protocol):
 @cache
 def factories() -> dict[str, Callable[[Mapping[str, Any]], Backend]]:
     """Every backend module's `BACKEND`, by name."""
-    import backends
-
-    found = {}
-    for info in pkgutil.iter_modules(backends.__path__):
-        if info.name in SHARED:
-            continue
-        factory = importlib.import_module(f"backends.{info.name}").BACKEND
-        found[factory.name] = factory
-    return found
+    return {factory.name: factory for factory in module_members("backends", "BACKEND", SHARED).values()}
 
 
 def names() -> tuple[str, ...]:
@@ -84,5 +75,4 @@ def get_backend(options: Mapping[str, Any]) -> Backend:
 
 def open_runner(folder: Path, options: Mapping[str, Any] | None = None) -> Runner:
     """A runner over an output folder, on the backend its plan.json names (`options` override it)."""
-    recorded = read_plan(folder).document.get("backend", {"name": "onnxruntime"})
-    return get_backend(dict(options or recorded)).runner(folder)
+    return get_backend(options or read_plan(folder).backend).runner(folder)

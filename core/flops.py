@@ -9,7 +9,7 @@ import torch
 
 from core.ir import DiffusionProgram
 from core.sampling import uses_guidance
-from core.variants import graph_variants
+from core.variants import example_carry, graph_variants
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> int:
@@ -34,11 +34,8 @@ def variant_flops(program: DiffusionProgram, region: tuple[int, int] | None = No
     variants), for one sample (batch 1)."""
     variants = graph_variants(program, region)
     inputs = _inputs(program)
-    writers = [v for v in variants.values() if v.carried_out]
-    return {
-        name: count_flops(v.module, *inputs, *v.example_carry(writers[0], *inputs).values() if writers else ())
-        for name, v in variants.items()
-    }
+    carry = example_carry(variants, *inputs)
+    return {name: count_flops(v.module, *inputs, *(carry[n] for n in v.carried_in)) for name, v in variants.items()}
 
 
 def plan_flops(program: DiffusionProgram) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from core.caching import CACHE, steps_module
 from core.ir import CACHED, DENOISER, FULL, DiffusionProgram
 from core.sampling import Variants
 
-__all__ = ["CACHED", "DENOISER", "FULL", "GraphVariant", "graph_variants", "torch_loop"]
+__all__ = ["CACHED", "DENOISER", "FULL", "GraphVariant", "example_carry", "graph_variants", "torch_loop"]
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,14 @@ class GraphVariant:
     carried_in: tuple[str, ...] = ()
     carried_out: tuple[str, ...] = ()
 
-    def example_carry(self, writer: GraphVariant, *inputs: Any) -> dict[str, torch.Tensor]:
-        """Example values of the tensors this variant reads, written by `writer` on `inputs`."""
-        if not self.carried_in:
-            return {}
-        with torch.no_grad():
-            written = writer.module(*inputs)[1:]
-        return dict(zip(writer.carried_out, written, strict=True))
+
+def example_carry(variants: dict[str, GraphVariant], *inputs: Any) -> dict[str, torch.Tensor]:
+    """Example values of every carried tensor: each variant that writes some, run once on `inputs`."""
+    carry: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for writer in (v for v in variants.values() if v.carried_out):
+            carry.update(zip(writer.carried_out, writer.module(*inputs)[1:], strict=True))
+    return carry
 
 
 def graph_variants(program: DiffusionProgram, region: tuple[int, int] | None = None) -> dict[str, GraphVariant]:

@@ -288,14 +288,6 @@ def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool
     _log(f"wrote {out}")
 
 
-def _artifact_backend(artifact: Path) -> Any:
-    """The backend an output folder's plan.json names (plan.json fully checked first)."""
-    from backends.plan import read_plan
-    from backends.registry import get_backend
-
-    return get_backend(read_plan(artifact).document.get("backend", {"name": "onnxruntime"}))
-
-
 @contextlib.contextmanager
 def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
     """The runtime failing on a user's artifact (checked, but e.g. a label its graph cannot embed) is bad
@@ -316,6 +308,8 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     import numpy as np
     from PIL import Image
 
+    from backends.plan import read_plan
+    from backends.registry import get_backend
     from core.fileio import write_atomic
     from core.outputs import check_out_file
     from core.sampling import to_images
@@ -323,7 +317,7 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     check_out_file(out, [artifact])
     if len(seeds) > 1024:
         raise ConfigError("sample: at most 1024 --seed values per call")
-    backend = _artifact_backend(artifact)
+    backend = get_backend(read_plan(artifact).backend)
     with _artifact_errors(artifact, backend):
         runner = backend.runner(artifact)
         classes = (list(labels) or [0] * len(seeds)) if runner.plan.conditioning.num_classes else None
@@ -363,12 +357,13 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     import tempfile
 
     from backends.plan import read_plan
+    from backends.registry import get_backend
     from core.loading import load_program
     from optimizer.job import check_job_memory
     from verify.latency import measure_latency
 
     plan = read_plan(artifact)
-    backend = _artifact_backend(artifact)
+    backend = get_backend(plan.backend)
     source = plan.document["model"]["source"]
     program = load_program(model or source["path"], allow_large)
     if program.source.digest != source["digest"]:

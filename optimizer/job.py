@@ -189,8 +189,11 @@ def _run_stages(
         del baseline
         shutil.rmtree(staging / ".reference")
     results = evaluate_gates(gates, verification)
-    description = {**backend.describe(), **runner.describe()}
-    report = make_report(program, candidate, target, description, artifacts, verification, latency, opts, gates)
+    # The runner's description is the backend's plus what its runtime chose (e.g. providers).
+    # FLOPs from the analyses cache: the passes counted them already (and once when nothing changed).
+    flops = {"original": analyses.flops(program), "candidate": analyses.flops(candidate)}
+    description = runner.describe()
+    report = make_report(program, candidate, target, description, flops, artifacts, verification, latency, opts, gates)
     save_grid(staging / GRID_FILE, ref_images, cand_images)
     write_report(staging, report, results, decision_sections(candidate))
     return JobResult(opts.out, report, results)

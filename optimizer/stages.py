@@ -13,7 +13,6 @@ import torch
 from backends.registry import Runner
 from calibration import capture as calib
 from core.adapters import parameter_count
-from core.flops import plan_flops
 from core.ir import DiffusionProgram
 from core.sampling import to_images
 from optimizer.targets import Target
@@ -73,6 +72,7 @@ def make_report(
     candidate: DiffusionProgram,
     target: Target,
     backend: dict[str, Any],
+    flops: dict[str, Any],
     artifacts: dict[str, Any],
     verification: dict[str, Any],
     latency: dict[str, Any],
@@ -98,7 +98,7 @@ def make_report(
         "backend": backend["name"],
         "backend_details": backend,
         "plan": program.plan.to_dict(),
-        "flops": {"original": plan_flops(program), "candidate": plan_flops(candidate)},
+        "flops": flops,
         "passes": [
             {"name": p.name, "phase": p.phase, "config": p.config, "fidelity": p.fidelity, "seconds": p.seconds}
             for p in candidate.provenance

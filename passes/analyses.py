@@ -40,7 +40,7 @@ class Analyses:
                 raise ConfigError(
                     "this recipe needs calibration trajectories for a changed loop, and none can be captured"
                 )
-            if self.computed[CALIBRATION] or any(k == CALIBRATION for k, _ in self._cache):
+            if any(kind == CALIBRATION for kind, _ in self._cache):
                 self._log(f"recapturing calibration: the loop changed ({_loop(reference)})")
             self._cache[key] = self._capture(reference)
             self.computed[CALIBRATION] += 1

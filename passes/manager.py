@@ -10,8 +10,6 @@ calibration (then the reference is re-planned and calibration recaptured on the 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from calibration.capture import Trajectories
+from core.discovery import module_members
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, PassRecord
 from core.limits import MAX_CONFIG_INT
@@ -42,16 +41,10 @@ def register(p: Pass) -> Pass:
 
 def discover_passes() -> dict[str, Pass]:
     """The `PASS` of every module in this package, by name."""
-    import passes
-
     found = {}
-    for info in pkgutil.iter_modules(passes.__path__):
-        if info.name in INFRASTRUCTURE:
-            continue
-        module = importlib.import_module(f"passes.{info.name}")
-        p = getattr(module, "PASS", None)
+    for module, p in module_members("passes", "PASS", INFRASTRUCTURE).items():
         if not isinstance(p, Pass):
-            raise TypeError(f"passes.{info.name} defines no PASS = Pass(...)")
+            raise TypeError(f"passes.{module} defines no PASS = Pass(...)")
         found[p.name] = p
     return found
 

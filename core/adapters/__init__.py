@@ -4,14 +4,13 @@ family-independent helpers built on them (the uniform `Denoiser` call, `respec`)
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from functools import cache
 
 import torch
 from torch import nn
 
 from core.adapters.base import Adapter
+from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
 from core.sampling import DenoiseFn
@@ -22,12 +21,7 @@ __all__ = ["Adapter", "Denoiser", "adapter_for", "adapters", "denoiser_module", 
 @cache
 def adapters() -> dict[str, Adapter]:
     """Every adapter module's ADAPTER, by the model class it handles."""
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            adapter = importlib.import_module(f"{__name__}.{info.name}").ADAPTER
-            found[adapter.model_class] = adapter
-    return found
+    return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base",)).values()}
 
 
 def adapter_for(model_class: str) -> Adapter:
