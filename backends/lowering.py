@@ -10,7 +10,8 @@ from core.quantized import quantized_layers
 from core.variants import example_carry, graph_variants
 
 from .onnx_export import OUTPUT_NAME, example_inputs, export_onnx, input_names
-from .plan import GraphFile, plan_document, write_plan
+from .pipeline_stages import lower_stages
+from .plan import GraphFile, plan_document, sha256, write_plan
 
 ONNX_FILE = "denoiser.onnx"
 
@@ -34,9 +35,13 @@ def lower_onnx(program: DiffusionProgram, folder: Path, backend: dict[str, Any])
         path = folder / graph_file(name)
         export(variant.module, spec, path, carried_in=carried, carried_out=variant.carried_out)
         graphs[name] = GraphFile(path, [*input_names(spec), *carried], [OUTPUT_NAME, *variant.carried_out])
-    write_plan(folder, plan_document(program, graphs, backend))
+    stages = lower_stages(program, folder, sha256)
+    write_plan(folder, plan_document(program, graphs, backend, stages))
+    stage_files = [s["file"] for s in stages.values()]
     return {
         "onnx": [g.path.name for g in graphs.values()],
         "onnx_bytes": sum(g.path.stat().st_size for g in graphs.values()),
+        "stages": stage_files,
+        "stage_bytes": sum((folder / f).stat().st_size for f in stage_files),
         "plan": "plan.json",
     }

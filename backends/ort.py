@@ -11,7 +11,7 @@ import torch
 
 from core.ir import DiffusionProgram
 
-from .onnx_export import STANDARD_INPUTS
+from .onnx_export import LOOP_INPUTS
 from .runner import PlanRunner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -26,9 +26,17 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
 
 
 class OrtDenoiser:
-    """One graph: (sample, timestep, [class_labels], carried tensors...) -> (model output, carried tensors...)."""
+    """One graph: (sample, timestep, condition tensors..., carried tensors...) -> (model output, carried...).
+    `condition_names`: which inputs are condition tensors (default: "class_labels" when the graph has it);
+    the other non-loop inputs are carried tensors."""
 
-    def __init__(self, path: Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+        threads: int = 0,
+        condition_names: tuple[str, ...] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -40,27 +48,32 @@ class OrtDenoiser:
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.carried_in = [n for n in self.input_names if n not in STANDARD_INPUTS]
+        if condition_names is None:
+            condition_names = ("class_labels",) if "class_labels" in self.input_names else ()
+        self.condition_names = condition_names
+        self.carried_in = [n for n in self.input_names if n not in (*LOOP_INPUTS, *condition_names)]
 
     def describe(self) -> dict[str, Any]:
         return {"providers": self.session.get_providers()}
 
-    def _feeds(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
-        feeds = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
-        if "class_labels" in self.input_names:
-            feeds["class_labels"] = y.numpy().astype(np.int64)
-        return feeds
+    def session_fn(self):
+        """The graph as a plain callable: {input name: array} -> [output arrays]."""
+        return lambda feeds: self.session.run(None, feeds)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _feeds(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        feeds = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
+        return feeds | {name: cond[name].numpy() for name in self.condition_names}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.carried_in:
             raise ValueError(f"this graph also needs carried tensors {self.carried_in}; call step()")
-        return torch.from_numpy(self.session.run(self.output_names[:1], self._feeds(x, t, y))[0])
+        return torch.from_numpy(self.session.run(self.output_names[:1], self._feeds(x, t, cond))[0])
 
     def step(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict[str, torch.Tensor]
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A loop variant (see core.sampling.StepFn)."""
-        feeds = self._feeds(x, t, y) | {name: carry[name].numpy() for name in self.carried_in}
+        feeds = self._feeds(x, t, cond) | {name: carry[name].numpy() for name in self.carried_in}
         out, *written = self.session.run(self.output_names, feeds)
         return torch.from_numpy(out), {
             n: torch.from_numpy(v) for n, v in zip(self.output_names[1:], written, strict=True)
@@ -86,10 +99,13 @@ class OrtBackend:
         return lower_onnx(program, folder, self.options())
 
     def runner(self, folder: Path) -> PlanRunner:
-        def open_graph(path: Path) -> OrtDenoiser:
-            return OrtDenoiser(path, self.providers, self.threads)
+        def open_graph(path: Path, condition_names: tuple[str, ...]) -> OrtDenoiser:
+            return OrtDenoiser(path, self.providers, self.threads, condition_names)
 
-        return PlanRunner(folder, open_graph, self.describe())
+        def open_stage(path: Path):
+            return OrtDenoiser(path, self.providers, self.threads, ()).session_fn()
+
+        return PlanRunner(folder, open_graph, self.describe(), open_stage)
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

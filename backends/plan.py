@@ -14,7 +14,8 @@ from core.outputs import PLAN_FILE, PLAN_FORMAT, resolve
 from core.sampling import build_scheduler, uses_guidance
 from core.validate import get, integer, is_int, of_type, read_json_object, string_list
 
-from .onnx_export import STANDARD_INPUTS
+from .onnx_export import LOOP_INPUTS
+from .pipeline_stages import read_stages
 
 FORMAT = PLAN_FORMAT
 VERSION = 2  # 2: per-step graph variants with carried tensors (v1 files still load)
@@ -31,16 +32,23 @@ def sha256(path: Path) -> str:
     return sha256_files([path])
 
 
-def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile], backend: dict[str, Any]) -> dict[str, Any]:
+def plan_document(
+    program: DiffusionProgram,
+    graphs: dict[str, GraphFile],
+    backend: dict[str, Any],
+    stages: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Describe the loop: scheduler, resolved timesteps, guidance, and which graph runs at each step,
-    with the tensors it reads from and writes to the carry (the loop keeps the latest of each)."""
+    with the tensors it reads from and writes to the carry (the loop keeps the latest of each); and the
+    pipeline's stages around it (prompt encoder, decoder; see pipeline_stages)."""
     plan = program.plan
     timesteps = [float(t) for t in build_scheduler(plan).timesteps]
     guided = uses_guidance(plan, program.spec.conditioning)
+    fed = (*LOOP_INPUTS, *program.spec.conditioning.input_names)
     steps = []
     for i, t in enumerate(timesteps):
         graph = graphs[plan.variant(i)]
-        reads = [n for n in graph.inputs if n not in STANDARD_INPUTS]
+        reads = [n for n in graph.inputs if n not in fed]
         steps.append(
             {
                 "index": i,
@@ -62,7 +70,11 @@ def plan_document(program: DiffusionProgram, graphs: dict[str, GraphFile], backe
             "fingerprint": program.fingerprint(),
         },
         "sample_shape": list(program.spec.sample_shape),
-        "output": {"space": "model ([-1, 1])", "to_image": "clamp(x / 2 + 0.5, 0, 1)"},
+        "output": {
+            "space": "latent (decoder.onnx -> [-1, 1])" if stages and "decoder" in stages else "model ([-1, 1])",
+            "to_image": "clamp(x / 2 + 0.5, 0, 1)",
+        },
+        "stages": dict(stages or {}),
         "conditioning": dataclasses.asdict(program.spec.conditioning),
         "sampling": plan.to_dict(),
         "timesteps": timesteps,
@@ -94,6 +106,7 @@ class LoadedPlan:
     conditioning: Conditioning
     sample_shape: tuple[int, int, int]
     backend: dict[str, Any]  # the backend that built it, with its options (v2 plans before it: onnxruntime)
+    stages: dict[str, Any]  # the prompt encoder and decoder graphs, checked like the denoiser's
 
     def graph_path(self, name: str) -> Path:
         """The graph file, which read_plan checked to be a regular file inside the folder with its digest."""
@@ -139,17 +152,22 @@ def read_plan(folder: Path) -> LoadedPlan:
         graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:
             raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
-    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape), backend)
+    stages = read_stages(doc, folder, where, _check_graph)
+    if conditioning.text and "prompt_encoder" not in stages:
+        raise LoadError(f"{where}: a text-conditioned plan needs its prompt encoder stage")
+    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape), backend, stages)
 
 
 def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, sampling: SamplingPlan, where: str) -> None:
-    """The graphs take class labels exactly when the plan is class-conditional, and the null class of
-    guidance follows the real classes."""
+    """Every graph takes (sample, timestep, the conditioning's tensors in order, carried tensors...), and
+    the null class of guidance follows the real classes."""
+    fed = [*LOOP_INPUTS, *conditioning.input_names]
     for name, graph in graphs.items():
-        if ("class_labels" in graph["inputs"]) != (conditioning.num_classes > 0):
-            raise LoadError(f"{where}: graph '{name}' inputs do not match conditioning {conditioning}")
-        if graph["inputs"][:2] != ["sample", "timestep"] or not graph["outputs"]:
-            raise LoadError(f"{where}: graph '{name}' must take sample and timestep and have an output")
+        inputs = graph["inputs"]
+        if inputs[: len(fed)] != fed or "class_labels" in inputs[len(fed) :]:
+            raise LoadError(f"{where}: graph '{name}' inputs {inputs} do not match the conditioning ({fed} first)")
+        if not graph["outputs"]:
+            raise LoadError(f"{where}: graph '{name}' has no output")
     null = conditioning.null_class
     if uses_guidance(sampling, conditioning) and null is not None and null < conditioning.num_classes:
         raise LoadError(f"{where}: conditioning.null_class {null} is one of the {conditioning.num_classes} classes")

@@ -20,7 +20,7 @@ from core.sampling import DenoiseFn, Variants
 
 from .plan import LoadedPlan, read_plan
 
-SHARED = ("registry", "lowering", "onnx_export", "plan", "qdq", "runner")  # not backends themselves
+SHARED = ("registry", "lowering", "onnx_export", "pipeline_stages", "plan", "qdq", "runner")  # not backends themselves
 
 
 class Runner(Protocol):
@@ -31,8 +31,12 @@ class Runner(Protocol):
     denoise: DenoiseFn  # the graph of step 0 as a plain denoise function (latency of one call)
 
     def sample(
-        self, seeds: Sequence[int], labels: Sequence[int] | None = None, progress: Callable[[Any], Any] = ...
+        self, seeds: Sequence[int], conditions: Sequence[Any] | None = None, progress: Callable[[Any], Any] = ...
     ) -> torch.Tensor: ...
+
+    def decode(self, final: torch.Tensor) -> torch.Tensor:
+        """Final samples -> images in [-1, 1] (the decoder stage of a latent pipeline; else unchanged)."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from core.conditions import class_batch, prompt_batch
 from core.errors import LoadError
-from core.sampling import Variants, sample
+from core.sampling import ConditionBatch, Variants, sample
 
+from .pipeline_stages import StageRunner
 from .plan import read_plan
 
 
 class Graph(Protocol):
-    """One executable graph: (sample, timestep, [class_labels], carried tensors...) -> (output, carried...)."""
+    """One executable graph: (sample, timestep, condition tensors..., carried tensors...) -> (output, carried...)."""
 
     input_names: list[str]
     output_names: list[str]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
 
     def describe(self) -> dict[str, Any]: ...
 
     def step(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict[str, torch.Tensor]
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 class PlanRunner:
-    """The loop of plan.json over graphs opened by a backend's `open_graph(path)`."""
+    """The loop of plan.json over graphs opened by a backend's `open_graph(path, condition_names)`."""
 
-    def __init__(self, folder: Path, open_graph: Callable[[Path], Graph], describe: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        open_graph: Callable[[Path, tuple[str, ...]], Graph],
+        describe: dict[str, Any],
+        open_stage: Callable[[Path], Callable[[dict[str, Any]], list[Any]]],
+    ) -> None:
+        """`open_stage(path)`: a stage graph as a callable {input name: array} -> [output arrays]."""
         self.plan = read_plan(Path(folder))
-        self.graphs = {name: open_graph(self.plan.graph_path(name)) for name in self.plan.document["graphs"]}
+        self.stages = StageRunner(self.plan.folder, self.plan.stages, self.plan.document["model"]["class"], open_stage)
+        names = self.plan.conditioning.input_names
+        self.graphs = {name: open_graph(self.plan.graph_path(name), names) for name in self.plan.document["graphs"]}
         for name, graph in self.graphs.items():
             recorded = self.plan.document["graphs"][name]
             if graph.input_names != recorded["inputs"] or graph.output_names != recorded["outputs"]:
@@ -48,18 +59,23 @@ class PlanRunner:
         """The backend's description and what the runtime chose for the graphs (e.g. providers)."""
         return {**self._describe, **self.denoise.describe()}
 
+    def encode(self, conditions: Sequence[Any] | None, n: int) -> ConditionBatch:
+        """The condition tensors of n samples: class labels, or prompts through the prompt encoder graph."""
+        conditioning = self.plan.conditioning
+        if conditioning.text:
+            return prompt_batch(conditioning, conditions, n, self.stages.encode, self.stages.zero_uncond)
+        return class_batch(conditioning, conditions, n)
+
+    def decode(self, final: torch.Tensor) -> torch.Tensor:
+        """Final samples -> images in [-1, 1] (the decoder graph of a latent pipeline)."""
+        return self.stages.decode(final)
+
     def sample(
         self,
         seeds: Sequence[int],
-        labels: Sequence[int] | None = None,
+        conditions: Sequence[Any] | None = None,
         progress: Callable[[Any], Any] = lambda it: it,
     ) -> torch.Tensor:
-        return sample(
-            self.plan.sampling,
-            self.plan.conditioning,
-            self.plan.sample_shape,
-            self.loop,
-            seeds,
-            labels,
-            progress=progress,
-        )
+        """Final samples for `seeds` with one condition (class or prompt) per seed."""
+        batch = self.encode(conditions, len(seeds))
+        return sample(self.plan.sampling, self.plan.sample_shape, self.loop, seeds, batch, progress=progress)

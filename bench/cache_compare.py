@@ -22,10 +22,11 @@ import torch
 from bench.comparison import comparison_set
 from bench.peer_caches import HookedDenoiser, PeerCache
 from core.adapters import torch_denoise
+from core.conditions import encode
 from core.errors import ConfigError
 from core.flops import count_flops
 from core.ir import DiffusionProgram
-from core.sampling import DenoiseFn, Variants, sample, uses_guidance
+from core.sampling import ConditionBatch, DenoiseFn, Variants, sample, uses_guidance
 from core.variants import torch_loop
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.fidelity import compare
@@ -77,12 +78,13 @@ def compare_caching(
     if not uses_guidance(program.plan, spec.conditioning):
         peers = tuple(p for p in peers if p.method != "faster-cache")  # it approximates the unconditional pass
     peers = tuple(p for p in peers if p.applies(spec.family))
-    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    batch = encode(program, conditions, len(seeds))
 
     def evaluate(row: Row) -> None:
         log(row.name)
         finals: list[torch.Tensor] = []
-        flops = count_flops(lambda: finals.append(_sample(row, seeds, classes)))
+        flops = count_flops(lambda: finals.append(_sample(row, seeds, batch)))
         row.result = compare(reference, finals[0], [float("nan")], judge)
         row.result["flops_per_image"] = flops / len(seeds)
 
@@ -124,9 +126,9 @@ def compare_caching(
     rows += ours
     log(f"timing: {timed_images} images one by one per call, torch, every row side by side")
     timed_seeds = seeds[:timed_images]
-    timed_classes = None if classes is None else classes[:timed_images]
+    timed_batch = batch.rows(slice(0, timed_images))
     timed = paired_median_ms(
-        {id(r.denoise): (lambda r=r: _sample(r, timed_seeds, timed_classes, one_by_one=True)) for r in rows},
+        {id(r.denoise): (lambda r=r: _sample(r, timed_seeds, timed_batch, one_by_one=True)) for r in rows},
         repeats=2 * timing_rounds,
         warmup=1,
         rounds=timing_rounds,
@@ -140,17 +142,16 @@ def _budget(fraction: float) -> float:
     return math.floor(100 * fraction + 1e-9) / 100
 
 
-def _sample(row: Row, seeds: list[int], classes: list[int] | None, one_by_one: bool = False) -> torch.Tensor:
+def _sample(row: Row, seeds: list[int], batch: ConditionBatch, one_by_one: bool = False) -> torch.Tensor:
     """A static schedule samples the batch at once; a stateful hook one image at a time, reset before each."""
-    spec = row.program.spec
+    plan, shape = row.program.plan, row.program.spec.sample_shape
     if row.reset is None and not one_by_one:
-        return sample(row.program.plan, spec.conditioning, spec.sample_shape, row.denoise, seeds, classes)
+        return sample(plan, shape, row.denoise, seeds, batch)
     finals = []
     for i, seed in enumerate(seeds):
         if row.reset is not None:
             row.reset()
-        labels = None if classes is None else [classes[i]]
-        finals.append(sample(row.program.plan, spec.conditioning, spec.sample_shape, row.denoise, [seed], labels))
+        finals.append(sample(plan, shape, row.denoise, [seed], batch.rows(slice(i, i + 1))))
     return torch.cat(finals)
 
 

@@ -14,7 +14,7 @@ from verify.fidelity import DigitsJudge
 class ComparisonSet(NamedTuple):
     calibration: Any  # calibration.capture.Trajectories, on the calibration seeds
     seeds: list[int]
-    classes: list[int] | None
+    conditions: list | None  # per evaluation seed: its class or prompt
     reference: Any  # the original's trajectories on the evaluation seeds
     judge: DigitsJudge | None
 
@@ -24,11 +24,10 @@ def comparison_set(
 ) -> ComparisonSet:
     from calibration import capture as calib
 
-    num_classes = program.spec.conditioning.num_classes
     log(f"calibration: {calibration_samples} trajectories")
     calibration = calib.capture_calibration(program, calibration_samples)
-    seeds, classes = evaluation_set(samples, num_classes, 0)
+    seeds, conditions = evaluation_set(program, samples, 0)
     log(f"reference: {samples} samples")
-    reference = calib.capture(program, seeds, classes)
-    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
-    return ComparisonSet(calibration, seeds, classes, reference, judge)
+    reference = calib.capture(program, seeds, conditions)
+    judge = DigitsJudge.load() if DigitsJudge.applies(program) else None
+    return ComparisonSet(calibration, seeds, conditions, reference, judge)

@@ -10,6 +10,7 @@ cannot be lowered to a static graph, which is what the cache pass's schedule is 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,8 +85,9 @@ class HookedDenoiser:
         # FirstBlockCache keys its state by a context name; one batch, one context.
         _set_cache_context(self.model, CacheContext("batch"))
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.timestep = float(t[0])
+        y = cond.get("class_labels")
         if self.swap:
             x, t, y = (_swap_halves(v) if v is not None else None for v in (x, t, y))
         with torch.inference_mode():

@@ -19,6 +19,7 @@ from backends.ort import OrtDenoiser
 from backends.registry import get_backend
 from bench.comparison import comparison_set
 from core.adapters import parameter_count, torch_denoise
+from core.conditions import encode, example_conditions
 from core.flops import plan_flops
 from core.ir import DiffusionProgram
 from core.sampling import sample
@@ -75,8 +76,8 @@ def compare_pruning(
         if spec.family not in ROWS:
             raise ConfigError(f"no pruning comparison for the {spec.family} family")
         rows = ROWS[spec.family]
-    num_classes = spec.conditioning.num_classes
-    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    batch = encode(program, conditions, len(seeds))
     ctx = offline_context(program, trajectories, progress=progress)
     results: list[dict[str, Any]] = []
     graphs: dict[str, OrtDenoiser] = {}
@@ -91,7 +92,7 @@ def compare_pruning(
             size = get_backend({"name": "onnxruntime"}).lower(candidate, folder)["onnx_bytes"]
             graphs[name] = OrtDenoiser(folder / "denoiser.onnx")
             denoise = torch_denoise(candidate)
-            final = sample(candidate.plan, spec.conditioning, spec.sample_shape, denoise, seeds, classes)
+            final = sample(candidate.plan, spec.sample_shape, denoise, seeds, batch)
             summary = compare(reference, final, per_step_error(reference, denoise), judge)
             results.append(
                 {
@@ -107,8 +108,8 @@ def compare_pruning(
         log("ONNX Runtime latency per step, every graph side by side")
         x = torch.randn(2, *spec.sample_shape)
         t = torch.full((2,), 500.0)
-        y = torch.tensor([0, spec.conditioning.null_class or 0]) if num_classes else None
-        timed = paired_median_ms({n: (lambda g=g: g(x, t, y)) for n, g in graphs.items()}, repeats=latency_repeats)
+        cond = example_conditions(spec.conditioning, 2)
+        timed = paired_median_ms({n: (lambda g=g: g(x, t, cond)) for n, g in graphs.items()}, repeats=latency_repeats)
     for r in results:
         r["ort_step_ms"] = timed[r["name"]]
         r["ort_speedup"] = timed["original"] / timed[r["name"]]

@@ -22,6 +22,7 @@ from backends.registry import get_backend
 from bench.comparison import comparison_set
 from calibration import selection
 from core.adapters import denoiser_module, torch_denoise
+from core.conditions import encode
 from core.ir import DiffusionProgram
 from core.sampling import build_scheduler, sample
 from passes.manager import offline_context, plan_passes, run_passes
@@ -59,7 +60,8 @@ def compare_quantization(
     peers: bool = True,
 ) -> list[dict[str, Any]]:
     num_classes = program.spec.conditioning.num_classes
-    trajectories, seeds, classes, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    batch = encode(program, conditions, len(seeds))
     results = []
     with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
         work = Path(tmp)
@@ -78,7 +80,7 @@ def compare_quantization(
                 denoise = OrtDenoiser(folder / "denoiser.onnx")
             else:
                 size, denoise = None, torch_denoise(candidate)
-            row = _evaluate(program, reference, seeds, classes, denoise, judge)
+            row = _evaluate(program, reference, seeds, batch, denoise, judge)
             row.update(
                 name=name,
                 runs=runs,
@@ -109,7 +111,7 @@ def compare_quantization(
                 except Exception as exc:  # a peer tool that cannot quantize this model is a result too
                     results.append(_failed(name, "ort", exc))
                     continue
-                row = _evaluate(program, reference, seeds, classes, OrtDenoiser(path), judge)
+                row = _evaluate(program, reference, seeds, batch, OrtDenoiser(path), judge)
                 row.update(name=name, runs="ort", onnx_bytes=path.stat().st_size, weight_mb=None, fallback=[])
                 results.append(row)
             for cfg_name in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):
@@ -124,7 +126,7 @@ def compare_quantization(
                     except Exception as exc:
                         results.append(_failed(name, "torch", exc))
                         continue
-                    row = _evaluate(program, reference, seeds, classes, denoise, judge)
+                    row = _evaluate(program, reference, seeds, batch, denoise, judge)
                     row.update(name=name, runs="torch", onnx_bytes=None, weight_mb=None, fallback=[])
                     results.append(row)
     for row in results:
@@ -147,18 +149,17 @@ def _modelopt_quantized(program: DiffusionProgram, config_name: str, inputs: sel
 
     def forward_loop(_model: Any) -> None:
         with torch.no_grad():
-            for x, t, y in inputs.batches(64):
-                module(x, t, y)
+            for x, t, cond in inputs.batches(64):
+                module.apply(x, t, cond)
 
     mtq.quantize(quantized.denoiser, getattr(mtq, config_name), forward_loop)
     return torch_denoise(quantized)
 
 
 def _evaluate(
-    program: DiffusionProgram, reference: Any, seeds: list[int], classes: Any, denoise: Callable, judge: Any
+    program: DiffusionProgram, reference: Any, seeds: list[int], batch: Any, denoise: Callable, judge: Any
 ) -> dict[str, Any]:
-    spec = program.spec
-    candidate = sample(program.plan, spec.conditioning, spec.sample_shape, denoise, seeds, classes)
+    candidate = sample(program.plan, program.spec.sample_shape, denoise, seeds, batch)
     summary = compare(reference, candidate, per_step_error(reference, denoise), judge)
     keys = (
         "psnr_db_mean",
@@ -186,11 +187,8 @@ def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInp
             batch = next(self.batches, None)
             if batch is None:
                 return None
-            x, t, y = batch
-            feeds = {"sample": x.numpy(), "timestep": t.numpy()}
-            if y is not None:
-                feeds["class_labels"] = y.numpy()
-            return feeds
+            x, t, cond = batch
+            return {"sample": x.numpy(), "timestep": t.numpy(), **{k: v.numpy() for k, v in cond.items()}}
 
     options: dict[str, Any] = {}
     if tuned:

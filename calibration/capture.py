@@ -1,4 +1,4 @@
-"""Record (x_t, t, class, model output) at every step of the reference program on fixed seeds.
+"""Record (x_t, t, condition tensors, model output) at every step of the reference program on fixed seeds.
 
 Stored as safetensors with a fingerprint of the program, so a later run can reuse it safely.
 """
@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from core.conditions import condition_set, encode
 from core.errors import ConfigError, LoadError
 from core.fileio import write_atomic
 from core.ir import DiffusionProgram
@@ -22,25 +23,28 @@ from core.sampling import sample, uses_guidance
 from core.variants import torch_loop
 
 CALIBRATION_SEED = 10_000  # calibration seeds start here; evaluation seeds at 0: the two sets are disjoint
+COND_PREFIX = "cond."  # condition tensors are stored as cond.<name>
 
 
-def evaluation_set(n: int, num_classes: int, base_seed: int) -> tuple[list[int], list[int] | None]:
-    """Seeds base_seed.. and, for class-conditional models, classes cycling 0..num_classes-1."""
+def evaluation_set(program: DiffusionProgram, n: int, base_seed: int) -> tuple[list[int], list | None]:
+    """Seeds base_seed.. and their conditions: classes cycling 0..num_classes-1, or the prompt set's
+    prompts in turn (None for an unconditional model)."""
     seeds = list(range(base_seed, base_seed + n))
-    return seeds, ([i % num_classes for i in range(n)] if num_classes else None)
+    return seeds, condition_set(program.spec.conditioning, program.stages.prompts, n)
 
 
 @dataclass(frozen=True)
 class Trajectories:
-    """Per step s: the model's inputs x[s] ([N, C, H, W]; N doubles under guidance), t[s], labels, outputs."""
+    """Per step s: the model's inputs x[s] ([N, C, H, W]; N doubles under guidance), t[s], the condition
+    tensors fed to the model (`cond`, the unconditional branch in the second half under guidance), outputs."""
 
     x: torch.Tensor  # [S, N, C, H, W]
     t: torch.Tensor  # [S] float32
-    labels: torch.Tensor | None  # [N] int64, the labels fed to the model (null class for the uncond half)
+    cond: dict[str, torch.Tensor]  # name -> [N, ...] (e.g. class_labels int64, encoder_hidden_states)
     output: torch.Tensor  # [S, N, C, H, W] raw model outputs (before guidance)
     final: torch.Tensor  # [B, C, H, W] final samples in model space
     seeds: tuple[int, ...]
-    classes: tuple[int, ...] | None
+    conditions: tuple | None  # per sample: its class or prompt (None: unconditional)
     fingerprint: str
 
     @property
@@ -51,36 +55,35 @@ class Trajectories:
 def capture(
     program: DiffusionProgram,
     seeds: Sequence[int],
-    classes: Sequence[int] | None,
+    conditions: Sequence[Any] | None,
     denoise: Callable | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
 ) -> Trajectories:
-    xs, ts, outs, labels = [], [], [], []
+    xs, ts, outs, fed = [], [], [], {}
 
-    def observe(i: int, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor) -> None:
+    def observe(i: int, t: torch.Tensor, x: torch.Tensor, cond: Any, out: torch.Tensor) -> None:
         xs.append(x.clone())
         ts.append(t[0].clone())
         outs.append(out.clone())
-        labels[:] = [y]
+        fed.update(cond)
 
     final = sample(
         program.plan,
-        program.spec.conditioning,
         program.spec.sample_shape,
         denoise or torch_loop(program),
         seeds,
-        classes,
+        encode(program, conditions, len(seeds)),
         observer=observe,
         progress=progress,
     )
     return Trajectories(
         x=torch.stack(xs),
         t=torch.stack(ts).float(),
-        labels=labels[0],
+        cond=dict(fed),
         output=torch.stack(outs),
         final=final,
         seeds=tuple(seeds),
-        classes=tuple(classes) if classes is not None else None,
+        conditions=tuple(conditions) if conditions is not None else None,
         fingerprint=program.fingerprint(),
     )
 
@@ -89,15 +92,18 @@ def capture_calibration(
     program: DiffusionProgram, samples: int, seed: int = 0, progress: Callable[[Any], Any] = lambda it: it
 ) -> Trajectories:
     """The calibration set: `samples` trajectories of `program` on seeds CALIBRATION_SEED + seed + i."""
-    seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, CALIBRATION_SEED + seed)
-    return capture(program, seeds, classes, progress=progress)
+    seeds, conditions = evaluation_set(program, samples, CALIBRATION_SEED + seed)
+    return capture(program, seeds, conditions, progress=progress)
 
 
 def save(traj: Trajectories, path: Path) -> None:
     tensors = {"x": traj.x, "t": traj.t, "output": traj.output, "final": traj.final}
-    if traj.labels is not None:
-        tensors["labels"] = traj.labels
-    meta = {"fingerprint": traj.fingerprint, "seeds": json.dumps(traj.seeds), "classes": json.dumps(traj.classes)}
+    tensors |= {COND_PREFIX + k: v for k, v in traj.cond.items()}
+    meta = {
+        "fingerprint": traj.fingerprint,
+        "seeds": json.dumps(traj.seeds),
+        "conditions": json.dumps(traj.conditions),
+    }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -113,15 +119,17 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
     if program is not None and meta.get("fingerprint") != program.fingerprint():
         raise ConfigError(f"{path}: captured from a different model or sampling plan; capture it again")
     try:
-        seeds, classes = json.loads(meta.get("seeds", "[]")), json.loads(meta.get("classes", "null"))
+        seeds, conditions = json.loads(meta.get("seeds", "[]")), json.loads(meta.get("conditions", "null"))
+        if conditions is not None and not all(isinstance(c, int | str) for c in conditions):
+            raise ValueError("conditions must be classes or prompts")
         traj = Trajectories(
             x=tensors["x"],
             t=tensors["t"],
-            labels=tensors.get("labels"),
+            cond={k.removeprefix(COND_PREFIX): v for k, v in tensors.items() if k.startswith(COND_PREFIX)},
             output=tensors["output"],
             final=tensors["final"],
             seeds=tuple(int(s) for s in seeds),
-            classes=tuple(int(c) for c in classes) if classes is not None else None,
+            conditions=tuple(conditions) if conditions is not None else None,
             fingerprint=meta.get("fingerprint", ""),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -142,8 +150,12 @@ def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) ->
         tensor = getattr(traj, name)
         if tuple(tensor.shape) != shape or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise LoadError(f"{path}: tensor '{name}' must be finite floats of shape {list(shape)}")
-    classes = spec.conditioning.num_classes
-    if n < 1 or (classes and (traj.classes is None or len(traj.classes) != n)):
-        raise LoadError(f"{path}: seeds and classes do not match the capture")
-    if classes and (traj.labels is None or tuple(traj.labels.shape) != (batch,) or traj.labels.dtype != torch.int64):
-        raise LoadError(f"{path}: tensor 'labels' must be int64 of shape [{batch}]")
+    conditioned = bool(spec.conditioning.inputs)
+    if n < 1 or (conditioned and (traj.conditions is None or len(traj.conditions) != n)):
+        raise LoadError(f"{path}: seeds and conditions do not match the capture")
+    if set(traj.cond) != set(spec.conditioning.input_names):
+        raise LoadError(f"{path}: condition tensors {sorted(traj.cond)} do not match the model's")
+    for cin in spec.conditioning.inputs:
+        tensor = traj.cond[cin.name]
+        if tuple(tensor.shape) != (batch, *cin.shape) or tensor.dtype != getattr(torch, cin.dtype):
+            raise LoadError(f"{path}: tensor '{cin.name}' must be {cin.dtype} of shape {[batch, *cin.shape]}")

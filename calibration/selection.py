@@ -5,7 +5,8 @@
 - "skewed": PTQ4DM's choice: steps drawn with weights from a normal over t/T (mean `skew_mean`),
   leaning towards the low-noise end where errors survive to the final image.
 - "random": the naive baseline (Olive's Stable Diffusion recipe, ORT's examples): x ~ N(0, I), t uniform
-  over the training range, random labels; nothing from the real trajectories.
+  over the training range, random labels (text models: random captured prompt rows); nothing else from the
+  real trajectories.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import ConfigError
+from core.sampling import take
 
 from .capture import Trajectories
 
@@ -25,12 +27,23 @@ METHODS = ("timestep", "skewed", "random")
 class CalibrationInputs:
     x: torch.Tensor  # [M, C, H, W]
     t: torch.Tensor  # [M] float32
-    y: torch.Tensor | None  # [M] int64
+    cond: dict[str, torch.Tensor]  # name -> [M, ...] condition tensors ({} for an unconditional model)
     steps: torch.Tensor  # [M] index of the plan step each row comes from (-1: synthetic)
 
     def batches(self, size: int):
         for i in range(0, self.x.shape[0], size):
-            yield self.x[i : i + size], self.t[i : i + size], None if self.y is None else self.y[i : i + size]
+            rows = slice(i, i + size)
+            yield self.x[rows], self.t[rows], take(self.cond, rows)
+
+    def rows(self, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        return self.x[pick], self.t[pick], take(self.cond, pick)
+
+    @staticmethod
+    def concat(parts: list[CalibrationInputs]) -> CalibrationInputs:
+        cond = {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond}
+        return CalibrationInputs(
+            torch.cat([p.x for p in parts]), torch.cat([p.t for p in parts]), cond, torch.cat([p.steps for p in parts])
+        )
 
 
 def step_weights(t: torch.Tensor, method: str, num_train_timesteps: int, skew_mean: float = 0.4) -> torch.Tensor:
@@ -64,19 +77,16 @@ def select(
     if method == "random":
         return _random_inputs(traj, count, generator, num_train_timesteps, num_classes)
     rows = traj.x.shape[1]
-    xs, ts, ys, ss = [], [], [], []
+    parts = []
     for s, k in enumerate(allocate(step_weights(traj.t, method, num_train_timesteps), count)):
         if k == 0:
             continue
         pick = torch.randperm(rows, generator=generator)[: min(k, rows)]
         if k > rows:  # more rows wanted than captured: repeat the step's rows
             pick = torch.cat([pick, torch.randint(rows, (k - rows,), generator=generator)])
-        xs.append(traj.x[s, pick])
-        ts.append(traj.t[s].expand(len(pick)))
-        ys.append(None if traj.labels is None else traj.labels[pick])
-        ss.append(torch.full((len(pick),), s))
-    y = None if traj.labels is None else torch.cat(ys)
-    return CalibrationInputs(torch.cat(xs), torch.cat(ts).float(), y, torch.cat(ss))
+        t = traj.t[s].expand(len(pick)).float()
+        parts.append(CalibrationInputs(traj.x[s, pick], t, take(traj.cond, pick), torch.full((len(pick),), s)))
+    return CalibrationInputs.concat(parts)
 
 
 def _random_inputs(
@@ -84,9 +94,11 @@ def _random_inputs(
 ) -> CalibrationInputs:
     x = torch.randn((count, *traj.x.shape[2:]), generator=generator)
     t = torch.randint(num_train_timesteps, (count,), generator=generator).float()
-    labels = traj.labels
-    y = None
-    if labels is not None:
-        top = max(num_classes, int(labels.max()) + 1)  # the null class too, when the model has one
-        y = torch.randint(top, (count,), generator=generator)
-    return CalibrationInputs(x, t, y, torch.full((count,), -1))
+    cond = {}
+    for name, captured in traj.cond.items():
+        if name == "class_labels":
+            top = max(num_classes, int(captured.max()) + 1)  # the null class too, when the model has one
+            cond[name] = torch.randint(top, (count,), generator=generator)
+        else:  # text: random rows of the captured prompt encodings
+            cond[name] = captured[torch.randint(captured.shape[0], (count,), generator=generator)]
+    return CalibrationInputs(x, t, cond, torch.full((count,), -1))

@@ -22,11 +22,12 @@ def count_flops(fn: Callable[..., Any], *args: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _inputs(program: DiffusionProgram) -> tuple[torch.Tensor | None, ...]:
+def _inputs(program: DiffusionProgram) -> tuple[torch.Tensor, ...]:
+    from core.conditions import example_conditions
+
     x = torch.zeros(1, *program.spec.sample_shape)
     t = torch.full((1,), 500.0)
-    y = torch.zeros(1, dtype=torch.int64) if program.spec.conditioning.num_classes else None
-    return x, t, y
+    return (x, t, *example_conditions(program.spec.conditioning, 1).values())
 
 
 def variant_flops(program: DiffusionProgram, region: tuple[int, int] | None = None) -> dict[str, int]:

@@ -17,16 +17,61 @@ from core.validate import finite_tree, get, integer, is_int, number
 DENOISER, FULL, CACHED = "denoiser", "full", "cached"
 
 
+CONDITION_DTYPES = ("float32", "int64")
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """One condition tensor the denoiser takes after (sample, timestep): its name (the diffusers keyword),
+    per-sample shape (without the batch dimension) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ConditionInput:
+        shape = get(data, "shape", list, where)
+        dtype = get(data, "dtype", str, where, "float32")
+        if dtype not in CONDITION_DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {', '.join(CONDITION_DTYPES)}, got {dtype!r}")
+        return cls(get(data, "name", str, where), tuple(integer(d, f"{where}.shape", 1, 1 << 20) for d in shape), dtype)
+
+
+CLASS_LABELS = ConditionInput("class_labels", (), "int64")
+
+
 @dataclass(frozen=True)
 class Conditioning:
-    """Class conditioning. `null_class` is the label of the unconditional branch (None: no guidance)."""
+    """How the denoiser is conditioned.
+
+    Class models: `num_classes` labels; `null_class` is the label of the unconditional branch (None: no
+    guidance). Text models: `text` lists the tensors the prompt encoder produces (sequence embeddings,
+    masks, pooled embeddings, extra ids), and the unconditional branch is the empty prompt's encoding.
+    """
 
     num_classes: int = 0
     null_class: int | None = None
+    text: tuple[ConditionInput, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text else "class" if self.num_classes else "none"
+
+    @property
+    def inputs(self) -> tuple[ConditionInput, ...]:
+        """The condition tensors the denoiser takes after (sample, timestep), in call order."""
+        if self.text:
+            return self.text
+        return (CLASS_LABELS,) if self.num_classes else ()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
 
     @property
     def supports_guidance(self) -> bool:
-        return self.num_classes > 0 and self.null_class is not None
+        return bool(self.text) or (self.num_classes > 0 and self.null_class is not None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "conditioning") -> Conditioning:
@@ -35,7 +80,13 @@ class Conditioning:
         null = get(data, "null_class", (int, type(None)), where, None)
         if null is not None:
             integer(null, f"{where}.null_class", 0, 1_000_000)
-        return cls(num, null)
+        text = get(data, "text", list, where, [])
+        if not all(isinstance(t, dict) for t in text):
+            raise ConfigError(f"{where}.text must be a list of objects")
+        inputs = tuple(ConditionInput.from_dict(t, f"{where}.text[{i}]") for i, t in enumerate(text))
+        if text and num:
+            raise ConfigError(f"{where}: a model is conditioned on classes or on text, not both")
+        return cls(num, null, inputs)
 
 
 @dataclass(frozen=True)
@@ -189,12 +240,38 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Stages:
+    """What a latent pipeline runs around its denoiser: prompt encoding before, decoding after.
+
+    `text_encoders` / `tokenizers`: the pipeline's own (transformers) components, in the pipeline's
+    order; `vae`: its autoencoder (None: the denoiser works in pixel space); `prompts`: the prompt set
+    that calibration and verification run over. Passes optimize the denoiser and carry these along.
+    """
+
+    text_encoders: tuple[nn.Module, ...] = ()
+    tokenizers: tuple[Any, ...] = ()
+    vae: nn.Module | None = None
+    prompts: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)  # the pipeline's own settings (model_index.json)
+    # Prompt -> its condition tensors: each prompt is encoded once per stages (core.prompts).
+    encoded: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along each side (0: no VAE)."""
+        if self.vae is None:
+            return 0
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
 class DiffusionProgram:
     denoiser: nn.Module
     spec: ModelSpec
     plan: SamplingPlan
     source: Source
     provenance: tuple[PassRecord, ...] = field(default=())
+    stages: Stages = field(default_factory=Stages)
 
     def replace(self, **changes: Any) -> DiffusionProgram:
         return dataclasses.replace(self, **changes)
@@ -210,6 +287,7 @@ class DiffusionProgram:
             {
                 "source": self.source.digest,
                 "plan": self.plan.to_dict(),
+                "prompts": list(self.stages.prompts),
                 "passes": [{"name": p.name, "config": p.config} for p in self.provenance],
             },
             sort_keys=True,

@@ -98,9 +98,8 @@ def _footprint(model_class: str, config_json: str) -> Footprint:
         hooks = [m.register_forward_hook(record) for m in model.modules()]
         x = torch.zeros(1, *shape, device="meta")
         t = torch.zeros(1, device="meta")
-        y = torch.zeros(1, dtype=torch.int64, device="meta")
         with torch.no_grad():
-            adapter.forward(model, x, t, y)
+            adapter.forward(model, x, t, adapter.probe_conditions(config, "meta"))
         for hook in hooks:
             hook.remove()
     except LoadError:

@@ -17,28 +17,42 @@ import torch
 from core import limits
 from core import sampling as sampling_scheduler
 from core.adapters import adapter_for
+from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
 from core.errors import ConfigError, LoadError
 from core.fileio import sha256_files
-from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source
+from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
 from core.sampling import check_plan, with_scheduler
+from core.stages import PROMPTS_FILE, TEXT_ENCODERS, TOKENIZERS, load_stages
 from core.validate import finite_tree, get, integer, number, read_json_object
 
 DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "num_inference_steps": 20, "guidance_scale": 2.0}
 DEFAULT_SCHEDULER = {"class": "DDPMScheduler", "config": {}}
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MAX_GUIDANCE = 1000.0
+# A pipeline folder keeps its scheduler; steps and guidance default to its pipeline's own defaults.
+PIPELINE_SAMPLING = {
+    "StableDiffusionPipeline": (50, 7.5),
+    "StableDiffusionXLPipeline": (50, 5.0),
+    "PixArtAlphaPipeline": (20, 4.5),
+    "PixArtSigmaPipeline": (20, 4.5),
+    "StableDiffusion3Pipeline": (28, 7.0),
+    "FluxPipeline": (28, 1.0),  # guidance-distilled: no classifier-free guidance
+}
 LARGE_ADVICE = "this machine cannot hold the model"
 
 
-def load_program(path: str | Path, allow_large: bool = False) -> DiffusionProgram:
+def load_program(
+    path: str | Path, allow_large: bool = False, prompts: tuple[str, ...] | None = None
+) -> DiffusionProgram:
+    """`prompts`: the prompt set of a text-conditioned model (default: its pipeline folder's prompts.txt)."""
     p = Path(path)
     resolved = resolve(p, "model")
     if not resolved.exists():
         raise LoadError(f"{p}: no such file or directory")
     if resolved.is_dir():
-        return _load_diffusers(p, allow_large)
+        return _load_diffusers(p, allow_large, prompts)
     if not resolved.is_file():
         raise LoadError(f"{p}: not a regular file or a folder")
     if p.suffix == ".json":
@@ -122,13 +136,15 @@ def _conditioning(data: dict[str, Any], where: str) -> Conditioning:
         raise LoadError(str(exc)) from None
 
 
-def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:
-    """A `save_pretrained` model folder, or a pipeline folder (model_index.json) with transformer/ or unet/."""
-    scheduler = DEFAULT_SCHEDULER
+def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | None) -> DiffusionProgram:
+    """A `save_pretrained` model folder, or a pipeline folder (model_index.json) with transformer/ or unet/,
+    its scheduler, text encoders, tokenizers, VAE and prompt set."""
+    scheduler, sampling, stages = DEFAULT_SCHEDULER, DEFAULT_SAMPLING, Stages()
     model_dir = folder
+    digested: list[Path] = []
     if (folder / "model_index.json").exists():
         index = read_json(folder / "model_index.json")
-        component = next((c for c in ("transformer", "unet") if c in index), None)
+        component = next((c for c in ("transformer", "unet") if index.get(c) not in (None, [None, None])), None)
         if component is None:
             raise LoadError(f"{folder}: model_index.json names no 'transformer' or 'unet' component")
         model_dir = folder / component
@@ -140,6 +156,12 @@ def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:
                 "class": get(sched, "_class_name", str, "scheduler_config.json", "DDPMScheduler", LoadError),
                 "config": sched,
             }
+        steps, guidance = PIPELINE_SAMPLING.get(str(index.get("_class_name")), (20, 2.0))
+        sampling = {"scheduler": scheduler["class"], "num_inference_steps": steps, "guidance_scale": guidance}
+        stages = load_stages(folder, index, allow_large, prompts)
+        digested = sorted(
+            f for n in (*TEXT_ENCODERS, *TOKENIZERS, "vae") if (folder / n).is_dir() for f in (folder / n).iterdir()
+        ) + ([folder / PROMPTS_FILE] if (folder / PROMPTS_FILE).is_file() else [])
     elif not (model_dir / "config.json").is_file():
         raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
     config = read_json(model_dir / "config.json")
@@ -151,11 +173,12 @@ def _load_diffusers(folder: Path, allow_large: bool) -> DiffusionProgram:
         config=config,
         weights=weights,
         scheduler=scheduler,
-        sampling=DEFAULT_SAMPLING,
+        sampling=sampling,
         conditioning=None,
-        source=Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights])),
+        source=Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights, *digested])),
         where=str(model_dir / "config.json"),
         allow_large=allow_large,
+        stages=stages,
     )
 
 
@@ -169,6 +192,7 @@ def _assemble(
     source: Source,
     where: str,
     allow_large: bool,
+    stages: Stages | None = None,
 ) -> DiffusionProgram:
     """Check everything that is cheap to check, estimate the cost, then build and load."""
     adapter = adapter_for(model_class)
@@ -189,7 +213,7 @@ def _assemble(
             f"{source.path}: weights do not fit the {model_class} config "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
-    return _program(model, plan, conditioning, source, where)
+    return _program(model, plan, conditioning, source, where, stages or Stages())
 
 
 def _plan(scheduler: dict[str, Any], sampling: dict[str, Any], where: str) -> SamplingPlan:
@@ -224,15 +248,22 @@ def _program(
     conditioning: Conditioning | None,
     source: Source,
     where: str,
+    stages: Stages,
 ) -> DiffusionProgram:
     adapter = adapter_for(type(model).__name__)
     model.eval().requires_grad_(False)
+    if isinstance(adapter, TextAdapter):
+        if not stages.text_encoders:
+            raise LoadError(
+                f"{where}: {adapter.model_class} is text-conditioned; load its pipeline folder (text encoder)"
+            )
+        conditioning = adapter.text_conditioning(stages, adapter.sample_shape(dict(model.config)))
     if conditioning is not None:
         adapter.check_conditioning(model, conditioning, where)
     spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
     if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
         plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
-    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source)
+    return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source, stages=stages)
 
 
 def program_from_model(
@@ -244,7 +275,7 @@ def program_from_model(
 ) -> DiffusionProgram:
     """Wrap an in-memory diffusers model (DiTTransformer2DModel / UNet2DModel) as a program."""
     plan = _plan(scheduler or DEFAULT_SCHEDULER, sampling or DEFAULT_SAMPLING, "<memory>")
-    return _program(model, plan, conditioning, source or Source("<memory>", "memory", ""), "<memory>")
+    return _program(model, plan, conditioning, source or Source("<memory>", "memory", ""), "<memory>", Stages())
 
 
 def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Source) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,33 +18,58 @@ from core.errors import ConfigError, one_line
 from core.ir import DENOISER, Conditioning, SamplingPlan
 from core.validate import is_int
 
-# (x [B,C,H,W], t [B] float32, y [B] int64 or None) -> model output [B,C,H,W]
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-# (x, t, y, carried tensors in) -> (model output, carried tensors out): one graph variant
+# The denoiser's condition tensors by name (Conditioning.inputs), each with the batch first; {} if none.
+Cond = Mapping[str, torch.Tensor]
+# (x [B,C,H,W], t [B] float32, cond) -> model output [B,C,H,W]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+# (x, t, cond, carried tensors in) -> (model output, carried tensors out): one graph variant
 StepFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]],
+    [torch.Tensor, torch.Tensor, Cond, dict[str, torch.Tensor]],
     tuple[torch.Tensor, dict[str, torch.Tensor]],
 ]
 Variants = Mapping[str, StepFn]
-# (step index, t, model input x, model labels y, raw model output) for calibration capture
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+# (step index, t, model input x, model condition tensors, raw model output) for calibration capture
+Observer = Callable[[int, torch.Tensor, torch.Tensor, Cond, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ConditionBatch:
+    """The condition tensors of N samples, and of their unconditional branch (None: no guidance)."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None
+
+    def guided(self) -> dict[str, torch.Tensor]:
+        """The [cond, uncond] batch a guided step feeds the model."""
+        if self.uncond is None:
+            raise ValueError("no unconditional branch to guide with")
+        return {k: torch.cat([v, self.uncond[k]]) for k, v in self.cond.items()}
+
+    def rows(self, rows: Any) -> ConditionBatch:
+        """The batch of some samples (an index, slice or index tensor)."""
+        return ConditionBatch(take(self.cond, rows), None if self.uncond is None else take(self.uncond, rows))
+
+
+def take(cond: Cond, rows: Any) -> dict[str, torch.Tensor]:
+    """Rows of every condition tensor (an index, slice or index tensor over the batch)."""
+    return {k: v[rows] for k, v in cond.items()}
 
 
 def as_variants(denoise: DenoiseFn | Variants) -> Variants:
     """A plain denoise function is the single variant "denoiser", carrying nothing."""
     if isinstance(denoise, Mapping):
         return denoise
-    return {DENOISER: lambda x, t, y, carry: (denoise(x, t, y), {})}
+    return {DENOISER: lambda x, t, cond, carry: (denoise(x, t, cond), {})}
 
 
 def run_variant(
-    variants: Variants, name: str, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, carry: dict
+    variants: Variants, name: str, x: torch.Tensor, t: torch.Tensor, cond: Cond, carry: dict
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if name not in variants:
         raise ConfigError(f"the plan needs graph variant '{name}', which this backend lacks ({', '.join(variants)})")
     # Carried tensors from a guided step hold [cond, uncond]; an unguided step uses the cond half.
     carry = {k: v[: x.shape[0]] for k, v in carry.items()}
-    return variants[name](x, t, y, carry)
+    return variants[name](x, t, cond, carry)
 
 
 SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -143,29 +169,28 @@ def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -
 
 def sample(
     plan: SamplingPlan,
-    conditioning: Conditioning,
     sample_shape: Sequence[int],
     denoise: DenoiseFn | Variants,
     seeds: Sequence[int],
-    labels: Sequence[int] | None = None,
+    conditions: ConditionBatch | None = None,
     observer: Observer | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the loop; returns the final samples in model space (usually [-1, 1]).
 
+    `conditions`: one row per seed (see core.conditions for how classes and prompts become tensors);
+    guidance runs when the plan's scale is > 1 and the batch has an unconditional branch.
     `start` overrides the initial noise (already scaled), e.g. to replay a captured trajectory."""
-    if conditioning.num_classes and (labels is None or len(labels) != len(seeds)):
-        raise ConfigError("a class-conditional model needs one label per seed")
-    if labels is not None and any(not 0 <= c < conditioning.num_classes for c in labels):
-        raise ConfigError(f"class labels must lie in [0, {conditioning.num_classes})")
+    conditions = conditions or ConditionBatch({})
+    if any(v.shape[0] != len(seeds) for v in conditions.cond.values()):
+        raise ConfigError("the condition tensors need one row per seed")
     variants = as_variants(denoise)
     scheduler = build_scheduler(plan)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma if start is None else start
-    y = torch.tensor(list(labels), dtype=torch.int64) if conditioning.num_classes else None
-    cfg = uses_guidance(plan, conditioning)
-    y_guided = torch.cat([y, torch.full_like(y, conditioning.null_class)]) if cfg else y
+    cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
+    cond, cond_guided = conditions.cond, conditions.guided() if cfg else conditions.cond
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     carry: dict[str, torch.Tensor] = {}
     for i, t in enumerate(progress(scheduler.timesteps)):
@@ -173,12 +198,12 @@ def sample(
         x_in = scheduler.scale_model_input(x, t)
         if guided:
             x_in = torch.cat([x_in, x_in])
-        y_in = y_guided if guided else y
+        c_in = cond_guided if guided else cond
         t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
-        out, written = run_variant(variants, plan.variant(i), x_in, t_in, y_in, carry)
+        out, written = run_variant(variants, plan.variant(i), x_in, t_in, c_in, carry)
         carry.update(written)
         if observer is not None:
-            observer(i, t_in, x_in, y_in, out)
+            observer(i, t_in, x_in, c_in, out)
         x = scheduler.step(guide(out, plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
     return x
 

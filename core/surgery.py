@@ -47,9 +47,12 @@ def prune_heads(attn: nn.Module, keep_heads: list[int]) -> None:
 
 
 def prune_mlp(ff: nn.Module, keep: list[int]) -> None:
-    """A diffusers `FeedForward` (net = [activation with .proj, dropout, Linear]): keep hidden units."""
+    """A diffusers `FeedForward` (net = [activation with .proj, dropout, Linear]): keep hidden units.
+    A gated activation (GEGLU, SD's) projects to [value, gate]: both halves keep the same units."""
     index = _index(keep)
-    keep_outputs(ff.net[0].proj, index)
+    inner = ff.net[2].in_features
+    halves = ff.net[0].proj.out_features // inner
+    keep_outputs(ff.net[0].proj, torch.cat([index + h * inner for h in range(halves)]))
     keep_inputs(ff.net[2], index)
 
 

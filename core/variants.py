@@ -8,6 +8,7 @@ the backends' runners all take their variants from `graph_variants`, so a new va
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +17,25 @@ from torch import nn
 
 from core.adapters import denoiser_module
 from core.caching import CACHE, steps_module
+from core.conditions import encode
 from core.ir import CACHED, DENOISER, FULL, DiffusionProgram
-from core.sampling import Variants
+from core.sampling import DenoiseFn, Variants, sample
 
-__all__ = ["CACHED", "DENOISER", "FULL", "GraphVariant", "example_carry", "graph_variants", "torch_loop"]
+__all__ = [
+    "CACHED",
+    "DENOISER",
+    "FULL",
+    "GraphVariant",
+    "example_carry",
+    "graph_variants",
+    "sample_program",
+    "torch_loop",
+]
 
 
 @dataclass(frozen=True)
 class GraphVariant:
-    """One network variant: called as (sample, timestep, class_labels or None, *carried_in) and returning
+    """One network variant: called as (sample, timestep, *condition tensors, *carried_in) and returning
     the model output, followed by the `carried_out` tensors when it writes any."""
 
     name: str
@@ -55,13 +66,28 @@ def graph_variants(program: DiffusionProgram, region: tuple[int, int] | None = N
 
 def torch_loop(program: DiffusionProgram) -> Variants:
     """The program's loop callables in torch (see core.sampling.StepFn), one per graph variant."""
-    return {name: _step_fn(variant) for name, variant in graph_variants(program).items()}
+    names = program.spec.conditioning.input_names
+    return {name: _step_fn(variant, names) for name, variant in graph_variants(program).items()}
 
 
-def _step_fn(variant: GraphVariant):
-    def step(x, t, y, carry: dict[str, torch.Tensor]):
+def sample_program(
+    program: DiffusionProgram,
+    seeds: Sequence[int],
+    conditions: Sequence[Any] | None = None,
+    loop: DenoiseFn | Variants | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The program's loop (in torch, or `loop`: any backend's callables) on `seeds`, with one condition
+    (class or prompt) per seed; see core.sampling.sample for `kwargs`."""
+    batch = encode(program, conditions, len(seeds))
+    return sample(program.plan, program.spec.sample_shape, loop or torch_loop(program), seeds, batch, **kwargs)
+
+
+def _step_fn(variant: GraphVariant, condition_names: tuple[str, ...]):
+    def step(x, t, cond, carry: dict[str, torch.Tensor]):
+        inputs = (*(cond[name] for name in condition_names), *(carry[name] for name in variant.carried_in))
         with torch.inference_mode():
-            result = variant.module(x, t, y, *(carry[name] for name in variant.carried_in))
+            result = variant.module(x, t, *inputs)
         if not variant.carried_out:
             return result, {}
         out, *written = result

@@ -132,6 +132,12 @@ def main() -> None:
 ALLOW_LARGE = click.option(
     "--allow-large", is_flag=True, help="Run even when the memory estimate exceeds the memory available now."
 )
+PROMPTS = click.option(
+    "--prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Prompt set of a text-to-image model: one prompt per line (default: the pipeline folder's prompts.txt).",
+)
 
 
 @main.command()
@@ -165,6 +171,7 @@ ALLOW_LARGE = click.option(
 @click.option("--overwrite", is_flag=True, help="Replace --out when it is an earlier `optimize` output folder.")
 @click.option("--latency-repeats", default=20, show_default=True, help="Timed calls per latency measurement.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
+@PROMPTS
 @ALLOW_LARGE
 def run(
     model: Path,
@@ -186,6 +193,7 @@ def run(
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
+    prompts: Path | None,
     allow_large: bool,
 ) -> None:
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
@@ -216,6 +224,7 @@ def run(
         overwrite=overwrite,
         latency_repeats=latency_repeats,
         allow_large=allow_large,
+        prompts=prompts,
     )
     result = run_job(model, opts, _progress, _log)
     graphs = ", ".join(result.report["artifacts"]["onnx"])
@@ -238,6 +247,7 @@ def inspect(model: Path, allow_large: bool) -> None:
 
     from core.adapters import parameter_count
     from core.loading import load_program
+    from optimizer.stages import stage_summary
 
     program = load_program(model, allow_large)
     spec = dataclasses.asdict(program.spec)
@@ -247,6 +257,7 @@ def inspect(model: Path, allow_large: bool) -> None:
         "spec": spec,
         "plan": program.plan.to_dict(),
         "parameters": parameter_count(program.denoiser),
+        "stages": stage_summary(program),
     }
     click.echo(json.dumps(info, indent=2))
 
@@ -272,19 +283,19 @@ SEED = click.IntRange(0, MAX_SEED)
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="calibration .safetensors file")
 @click.option("--samples", type=SAMPLES, default=20, show_default=True)
 @click.option("--seed", type=SEED, default=10_000, show_default=True)
+@PROMPTS
 @ALLOW_LARGE
-def calibrate(model: Path, out: Path, samples: int, seed: int, allow_large: bool) -> None:
-    """Capture reference trajectories (x_t, t, class, output per step) for reuse with --calibration."""
+def calibrate(model: Path, out: Path, samples: int, seed: int, prompts: Path | None, allow_large: bool) -> None:
+    """Capture reference trajectories (x_t, t, condition, output per step) for reuse with --calibration."""
     from calibration.capture import capture, evaluation_set, save
-    from core.loading import load_program
     from core.outputs import check_out_file, input_paths
-    from optimizer.job import check_job_memory
+    from optimizer.job import check_job_memory, load_for_job
 
-    check_out_file(out, input_paths(model))
-    program = load_program(model, allow_large)
+    check_out_file(out, [*input_paths(model), *([prompts] if prompts else [])])
+    program = load_for_job(model, allow_large, prompts)
     check_job_memory(program, samples, allow_large)
-    seeds, classes = evaluation_set(samples, program.spec.conditioning.num_classes, seed)
-    save(capture(program, seeds, classes, progress=lambda it: _progress(it, desc="calibration")), out)
+    seeds, conditions = evaluation_set(program, samples, seed)
+    save(capture(program, seeds, conditions, progress=lambda it: _progress(it, desc="calibration")), out)
     _log(f"wrote {out}")
 
 
@@ -302,8 +313,11 @@ def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
 @click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), show_default=True)
 @click.option("--label", "labels", type=int, multiple=True, help="Class per seed (repeat; default 0).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt per seed of a text-to-image artifact (repeat).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="PNG file")
-def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out: Path) -> None:
+def sample(
+    artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], prompts: tuple[str, ...], out: Path
+) -> None:
     """Generate samples from an `optimize` output folder, on the backend its plan.json names."""
     import numpy as np
     from PIL import Image
@@ -320,8 +334,15 @@ def sample(artifact: Path, seeds: tuple[int, ...], labels: tuple[int, ...], out:
     backend = get_backend(read_plan(artifact).backend)
     with _artifact_errors(artifact, backend):
         runner = backend.runner(artifact)
-        classes = (list(labels) or [0] * len(seeds)) if runner.plan.conditioning.num_classes else None
-        images = to_images(runner.sample(list(seeds), classes, progress=lambda it: _progress(it, desc="sample")))
+        conditioning = runner.plan.conditioning
+        if conditioning.text:
+            if len(prompts) == 1:
+                prompts = prompts * len(seeds)
+            conditions: list | None = list(prompts)
+        else:
+            conditions = (list(labels) or [0] * len(seeds)) if conditioning.num_classes else None
+        final = runner.sample(list(seeds), conditions, progress=lambda it: _progress(it, desc="sample"))
+        images = to_images(runner.decode(final))
     row = np.concatenate([(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images], axis=1)
     picture = Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row)
     write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))

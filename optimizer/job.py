@@ -46,6 +46,7 @@ class JobOptions:
     overwrite: bool = False
     latency_repeats: int = 20
     allow_large: bool = False  # skip the memory estimate's refusal (the deliberately huge)
+    prompts: Path | None = None  # a text-to-image model's prompt set (default: its folder's prompts.txt)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
         plan = dataclasses.replace(plan, num_inference_steps=opts.steps)
     if opts.guidance is not None:
         if opts.guidance > 1 and not program.spec.conditioning.supports_guidance:
-            raise ConfigError("this model has no null class, so classifier-free guidance is not possible")
+            raise ConfigError("this model has no unconditional branch (null class), so guidance is not possible")
         plan = dataclasses.replace(plan, guidance_scale=float(opts.guidance))
     if plan != program.plan:  # the loaded plan was checked when the model was loaded
         check_plan(plan)
@@ -101,9 +102,24 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool)
     limits.require_memory(need, "this run", "use fewer --samples / --calibration-samples", allow_large)
 
 
+def load_for_job(model_path: Path, allow_large: bool, prompts: Path | None) -> DiffusionProgram:
+    """The program, with its prompt set checked now (every prompt within the text encoder's limit)."""
+    from core.prompts import text_adapter
+    from core.stages import read_prompts
+
+    program = load_program(model_path, allow_large, read_prompts(prompts) if prompts is not None else None)
+    if program.spec.conditioning.text:
+        if not program.stages.prompts:
+            raise ConfigError(f"{model_path}: a text-to-image model needs a prompt set: pass --prompts FILE")
+        text_adapter(program).tokenize(program.stages, program.stages.prompts)
+    elif prompts is not None:
+        raise ConfigError(f"--prompts: {model_path} is not text-conditioned ({program.spec.conditioning.kind})")
+    return program
+
+
 def job_inputs(model_path: Path, opts: JobOptions) -> list[Path]:
     """Everything the job reads, which --out must never touch."""
-    given = [target_file(opts.target), opts.calibration]
+    given = [target_file(opts.target), opts.calibration, opts.prompts]
     return [*input_paths(model_path), *(p for p in given if p is not None)]
 
 
@@ -113,7 +129,7 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     target = get_target(opts.target)
     require_available(target)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
-    program = apply_sampling_options(load_program(model_path, opts.allow_large), opts)
+    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
     planned = plan_passes(target.recipe, target.capabilities, program=program)
     # The largest batch is the verification set or the calibration set, each sampled at once.
     check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
@@ -152,12 +168,12 @@ def _run_stages(
     )
     with timed(log, f"calibrating ({source})"):
         calibration = calibrate(program, opts, staging, progress, given)
-    # A pass that changes the loop invalidates calibration: the same seeds and classes are recaptured.
+    # A pass that changes the loop invalidates calibration: the same seeds and conditions are recaptured.
     analyses = Analyses(
         capture=lambda reference: calib.capture(
             reference,
             calibration.seeds,
-            calibration.classes,
+            calibration.conditions,
             progress=lambda it: progress(it, desc="calibration, new loop", leave=False),
         ),
         log=log,

@@ -82,9 +82,10 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
             if m.get("candidate_parameters", m["parameters"]) != m["parameters"]
             else ""
         ),
-        f"- sample shape: {m['sample_shape']}, conditioning: {m['conditioning']}",
+        f"- sample shape: {m['sample_shape']}, conditioning: {_conditioning(m)}",
         f"- sizes: input weights {m['input_bytes']:,} B, ONNX {report['artifacts']['onnx_bytes']:,} B"
         + _size_ratio(report["artifacts"]),
+        *_stage_lines(m, report["artifacts"]),
         "",
         "## Target",
         f"`{report['target']['name']}`: {report['target']['description']}",
@@ -110,7 +111,8 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
     lines += sections
     lines += [
         "",
-        f"## Verification ({v['samples']} samples, same seeds/classes/scheduler/steps;"
+        f"## Verification ({v['samples']} samples, same seeds/{_conditions(m)}/scheduler/steps, on"
+        f" {v.get('space', 'model output')};"
         f" reference = original in torch, candidate = lowered artifact on {report['backend']})",
         "| metric | value |",
         "|---|---|",
@@ -198,3 +200,30 @@ def write_report(
     write_json(folder / "report.json", json_safe(report))
     text = markdown(report, gate_results, list(sections))
     write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text))
+
+
+def _conditioning(model: dict[str, Any]) -> str:
+    cond = model["conditioning"]
+    if cond.get("text"):
+        tensors = ", ".join(f"{t['name']} {list(t['shape'])}" for t in cond["text"])
+        return f"text ({tensors}); unconditional branch: the empty prompt"
+    if cond["num_classes"]:
+        return f"{cond['num_classes']} classes, null class {cond['null_class']}"
+    return "none"
+
+
+def _conditions(model: dict[str, Any]) -> str:
+    return "prompts" if model["conditioning"].get("text") else "classes"
+
+
+def _stage_lines(model: dict[str, Any], artifacts: dict[str, Any]) -> list[str]:
+    """The stages around the denoiser (latent pipelines): lowered beside it, not optimized."""
+    stages = model.get("stages") or {}
+    if not stages.get("text_encoders") and not stages.get("vae"):
+        return ["- output: pixels (no VAE); fidelity is measured on the model's samples"]
+    return [
+        f"- stages: text encoders {', '.join(stages['text_encoders']) or 'none'}"
+        f" ({stages['text_encoder_parameters']:,} parameters), VAE {stages['vae'] or 'none'};"
+        f" lowered as {', '.join(artifacts.get('stages', []))} ({artifacts.get('stage_bytes', 0):,} B), not optimized",
+        f"- output: {stages['output']}; fidelity measured on decoded images; prompt set: {stages['prompts']} prompts",
+    ]

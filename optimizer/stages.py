@@ -15,6 +15,7 @@ from calibration import capture as calib
 from core.adapters import parameter_count
 from core.ir import DiffusionProgram
 from core.sampling import to_images
+from core.stages import decode
 from optimizer.targets import Target
 from verify.fidelity import DigitsJudge, compare, step_errors
 
@@ -52,19 +53,25 @@ def verify_lowered(
 
     End-to-end metrics compare with the original loop. When the candidate's loop has other timesteps
     (a sampler pass), the per-step errors compare its network with the original network on its loop."""
-    seeds, classes = calib.evaluation_set(opts.samples, program.spec.conditioning.num_classes, opts.seed)
-    reference = calib.capture(program, seeds, classes, progress=lambda it: progress(it, desc="reference", leave=False))
-    candidate = runner.sample(seeds, classes, progress=lambda it: progress(it, desc="candidate", leave=False))
-    judge = DigitsJudge.load() if DigitsJudge.applies(program.spec) else None
+    seeds, conditions = calib.evaluation_set(program, opts.samples, opts.seed)
+    reference = calib.capture(
+        program, seeds, conditions, progress=lambda it: progress(it, desc="reference", leave=False)
+    )
+    candidate = runner.sample(seeds, conditions, progress=lambda it: progress(it, desc="candidate", leave=False))
+    judge = DigitsJudge.load() if DigitsJudge.applies(program) else None
     on_loop = reference
     if [float(t) for t in reference.t] != runner.plan.document["timesteps"]:
         replanned = program.replace(plan=runner.plan.sampling.without_loop_policy())
         on_loop = calib.capture(
-            replanned, seeds, classes, progress=lambda it: progress(it, desc="reference (new loop)")
+            replanned, seeds, conditions, progress=lambda it: progress(it, desc="reference (new loop)")
         )
     errors = step_errors(on_loop, runner.plan.sampling, runner.plan.conditioning, runner.loop)
-    summary = compare(reference, candidate, errors, judge, timesteps=on_loop.t.tolist())
-    return summary, to_images(reference.final), to_images(candidate)
+    images = None
+    if program.stages.vae is not None:  # a latent pipeline: judged on decoded images (the artifact's decoder)
+        images = (decode(program.stages, reference.final), runner.decode(candidate))
+    summary = compare(reference, candidate, errors, judge, timesteps=on_loop.t.tolist(), images=images)
+    ref_x, cand_x = images if images is not None else (reference.final, candidate)
+    return summary, to_images(ref_x), to_images(cand_x)
 
 
 def make_report(
@@ -93,6 +100,7 @@ def make_report(
             "input_bytes": sum(f.stat().st_size for f in files),
             "sample_shape": list(program.spec.sample_shape),
             "conditioning": dataclasses.asdict(program.spec.conditioning),
+            "stages": stage_summary(program),
         },
         "target": {"name": target.name, "description": target.description, "hardware": target.hardware},
         "backend": backend["name"],
@@ -110,4 +118,16 @@ def make_report(
         "gates": gates,
         "gate_overrides": opts.gates,
         "latency": latency,
+    }
+
+
+def stage_summary(program: DiffusionProgram) -> dict[str, Any]:
+    """What the pipeline runs around the denoiser: text encoders, VAE, prompt set (report.json)."""
+    stages = program.stages
+    return {
+        "text_encoders": [type(e).__name__ for e in stages.text_encoders],
+        "text_encoder_parameters": sum(parameter_count(e) for e in stages.text_encoders),
+        "vae": type(stages.vae).__name__ if stages.vae is not None else None,
+        "output": "latents decoded by the VAE" if stages.vae is not None else "pixels",
+        "prompts": len(stages.prompts),
     }

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from core.caching import check_region, levels, region_tensors, trace
+from core.caching import check_region, levels, region_tensors, reuses_blocks, trace
 from core.errors import ConfigError
 from core.flops import variant_flops
 from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_INPUTS
-from core.sampling import uses_guidance
+from core.sampling import take, uses_guidance
 from core.validate import is_int
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
@@ -76,7 +76,7 @@ class CacheDecision(Decision):
 
     def markdown(self) -> list[str]:
         first, stop = self.region
-        if self.family == "dit":
+        if reuses_blocks(self.family):
             region = f"transformer blocks {first}..{stop - 1} reuse their residual"
         else:
             region = f"levels {first}..{stop - 1} and deeper reuse their up-path feature (DeepCache)"
@@ -115,8 +115,8 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
     if program.plan.cache is not None:
         raise ConfigError("cache: the plan already has a cache schedule")
     levels(program)  # refuses unsupported families
-    if config.criterion == "first-block" and program.spec.family != "dit":
-        raise ConfigError("cache: the first-block criterion needs a transformer (DiT); use similarity or uniform")
+    if config.criterion == "first-block" and not reuses_blocks(program.spec.family):
+        raise ConfigError("cache: the first-block criterion needs a transformer stack; use similarity or uniform")
     for region in config.regions:
         check_region(program, tuple(region))
 
@@ -125,7 +125,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     check_program(config, program)  # again: an earlier pass may have removed blocks
     plan, steps = program.plan, program.plan.num_inference_steps
     criteria = [config.criterion] if config.criterion != "all" else list(CRITERIA[1:])
-    if program.spec.family != "dit" and "first-block" in criteria:
+    if not reuses_blocks(program.spec.family) and "first-block" in criteria:
         criteria.remove("first-block")
     regions = [tuple(r) for r in config.regions] or admissible_regions(program)
     if ctx.calibration.steps != steps:
@@ -186,7 +186,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
 
 def admissible_regions(program: DiffusionProgram) -> list[tuple[int, int]]:
     n = levels(program)
-    if program.spec.family == "dit":
+    if reuses_blocks(program.spec.family):
         return [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
     return [(first, n) for first in range(1, n)]
 
@@ -207,8 +207,8 @@ def _traces(program: DiffusionProgram, ctx: Context, probe: int) -> list[list[to
     n = len(traj.seeds)
     probe = min(probe, n)
     rows = list(range(probe)) + ([n + i for i in range(probe)] if traj.x.shape[1] == 2 * n else [])
-    labels = traj.labels[rows] if traj.labels is not None else None
-    return [trace(program, traj.x[s][rows], traj.t[s].expand(len(rows)), labels) for s in range(traj.steps)]
+    cond = take(traj.cond, rows)
+    return [trace(program, traj.x[s][rows], traj.t[s].expand(len(rows)), cond) for s in range(traj.steps)]
 
 
 def _reuse_costs(

@@ -17,6 +17,7 @@ from torch import nn
 
 from calibration import selection
 from core.adapters import denoiser_module, parameter_count, respec
+from core.caching import reuses_blocks
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -72,12 +73,12 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
     count = len(program.spec.blocks)
-    if program.spec.family == "dit" and config.blocks >= count:
+    if reuses_blocks(program.spec.family) and config.blocks >= count:
         raise ConfigError(f"layer_removal: cannot remove {config.blocks} of {count} blocks")
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
-    if program.spec.family != "dit":  # a target's recipe serves both families: say so in the report
+    if not reuses_blocks(program.spec.family):  # a target's recipe serves every family: say so in the report
         skipped = (
             f"a {program.spec.family} has no transformer blocks to remove (its blocks change resolution or "
             "channel count); width pruning (prune) applies"
@@ -126,12 +127,13 @@ def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ct
     module = denoiser_module(program.replace(denoiser=model))
     blocks = model.transformer_blocks
     with torch.no_grad():
-        reference = [module(x, t, y) for x, t, y in batches]
+        reference = [module.apply(x, t, y) for x, t, y in batches]
         scores = []
         for b in ctx.progress(range(len(blocks)), desc="layer_removal: scoring blocks", leave=False):
             model.transformer_blocks = nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b)
             error = sum(
-                float((module(x, t, y) - r).square().sum()) for (x, t, y), r in zip(batches, reference, strict=True)
+                float((module.apply(x, t, y) - r).square().sum())
+                for (x, t, y), r in zip(batches, reference, strict=True)
             )
             scores.append(error / sum(float(r.square().sum()) for r in reference))
         model.transformer_blocks = blocks

@@ -30,13 +30,19 @@ from core.sampling import build_scheduler
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
 CRITERIA = ("taylor", "distortion", "magnitude")
+# The config fields each family's layers read.
+BLOCK_FIELDS = ("heads", "cross_heads", "mlp")
+FIELDS = {"dit": BLOCK_FIELDS, "pixart": BLOCK_FIELDS, "unet": ("channels",), "sd-unet": (*BLOCK_FIELDS, "channels")}
+FAMILIES = tuple(FIELDS)
 
 
 @dataclass
 class Config:
-    # Each family reads its own fields: a DiT `heads` and `mlp`, a UNet `channels`.
-    heads: float = 0.0  # fraction of attention heads removed in every DiT block
-    mlp: float = 0.25  # fraction of MLP hidden units removed in every DiT block
+    # Each family reads its own fields: transformer blocks (DiT, PixArt and an SD UNet's attention
+    # blocks) `heads`, `cross_heads` and `mlp`; resnets (UNet, SD UNet) `channels`.
+    heads: float = 0.0  # fraction of self-attention heads removed in every transformer block
+    cross_heads: float = 0.0  # fraction of cross-attention (prompt) heads removed in every transformer block
+    mlp: float = 0.25  # fraction of MLP hidden units removed in every transformer block
     channels: float = 0.25  # fraction of inner channels (whole groups) removed in every UNet resnet
     criterion: str = "taylor"
     samples: int = 256  # timestep-stratified calibration inputs that score the units
@@ -62,7 +68,7 @@ class PruneDecision(Decision):
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    for name in ("heads", "mlp", "channels"):
+    for name in ("heads", "cross_heads", "mlp", "channels"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ConfigError(f"prune: {name} is a fraction of units to remove, in [0, 1)")
     if config.criterion not in CRITERIA:
@@ -89,7 +95,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
     groups = list(_groups(program.spec.family, model, config))
     if not any(g.remove for g in groups):
-        fields = "heads / mlp" if program.spec.family == "dit" else "channels"
+        fields = " / ".join(FIELDS[program.spec.family])
         raise ConfigError(f"prune: nothing to remove: with these {fields} fractions every layer keeps all its units")
     scores = _scores(program, model, groups, config, ctx)
     removed = {}
@@ -100,25 +106,25 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     before = parameter_count(program.denoiser)
     after = parameter_count(model)
     pruned = respec(program, model)
-    fractions = {"heads": config.heads, "mlp": config.mlp} if program.spec.family == "dit" else {}
-    decision = PruneDecision(config.criterion, fractions or {"channels": config.channels}, removed, before, after)
+    fractions = {k: getattr(config, k) for k in FIELDS[program.spec.family]}
+    decision = PruneDecision(config.criterion, fractions, removed, before, after)
     return PassResult(pruned, decision)
 
 
 def _groups(family: str, model: nn.Module, config: Config) -> Iterator[Group]:
-    if family == "dit":
-        for b, block in enumerate(model.transformer_blocks):
-            attn, ff = block.attn1, block.ff
+    if family not in FAMILIES:
+        raise ConfigError(f"prune: no pruning rules for the {family} family (supported: {', '.join(FAMILIES)})")
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == "ResnetBlock2D" and family in ("unet", "sd-unet") and config.channels:
+            yield _resnet_group(name, module, config.channels)
+        elif kind == "BasicTransformerBlock" and family != "unet":
             if config.heads:
-                yield _head_group(f"transformer_blocks.{b}.attn1", attn, config.heads)
+                yield _head_group(f"{name}.attn1", module.attn1, config.heads)
+            if config.cross_heads and module.attn2 is not None:
+                yield _head_group(f"{name}.attn2", module.attn2, config.cross_heads)
             if config.mlp:
-                yield _mlp_group(f"transformer_blocks.{b}.ff", ff, config.mlp)
-    elif family == "unet":
-        for name, module in model.named_modules():
-            if type(module).__name__ == "ResnetBlock2D" and config.channels:
-                yield _resnet_group(name, module, config.channels)
-    else:
-        raise ConfigError(f"prune: no pruning rules for the {family} family")
+                yield _mlp_group(f"{name}.ff", module.ff, config.mlp)
 
 
 def _count(units: int, fraction: float) -> int:
@@ -151,7 +157,7 @@ def _mlp_group(name: str, ff: nn.Module, fraction: float) -> Group:
         return h.flatten(0, -2).square().sum(0) * down.weight.detach().square().sum(0)
 
     return Group(
-        name, up.out_features, _count(up.out_features, fraction), 1, [(up.weight, 0), (down.weight, 1)],
+        name, down.in_features, _count(down.in_features, fraction), 1, [(up.weight, 0), (down.weight, 1)],
         down, contribution,
         lambda keep: surgery.prune_mlp(ff, keep),
     )  # fmt: skip
@@ -192,7 +198,7 @@ def _scores(
         try:
             with torch.no_grad():
                 for x, t, y in ctx.progress(list(inputs.batches(config.batch)), desc="prune: scoring", leave=False):
-                    module(x, t, y)
+                    module.apply(x, t, y)
         finally:
             for h in handles:
                 h.remove()
@@ -211,7 +217,7 @@ def _scores(
         v_prediction = program.spec.prediction_type == "v_prediction"
         target = scheduler.get_velocity(x0, noise, steps_t) if v_prediction else noise
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(module(noisy, t, y), target).backward()
+        torch.nn.functional.mse_loss(module.apply(noisy, t, y), target).backward()
         for i, g in enumerate(groups):
             totals[i] += _per_unit(g, lambda p: (p * p.grad).detach().abs())
     model.zero_grad(set_to_none=True)
@@ -225,7 +231,8 @@ def _per_unit(group: Group, elementwise: Callable[[nn.Parameter], torch.Tensor])
     total = torch.zeros(group.units)
     for weight, dim in group.weights:
         score = elementwise(weight).transpose(0, dim).flatten(1).sum(1)  # per row/column along `dim`
-        total += score.unflatten(0, (group.units, group.size)).sum(1)
+        # A weight may hold the units more than once along `dim` (GEGLU's value and gate halves).
+        total += score.unflatten(0, (-1, group.units, group.size)).sum((0, 2))
     return total
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from calibration import selection
-from core.adapters import Denoiser, adapter_for
+from core.adapters import Denoiser, denoiser_module
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -35,7 +35,7 @@ from core.quantized import (
     QuantizedLayer,
     quantized_layers,
 )
-from core.sampling import build_scheduler
+from core.sampling import build_scheduler, take
 from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import per_step_error
 
@@ -58,6 +58,10 @@ class Config:
     # of uint8 x int8 products in 16 bits (vpmaddubsw), which saturate with full-range weights; 7-bit
     # weights cannot (255 * 63 * 2 < 2^15). ORT's quantize_static calls this `reduce_range`.
     reduce_range: bool = False
+    # Cross-attention K/V projections (attn2.to_k / to_v) read the prompt embeddings, which are the same at
+    # every step: they cost L tokens per call, not H*W, so they stay fp32 by default ("fp32"); "quantize"
+    # treats them like every other layer.
+    cross_kv: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class QuantizeDecision(Decision):
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
+    if config.cross_kv not in ("fp32", "quantize"):
+        raise ConfigError(f"quantize: cross_kv is 'fp32' or 'quantize', got {config.cross_kv!r}")
     if config.weights not in WEIGHT_FORMATS:
         raise ConfigError(f"quantize: unknown weight format '{config.weights}' (known: {', '.join(WEIGHT_FORMATS)})")
     if config.activations not in ACTIVATION_FORMATS:
@@ -126,7 +132,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
-    denoiser = Denoiser(model, adapter_for(program.spec.model_class)).eval()
+    denoiser = denoiser_module(program.replace(denoiser=model))
     kept = _kept_fp32(program, config)
     targets = {
         name: m
@@ -189,6 +195,8 @@ def _kept_fp32(program: DiffusionProgram, config: Config) -> set[str]:
     kept = set(config.exclude)
     if config.keep_temporal:
         kept |= set(program.spec.temporal_modules)
+    if config.cross_kv == "fp32":
+        kept |= {n for n, _ in program.denoiser.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
     return kept
 
 
@@ -244,8 +252,8 @@ def _observe(
     if outputs:
         handles += [m.register_forward_hook(out_hook(n)) for n, m in targets.items() if isinstance(m, nn.Conv2d)]
     try:
-        for x, t, y in inputs.batches(BATCH):
-            denoiser(x, t, y)
+        for x, t, cond in inputs.batches(BATCH):
+            denoiser.apply(x, t, cond)
     finally:
         for h in handles:
             h.remove()
@@ -293,13 +301,12 @@ def _subset(traj: Any, rows: int) -> Any:
     """The calibration trajectories on `rows` evenly spread rows (both guidance halves), for quick checks."""
     n = traj.x.shape[1]
     pick = torch.linspace(0, n - 1, min(rows, n)).round().long()
-    labels = None if traj.labels is None else traj.labels[pick]
-    return dataclasses.replace(traj, x=traj.x[:, pick], output=traj.output[:, pick], labels=labels)
+    return dataclasses.replace(traj, x=traj.x[:, pick], output=traj.output[:, pick], cond=take(traj.cond, pick))
 
 
 def _eps_error(denoiser: Denoiser, traj: Any) -> float:
     """Mean over steps of the teacher-forced relative error of the model output."""
-    errors = per_step_error(traj, torch.no_grad()(denoiser))
+    errors = per_step_error(traj, torch.no_grad()(denoiser.apply))
     return sum(errors) / len(errors)
 
 

@@ -83,49 +83,45 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     num_classes = program.spec.conditioning.num_classes
     trajectories = [ctx.calibration]
     if config.teacher_samples:
-        seeds, classes = evaluation_set(config.teacher_samples, num_classes, TEACHER_SEED)
-        trajectories.append(calib.capture(teacher_program, seeds, classes))
+        seeds, conditions = evaluation_set(teacher_program, config.teacher_samples, TEACHER_SEED)
+        trajectories.append(calib.capture(teacher_program, seeds, conditions))
     share = [config.samples * len(t.seeds) // sum(len(u.seeds) for u in trajectories) for t in trajectories]
-    pools = [
-        selection.select(t, "timestep", max(1, k), ctx.rng, train_steps, num_classes)
-        for t, k in zip(trajectories, share, strict=True)
-    ]
-    pool = selection.CalibrationInputs(
-        torch.cat([p.x for p in pools]),
-        torch.cat([p.t for p in pools]),
-        None if pools[0].y is None else torch.cat([p.y for p in pools]),
-        torch.cat([p.steps for p in pools]),
+    pool = selection.CalibrationInputs.concat(
+        [
+            selection.select(t, "timestep", max(1, k), ctx.rng, train_steps, num_classes)
+            for t, k in zip(trajectories, share, strict=True)
+        ]
     )
     finals = torch.cat([t.final for t in trajectories])
-    labels = None if not num_classes else torch.tensor([c for t in trajectories for c in t.classes], dtype=torch.int64)
+    # The conditional rows of each capture: a final sample's own condition tensors.
+    final_cond = {
+        k: torch.cat([t.cond[k][: len(t.seeds)] for t in trajectories]) for k in program.spec.conditioning.input_names
+    }
     optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     for p in student_model.parameters():
         p.requires_grad_(True)
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def batch() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         half = config.batch // 2
-        pick = torch.randint(pool.x.shape[0], (half,), generator=ctx.rng)
-        x, t = pool.x[pick], pool.t[pick]
-        y = None if pool.y is None else pool.y[pick]
+        x, t, cond = pool.rows(torch.randint(pool.x.shape[0], (half,), generator=ctx.rng))
         rows = torch.randint(finals.shape[0], (config.batch - half,), generator=ctx.rng)
         steps = torch.randint(train_steps, (len(rows),), generator=ctx.rng)
         noisy = scheduler.add_noise(finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
         x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
-        if y is not None and labels is not None:
-            y = torch.cat([y, labels[rows]])
-        return x, t, y
+        names = program.spec.conditioning.input_names
+        return x, t, tuple(torch.cat([cond[k], final_cond[k][rows]]) for k in names)
 
     losses, start = [], time.perf_counter()
     with _Features(pairs) as features:
         for _ in ctx.progress(range(config.steps), desc="recover: distilling", leave=False):
-            x, t, y = batch()
+            x, t, conds = batch()
             features.clear()
             with torch.no_grad():
                 features.capture = "teacher"
-                target = teacher(x, t, y)
+                target = teacher(x, t, *conds)
             features.capture = "student"
-            loss = _energy_normalized(student(x, t, y), target)
+            loss = _energy_normalized(student(x, t, *conds), target)
             if config.feature_weight and pairs:
                 loss = loss + config.feature_weight * features.loss()
             optimizer.zero_grad(set_to_none=True)

@@ -36,3 +36,11 @@ def dit_copy(tmp_path: Path) -> Path:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes: to prove nothing was written or changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def text_folders(tmp_path_factory):
+    """Tiny random SD and PixArt pipeline folders (mechanics and equivalence only)."""
+    from helpers import tiny_text_pipelines
+
+    return tiny_text_pipelines(tmp_path_factory.mktemp("text-pipelines"))

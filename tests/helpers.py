@@ -70,3 +70,174 @@ def run_recipe(program, calibration, recipe, capabilities=frozenset({"fp32"}), r
     ctx = offline_context(reference or program, calibration, capabilities)
     ctx = dataclasses.replace(ctx, **context)
     return run_passes(program, plan_passes(recipe, capabilities, program=program), ctx)
+
+
+WORDS = ("a", "thick", "thin", "seven", "one", "digit")
+
+
+def tiny_tokenizer(folder):
+    """A CLIP BPE tokenizer over a few words (generated vocab and merges; unknown words fall back to
+    characters), max 16 tokens."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab, merges = {}, []
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for word in WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def tiny_text_pipelines(root):
+    """Tiny random SD (UNet2DConditionModel) and PixArt pipelines with one CLIP text encoder and a 1-channel
+    VAE (16x16 images, 4x8x8 latents), saved under root/sd and root/pixart with a prompts.txt each.
+    Random weights: for mechanics and equivalence only, never for fidelity."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    encoder = CLIPTextModel(config).eval()
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    pixart = PixArtTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(root / "sd")
+    PixArtAlphaPipeline(
+        tokenizer=tok, text_encoder=encoder, vae=vae, transformer=pixart, scheduler=scheduler
+    ).save_pretrained(root / "pixart")
+    for name in ("sd", "pixart"):
+        (root / name / "prompts.txt").write_text("a thick seven\na thin one\n# a comment\n\na digit\n")
+    return {"sd": root / "sd", "pixart": root / "pixart"}
+
+
+def tiny_sdxl_pipeline(root):
+    """A tiny random SDXL pipeline (two CLIP encoders, the second with a projection; `text_time` UNet)
+    with a prompts.txt. Mechanics and equivalence only."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    common = dict(
+        vocab_size=len(tok),
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    first = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common)).eval()
+    second = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+    )
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=first,
+        text_encoder_2=second,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    ).save_pretrained(root / "sdxl")
+    (root / "sdxl" / "prompts.txt").write_text("a thick seven\na thin one\n")
+    return root / "sdxl"

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.ir import DENOISER, Conditioning, ModelSpec, SamplingPlan
-from core.sampling import DenoiseFn, Variants, guide, run_variant, to_images, uses_guidance
+from core.ir import DENOISER, Conditioning, DiffusionProgram, SamplingPlan
+from core.sampling import DenoiseFn, Variants, guide, run_variant, take, to_images, uses_guidance
 from verify.metrics import frechet_distance, psnr, relative_error, ssim
 
 
@@ -19,7 +19,7 @@ def per_step_error(trajectories: Any, denoise: DenoiseFn) -> list[float]:
     return [
         relative_error(
             trajectories.output[s],
-            denoise(trajectories.x[s], trajectories.t[s].expand(trajectories.x.shape[1]), trajectories.labels),
+            denoise(trajectories.x[s], trajectories.t[s].expand(trajectories.x.shape[1]), trajectories.cond),
         )
         for s in range(trajectories.steps)
     ]
@@ -33,12 +33,12 @@ def loop_step_error(
     cached tensors carried from its refresh steps on those inputs, vs the reference's prediction."""
     guided = uses_guidance(plan, conditioning)
     n = len(trajectories.seeds)
-    labels, carry, errors = trajectories.labels, {}, []
+    carry, errors = {}, []
     for s in range(trajectories.steps):
         use_cfg = guided and plan.guided(s)
         x = trajectories.x[s] if use_cfg or not guided else trajectories.x[s][:n]
-        y = labels if labels is None or use_cfg or not guided else labels[:n]
-        out, written = run_variant(variants, plan.variant(s), x, trajectories.t[s].expand(x.shape[0]), y, carry)
+        cond = take(trajectories.cond, slice(0, x.shape[0]))
+        out, written = run_variant(variants, plan.variant(s), x, trajectories.t[s].expand(x.shape[0]), cond, carry)
         carry.update(written)
         reference = guide(trajectories.output[s], plan.guidance_scale, guided)
         errors.append(relative_error(reference, guide(out, plan.guidance_scale, use_cfg)))
@@ -53,35 +53,44 @@ def step_errors(trajectories: Any, plan: SamplingPlan, conditioning: Conditionin
 
 
 def replay_psnr(program: Any, trajectories: Any, variants: Variants | None = None) -> float:
-    """Mean PSNR (dB) of `program`'s samples vs the captured finals, same seeds and classes: the
+    """Mean PSNR (dB) of `program`'s samples vs the captured finals, same seeds and conditions: the
     end-to-end check loop-level passes run on the calibration set."""
+    from core.conditions import encode
     from core.sampling import sample
     from core.variants import torch_loop
 
-    spec = program.spec
+    seeds = trajectories.seeds
     final = sample(
         program.plan,
-        spec.conditioning,
-        spec.sample_shape,
+        program.spec.sample_shape,
         variants or torch_loop(program),
-        trajectories.seeds,
-        trajectories.classes,
+        seeds,
+        encode(program, trajectories.conditions, len(seeds)),
     )
     return float(psnr(to_images(trajectories.final), to_images(final)).mean())
 
 
 @dataclass
 class DigitsJudge:
-    """Class agreement and Fréchet distance with the shipped digits classifier (digits-shaped models only)."""
+    """Agreement with the requested digit (the class, or the digit a prompt names) and Fréchet distance
+    with the shipped digits classifier; for prompts also the measured attributes (zoo.attributes).
+    Digits-shaped images (decoded, for a latent pipeline) only."""
 
     classifier: torch.nn.Module
     data_features: np.ndarray
 
     @staticmethod
-    def applies(spec: ModelSpec) -> bool:
+    def applies(program: DiffusionProgram) -> bool:
+        from core.stages import image_shape
+        from zoo.attributes import parse_prompt
         from zoo.data import IMAGE_SIZE, NUM_CLASSES
 
-        return tuple(spec.sample_shape) == (1, IMAGE_SIZE, IMAGE_SIZE) and spec.conditioning.num_classes == NUM_CLASSES
+        if image_shape(program) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            return False
+        conditioning = program.spec.conditioning
+        if conditioning.text:
+            return any(parse_prompt(p)[0] is not None for p in program.stages.prompts)
+        return conditioning.num_classes == NUM_CLASSES
 
     @classmethod
     def load(cls) -> DigitsJudge:
@@ -94,15 +103,24 @@ class DigitsJudge:
             features = classifier.features(images).numpy()
         return cls(classifier, features)
 
-    def judge(self, x: torch.Tensor, classes: Sequence[int]) -> tuple[float, np.ndarray]:
-        """(agreement with the requested classes, features) for model-space samples."""
+    def judge(self, x: torch.Tensor, conditions: Sequence[Any]) -> tuple[float, np.ndarray, dict[str, float]]:
+        """(agreement with the requested digits, features, prompted-attribute rates) for images in [-1, 1]."""
+        x = torch.nan_to_num(x, nan=0.0).clamp(-1, 1)  # a diverged sample is judged, not a crash
         with torch.inference_mode():
-            x = torch.nan_to_num(x, nan=0.0).clamp(-1, 1)  # a diverged sample is judged, not a crash
-            predicted = self.classifier(x).argmax(1)
             features = self.classifier.features(x).numpy()
+        if all(isinstance(c, int) for c in conditions):
+            with torch.inference_mode():
+                predicted = self.classifier(x).argmax(1)
+            hits = float((predicted == torch.tensor(list(conditions))).double().mean())
+            attributes: dict[str, float] = {}
+        else:
+            from zoo.attributes import adherence
+
+            rates = adherence(x, list(conditions), self.classifier)
+            hits = rates.pop("digit")["rate"] or 0.0
+            attributes = {name: r["rate"] for name, r in rates.items() if r["rate"] is not None}
         # Rounded so that "2 of 100" compares equal to a 0.02 bound after subtraction.
-        agreement = round(float((predicted == torch.tensor(list(classes))).double().mean()), 9)
-        return agreement, features
+        return round(hits, 9), features, attributes
 
 
 def compare(
@@ -111,14 +129,18 @@ def compare(
     errors: list[float],
     judge: DigitsJudge | None,
     timesteps: Sequence[float] | None = None,
+    images: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """All paired and distribution metrics; keys are what gates refer to (see gates.GATES).
     `errors`: the candidate's per-step error on reference trajectories (see step_errors), at `timesteps`
-    (default: the reference's own; another loop's when the candidate's loop differs)."""
-    ref_img, cand_img = to_images(reference.final), to_images(candidate_final)
+    (default: the reference's own; another loop's when the candidate's loop differs). `images`: the
+    (reference, candidate) finals decoded to images in [-1, 1] (a latent pipeline); default: the finals."""
+    ref_x, cand_x = images if images is not None else (reference.final, candidate_final)
+    ref_img, cand_img = to_images(ref_x), to_images(cand_x)
     p, s = psnr(ref_img, cand_img), ssim(ref_img, cand_img)
     summary: dict[str, Any] = {
         "samples": len(reference.seeds),
+        "space": "decoded images" if images is not None else "model output",
         "psnr_db_mean": float(p.mean()),
         "psnr_db_min": float(p.min()),
         "ssim_mean": float(s.mean()),
@@ -128,9 +150,12 @@ def compare(
         "eps_rel_error_per_step": errors,
         "timesteps": [float(t) for t in (reference.t if timesteps is None else timesteps)],
     }
-    if judge is not None and reference.classes is not None:
-        ref_agree, ref_feat = judge.judge(reference.final, reference.classes)
-        cand_agree, cand_feat = judge.judge(candidate_final, reference.classes)
+    if judge is not None and reference.conditions is not None:
+        ref_agree, ref_feat, ref_attr = judge.judge(ref_x, reference.conditions)
+        cand_agree, cand_feat, cand_attr = judge.judge(cand_x, reference.conditions)
+        for name in ref_attr:
+            summary[f"attribute_{name}_reference"] = ref_attr[name]
+            summary[f"attribute_{name}_candidate"] = cand_attr.get(name)
         fd_ref, fd_cand = (
             frechet_distance(ref_feat, judge.data_features),
             frechet_distance(cand_feat, judge.data_features),

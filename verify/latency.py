@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
+from calibration.capture import evaluation_set
 from core.adapters import torch_denoise
+from core.conditions import encode, example_conditions
 from core.ir import DiffusionProgram
 from core.sampling import sample, uses_guidance
 from verify.timing import paired_median_ms
@@ -27,20 +29,20 @@ def measure_latency(
     batch = images * (2 if uses_guidance(plan, spec.conditioning) else 1)
     x = torch.randn(batch, *spec.sample_shape)
     t = torch.full((batch,), 500.0)
-    y = torch.zeros(batch, dtype=torch.int64) if spec.conditioning.num_classes else None
-    seeds = list(range(images))
-    labels = [0] * images if spec.conditioning.num_classes else None
+    cond = example_conditions(spec.conditioning, batch)
+    seeds, conditions = evaluation_set(program, images, 0)
     ref = torch_denoise(program)
     contenders = {"torch": ref, "ort": runner.denoise}
     if baseline is not None:
         contenders["ort_fp32"] = baseline.denoise
-    step = paired_median_ms({k: (lambda f=f: f(x, t, y)) for k, f in contenders.items()}, repeats)
+    step = paired_median_ms({k: (lambda f=f: f(x, t, cond)) for k, f in contenders.items()}, repeats)
+    batch_in = encode(program, conditions, images)
     loops = {
-        "torch": lambda: sample(plan, spec.conditioning, spec.sample_shape, ref, seeds, labels),
-        "ort": lambda: runner.sample(seeds, labels),
+        "torch": lambda: sample(plan, spec.sample_shape, ref, seeds, batch_in),
+        "ort": lambda: runner.sample(seeds, conditions),
     }
     if baseline is not None:
-        loops["ort_fp32"] = lambda: baseline.sample(seeds, labels)
+        loops["ort_fp32"] = lambda: baseline.sample(seeds, conditions)
     e2e = paired_median_ms(loops, max(1, repeats // 4), 1)
     result: dict[str, Any] = {
         "images": images,

@@ -13,15 +13,24 @@ from core.adapters.base import Adapter
 from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
-from core.sampling import DenoiseFn
+from core.sampling import Cond, DenoiseFn
 
-__all__ = ["Adapter", "Denoiser", "adapter_for", "adapters", "denoiser_module", "parameter_count", "respec"]
+__all__ = [
+    "Adapter",
+    "Denoiser",
+    "adapter_for",
+    "adapters",
+    "denoiser_module",
+    "parameter_count",
+    "respec",
+    "same_batch",
+]
 
 
 @cache
 def adapters() -> dict[str, Adapter]:
     """Every adapter module's ADAPTER, by the model class it handles."""
-    return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base",)).values()}
+    return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base", "text")).values()}
 
 
 def adapter_for(model_class: str) -> Adapter:
@@ -32,28 +41,43 @@ def adapter_for(model_class: str) -> Adapter:
 
 
 class Denoiser(nn.Module):
-    """A uniform, export-friendly call: (sample, timestep[float, B], class_labels[int64, B]) -> eps."""
+    """A uniform, export-friendly call: (sample, timestep[float, B], *condition tensors) -> model output,
+    the condition tensors positional in `Conditioning.inputs` order (ONNX and TorchScript export alike)."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, condition_names: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
         self.adapter = adapter
+        self.condition_names = condition_names
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None):
-        return self.adapter.forward(self.model, sample, timestep, class_labels)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor):
+        cond = dict(zip(self.condition_names, conditions, strict=True))
+        same_batch(sample, timestep, *conditions)
+        return self.adapter.forward(self.model, sample, timestep, cond)
+
+    def apply(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The call with condition tensors by name (a core.sampling.DenoiseFn)."""
+        return self(sample, timestep, *(cond[name] for name in self.condition_names))
+
+
+def same_batch(*tensors: torch.Tensor) -> None:
+    """Tell torch.export every input shares the batch dimension (a model may only imply it later)."""
+    for tensor in tensors[1:]:
+        torch._check(tensor.shape[0] == tensors[0].shape[0])
 
 
 def denoiser_module(program: DiffusionProgram) -> Denoiser:
-    return Denoiser(program.denoiser, adapter_for(program.spec.model_class)).eval()
+    spec = program.spec
+    return Denoiser(program.denoiser, adapter_for(spec.model_class), spec.conditioning.input_names).eval()
 
 
 def torch_denoise(program: DiffusionProgram) -> DenoiseFn:
     """The program's denoiser as a loop callable, without autograd."""
     module = denoiser_module(program)
 
-    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         with torch.inference_mode():
-            return module(x, t, y)
+            return module.apply(x, t, cond)
 
     return denoise
 

@@ -3,6 +3,7 @@ modules, attention sites) and the config caps checked before building."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,11 +31,15 @@ class Adapter:
         except Exception as exc:  # diffusers raises many types for a bad config
             raise LoadError(f"invalid {self.model_class} config: {exc}") from exc
 
-    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        out = model(x, t, class_labels=y, return_dict=False)[0]
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]):
+        out = model(x, t, class_labels=cond.get("class_labels"), return_dict=False)[0]
         channels = x.shape[1]
         # Learned-sigma models (DiT-XL style) emit [eps, variance]; the loop uses eps only.
         return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+    def probe_conditions(self, config: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+        """Condition tensors for one sample, to probe the model's cost before its weights are loaded."""
+        return {"class_labels": torch.zeros(1, dtype=torch.int64, device=device)}
 
     def conditioning(self, model: nn.Module) -> Conditioning:
         raise NotImplementedError

@@ -13,7 +13,8 @@ from backends.plan import read_plan
 from backends.registry import open_runner
 from core.adapters import denoiser_module, torch_denoise
 from core.errors import ExportError, LoadError
-from core.sampling import sample, to_images
+from core.sampling import to_images
+from core.variants import sample_program
 from verify.metrics import psnr
 
 
@@ -40,16 +41,14 @@ def test_ort_matches_torch_per_call(lowered):
     torch.manual_seed(0)
     x = torch.randn(5, 1, 16, 16)
     t = torch.tensor([999.0, 700.0, 400.0, 50.0, 1.0])
-    y = torch.tensor([0, 3, 6, 9, 10])
+    y = {"class_labels": torch.tensor([0, 3, 6, 9, 10])}
     torch.testing.assert_close(runner.denoise(x, t, y), torch_denoise(program)(x, t, y), rtol=1e-4, atol=1e-5)
 
 
 def test_runner_reproduces_the_torch_sampler(lowered):
     program, folder = lowered
     seeds, labels = list(range(10)), list(range(10))
-    reference = sample(
-        program.plan, program.spec.conditioning, program.spec.sample_shape, torch_denoise(program), seeds, labels
-    )
+    reference = sample_program(program, seeds, labels, torch_denoise(program))
     candidate = open_runner(folder).sample(seeds, labels)
     assert psnr(to_images(reference), to_images(candidate)).min() >= 60.0
 
@@ -60,7 +59,7 @@ def test_plan_file_describes_the_loop(lowered):
     assert doc["sampling"]["num_inference_steps"] == len(doc["timesteps"]) == len(doc["steps"])
     assert doc["guidance"]["enabled"] and doc["guidance"]["scale"] == program.plan.guidance_scale
     assert doc["graphs"]["denoiser"]["file"] == "denoiser.onnx"
-    assert doc["conditioning"] == {"num_classes": 10, "null_class": 10}
+    assert doc["conditioning"] == {"num_classes": 10, "null_class": 10, "text": []}
     assert "Infinity" not in (folder / "plan.json").read_text()  # strict JSON
     assert read_plan(folder).sampling == program.plan
 

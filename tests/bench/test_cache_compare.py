@@ -8,7 +8,7 @@ from bench.peer_caches import HookedDenoiser, PeerCache
 from core.adapters import torch_denoise
 from core.errors import ConfigError
 from core.flops import count_flops
-from core.sampling import sample
+from core.variants import sample_program
 
 SEEDS, LABELS = [0, 1], [3, 7]
 # Settings under which each hook computes everything: the wrapped call must equal ours exactly.
@@ -20,11 +20,11 @@ NEUTRAL = {
 
 
 def one_by_one(program, denoise, reset=None):
-    spec, finals = program.spec, []
+    finals = []
     for seed, label in zip(SEEDS, LABELS, strict=True):
         if reset is not None:
             reset()
-        finals.append(sample(program.plan, spec.conditioning, spec.sample_shape, denoise, [seed], [label]))
+        finals.append(sample_program(program, [seed], [label], denoise))
     return torch.cat(finals)
 
 

@@ -132,10 +132,19 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_unknown_architecture(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UVit2DModel"}))
     save_file({"w": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(LoadError, match="unsupported architecture 'UNet2DConditionModel'"):
+    supported = "DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel"
+    with pytest.raises(LoadError, match=f"unsupported architecture 'UVit2DModel' \\(supported: {supported}\\)"):
         load_program(folder)
+
+
+def test_a_text_conditioned_denoiser_needs_its_pipeline_folder(tmp_path, text_folders):
+    import shutil
+
+    shutil.copytree(text_folders["sd"] / "unet", tmp_path / "unet")
+    with pytest.raises(LoadError, match="text-conditioned; load its pipeline folder"):
+        load_program(tmp_path / "unet")
 
 
 def test_weights_that_do_not_fit_the_config(dit_copy):

@@ -12,15 +12,15 @@ from helpers import IdentityVAE, tiny_dit, tiny_unet
 from core.adapters import torch_denoise
 from core.errors import ConfigError
 from core.loading import program_from_model
-from core.sampling import initial_noise, sample, to_images, with_scheduler
+from core.sampling import initial_noise, to_images, with_scheduler
+from core.variants import sample_program
 from verify.metrics import psnr
 
 SEEDS = [0, 1, 2]
 
 
 def ours(program, seeds=SEEDS, labels=None):
-    spec = program.spec
-    return to_images(sample(program.plan, spec.conditioning, spec.sample_shape, torch_denoise(program), seeds, labels))
+    return to_images(sample_program(program, seeds, labels, torch_denoise(program)))
 
 
 def dit_pipeline_samples(program, labels):
@@ -94,11 +94,10 @@ def test_a_sample_depends_on_its_seed_only(dit_program):
 
 
 def test_bad_sampling_requests_are_refused(dit_program):
-    spec = dit_program.spec
     denoise = torch_denoise(dit_program)
     with pytest.raises(ConfigError, match="one label per seed"):
-        sample(dit_program.plan, spec.conditioning, spec.sample_shape, denoise, [0, 1], [1])
+        sample_program(dit_program, [0, 1], [1], denoise)
     with pytest.raises(ConfigError, match="class labels must lie"):
-        sample(dit_program.plan, spec.conditioning, spec.sample_shape, denoise, [0], [10])
+        sample_program(dit_program, [0], [10], denoise)
     with pytest.raises(ConfigError, match="unknown scheduler"):
         with_scheduler(dit_program.plan, "warp-drive")

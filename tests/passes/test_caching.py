@@ -18,8 +18,8 @@ from core.caching import steps_module
 from core.errors import ConfigError, LoadError
 from core.flops import count_flops, plan_flops, variant_flops
 from core.ir import CacheSchedule, SamplingPlan
-from core.sampling import sample, to_images
-from core.variants import torch_loop
+from core.sampling import to_images
+from core.variants import sample_program, torch_loop
 from passes.cache import best_refresh
 from passes.manager import plan_passes
 from verify.fidelity import replay_psnr, step_errors
@@ -37,8 +37,8 @@ def inputs(batch=4):
 @pytest.fixture(scope="module")
 def calibrations(dit_program, unet_program):
     return {
-        "dit": calib.capture(dit_program, *evaluation_set(8, 10, 10_000)),
-        "unet": calib.capture(unet_program, *evaluation_set(8, 10, 10_000)),
+        "dit": calib.capture(dit_program, *evaluation_set(dit_program, 8, 10_000)),
+        "unet": calib.capture(unet_program, *evaluation_set(unet_program, 8, 10_000)),
     }
 
 
@@ -145,7 +145,7 @@ def test_guidance_pass_policies(dit_program, calibrations):
     early = run(dit_program, traj, [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.25}}])
     assert early.plan.guided_steps == tuple(i < 5 for i in range(20))
     unguided = dit_program.replace(plan=dataclasses.replace(dit_program.plan, guidance_scale=1.0))
-    unguided_traj = calib.capture(unguided, *evaluation_set(2, 10, 10_000))
+    unguided_traj = calib.capture(unguided, *evaluation_set(unguided, 2, 10_000))
     assert run(unguided, unguided_traj, [{"pass": "guidance"}]).plan.guided_steps is None
 
 
@@ -239,8 +239,7 @@ def test_ort_runner_reproduces_the_torch_cached_sampler(family, region, request,
     assert doc["steps"][13]["graph"] == "cached" and doc["steps"][13]["reads"] == ["cache"]
     assert not doc["steps"][13]["guidance"]
     seeds, labels = list(range(6)), list(range(6))
-    spec = program.spec
-    reference = sample(program.plan, spec.conditioning, spec.sample_shape, torch_loop(program), seeds, labels)
+    reference = sample_program(program, seeds, labels, torch_loop(program))
     candidate = open_runner(tmp_path).sample(seeds, labels)
     assert psnr(to_images(reference), to_images(candidate)).min() >= 60.0
     # A plan whose steps name a graph the plan's schedule does not run is refused.

@@ -14,7 +14,7 @@ from core import surgery
 from core.adapters import denoiser_module, torch_denoise
 from core.errors import ConfigError
 from core.flops import plan_flops
-from core.sampling import sample
+from core.variants import sample_program
 from passes.manager import plan_passes
 from verify.fidelity import per_step_error, replay_psnr
 
@@ -22,8 +22,8 @@ from verify.fidelity import per_step_error, replay_psnr
 @pytest.fixture(scope="module")
 def calibrations(dit_program, unet_program):
     return {
-        "dit": calib.capture(dit_program, *evaluation_set(8, 10, 10_000)),
-        "unet": calib.capture(unet_program, *evaluation_set(8, 10, 10_000)),
+        "dit": calib.capture(dit_program, *evaluation_set(dit_program, 8, 10_000)),
+        "unet": calib.capture(unet_program, *evaluation_set(unet_program, 8, 10_000)),
     }
 
 
@@ -143,7 +143,7 @@ def test_bad_pruning_configs(recipe, message):
 def test_pruning_errors(dit_program, unet_program, calibrations):
     with pytest.raises(ConfigError, match="nothing to remove: with these channels fractions"):
         run(unet_program, calibrations["unet"], [{"pass": "prune", "config": {"channels": 0.0}}])
-    with pytest.raises(ConfigError, match="nothing to remove: with these heads / mlp fractions"):
+    with pytest.raises(ConfigError, match="nothing to remove: with these heads / cross_heads / mlp fractions"):
         run(dit_program, calibrations["dit"], [{"pass": "prune", "config": {"mlp": 0.001}}])
     with pytest.raises(ConfigError, match="cannot remove 8 of 8"):
         run(dit_program, calibrations["dit"], [{"pass": "layer_removal", "config": {"blocks": 8}}])
@@ -168,9 +168,8 @@ def test_recovery_distillation_brings_the_pruned_model_back(family, request, cal
     # The smaller network lowers to ONNX and runs the loop in ONNX Runtime like the torch one.
     lower(recovered, tmp_path)
     runner = open_runner(tmp_path)
-    spec = recovered.spec
     seeds, classes = [0, 1], [2, 7]
-    torch_out = sample(recovered.plan, spec.conditioning, spec.sample_shape, torch_denoise(recovered), seeds, classes)
+    torch_out = sample_program(recovered, seeds, classes, torch_denoise(recovered))
     ort_out = runner.sample(seeds, classes)
     torch.testing.assert_close(ort_out, torch_out, rtol=1e-3, atol=1e-3)
 

@@ -17,6 +17,7 @@ from calibration.capture import evaluation_set
 from core.adapters import denoiser_module, torch_denoise
 from core.errors import ConfigError, ExportError
 from core.quantized import QuantizedLayer, export_mode, quantized_layers
+from core.sampling import take
 from passes.manager import plan_passes
 from verify.fidelity import per_step_error
 
@@ -25,12 +26,12 @@ ALL = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 
 @pytest.fixture(scope="module")
 def dit_calibration(dit_program):
-    return calib.capture(dit_program, *evaluation_set(8, 10, 10_000))
+    return calib.capture(dit_program, *evaluation_set(dit_program, 8, 10_000))
 
 
 @pytest.fixture(scope="module")
 def dit_heldout(dit_program):
-    return calib.capture(dit_program, *evaluation_set(10, 10, 0))
+    return calib.capture(dit_program, *evaluation_set(dit_program, 10, 0))
 
 
 def quantize(program, trajectories, capabilities=ALL, **config):
@@ -111,10 +112,10 @@ def test_fallback_reverts_the_most_sensitive_layer_first(dit_program, dit_calibr
 def test_smoothquant_folding_preserves_the_function(dit_program, dit_calibration):
     q = quantize(dit_program, dit_calibration, smoothquant=0.5)
     assert q.decision("quantize").smoothed_layers > 0
-    x, t, y = dit_calibration.x[5, :4], dit_calibration.t[5].expand(4), dit_calibration.labels[:4]
+    x, t, y = dit_calibration.x[5, :4], dit_calibration.t[5].expand(4), take(dit_calibration.cond, slice(0, 4))
     module = denoiser_module(q)
     with export_mode(module), torch.no_grad():  # smoothing without rounding: the original function
-        smoothed = module(x, t, y)
+        smoothed = module.apply(x, t, y)
     assert torch.allclose(smoothed, torch_denoise(dit_program)(x, t, y), atol=1e-4)
 
 
@@ -136,7 +137,7 @@ def test_int8_lowering_runs_integer_kernels_in_ort(dit_program, dit_calibration,
     # 34 distinct layer inputs (q/k/v share one) + the patch-embedding conv's output; one DQ per weight too
     assert graph["QuantizeLinear"] == 35 and graph["DequantizeLinear"] == 50 + 35
     assert _optimized_ops(path, tmp_path)["MatMulIntegerToFloat"] == 49  # all but the patch-embedding conv
-    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.labels
+    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.cond
     emulated, lowered = torch_denoise(q)(x, t, y), OrtDenoiser(path)(x, t, y)
     reference = dit_calibration.output[10]
     err = float((lowered - reference).norm() / reference.norm())
@@ -145,7 +146,7 @@ def test_int8_lowering_runs_integer_kernels_in_ort(dit_program, dit_calibration,
 
 
 def test_unet_convs_get_quantized_outputs_and_fuse(unet_program, tmp_path):
-    calibration = calib.capture(unet_program, *evaluation_set(4, 10, 10_000))
+    calibration = calib.capture(unet_program, *evaluation_set(unet_program, 4, 10_000))
     q = quantize(unet_program, calibration, capabilities=frozenset({"fp32", "int8"}))
     convs = [m for m in quantized_layers(q.denoiser).values() if isinstance(m.inner, nn.Conv2d)]
     assert convs and all(m.out_range is not None for m in convs)
@@ -161,12 +162,12 @@ def test_gpu_formats_lower_to_qdq_that_ort_executes(dit_program, dit_calibration
     types = {i.data_type for i in model.graph.initializer if i.name.endswith("weight_quantized")}
     want = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8}
     assert want[weights] in types
-    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.labels
+    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.cond
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the plain Q/DQ semantics
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     lowered = torch.from_numpy(
-        session.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "class_labels": y.numpy()})[0]
+        session.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "class_labels": y["class_labels"].numpy()})[0]
     )
     emulated = torch_denoise(q)(x, t, y)
     assert float((lowered - emulated).norm() / emulated.norm()) < 0.01

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from calibration.capture import evaluation_set
 from core.adapters import torch_denoise
-from core.sampling import sample
+from core.variants import sample_program
 from verify.fidelity import DigitsJudge
 from zoo import SHIPPED, load_classifier
 from zoo.data import load_digits16, split
@@ -42,11 +42,9 @@ def test_shipped_classifier_is_accurate_on_held_out_digits():
 @pytest.mark.parametrize("which,bar", [("dit", 0.9), ("unet", 0.9)])
 def test_shipped_denoisers_draw_the_requested_digit(request, which, bar):
     program = request.getfixturevalue(f"{which}_program")
-    seeds, classes = evaluation_set(50, 10, base_seed=123)
-    x = sample(
-        program.plan, program.spec.conditioning, program.spec.sample_shape, torch_denoise(program), seeds, classes
-    )
-    agreement, _ = DigitsJudge.load().judge(x, classes)
+    seeds, classes = evaluation_set(program, 50, base_seed=123)
+    x = sample_program(program, seeds, classes, torch_denoise(program))
+    agreement, _, _ = DigitsJudge.load().judge(x, classes)
     assert agreement >= bar
     meta = json.loads(SHIPPED[which].with_suffix(".json").read_text())
     assert meta["training"]["steps"] >= 1000 and "command" in meta["training"]

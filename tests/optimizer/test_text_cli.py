@@ -1,0 +1,95 @@
+"""`optimize` on text-to-image pipeline folders: one run end to end (tiny random pipeline: mechanics of
+stages, report and artifact) and every bad prompt or folder input refused with one line, exit 2."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from core.errors import EXIT_BAD_INPUT
+from optimizer.cli import main
+from zoo import SHIPPED
+
+FAST = ["--samples", "2", "--calibration-samples", "1", "--latency-repeats", "1", "--steps", "3"]
+
+
+def test_cpu_fp32_on_a_text_pipeline_lowers_every_stage(text_folders, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(text_folders["sd"]), "--out", str(out), *FAST], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    files = {p.name for p in out.iterdir()}
+    assert {"denoiser.onnx", "prompt_encoder.onnx", "decoder.onnx", "tokenizer", "plan.json"} <= files
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["space"] == "decoded images" and report["verification"]["psnr_db_mean"] >= 60
+    assert report["model"]["stages"]["prompts"] == 3 and report["model"]["stages"]["vae"] == "AutoencoderKL"
+    text = (out / "report.md").read_text()
+    assert "same seeds/prompts/scheduler/steps, on decoded images" in text and "prompt_encoder.onnx" in text
+    png = tmp_path / "x.png"
+    args = ["sample", str(out), "--seed", "0", "--seed", "1", "--prompt", "a thin one", "--out", str(png)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0 and png.stat().st_size > 0, result.output
+
+
+def _copy(text_folders, tmp_path, drop_prompts=False):
+    folder = tmp_path / "pipe"
+    shutil.copytree(text_folders["sd"], folder)
+    if drop_prompts:
+        (folder / "prompts.txt").unlink()
+    return folder
+
+
+CASES = [
+    ("no-prompt-set", lambda f, t: [_copy(f, t, drop_prompts=True)], "needs a prompt set: pass --prompts FILE"),
+    ("missing-prompts-file", lambda f, t: [f["sd"], "--prompts", t / "none.txt"], "no such prompts file"),
+    ("empty-prompts-file", lambda f, t: [f["sd"], "--prompts", _write(t / "p.txt", "\n# x\n")], "holds no prompts"),
+    (
+        "prompt-over-the-token-limit",
+        lambda f, t: [f["sd"], "--prompts", _write(t / "p.txt", "a thin one " * 10)],
+        "text encoder 1 takes at most 16",
+    ),
+    (
+        "prompts-for-a-class-model",
+        lambda f, t: [SHIPPED["dit"], "--prompts", _write(t / "p.txt", "a one")],
+        "is not text-conditioned",
+    ),
+    ("no-denoiser", lambda f, t: [_without(_copy(f, t), "unet")], "names no 'transformer' or 'unet' component"),
+    ("unsupported-family", lambda f, t: [_renamed(_copy(f, t))], "unsupported architecture 'UVit2DModel' (supported:"),
+    (
+        "unknown-text-encoder-class",
+        lambda f, t: [_index(_copy(f, t), text_encoder=["transformers", "BertModel"])],
+        "unsupported text_encoder class 'BertModel'",
+    ),
+]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _index(folder, **entries):
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(entries)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _without(folder, component):
+    return _index(folder, **{component: None})
+
+
+def _renamed(folder):
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UVit2DModel"}))
+    return folder
+
+
+@pytest.mark.parametrize(("case", "build", "fragment"), CASES, ids=[c[0] for c in CASES])
+def test_bad_text_inputs_are_one_line_exit_2(text_folders, tmp_path, case, build, fragment):
+    args = [str(a) for a in build(text_folders, tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out"), *FAST], catch_exceptions=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
