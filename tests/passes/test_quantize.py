@@ -54,7 +54,7 @@ def test_selection_is_stratified_over_the_plan_steps(dit_calibration):
     mid = int(torch.argmin((dit_calibration.t / 1000 - 0.4).abs()))
     assert counts[mid] == max(counts.values()) and counts[mid] > 3 * counts.get(0, 0)
     naive = selection.select(dit_calibration, "random", 16, g)
-    assert (naive.steps == -1).all() and naive.x.shape == (16, 1, 16, 16) and naive.y.max() <= 10
+    assert (naive.steps == -1).all() and naive.x.shape == (16, 1, 16, 16) and naive.cond["class_labels"].max() <= 10
     with pytest.raises(ConfigError, match="unknown calibration method"):
         selection.select(dit_calibration, "best", 4, g)
 
