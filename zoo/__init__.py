@@ -1,4 +1,5 @@
-"""In-tree reference models trained on sklearn's digits: a DiT, a UNet and a classifier."""
+"""In-tree reference models trained on sklearn's digits: a DiT, a UNet and a classifier (single-file checkpoints),
+and two text-to-image latent diffusion pipelines (diffusers folders) sharing a digits VAE."""
 
 from pathlib import Path
 
@@ -7,6 +8,11 @@ SHIPPED = {
     "dit": WEIGHTS / "dit-digits.safetensors",
     "unet": WEIGHTS / "unet-digits.safetensors",
     "classifier": WEIGHTS / "classifier-digits.safetensors",
+}
+VAE = WEIGHTS / "vae-digits"  # diffusers AutoencoderKL folder
+PIPELINES = {  # diffusers pipeline folders, each with prompts.txt and training.json
+    "sd-digits": WEIGHTS / "sd-digits",
+    "pixart-digits": WEIGHTS / "pixart-digits",
 }
 
 

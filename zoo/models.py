@@ -81,3 +81,87 @@ class DigitsClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+# Text-to-image latent diffusion (the pipeline folders): a VAE to 4x8x8 latents, a tiny CLIP text encoder,
+# an SD-style UNet and a PixArt-style transformer over the latents.
+LATENT_SHAPE = (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+VAE_CONFIG = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": LATENT_SHAPE[0],
+    "norm_num_groups": 8,
+    "sample_size": IMAGE_SIZE,
+}
+TEXT_HIDDEN = 64
+TEXT_ENCODER_CONFIG = {
+    "hidden_size": TEXT_HIDDEN,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 16,
+    "hidden_act": "gelu",
+}
+SD_UNET_CONFIG = {
+    "sample_size": LATENT_SHAPE[1],
+    "in_channels": LATENT_SHAPE[0],
+    "out_channels": LATENT_SHAPE[0],
+    # Cross-attention at the 4x4 level (and the mid block), where the digit's layout and slant are decided;
+    # the 8x8 level is plain ResNets.
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": TEXT_HIDDEN,
+    "attention_head_dim": 4,  # diffusers' legacy name: the head *count* (4 heads of 16 dims at 64 channels)
+    "norm_num_groups": 8,
+}
+PIXART_CONFIG = {
+    "sample_size": LATENT_SHAPE[1],
+    "patch_size": 2,
+    "in_channels": LATENT_SHAPE[0],
+    "out_channels": LATENT_SHAPE[0],
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "cross_attention_dim": 64,
+    "caption_channels": TEXT_HIDDEN,
+    "norm_type": "ada_norm_single",
+    "use_additional_conditions": False,
+}
+
+
+def build_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_text_encoder(tokenizer) -> nn.Module:  # tokenizer: CLIPTokenizer
+    """A tiny CLIP text encoder over the tokenizer's vocabulary (special token ids taken from it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_ENCODER_CONFIG,
+    )
+    return CLIPTextModel(config)
+
+
+def build_sd_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**SD_UNET_CONFIG)
+
+
+def build_pixart() -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(**PIXART_CONFIG)
