@@ -32,7 +32,7 @@ def lower_stages(program: DiffusionProgram, folder: Path, digest: Callable[[Path
     stages, spec = program.stages, program.spec
     adapter = adapter_for(spec.model_class)
     if isinstance(adapter, TextAdapter):
-        encoder = adapter.prompt_encoder(stages, spec.sample_shape)
+        encoder = adapter.prompt_encoder(stages, spec.model_config)
         tokens = adapter.tokenize(stages, ["", "a"])
         path = folder / PROMPT_ENCODER_FILE
         export_graph(encoder, tuple(tokens.values()), list(tokens), list(spec.conditioning.input_names), path)

@@ -153,6 +153,10 @@ class SamplingPlan:
     guidance_scale: float = 1.0
     guided_steps: tuple[bool, ...] | None = None  # per step: run the unconditional pass? None: every step
     cache: CacheSchedule | None = None
+    # Flow matching (SD3, Flux): the resolution-dependent shift `mu` of dynamic-shifting schedulers, and
+    # whether the pipeline passes sigmas linspace(1, 1/n, n) (FluxPipeline) instead of the scheduler's own.
+    mu: float | None = None
+    linear_sigmas: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_inference_steps
@@ -202,7 +206,13 @@ class SamplingPlan:
             number(get(data, "guidance_scale", (int, float), where, 1.0), f"{where}.guidance_scale", 0.0),
             tuple(guided) if guided is not None else None,
             CacheSchedule.from_dict(cache) if cache is not None else None,
+            _optional_number(get(data, "mu", (int, float, type(None)), where, None), f"{where}.mu"),
+            get(data, "linear_sigmas", bool, where, False),
         )
+
+
+def _optional_number(value: float | None, where: str) -> float | None:
+    return None if value is None else number(value, where, -100.0, 100.0)
 
 
 class Decision:

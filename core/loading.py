@@ -8,7 +8,10 @@ Nothing is ever written next to the input.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from core.errors import ConfigError, LoadError
 from core.fileio import sha256_files
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
-from core.sampling import check_plan, with_scheduler
+from core.sampling import check_plan, is_flow, with_scheduler
 from core.stages import PROMPTS_FILE, TEXT_ENCODERS, TOKENIZERS, load_stages
 from core.validate import finite_tree, get, integer, number, read_json_object
 
@@ -198,7 +201,8 @@ def _assemble(
     adapter = adapter_for(model_class)
     finite_tree(config, f"{where}: config", LoadError)
     limits.check_caps(config, adapter.CAPS, f"{where}: config")
-    plan = _plan(scheduler, sampling, where)
+    timesteps = partial(adapter.timestep_plan, config) if isinstance(adapter, TextAdapter) else None
+    plan = _plan(scheduler, sampling, where, timesteps)
     footprint = limits.footprint(model_class, config)
     need = 2 * max(footprint.weight_bytes, weights.stat().st_size)  # the file's tensors + the model
     limits.require_memory(need, f"loading {footprint.parameters:,} parameters", LARGE_ADVICE, allow_large)
@@ -216,8 +220,14 @@ def _assemble(
     return _program(model, plan, conditioning, source, where, stages or Stages())
 
 
-def _plan(scheduler: dict[str, Any], sampling: dict[str, Any], where: str) -> SamplingPlan:
-    """The sampling plan of a sidecar/pipeline, every field checked and the scheduler built once."""
+def _plan(
+    scheduler: dict[str, Any],
+    sampling: dict[str, Any],
+    where: str,
+    timesteps: Callable[[SamplingPlan], SamplingPlan] | None = None,
+) -> SamplingPlan:
+    """The sampling plan of a sidecar/pipeline, every field checked and the scheduler built once.
+    `timesteps`: the family's set_timesteps arguments (flow matching's shift) added to the plan."""
     scheduler_class = get(scheduler, "class", str, f"{where}: scheduler", error=LoadError)
     try:
         sampling_scheduler.scheduler_class(scheduler_class)
@@ -236,6 +246,8 @@ def _plan(scheduler: dict[str, Any], sampling: dict[str, Any], where: str) -> Sa
     )
     try:
         plan = with_scheduler(base, name)
+        if timesteps is not None:
+            plan = timesteps(plan)
         check_plan(plan)
     except ConfigError as exc:
         raise LoadError(f"{where}: {exc}") from None
@@ -257,12 +269,13 @@ def _program(
             raise LoadError(
                 f"{where}: {adapter.model_class} is text-conditioned; load its pipeline folder (text encoder)"
             )
-        conditioning = adapter.text_conditioning(stages, adapter.sample_shape(dict(model.config)))
+        conditioning = adapter.text_conditioning(stages, dict(model.config))
     if conditioning is not None:
         adapter.check_conditioning(model, conditioning, where)
-    spec = adapter.spec(model, conditioning, plan.scheduler_config.get("prediction_type", "epsilon"))
+    prediction = "flow" if is_flow(plan) else plan.scheduler_config.get("prediction_type", "epsilon")
+    spec = adapter.spec(model, conditioning, prediction)
     if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
-        plan = SamplingPlan(plan.scheduler_class, plan.scheduler_config, plan.num_inference_steps, 1.0)
+        plan = dataclasses.replace(plan, guidance_scale=1.0)
     return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source, stages=stages)
 
 

@@ -25,7 +25,7 @@ def torch_prompt_encoder(program: DiffusionProgram) -> PromptEncoderFn:
     """prompts -> {name: [len(prompts), ...]} in the conditioning's order, cached per prompt."""
     adapter, stages = text_adapter(program), program.stages
     names = program.spec.conditioning.input_names
-    module = adapter.prompt_encoder(stages, program.spec.sample_shape).eval()
+    module = adapter.prompt_encoder(stages, program.spec.model_config).eval()
 
     def encode(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in stages.encoded]

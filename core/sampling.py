@@ -7,6 +7,7 @@ the loop owns the carried tensors, so every backend executes a plan the same way
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ def _from_config(cls: type, config: dict[str, Any]) -> Any:
         raise ConfigError(f"{cls.__name__} cannot be built from this scheduler config ({one_line(exc, 300)})") from None
 
 
+def full_config(plan: SamplingPlan) -> dict[str, Any]:
+    """The plan's scheduler config with the class defaults filled in (as its pipeline reads it)."""
+    return dict(_from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config).config)
+
+
 def build_scheduler(plan: SamplingPlan) -> Any:
     scheduler = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
     train = scheduler.config.num_train_timesteps
@@ -128,12 +134,54 @@ def build_scheduler(plan: SamplingPlan) -> Any:
             f"{plan.num_inference_steps} sampling steps: must be in [1, {train}] (the scheduler's train timesteps)"
         )
     try:
-        scheduler.set_timesteps(plan.num_inference_steps)
+        set_timesteps(scheduler, plan)
     except Exception as exc:
         raise ConfigError(
             f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({one_line(exc, 300)})"
         ) from None
     return scheduler
+
+
+def set_timesteps(scheduler: Any, plan: SamplingPlan) -> None:
+    """The plan's timesteps, passing a flow-matching plan's `mu` and linear sigmas as its pipeline does."""
+    import numpy as np
+
+    n, kwargs = plan.num_inference_steps, {}
+    if is_flow(plan) and plan.mu is not None:
+        kwargs["mu"] = plan.mu
+    if is_flow(plan) and plan.linear_sigmas and not scheduler.config.get("use_flow_sigmas"):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / n, n)
+    scheduler.set_timesteps(n, **kwargs)
+
+
+def scale_input(scheduler: Any, x: torch.Tensor, t: Any) -> torch.Tensor:
+    """The scheduler's input scaling (flow-matching schedulers have none)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
+def is_flow(plan: SamplingPlan) -> bool:
+    return plan.scheduler_class.startswith("FlowMatch")
+
+
+def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 noised to timesteps `t` (train-timestep units): DDPM-style schedulers' add_noise, or flow
+    matching's straight path x = (1 - s) x0 + s noise with s = t / num_train_timesteps."""
+    if not hasattr(scheduler, "add_noise"):
+        s = (t.float() / scheduler.config.num_train_timesteps).view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - s) * x0 + s * noise
+    return scheduler.add_noise(x0, noise, t.long())
+
+
+def training_target(
+    scheduler: Any, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser predicts for add_noise(x0, noise, t): epsilon, v, x0, or the flow velocity."""
+    if prediction_type == "flow":
+        return noise - x0
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t.long())
+    return x0 if prediction_type == "sample" else noise
 
 
 def check_plan(plan: SamplingPlan) -> None:
@@ -142,7 +190,7 @@ def check_plan(plan: SamplingPlan) -> None:
     try:
         x = torch.zeros(1, 1, 2, 2)
         t = scheduler.timesteps[0]
-        scheduler.step(scheduler.scale_model_input(x, t), t, x)
+        scheduler.step(scale_input(scheduler, x, t), t, x)
     except Exception as exc:
         raise ConfigError(f"{plan.scheduler_class} cannot run this sampling loop ({one_line(exc, 300)})") from None
 
@@ -155,7 +203,9 @@ def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:
     defaults = _from_config(cls, {}).config
     # Keep only what differs from the class defaults: compact, and free of non-JSON values like -inf.
     changed = {k: v for k, v in config.items() if not k.startswith("_") and v != defaults.get(k)}
-    return SamplingPlan(class_name, changed, plan.num_inference_steps, plan.guidance_scale)
+    return dataclasses.replace(
+        plan, scheduler_class=class_name, scheduler_config=changed, guided_steps=None, cache=None
+    )
 
 
 def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
@@ -188,14 +238,15 @@ def sample(
     variants = as_variants(denoise)
     scheduler = build_scheduler(plan)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    x = initial_noise(sample_shape, generators) * scheduler.init_noise_sigma if start is None else start
+    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    x = initial_noise(sample_shape, generators) * sigma if start is None else start
     cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
     cond, cond_guided = conditions.cond, conditions.guided() if cfg else conditions.cond
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     carry: dict[str, torch.Tensor] = {}
     for i, t in enumerate(progress(scheduler.timesteps)):
         guided = cfg and plan.guided(i)
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale_input(scheduler, x, t)
         if guided:
             x_in = torch.cat([x_in, x_in])
         c_in = cond_guided if guided else cond

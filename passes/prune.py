@@ -26,7 +26,7 @@ from core.adapters import denoiser_module, parameter_count, respec
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.sampling import build_scheduler
+from core.sampling import add_noise, build_scheduler, training_target
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
 CRITERIA = ("taylor", "distortion", "magnitude")
@@ -212,10 +212,8 @@ def _scores(
     for x, t, y in ctx.progress(list(inputs.batches(config.batch)), desc="prune: scoring", leave=False):
         x0 = finals[torch.randint(len(finals), (x.shape[0],), generator=ctx.rng)]
         noise = torch.randn(x0.shape, generator=ctx.rng)
-        steps_t = t.long()
-        noisy = scheduler.add_noise(x0, noise, steps_t)
-        v_prediction = program.spec.prediction_type == "v_prediction"
-        target = scheduler.get_velocity(x0, noise, steps_t) if v_prediction else noise
+        noisy = add_noise(scheduler, x0, noise, t)
+        target = training_target(scheduler, program.spec.prediction_type, x0, noise, t)
         model.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(module.apply(noisy, t, y), target).backward()
         for i, g in enumerate(groups):

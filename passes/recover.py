@@ -25,7 +25,7 @@ from core.adapters import denoiser_module, respec
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.sampling import build_scheduler
+from core.sampling import add_noise, build_scheduler
 from passes.base import Context, Pass, PassResult, Phase
 
 TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
@@ -107,7 +107,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         x, t, cond = pool.rows(torch.randint(pool.x.shape[0], (half,), generator=ctx.rng))
         rows = torch.randint(finals.shape[0], (config.batch - half,), generator=ctx.rng)
         steps = torch.randint(train_steps, (len(rows),), generator=ctx.rng)
-        noisy = scheduler.add_noise(finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
+        noisy = add_noise(scheduler, finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
         x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
         names = program.spec.conditioning.input_names
         return x, t, tuple(torch.cat([cond[k], final_cond[k][rows]]) for k in names)

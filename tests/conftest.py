@@ -44,3 +44,12 @@ def text_folders(tmp_path_factory):
     from helpers import tiny_text_pipelines
 
     return tiny_text_pipelines(tmp_path_factory.mktemp("text-pipelines"))
+
+
+@pytest.fixture(scope="session")
+def flow_folders(tmp_path_factory):
+    """Tiny random SD3 and Flux pipeline folders (mechanics only)."""
+    from helpers import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("flow-pipelines")
+    return {"sd3": tiny_sd3_pipeline(root), "flux": tiny_flux_pipeline(root)}

@@ -241,3 +241,122 @@ def tiny_sdxl_pipeline(root):
     ).save_pretrained(root / "sdxl")
     (root / "sdxl" / "prompts.txt").write_text("a thick seven\na thin one\n")
     return root / "sdxl"
+
+
+def _tiny_clip(tok, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_t5(tok, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tok), d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_flow_vae():
+    """A 1-channel VAE with SD3/Flux-style latent shift (16x16 images, 4x8x8 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+    )
+
+
+def tiny_sd3_pipeline(root):
+    """A tiny random SD3 pipeline: two CLIPs with projections and a T5 encoder (the tiny CLIP tokenizer
+    in every tokenizer slot), an MMDiT, a shifted flow-matching scheduler. Mechanics only."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        pos_embed_max_size=8,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(),
+        text_encoder=_tiny_clip(tok, projection=True),
+        tokenizer=tok,
+        text_encoder_2=_tiny_clip(tok, projection=True),
+        tokenizer_2=tok,
+        text_encoder_3=_tiny_t5(tok, 64),
+        tokenizer_3=tok,
+    ).save_pretrained(root / "sd3")
+    (root / "sd3" / "prompts.txt").write_text("a thick seven\na thin one\n")
+    return root / "sd3"
+
+
+def tiny_flux_pipeline(root):
+    """A tiny random FLUX.1-dev-style pipeline (CLIP + T5, guidance-embedded transformer with one double-
+    and one single-stream block, dynamic-shift flow matching); its config carries `sample_size` 8
+    (Flux configs have none). Mechanics only."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_tiny_flow_vae(),
+        text_encoder=_tiny_clip(tok),
+        tokenizer=tok,
+        text_encoder_2=_tiny_t5(tok, 32),
+        tokenizer_2=tok,
+    ).save_pretrained(root / "flux")
+    config_path = root / "flux" / "transformer" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_size": 8}))
+    (root / "flux" / "prompts.txt").write_text("a thick seven\na thin one\n")
+    return root / "flux"

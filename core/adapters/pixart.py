@@ -73,7 +73,7 @@ class PixArtAdapter(TextAdapter):
     def condition_names(self, stages: Stages) -> tuple[str, ...]:
         return ("encoder_hidden_states", "encoder_attention_mask")
 
-    def prompt_encoder(self, stages: Stages, sample_shape: tuple[int, ...]) -> nn.Module:
+    def prompt_encoder(self, stages: Stages, config: Mapping[str, Any]) -> nn.Module:
         return MaskedPrompts(stages.text_encoders[0])
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:

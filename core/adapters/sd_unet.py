@@ -81,11 +81,12 @@ class SDUNetAdapter(TextAdapter):
             return ("encoder_hidden_states", "text_embeds", "time_ids")
         return ("encoder_hidden_states",)
 
-    def prompt_encoder(self, stages: Stages, sample_shape: tuple[int, ...]) -> nn.Module:
+    def prompt_encoder(self, stages: Stages, config: Mapping[str, Any]) -> nn.Module:
         if len(stages.text_encoders) == 1:
             return ClipPrompts(stages.text_encoders[0])
+        _, h, w = self.sample_shape(dict(config))
         scale = stages.vae_scale or self.VAE_SCALE
-        h, w = sample_shape[1] * scale, sample_shape[2] * scale
+        h, w = h * scale, w * scale
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
         return SdxlPrompts(stages.text_encoders[0], stages.text_encoders[1], time_ids)
 

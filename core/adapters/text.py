@@ -8,7 +8,7 @@ served pipeline runs tokenizer -> prompt encoder -> denoiser loop -> decoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -16,9 +16,20 @@ from torch import nn
 
 from core.adapters.base import Adapter
 from core.errors import ConfigError, LoadError
-from core.ir import Conditioning, ConditionInput, Stages
+from core.ir import Conditioning, ConditionInput, SamplingPlan, Stages
+from core.sampling import full_config
 
-__all__ = ["TextAdapter", "token_tensors"]
+__all__ = ["TextAdapter", "flow_shift", "token_tensors"]
+
+
+def flow_shift(image_seq_len: int, plan: SamplingPlan) -> float:
+    """The dynamic shift `mu` of flow-matching pipelines (SD3.5, Flux; Esser et al. 2024, "Scaling
+    Rectified Flow Transformers"): linear in the image token count between the scheduler's two anchors."""
+    config = full_config(plan)
+    lo_len, hi_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (hi - lo) / (hi_len - lo_len)
+    return image_seq_len * slope + lo - slope * lo_len
 
 
 def token_tensors(tokenizer: Any, prompts: Sequence[str], length: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +77,13 @@ class TextAdapter(Adapter):
         """Whether the encoder at `index` takes the tokenizer's attention mask."""
         return False
 
-    def prompt_encoder(self, stages: Stages, sample_shape: tuple[int, ...]) -> nn.Module:
+    def prompt_encoder(self, stages: Stages, config: Mapping[str, Any]) -> nn.Module:
+        """The prompt encoder for a denoiser of this `config`."""
         raise NotImplementedError
 
-    def text_conditioning(self, stages: Stages, sample_shape: tuple[int, ...]) -> Conditioning:
+    def text_conditioning(self, stages: Stages, config: Mapping[str, Any]) -> Conditioning:
         """The condition tensors' names, per-sample shapes and dtypes, read off the encoder on one prompt."""
-        encoder = self.prompt_encoder(stages, sample_shape).eval()
+        encoder = self.prompt_encoder(stages, config).eval()
         with torch.inference_mode():
             outputs = encoder(*self.tokenize(stages, [""]).values())
         inputs = tuple(
@@ -82,6 +94,10 @@ class TextAdapter(Adapter):
 
     def condition_names(self, stages: Stages) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def timestep_plan(self, config: dict[str, Any], plan: SamplingPlan) -> SamplingPlan:
+        """The plan with what the family's pipeline passes to `set_timesteps` (flow matching: mu, sigmas)."""
+        return plan
 
     def zero_uncond(self, stages: Stages) -> bool:
         """Whether the unconditional branch is zeros instead of the empty prompt's encoding (SDXL's
