@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.comparison import comparison_set
+from bench.comparison import comparison_set, judged
 from bench.peer_caches import HookedDenoiser, PeerCache
 from core.adapters import torch_denoise
 from core.conditions import encode
@@ -29,7 +29,6 @@ from core.ir import DiffusionProgram
 from core.sampling import ConditionBatch, DenoiseFn, Variants, sample, uses_guidance
 from core.variants import torch_loop
 from passes.manager import offline_context, plan_passes, run_passes
-from verify.fidelity import compare
 from verify.timing import paired_median_ms
 
 WIDE = (-1, 1000)  # every timestep of a 1000-step training schedule
@@ -85,7 +84,7 @@ def compare_caching(
         log(row.name)
         finals: list[torch.Tensor] = []
         flops = count_flops(lambda: finals.append(_sample(row, seeds, batch)))
-        row.result = compare(reference, finals[0], [float("nan")], judge)
+        row.result = judged(program, reference, finals[0], [float("nan")], judge)
         row.result["flops_per_image"] = flops / len(seeds)
 
     rows = [Row("original loop", "original", program, torch_denoise(program))]

@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+
 from calibration.capture import evaluation_set
 from core.ir import DiffusionProgram
-from verify.fidelity import DigitsJudge
+from core.stages import decode
+from verify.fidelity import DigitsJudge, compare
 
 
 class ComparisonSet(NamedTuple):
@@ -31,3 +34,14 @@ def comparison_set(
     reference = calib.capture(program, seeds, conditions)
     judge = DigitsJudge.load() if DigitsJudge.applies(program) else None
     return ComparisonSet(calibration, seeds, conditions, reference, judge)
+
+
+def judged(
+    program: DiffusionProgram, reference: Any, final: torch.Tensor, errors: list[float], judge: DigitsJudge | None
+) -> dict[str, Any]:
+    """verify.fidelity.compare of a candidate's finals, on decoded images for a latent pipeline (the
+    original's VAE decodes both, so the rows differ by their denoising loop alone)."""
+    images = None
+    if program.stages.vae is not None:
+        images = (decode(program.stages, reference.final), decode(program.stages, final))
+    return compare(reference, final, errors, judge, images=images)

@@ -17,14 +17,14 @@ import torch
 
 from backends.ort import OrtDenoiser
 from backends.registry import get_backend
-from bench.comparison import comparison_set
+from bench.comparison import comparison_set, judged
 from core.adapters import parameter_count, torch_denoise
 from core.conditions import encode, example_conditions
 from core.flops import plan_flops
 from core.ir import DiffusionProgram
 from core.sampling import sample
 from passes.manager import offline_context, plan_passes, run_passes
-from verify.fidelity import compare, per_step_error
+from verify.fidelity import per_step_error
 from verify.timing import paired_median_ms
 
 RECOVER = {"pass": "recover", "config": {"steps": 600}}  # as the cpu-prune target
@@ -90,10 +90,10 @@ def compare_pruning(
         for i, (name, candidate, recipe) in enumerate(candidates):
             folder = work / f"row{i}"
             size = get_backend({"name": "onnxruntime"}).lower(candidate, folder)["onnx_bytes"]
-            graphs[name] = OrtDenoiser(folder / "denoiser.onnx")
+            graphs[name] = OrtDenoiser(folder / "denoiser.onnx", condition_names=spec.conditioning.input_names)
             denoise = torch_denoise(candidate)
             final = sample(candidate.plan, spec.sample_shape, denoise, seeds, batch)
-            summary = compare(reference, final, per_step_error(reference, denoise), judge)
+            summary = judged(program, reference, final, per_step_error(reference, denoise), judge)
             results.append(
                 {
                     "name": name,

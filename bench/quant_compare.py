@@ -19,14 +19,14 @@ import torch
 
 from backends.ort import OrtDenoiser
 from backends.registry import get_backend
-from bench.comparison import comparison_set
+from bench.comparison import comparison_set, judged
 from calibration import selection
 from core.adapters import denoiser_module, torch_denoise
 from core.conditions import encode
 from core.ir import DiffusionProgram
 from core.sampling import build_scheduler, sample
 from passes.manager import offline_context, plan_passes, run_passes
-from verify.fidelity import compare, per_step_error
+from verify.fidelity import per_step_error
 
 ALL_CAPABILITIES = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 
@@ -77,7 +77,7 @@ def compare_quantization(
             if runs == "ort":
                 folder = work / f"row{len(results)}"
                 size = onnxruntime.lower(candidate, folder)["onnx_bytes"]
-                denoise = OrtDenoiser(folder / "denoiser.onnx")
+                denoise = OrtDenoiser(folder / "denoiser.onnx", condition_names=program.spec.conditioning.input_names)
             else:
                 size, denoise = None, torch_denoise(candidate)
             row = _evaluate(program, reference, seeds, batch, denoise, judge)
@@ -111,7 +111,8 @@ def compare_quantization(
                 except Exception as exc:  # a peer tool that cannot quantize this model is a result too
                     results.append(_failed(name, "ort", exc))
                     continue
-                row = _evaluate(program, reference, seeds, batch, OrtDenoiser(path), judge)
+                graph = OrtDenoiser(path, condition_names=program.spec.conditioning.input_names)
+                row = _evaluate(program, reference, seeds, batch, graph, judge)
                 row.update(name=name, runs="ort", onnx_bytes=path.stat().st_size, weight_mb=None, fallback=[])
                 results.append(row)
             for cfg_name in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):
@@ -160,7 +161,7 @@ def _evaluate(
     program: DiffusionProgram, reference: Any, seeds: list[int], batch: Any, denoise: Callable, judge: Any
 ) -> dict[str, Any]:
     candidate = sample(program.plan, program.spec.sample_shape, denoise, seeds, batch)
-    summary = compare(reference, candidate, per_step_error(reference, denoise), judge)
+    summary = judged(program, reference, candidate, per_step_error(reference, denoise), judge)
     keys = (
         "psnr_db_mean",
         "psnr_db_min",

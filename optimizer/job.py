@@ -25,7 +25,7 @@ from core.sampling import check_plan, uses_guidance, with_scheduler
 from core.validate import integer, number
 from optimizer.targets import Target, get_target, require_available, target_file
 from passes.base import CALIBRATION, Context
-from passes.manager import Analyses, PlannedPass, plan_passes, quick_fidelity, run_passes
+from passes.manager import Analyses, PlannedPass, plan_passes, quick_fidelity, run_alternatives
 from verify.gates import GateResult, check_gate_names, evaluate_gates
 
 Progress = Callable[..., Iterable]
@@ -130,14 +130,14 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     require_available(target)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
     program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
-    planned = plan_passes(target.recipe, target.capabilities, program=program)
+    recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
     # The largest batch is the verification set or the calibration set, each sampled at once.
     check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
     given = calib.load(opts.calibration, program) if opts.calibration is not None else None
     log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
     staging = create_staging(out, log)
     try:
-        result = _run_stages(program, target, planned, opts, staging, progress, log, given)
+        result = _run_stages(program, target, recipes, opts, staging, progress, log, given)
         publish(staging, out)
     except BaseException as exc:
         if isinstance(exc, Exception) and not isinstance(exc, OptimizerError) and not is_environment_error(exc):
@@ -150,7 +150,7 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
 def _run_stages(
     program: DiffusionProgram,
     target: Target,
-    planned: list[PlannedPass],
+    recipes: list[list[PlannedPass]],
     opts: JobOptions,
     staging: Path,
     progress: Progress,
@@ -186,7 +186,7 @@ def _run_stages(
         progress=progress,
         rng=torch.Generator().manual_seed(opts.seed),
     )
-    candidate = run_passes(program, planned, ctx, evaluate=quick_fidelity, log=log)
+    candidate, choice = run_alternatives(program, recipes, ctx, evaluate=quick_fidelity, log=log)
     with timed(log, f"lowering for {backend.name}"):
         artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
     with timed(log, f"verifying on {opts.samples} samples"):
@@ -210,6 +210,10 @@ def _run_stages(
     flops = {"original": analyses.flops(program), "candidate": analyses.flops(candidate)}
     description = runner.describe()
     report = make_report(program, candidate, target, description, flops, artifacts, verification, latency, opts, gates)
+    sections = decision_sections(candidate)
+    if choice is not None:
+        report["recipe_selection"] = choice.to_dict()
+        sections = ["", f"## {choice.title}", *choice.markdown(), *sections]
     save_grid(staging / GRID_FILE, ref_images, cand_images)
-    write_report(staging, report, results, decision_sections(candidate))
+    write_report(staging, report, results, sections)
     return JobResult(opts.out, report, results)

@@ -206,7 +206,8 @@ def _conditioning(model: dict[str, Any]) -> str:
     cond = model["conditioning"]
     if cond.get("text"):
         tensors = ", ".join(f"{t['name']} {list(t['shape'])}" for t in cond["text"])
-        return f"text ({tensors}); unconditional branch: the empty prompt"
+        uncond = model.get("stages", {}).get("unconditional") or "the empty prompt"
+        return f"text ({tensors}); unconditional branch: {uncond}"
     if cond["num_classes"]:
         return f"{cond['num_classes']} classes, null class {cond['null_class']}"
     return "none"

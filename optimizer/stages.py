@@ -130,4 +130,18 @@ def stage_summary(program: DiffusionProgram) -> dict[str, Any]:
         "vae": type(stages.vae).__name__ if stages.vae is not None else None,
         "output": "latents decoded by the VAE" if stages.vae is not None else "pixels",
         "prompts": len(stages.prompts),
+        "unconditional": _unconditional(program),
     }
+
+
+def _unconditional(program: DiffusionProgram) -> str | None:
+    """The unconditional branch of classifier-free guidance, as the report states it."""
+    if not program.spec.conditioning.text:
+        return None
+    if program.plan.guidance_scale <= 1.0:
+        return "none: no classifier-free guidance in this plan (guidance scale 1)"
+    from core.prompts import text_adapter
+
+    if text_adapter(program).zero_uncond(program.stages):
+        return "zeros (the pipeline's force_zeros_for_empty_prompt)"
+    return "the empty prompt"

@@ -24,6 +24,14 @@ class Target:
     recipe: list[dict[str, Any]]
     gates: dict[str, float]
     planned_in: str | None = None
+    # Other recipes to try beside `recipe`: the job runs each and keeps the one whose samples on the
+    # calibration seeds stay closest to the original's (end-to-end PSNR), e.g. whether dropping guidance
+    # or caching more spends a FLOPs budget better on this model.
+    alternatives: tuple[list[dict[str, Any]], ...] = ()
+
+    @property
+    def recipes(self) -> tuple[list[dict[str, Any]], ...]:
+        return (self.recipe, *self.alternatives)
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -49,13 +57,22 @@ def parse_target(data: Any, where: str) -> Target:
     if get(backend, "name", str, f"{where}: backend") not in names():
         raise ConfigError(f"{where}: unknown backend {backend['name']!r} (known: {', '.join(names())})")
     string_list(backend.get("providers", []), f"{where}: backend.providers")
-    recipe = get(data, "recipe", list, where)
+    _check_recipe(get(data, "recipe", list, where), f"{where}: recipe")
+    alternatives = get(data, "alternatives", list, where, [])
+    for i, recipe in enumerate(alternatives):
+        if not isinstance(recipe, list):
+            raise ConfigError(f"{where}: alternatives[{i}] must be a recipe (a list of passes)")
+        _check_recipe(recipe, f"{where}: alternatives[{i}]")
+    check_gate_names(get(data, "gates", dict, where), where)
+    fields = {k: data[k] for k in (*REQUIRED, "planned_in") if k in data}
+    return Target(**fields, alternatives=tuple(alternatives))
+
+
+def _check_recipe(recipe: list[Any], where: str) -> None:
     for i, step in enumerate(recipe):
         if not isinstance(step, dict) or not isinstance(step.get("pass"), str):
-            raise ConfigError(f"{where}: recipe[{i}] must be {{'pass': NAME, 'config': {{...}}}}")
-        finite_tree(get(step, "config", dict, f"{where}: recipe[{i}]", {}), f"{where}: recipe[{i}].config")
-    check_gate_names(get(data, "gates", dict, where), where)
-    return Target(**{k: data[k] for k in (*REQUIRED, "planned_in") if k in data})
+            raise ConfigError(f"{where}[{i}] must be {{'pass': NAME, 'config': {{...}}}}")
+        finite_tree(get(step, "config", dict, f"{where}[{i}]", {}), f"{where}[{i}].config")
 
 
 def list_targets() -> list[Target]:

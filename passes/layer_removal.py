@@ -2,9 +2,9 @@
 
 LAPTOP-Diff's one-shot criterion: each block's removal is scored alone by the distortion of the
 model output it causes, ||f_without_b(x) - f(x)||^2 / ||f(x)||^2 on calibration inputs stratified
-over the plan's timesteps; the scores are taken as additive and the lowest-scoring blocks go, either
-`blocks` of them or as many as keep the summed score under `max_distortion`. `last` (drop the last
-N blocks) is the naive baseline. The blocks are removed physically (the ModuleList shrinks).
+over the plan's timesteps; the scores are taken as additive and the lowest-scoring blocks go: `blocks`
+of them, a `fraction` of the stack, or as many as keep the summed score under `max_distortion`. `last`
+(drop the last N blocks) is the naive baseline. The blocks are removed physically (the ModuleList shrinks).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ CRITERIA = ("distortion", "last")
 @dataclass
 class Config:
     blocks: int = 2  # blocks to remove; 0 = as many as max_distortion allows
+    fraction: float = 0.0  # > 0: remove floor(fraction x the stack's depth) blocks instead of `blocks`
     max_distortion: float = 0.0  # with blocks = 0: bound on the summed one-shot distortion
     criterion: str = "distortion"
     samples: int = 256  # timestep-stratified calibration inputs
@@ -65,16 +66,27 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"layer_removal: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
     if config.blocks < 0 or config.max_distortion < 0:
         raise ConfigError("layer_removal: blocks and max_distortion must be >= 0")
+    if not 0 <= config.fraction < 1:
+        raise ConfigError(f"layer_removal: fraction must be in [0, 1), got {config.fraction}")
     if config.blocks == 0 and config.max_distortion == 0:
         raise ConfigError("layer_removal: set blocks (a count) or max_distortion (a budget)")
     if not (1 <= config.samples <= MAX_INPUTS and 1 <= config.batch <= MAX_INPUTS):
         raise ConfigError(f"layer_removal: samples and batch must be in [1, {MAX_INPUTS}]")
 
 
+def _count(config: Config, depth: int) -> int:
+    """Blocks to remove from a stack of `depth` (0: by the distortion budget)."""
+    return int(config.fraction * depth) if config.fraction else config.blocks
+
+
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    count = len(program.spec.blocks)
-    if reuses_blocks(program.spec.family) and config.blocks >= count:
-        raise ConfigError(f"layer_removal: cannot remove {config.blocks} of {count} blocks")
+    depth = len(program.spec.blocks)
+    if not reuses_blocks(program.spec.family):
+        return
+    if config.fraction and _count(config, depth) == 0:
+        raise ConfigError(f"layer_removal: fraction {config.fraction} of {depth} blocks removes none")
+    if _count(config, depth) >= depth:
+        raise ConfigError(f"layer_removal: cannot remove {_count(config, depth)} of {depth} blocks")
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
@@ -86,15 +98,16 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         return PassResult(program.replace(), LayerRemovalDecision(skipped=skipped))
     model = copy.deepcopy(program.denoiser).eval()
     count = len(model.transformer_blocks)
-    if config.blocks >= count:
-        raise ConfigError(f"layer_removal: cannot remove {config.blocks} of {count} blocks")
+    blocks = _count(config, count)
+    if blocks >= count:
+        raise ConfigError(f"layer_removal: cannot remove {blocks} of {count} blocks")
     scores = _distortions(program, model, config, ctx) if config.criterion == "distortion" else None
     if scores is None:
-        removed = list(range(count - config.blocks, count))
+        removed = list(range(count - blocks, count))
     else:
         order = sorted(range(count), key=lambda b: scores[b])
-        if config.blocks:
-            removed = order[: config.blocks]
+        if blocks:
+            removed = order[:blocks]
         else:
             removed, total = [], 0.0
             for b in order[: count - 1]:

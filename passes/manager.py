@@ -164,6 +164,62 @@ def run_passes(
     return program
 
 
+@dataclass(frozen=True)
+class RecipeChoice(Decision):
+    """Which of a target's recipes ran: each was run on the calibration seeds and the one whose samples
+    stay closest to the original loop's (end-to-end PSNR) was kept."""
+
+    tried: list[dict[str, Any]]  # per recipe: passes, calibration_psnr_db, flops_per_image
+    chosen: int
+
+    title = "Recipe selection"
+
+    def markdown(self) -> list[str]:
+        lines = [
+            "Each of the target's recipes ran on the calibration seeds; the one closest to the original end to end"
+            " was kept.",
+            "",
+            "| recipe | calibration PSNR (dB) | FLOPs per image (G) | kept |",
+            "|---|---|---|---|",
+        ]
+        for i, row in enumerate(self.tried):
+            flops = row["flops_per_image"] / 1e9
+            kept = "yes" if i == self.chosen else ""
+            lines.append(f"| {row['passes']} | {row['calibration_psnr_db']:.2f} | {flops:.3f} | {kept} |")
+        return lines
+
+
+def run_alternatives(
+    program: DiffusionProgram,
+    recipes: list[list[PlannedPass]],
+    ctx: Context,
+    evaluate: Evaluate,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[DiffusionProgram, RecipeChoice | None]:
+    """Run each planned recipe from `program`; keep the one with the highest end-to-end calibration PSNR
+    (`evaluate` after its last pass). One recipe: just run it (no choice to report)."""
+    if len(recipes) == 1:
+        return run_passes(program, recipes[0], ctx, evaluate, log), None
+    candidates, tried = [], []
+    for i, planned in enumerate(recipes):
+        names = " + ".join(q.name for q in planned) or "no passes"
+        log(f"recipe {i + 1}/{len(recipes)}: {names}")
+        candidate = run_passes(program, planned, ctx, evaluate, log)
+        fidelity = candidate.provenance[-1].fidelity if candidate.provenance else evaluate(candidate, ctx)
+        candidates.append(candidate)
+        tried.append(
+            {
+                "passes": names,
+                "calibration_psnr_db": fidelity["calibration_psnr_db"],
+                "flops_per_image": fidelity["flops_per_image"],
+            }
+        )
+    scores = [row["calibration_psnr_db"] for row in tried]
+    best = max(range(len(scores)), key=lambda i: scores[i] if scores[i] == scores[i] else float("-inf"))
+    log(f"kept recipe {best + 1} ({tried[best]['passes']}): calibration PSNR {scores[best]:.2f} dB")
+    return candidates[best], RecipeChoice(tried, best)
+
+
 def offline_context(
     reference: DiffusionProgram,
     calibration: Trajectories,
@@ -200,10 +256,12 @@ __all__ = [
     "Context",
     "Phase",
     "PlannedPass",
+    "RecipeChoice",
     "build_config",
     "offline_context",
     "plan_passes",
     "quick_fidelity",
     "register",
+    "run_alternatives",
     "run_passes",
 ]

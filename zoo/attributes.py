@@ -151,4 +151,4 @@ def adherence(
 
 def _rate(hits: torch.Tensor, mask: torch.Tensor) -> dict[str, float | None]:
     count = int(mask.sum())
-    return {"rate": float(hits[mask].float().mean()) if count else None, "count": count}
+    return {"rate": int(hits[mask].sum()) / count if count else None, "count": count}  # exact k/n, not float32

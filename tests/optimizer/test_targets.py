@@ -72,3 +72,28 @@ def test_user_target_file(tmp_path):
     path.write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         get_target(str(path))
+
+
+def test_alternative_recipes_are_checked_like_the_recipe(tmp_path):
+    cache = get_target("cpu-cache")
+    assert [[s["pass"] for s in r] for r in cache.recipes] == [["guidance", "cache"], ["cache"]]
+    for recipe in cache.recipes:
+        plan_passes(recipe, cache.capabilities)
+    base = {
+        "name": "mine",
+        "status": "available",
+        "description": "d",
+        "hardware": {"capabilities": ["fp32"]},
+        "backend": {"name": "onnxruntime"},
+        "recipe": [],
+        "gates": {},
+    }
+    path = tmp_path / "mine.json"
+    for alternatives, message in [
+        ({"pass": "cache"}, "'alternatives' must be a list"),
+        ([{"pass": "cache"}], r"alternatives\[0\] must be a recipe"),
+        ([[{"config": {}}]], r"alternatives\[0\]\[0\] must be \{'pass'"),
+    ]:
+        path.write_text(json.dumps({**base, "alternatives": alternatives}))
+        with pytest.raises(ConfigError, match=message):
+            get_target(str(path))

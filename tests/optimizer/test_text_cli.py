@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from core.errors import EXIT_BAD_INPUT
 from optimizer.cli import main
-from zoo import SHIPPED
+from zoo import PIPELINES, SHIPPED
 
 FAST = ["--samples", "2", "--calibration-samples", "1", "--latency-repeats", "1", "--steps", "3"]
 
@@ -93,3 +93,21 @@ def test_bad_text_inputs_are_one_line_exit_2(text_folders, tmp_path, case, build
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("which", ["sd-digits", "pixart-digits"])
+def test_cpu_int8_on_a_trained_text_pipeline_keeps_prompt_adherence(tmp_path, which):
+    """The shipped trained pipelines (small budget): INT8 passes cpu-int8's default gates on decoded images,
+    and the original follows its prompts (the prompted digit, judged by the digits classifier)."""
+    out = tmp_path / "out"
+    args = ["--samples", "12", "--calibration-samples", "4", "--latency-repeats", "1", "--steps", "10"]
+    result = CliRunner().invoke(
+        main, [str(PIPELINES[which]), "--target", "cpu-int8", "--out", str(out), *args], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    v = report["verification"]
+    assert v["space"] == "decoded images" and v["class_agreement_reference"] >= 0.85
+    assert v["class_agreement_drop"] <= 0.02 and v["psnr_db_mean"] >= 35
+    kept = report["decisions"]["quantize"]["kept_fp32"]
+    assert any(name.endswith("attn2.to_k") for name in kept)  # cross-attention K/V of the prompt: fp32 by default

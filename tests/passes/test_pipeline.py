@@ -11,7 +11,15 @@ from core.ir import Decision
 from optimizer.report import decision_sections
 from passes.analyses import Analyses
 from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
-from passes.manager import discover_passes, offline_context, plan_passes, register, registry, run_passes
+from passes.manager import (
+    discover_passes,
+    offline_context,
+    plan_passes,
+    register,
+    registry,
+    run_alternatives,
+    run_passes,
+)
 
 RAN: list[str] = []
 CAPS = frozenset({"fp32", "int8"})
@@ -245,3 +253,22 @@ def test_a_pass_needing_an_earlier_phase_accepts_one_already_applied(dit_program
     assert [r.name for r in run_passes(structured, planned, context(dit_program)).provenance][-1] == "recovery"
     with pytest.raises(ConfigError, match="needs a structure pass applied before it"):
         run_passes(dit_program, planned, context(dit_program))
+
+
+def test_alternative_recipes_keep_the_one_closest_to_the_original(dit_program):
+    """A target's alternatives: every recipe runs from the same program, the highest end-to-end
+    calibration PSNR wins (here a fake evaluation scores by the scale the pass was given)."""
+
+    def evaluate(program, ctx):
+        scale = program.provenance[-1].config["scale"] if program.provenance else 0.0
+        psnr = float("nan") if scale == 9.0 else 30.0 + scale  # a diverged candidate never wins
+        return {"calibration_psnr_db": psnr, "flops_per_image": 1e9 * (1 + scale)}
+
+    recipes = [plan_passes([{"pass": "structure", "config": {"scale": s}}], CAPS, PASSES) for s in (1.0, 4.0, 9.0)]
+    ctx = context(dit_program)
+    kept, choice = run_alternatives(dit_program, recipes, ctx, evaluate)
+    assert RAN == ["structure"] * 3 and kept.provenance[-1].config["scale"] == 4.0
+    assert choice.chosen == 1 and [row["calibration_psnr_db"] for row in choice.tried][:2] == [31.0, 34.0]
+    assert "| structure | 34.00 | 5.000 | yes |" in choice.markdown()
+    single, none = run_alternatives(dit_program, recipes[:1], ctx, evaluate)
+    assert none is None and single.provenance[-1].config["scale"] == 1.0

@@ -116,6 +116,8 @@ def test_layer_removal_drops_the_least_distorting_blocks(dit_program, calibratio
     budget = run(dit_program, cal, [{"pass": "layer_removal", "config": {"blocks": 0, "max_distortion": 0.05}}])
     removed = budget.decision("layer_removal").removed
     assert removed and sum(scores[b] for b in removed) <= 0.05
+    quarter = run(dit_program, cal, [{"pass": "layer_removal", "config": {"fraction": 0.25}}])  # 8 -> floor(2)
+    assert quarter.decision("layer_removal").removed == decision["removed"]
 
 
 def test_layer_removal_on_a_unet_says_it_does_not_apply(unet_program, calibrations):
@@ -130,6 +132,7 @@ def test_layer_removal_on_a_unet_says_it_does_not_apply(unet_program, calibratio
         ([{"pass": "prune", "config": {"mlp": 1.0}}], "in \\[0, 1\\)"),
         ([{"pass": "prune", "config": {"criterion": "random"}}], "unknown criterion"),
         ([{"pass": "layer_removal", "config": {"blocks": 0}}], "set blocks"),
+        ([{"pass": "layer_removal", "config": {"fraction": 1.0}}], "fraction must be in \\[0, 1\\)"),
         ([{"pass": "recover", "config": {"steps": 0}}], "steps >= 1"),
         ([{"pass": "recover"}], "needs a structure pass before it"),
         ([{"pass": "prune"}, {"pass": "prune"}], "appears twice"),
@@ -141,6 +144,8 @@ def test_bad_pruning_configs(recipe, message):
 
 
 def test_pruning_errors(dit_program, unet_program, calibrations):
+    with pytest.raises(ConfigError, match=r"fraction 0\.1 of 8 blocks removes none"):
+        plan_passes([{"pass": "layer_removal", "config": {"fraction": 0.1}}], frozenset({"fp32"}), program=dit_program)
     with pytest.raises(ConfigError, match="nothing to remove: with these channels fractions"):
         run(unet_program, calibrations["unet"], [{"pass": "prune", "config": {"channels": 0.0}}])
     with pytest.raises(ConfigError, match="nothing to remove: with these heads / cross_heads / mlp fractions"):
