@@ -169,7 +169,12 @@ PROMPTS = click.option(
 @click.option("--max-fd-increase", type=float, default=None, help="Gate: maximum Fréchet-distance increase.")
 @click.option("--max-fd-to-reference", type=float, default=None, help="Gate: maximum FD candidate vs reference.")
 @click.option("--overwrite", is_flag=True, help="Replace --out when it is an earlier `optimize` output folder.")
-@click.option("--latency-repeats", default=20, show_default=True, help="Timed calls per latency measurement.")
+@click.option(
+    "--latency-repeats",
+    default=20,
+    show_default=True,
+    help="Timed calls per latency measurement (0: no latency measurement).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
 @PROMPTS
 @ALLOW_LARGE

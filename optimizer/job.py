@@ -65,7 +65,7 @@ def check_options(opts: JobOptions) -> None:
     integer(opts.samples, "--samples", 2, limits.MAX_SAMPLES)
     integer(opts.calibration_samples, "--calibration-samples", 1, limits.MAX_SAMPLES)
     integer(opts.seed, "--seed", 0, limits.MAX_SEED)
-    integer(opts.latency_repeats, "--latency-repeats", 1, limits.MAX_REPEATS)
+    integer(opts.latency_repeats, "--latency-repeats", 0, limits.MAX_REPEATS)
     if opts.steps is not None:
         integer(opts.steps, "--steps", 1, limits.MAX_STEPS)
     if opts.guidance is not None:
@@ -192,15 +192,17 @@ def _run_stages(
     with timed(log, f"verifying on {opts.samples} samples"):
         runner = backend.runner(staging)
         verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
-    baseline = None
-    if candidate.provenance:  # the network or loop changed: time the unoptimized graph beside it
+    baseline, timed_run = None, opts.latency_repeats > 0
+    if candidate.provenance and timed_run:  # the network or loop changed: time the unoptimized graph beside it
         with timed(log, "lowering the original as the fp32 baseline"):
             reference_dir = staging / ".reference"
             reference_dir.mkdir()
             artifacts["reference_onnx_bytes"] = backend.lower(program, reference_dir)["onnx_bytes"]
             baseline = backend.runner(reference_dir)
-    with timed(log, "measuring latency side by side"):
-        latency = measure_latency(program, runner, opts.latency_repeats, baseline)
+    latency: dict[str, Any] = {"skipped": "--latency-repeats 0"}
+    if timed_run:
+        with timed(log, "measuring latency side by side"):
+            latency = measure_latency(program, runner, opts.latency_repeats, baseline)
     if baseline is not None:
         del baseline
         shutil.rmtree(staging / ".reference")

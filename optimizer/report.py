@@ -136,10 +136,15 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         gates_table(gate_results),
         "```",
         "",
-        f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, providers"
-        f" {', '.join(lat.get('providers', []))}; contenders interleaved in one run)",
     ]
-    lines += _latency_table(lat, report["target"]["hardware"].get("device", "cpu"))
+    if "skipped" in lat:
+        lines += ["## Latency", f"Not measured ({lat['skipped']})."]
+    else:
+        lines.append(
+            f"## Latency (ms, median; batch {lat['batch']}, {lat['threads']} threads, providers"
+            f" {', '.join(lat.get('providers', []))}; contenders interleaved in one run)"
+        )
+        lines += _latency_table(lat, report["target"]["hardware"].get("device", "cpu"))
     lines += ["", "## Samples", f"![reference vs candidate]({GRID_FILE})", ""]
     return "\n".join(lines)
 

@@ -83,7 +83,7 @@ def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
         "--samples",
         10,
         "--latency-repeats",
-        1,
+        0,
     )
     # A 5-step DDIM loop does not reproduce the original 20-step samples: the gate must fail.
     assert result.exit_code == 1
@@ -94,7 +94,9 @@ def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
     assert "eps_rel_error_max" in report["passes"][0]["fidelity"]
     assert report["verification"]["psnr_db_mean"] < 60
     assert json.loads((out / "plan.json").read_text())["sampling"]["num_inference_steps"] == 5
-    assert "**Result: FAIL**" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "**Result: FAIL**" in text and "## Latency\nNot measured (--latency-repeats 0)." in text
+    assert report["latency"] == {"skipped": "--latency-repeats 0"} and "reference_onnx_bytes" not in report["artifacts"]
     assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
 
 
@@ -116,7 +118,7 @@ def corrupt_truncated(path):
 def corrupt_unknown_arch(path):
     sidecar = path.with_suffix(".json")
     meta = json.loads(sidecar.read_text())
-    meta["model"]["class"] = "FluxTransformer2DModel"
+    meta["model"]["class"] = "HunyuanDiT2DModel"
     sidecar.write_text(json.dumps(meta))
 
 
@@ -136,7 +138,7 @@ class Exploit:
         ("missing", "no such file"),
         ("truncated", "corrupt or truncated"),
         ("pickle", "refused"),
-        ("unknown-arch", "unsupported architecture 'FluxTransformer2DModel'"),
+        ("unknown-arch", "unsupported architecture 'HunyuanDiT2DModel'"),
         ("unknown-target", "unknown target 'gpu9000'"),
         ("planned-target", "not implemented yet"),
         ("fp4-on-hopper", "nvfp4 needs the 'nvfp4' capability, which this target lacks"),
@@ -210,7 +212,7 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "30", "--calibration-samples", "8", "--latency-repeats", "2"]
+    args = ["--samples", "30", "--calibration-samples", "4", "--latency-repeats", "0"]
     result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -218,9 +220,12 @@ def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_ga
     flops = report["flops"]
     assert flops["candidate"]["per_image"] * 2 <= flops["original"]["per_image"]
     assert report["artifacts"]["onnx"] == ["denoiser_full.onnx", "denoiser_cached.onnx"]
-    assert set(report["decisions"]) == {"guidance", "cache"}
+    assert set(report["decisions"]) == {"guidance", "cache"}  # on this DiT, guidance + cache beats caching alone
+    choice = report["recipe_selection"]
+    assert [row["passes"] for row in choice["tried"]] == ["guidance + cache", "cache"] and choice["chosen"] == 0
     text = (out / "report.md").read_text()
     assert "## Cache schedule" in text and "## Guidance policy" in text and "fewer)" in text
+    assert "## Recipe selection" in text
     png = tmp_path / "s.png"
     assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0
 
@@ -233,7 +238,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "4", "--json"]
+    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "0", "--json"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code in (0, 1), result.output
     report = json.loads((out / "report.json").read_text())
@@ -241,7 +246,8 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     fidelity = [p["fidelity"]["calibration_psnr_db"] for p in report["passes"]]
     assert fidelity[2] > fidelity[1]  # recovery measurably helps, even this short
     assert report["model"]["candidate_parameters"] < 0.75 * report["model"]["parameters"]
-    assert report["artifacts"]["onnx_bytes"] < report["artifacts"]["reference_onnx_bytes"]
+    # The original's fp32 graph is 1.18x its weights file; the pruned graph is smaller than that file.
+    assert report["artifacts"]["onnx_bytes"] < report["model"]["input_bytes"]
     assert report["flops"]["candidate"]["per_image"] < 0.7 * report["flops"]["original"]["per_image"]
     assert {g for g in report["gates"]} == {
         "min_psnr_db",
@@ -258,12 +264,13 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     passes search on is recaptured for 10 steps; the artifact runs 10 steps with both policies."""
     data = json.loads((TARGETS_DIR / "cpu-cache.json").read_text())
     data["name"] = "cpu-cache-10"
+    del data["alternatives"]  # this test is about recapturing calibration, not the choice of recipe
     data["recipe"][1]["config"].update(regions=[[0, 8]], criterion="uniform", probe_samples=2)
     data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"steps": 10}}]
     target = tmp_path / "t.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "4", "--calibration-samples", "3", "--latency-repeats", "1"]
+    args = ["--samples", "4", "--calibration-samples", "3", "--latency-repeats", "0"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code in (0, 1), result.output
     assert re.search(r"recapturing calibration: the loop changed \(\w+, 10 steps\)", result.output)

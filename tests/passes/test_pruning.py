@@ -170,6 +170,8 @@ def test_recovery_distillation_brings_the_pruned_model_back(family, request, cal
     assert notes["feature_pairs"] == len(program.spec.blocks) - (2 if family == "dit" else 0)
     assert eps_error(recovered, cal) < eps_error(pruned, cal)
     assert replay_psnr(recovered, cal) > replay_psnr(pruned, cal)
+    if family == "unet":  # a pruned UNet lowers in test_text_families (SD) and the DiT here
+        return
     # The smaller network lowers to ONNX and runs the loop in ONNX Runtime like the torch one.
     lower(recovered, tmp_path)
     runner = open_runner(tmp_path)
