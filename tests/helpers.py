@@ -106,40 +106,17 @@ def tiny_text_pipelines(root):
     VAE (16x16 images, 4x8x8 latents), saved under root/sd and root/pixart with a prompts.txt each.
     Random weights: for mechanics and equivalence only, never for fidelity."""
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         PixArtAlphaPipeline,
         PixArtTransformer2DModel,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(root / "_tokenizer")
-    config = CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    encoder = CLIPTextModel(config).eval()
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
+    encoder = _tiny_clip(tok)
+    vae = _tiny_vae()
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -187,23 +164,11 @@ def tiny_text_pipelines(root):
 def tiny_sdxl_pipeline(root):
     """A tiny random SDXL pipeline (two CLIP encoders, the second with a projection; `text_time` UNet)
     with a prompts.txt. Mechanics and equivalence only."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(root / "_tokenizer")
-    common = dict(
-        vocab_size=len(tok),
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    first = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common)).eval()
-    second = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common)).eval()
+    first, second = _tiny_clip(tok), _tiny_clip(tok, projection=True)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -219,17 +184,7 @@ def tiny_sdxl_pipeline(root):
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
     )
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
+    vae = _tiny_vae()
     StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=first,
@@ -270,8 +225,8 @@ def _tiny_t5(tok, width: int):
     return T5EncoderModel(config).eval()
 
 
-def _tiny_flow_vae():
-    """A 1-channel VAE with SD3/Flux-style latent shift (16x16 images, 4x8x8 latents)."""
+def _tiny_vae(**latent_scaling):
+    """A 1-channel VAE: 16x16 images, 4x8x8 latents (SD3/Flux-style: `scaling_factor`, `shift_factor`)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -284,8 +239,7 @@ def _tiny_flow_vae():
         norm_num_groups=4,
         layers_per_block=1,
         sample_size=16,
-        scaling_factor=1.5,
-        shift_factor=0.1,
+        **latent_scaling,
     )
 
 
@@ -312,7 +266,7 @@ def tiny_sd3_pipeline(root):
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_tiny_flow_vae(),
+        vae=_tiny_vae(scaling_factor=1.5, shift_factor=0.1),
         text_encoder=_tiny_clip(tok, projection=True),
         tokenizer=tok,
         text_encoder_2=_tiny_clip(tok, projection=True),
@@ -350,7 +304,7 @@ def tiny_flux_pipeline(root):
     FluxPipeline(
         transformer=transformer,
         scheduler=scheduler,
-        vae=_tiny_flow_vae(),
+        vae=_tiny_vae(scaling_factor=1.5, shift_factor=0.1),
         text_encoder=_tiny_clip(tok),
         tokenizer=tok,
         text_encoder_2=_tiny_t5(tok, 32),

@@ -38,35 +38,22 @@ def test_unknown_target():
         get_target("tpu-v9")
 
 
+MINE = {
+    "name": "mine",
+    "status": "available",
+    "description": "d",
+    "hardware": {"capabilities": ["fp32"]},
+    "backend": {"name": "onnxruntime"},
+    "recipe": [],
+    "gates": {},
+}
+
+
 def test_user_target_file(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(
-        json.dumps(
-            {
-                "name": "mine",
-                "status": "available",
-                "description": "d",
-                "hardware": {"capabilities": ["fp32"]},
-                "backend": {"name": "onnxruntime"},
-                "recipe": [],
-                "gates": {"min_psnr_db": 40},
-            }
-        )
-    )
+    path.write_text(json.dumps({**MINE, "gates": {"min_psnr_db": 40}}))
     assert get_target(str(path)).gates == {"min_psnr_db": 40}
-    path.write_text(
-        json.dumps(
-            {
-                "name": "mine",
-                "status": "available",
-                "description": "d",
-                "hardware": {},
-                "backend": {"name": "onnxruntime"},
-                "recipe": [],
-                "gates": {"min_psnrr": 1},
-            }
-        )
-    )
+    path.write_text(json.dumps({**MINE, "hardware": {}, "gates": {"min_psnrr": 1}}))
     with pytest.raises(ConfigError, match="unknown gate"):
         get_target(str(path))
     path.write_text("{")
@@ -79,21 +66,12 @@ def test_alternative_recipes_are_checked_like_the_recipe(tmp_path):
     assert [[s["pass"] for s in r] for r in cache.recipes] == [["guidance", "cache"], ["cache"]]
     for recipe in cache.recipes:
         plan_passes(recipe, cache.capabilities)
-    base = {
-        "name": "mine",
-        "status": "available",
-        "description": "d",
-        "hardware": {"capabilities": ["fp32"]},
-        "backend": {"name": "onnxruntime"},
-        "recipe": [],
-        "gates": {},
-    }
     path = tmp_path / "mine.json"
     for alternatives, message in [
         ({"pass": "cache"}, "'alternatives' must be a list"),
         ([{"pass": "cache"}], r"alternatives\[0\] must be a recipe"),
         ([[{"config": {}}]], r"alternatives\[0\]\[0\] must be \{'pass'"),
     ]:
-        path.write_text(json.dumps({**base, "alternatives": alternatives}))
+        path.write_text(json.dumps({**MINE, "alternatives": alternatives}))
         with pytest.raises(ConfigError, match=message):
             get_target(str(path))
