@@ -17,7 +17,7 @@ from torch import nn
 
 from calibration import selection
 from core.adapters import denoiser_module, parameter_count, respec
-from core.caching import reuses_blocks
+from core.caching import BLOCK_FAMILIES, LEVEL_FAMILIES, reuses_blocks
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -80,8 +80,12 @@ def _count(config: Config, depth: int) -> int:
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    depth = len(program.spec.blocks)
-    if not reuses_blocks(program.spec.family):
+    depth, family = len(program.spec.blocks), program.spec.family
+    if family not in (*BLOCK_FAMILIES, *LEVEL_FAMILIES):
+        raise ConfigError(
+            f"layer_removal: not implemented for the {family} family (block stacks: {', '.join(BLOCK_FAMILIES)})"
+        )
+    if not reuses_blocks(family):
         return
     if config.fraction and _count(config, depth) == 0:
         raise ConfigError(f"layer_removal: fraction {config.fraction} of {depth} blocks removes none")

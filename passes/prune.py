@@ -234,6 +234,13 @@ def _per_unit(group: Group, elementwise: Callable[[nn.Parameter], torch.Tensor])
     return total
 
 
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    if program.spec.family not in FAMILIES:
+        raise ConfigError(
+            f"prune: no pruning rules for the {program.spec.family} family (supported: {', '.join(FAMILIES)})"
+        )
+
+
 PASS = Pass(
     name="prune",
     phase=Phase.STRUCTURE,
@@ -241,4 +248,5 @@ PASS = Pass(
     run=run,
     invalidates=frozenset({FLOPS}),
     check=check,
+    check_program=check_program,
 )

@@ -10,9 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from core.errors import ConfigError
 from core.loading import load_program
 from core.variants import sample_program
 from optimizer.cli import main
+from passes.manager import plan_passes
 
 PROMPTS = ["a thick seven", "a thin one"]
 
@@ -60,3 +62,18 @@ def test_cpu_fp32_lowers_a_flow_pipeline_with_ort_matching_torch(flow_folders, t
     plan = json.loads((out / "plan.json").read_text())["sampling"]
     assert plan["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
     assert plan["linear_sigmas"] == (name == "flux") and (plan["mu"] is None) == (name == "sd3")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ({"pass": "prune"}, "prune: no pruning rules for the {} family"),
+        ({"pass": "layer_removal", "config": {"fraction": 0.25}}, "layer_removal: not implemented for the {} family"),
+        ({"pass": "cache"}, "feature caching does not support the '{}' family"),
+    ],
+)
+def test_passes_without_rules_for_a_family_refuse_it_before_any_work(flow_folders, name, step, message):
+    program = load_program(flow_folders[name])
+    with pytest.raises(ConfigError, match=message.format(name)):
+        plan_passes([step], frozenset({"fp32"}), program=program)
