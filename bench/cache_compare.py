@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.comparison import comparison_set, judged
+from bench.comparison import comparison_set
 from bench.peer_caches import HookedDenoiser, PeerCache
 from core.adapters import torch_denoise
 from core.conditions import encode
@@ -77,14 +77,14 @@ def compare_caching(
     if not uses_guidance(program.plan, spec.conditioning):
         peers = tuple(p for p in peers if p.method != "faster-cache")  # it approximates the unconditional pass
     peers = tuple(p for p in peers if p.applies(spec.family))
-    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, _, verdict = comparison_set(program, samples, calibration_samples, log)
     batch = encode(program, conditions, len(seeds))
 
     def evaluate(row: Row) -> None:
         log(row.name)
         finals: list[torch.Tensor] = []
         flops = count_flops(lambda: finals.append(_sample(row, seeds, batch)))
-        row.result = judged(program, reference, finals[0], [float("nan")], judge)
+        row.result = verdict(finals[0], [float("nan")])
         row.result["flops_per_image"] = flops / len(seeds)
 
     rows = [Row("original loop", "original", program, torch_denoise(program))]

@@ -17,7 +17,7 @@ import torch
 
 from backends.ort import OrtDenoiser
 from backends.registry import get_backend
-from bench.comparison import comparison_set, judged
+from bench.comparison import comparison_set
 from core.adapters import parameter_count, torch_denoise
 from core.conditions import encode, example_conditions
 from core.flops import plan_flops
@@ -76,7 +76,7 @@ def compare_pruning(
         if spec.family not in ROWS:
             raise ConfigError(f"no pruning comparison for the {spec.family} family")
         rows = ROWS[spec.family]
-    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, reference, verdict = comparison_set(program, samples, calibration_samples, log)
     batch = encode(program, conditions, len(seeds))
     ctx = offline_context(program, trajectories, progress=progress)
     results: list[dict[str, Any]] = []
@@ -93,7 +93,7 @@ def compare_pruning(
             graphs[name] = OrtDenoiser(folder / "denoiser.onnx", condition_names=spec.conditioning.input_names)
             denoise = torch_denoise(candidate)
             final = sample(candidate.plan, spec.sample_shape, denoise, seeds, batch)
-            summary = judged(program, reference, final, per_step_error(reference, denoise), judge)
+            summary = verdict(final, per_step_error(reference, denoise))
             results.append(
                 {
                     "name": name,

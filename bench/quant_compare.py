@@ -19,7 +19,7 @@ import torch
 
 from backends.ort import OrtDenoiser
 from backends.registry import get_backend
-from bench.comparison import comparison_set, judged
+from bench.comparison import Verdict, comparison_set
 from calibration import selection
 from core.adapters import denoiser_module, torch_denoise
 from core.conditions import encode
@@ -60,7 +60,7 @@ def compare_quantization(
     peers: bool = True,
 ) -> list[dict[str, Any]]:
     num_classes = program.spec.conditioning.num_classes
-    trajectories, seeds, conditions, reference, judge = comparison_set(program, samples, calibration_samples, log)
+    trajectories, seeds, conditions, reference, verdict = comparison_set(program, samples, calibration_samples, log)
     batch = encode(program, conditions, len(seeds))
     results = []
     with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
@@ -80,7 +80,7 @@ def compare_quantization(
                 denoise = OrtDenoiser(folder / "denoiser.onnx", condition_names=program.spec.conditioning.input_names)
             else:
                 size, denoise = None, torch_denoise(candidate)
-            row = _evaluate(program, reference, seeds, batch, denoise, judge)
+            row = _evaluate(program, reference, seeds, batch, denoise, verdict)
             row.update(
                 name=name,
                 runs=runs,
@@ -112,7 +112,7 @@ def compare_quantization(
                     results.append(_failed(name, "ort", exc))
                     continue
                 graph = OrtDenoiser(path, condition_names=program.spec.conditioning.input_names)
-                row = _evaluate(program, reference, seeds, batch, graph, judge)
+                row = _evaluate(program, reference, seeds, batch, graph, verdict)
                 row.update(name=name, runs="ort", onnx_bytes=path.stat().st_size, weight_mb=None, fallback=[])
                 results.append(row)
             for cfg_name in ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG"):
@@ -127,7 +127,7 @@ def compare_quantization(
                     except Exception as exc:
                         results.append(_failed(name, "torch", exc))
                         continue
-                    row = _evaluate(program, reference, seeds, batch, denoise, judge)
+                    row = _evaluate(program, reference, seeds, batch, denoise, verdict)
                     row.update(name=name, runs="torch", onnx_bytes=None, weight_mb=None, fallback=[])
                     results.append(row)
     for row in results:
@@ -158,10 +158,10 @@ def _modelopt_quantized(program: DiffusionProgram, config_name: str, inputs: sel
 
 
 def _evaluate(
-    program: DiffusionProgram, reference: Any, seeds: list[int], batch: Any, denoise: Callable, judge: Any
+    program: DiffusionProgram, reference: Any, seeds: list[int], batch: Any, denoise: Callable, verdict: Verdict
 ) -> dict[str, Any]:
     candidate = sample(program.plan, program.spec.sample_shape, denoise, seeds, batch)
-    summary = judged(program, reference, candidate, per_step_error(reference, denoise), judge)
+    summary = verdict(candidate, per_step_error(reference, denoise))
     keys = (
         "psnr_db_mean",
         "psnr_db_min",

@@ -197,9 +197,10 @@ class _Reuse(nn.Module):
         return hidden_states + self.stash[CACHE] if self.first else hidden_states
 
 
-class BlockStackSteps(StepsModule):
-    """A transformer whose own forward loops over `transformer_blocks` (PixArt): blocks [first, stop)
-    cacheable by substituting wrappers for them in a shallow copy, so the family's forward runs as is."""
+class ShellSteps(StepsModule):
+    """The family adapter's own forward run on a shallow copy of the model (`shell`) whose block lists
+    are swapped for wrappers that write and read `stash`; subclasses build the shell and say what a
+    full or trace step carries out of the stash."""
 
     def __init__(self, model: nn.Module, region: tuple[int, int], mode: str, condition_names: tuple[str, ...]):
         super().__init__(model, region, mode, condition_names)
@@ -207,6 +208,32 @@ class BlockStackSteps(StepsModule):
 
         self.adapter = adapter_for(type(model).__name__)
         self.stash: dict[str, Any] = {}
+
+    def _shell(self, **modules: nn.Module | None) -> nn.Module:
+        shell = copy.copy(self.model)
+        shell._modules = dict(self.model._modules)
+        for name, module in modules.items():
+            setattr(shell, name, module)
+        return shell
+
+    def carried(self) -> Any:
+        """What a full step (the cache tensor) or a trace step (every cut point's activation) returns."""
+        raise NotImplementedError
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
+        cond, cache = self.split(sample, timestep, inputs)
+        self.stash.clear()
+        self.stash[CACHE] = cache
+        out = self.adapter.forward(self.shell, sample, timestep, cond)
+        return out if self.mode == CACHED else (out, self.carried())
+
+
+class BlockStackSteps(ShellSteps):
+    """A transformer whose own forward loops over `transformer_blocks` (PixArt): blocks [first, stop)
+    cacheable by substituting wrappers for them in a shallow copy, so the family's forward runs as is."""
+
+    def __init__(self, model: nn.Module, region: tuple[int, int], mode: str, condition_names: tuple[str, ...]):
+        super().__init__(model, region, mode, condition_names)
         first, stop = region
         blocks: list[nn.Module] = list(model.transformer_blocks)
         if mode == TRACE:  # h_k: the input of block k; h_n: the last block's output
@@ -216,20 +243,12 @@ class BlockStackSteps(StepsModule):
             blocks[stop - 1] = _Record(blocks[stop - 1], self.stash, None, "exit")
         else:
             blocks[first:stop] = [_Reuse(self.stash, k == first) for k in range(first, stop)]
-        self.shell = copy.copy(model)
-        self.shell._modules = dict(model._modules)
-        self.shell.transformer_blocks = nn.ModuleList(blocks)
+        self.shell = self._shell(transformer_blocks=nn.ModuleList(blocks))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
-        cond, cache = self.split(sample, timestep, inputs)
-        self.stash.clear()
-        self.stash[CACHE] = cache
-        out = self.adapter.forward(self.shell, sample, timestep, cond)
+    def carried(self) -> Any:
         if self.mode == FULL:
-            return out, self.stash["exit"] - self.stash["entry"]
-        if self.mode == TRACE:
-            return out, [self.stash[f"h{k}"] for k in range(len(self.model.transformer_blocks) + 1)]
-        return out
+            return self.stash["exit"] - self.stash["entry"]
+        return [self.stash[f"h{k}"] for k in range(len(self.model.transformer_blocks) + 1)]
 
 
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -284,7 +303,7 @@ class _SkippedUp(nn.Module):
         return self.stash[CACHE] if self.last else _hidden(args, kwargs)
 
 
-class LevelSteps(StepsModule):
+class LevelSteps(ShellSteps):
     """DeepCache on a UNet whose own forward loops over down, mid and up blocks (SD's
     UNet2DConditionModel): levels [first, n) cacheable by substituting stubs for their blocks in a
     shallow copy. A refresh step records the input of up block n - first; a cached step skips every
@@ -292,10 +311,6 @@ class LevelSteps(StepsModule):
 
     def __init__(self, model: nn.Module, region: tuple[int, int], mode: str, condition_names: tuple[str, ...]):
         super().__init__(model, region, mode, condition_names)
-        from core.adapters import adapter_for
-
-        self.adapter = adapter_for(type(model).__name__)
-        self.stash: dict[str, Any] = {}
         first, n = region
         cut = n - first  # the first up block that is recomputed
         down, up = list(model.down_blocks), list(model.up_blocks)
@@ -308,21 +323,12 @@ class LevelSteps(StepsModule):
             down[first:] = [_SkippedDown(b) for b in down[first:]]
             mid = _SkippedMid(mid) if mid is not None else None
             up[:cut] = [_SkippedUp(b, self.stash, j == cut - 1) for j, b in enumerate(up[:cut])]
-        self.shell = copy.copy(model)
-        self.shell._modules = dict(model._modules)
-        self.shell.down_blocks, self.shell.up_blocks = nn.ModuleList(down), nn.ModuleList(up)
-        self.shell.mid_block = mid
+        self.shell = self._shell(down_blocks=nn.ModuleList(down), up_blocks=nn.ModuleList(up), mid_block=mid)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
-        cond, cache = self.split(sample, timestep, inputs)
-        self.stash.clear()
-        self.stash[CACHE] = cache
-        out = self.adapter.forward(self.shell, sample, timestep, cond)
+    def carried(self) -> Any:
         if self.mode == FULL:
-            return out, self.stash["feature"]
-        if self.mode == TRACE:
-            return out, [self.stash[f"up{j}"] for j in range(len(self.model.up_blocks))]
-        return out
+            return self.stash["feature"]
+        return [self.stash[f"up{j}"] for j in range(len(self.model.up_blocks))]
 
 
 def steps_module(program: DiffusionProgram, mode: str, region: tuple[int, int] | None = None) -> nn.Module:

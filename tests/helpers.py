@@ -110,25 +110,13 @@ def tiny_text_pipelines(root):
         PixArtAlphaPipeline,
         PixArtTransformer2DModel,
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(root / "_tokenizer")
     encoder = _tiny_clip(tok)
     vae = _tiny_vae()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = _tiny_sd_unet(cross_attention_dim=32)
     pixart = PixArtTransformer2DModel(
         sample_size=8,
         patch_size=2,
@@ -164,22 +152,13 @@ def tiny_text_pipelines(root):
 def tiny_sdxl_pipeline(root):
     """A tiny random SDXL pipeline (two CLIP encoders, the second with a projection; `text_time` UNet)
     with a prompts.txt. Mechanics and equivalence only."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(root / "_tokenizer")
     first, second = _tiny_clip(tok), _tiny_clip(tok, projection=True)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    unet = _tiny_sd_unet(
         cross_attention_dim=64,
-        attention_head_dim=4,
-        norm_num_groups=8,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
@@ -196,6 +175,24 @@ def tiny_sdxl_pipeline(root):
     ).save_pretrained(root / "sdxl")
     (root / "sdxl" / "prompts.txt").write_text("a thick seven\na thin one\n")
     return root / "sdxl"
+
+
+def _tiny_sd_unet(**conditioning):
+    """An SD-style UNet2DConditionModel over 4x8x8 latents, cross-attention at the 8x8 level."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        norm_num_groups=8,
+        **conditioning,
+    )
 
 
 def _tiny_clip(tok, projection: bool = False):

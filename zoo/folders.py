@@ -50,6 +50,15 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, parameters: Any) -> None:
+    """Backward, clip the gradient norm at 1.0, step the optimizer, then its LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    opt.step()
+    sched.step()
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """EMA with warm-up: the decay is min(decay, (1 + step) / (10 + step)), so no trace of the init lingers."""

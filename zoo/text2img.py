@@ -26,7 +26,7 @@ from zoo.attributes import (
     training_prompts,
 )
 from zoo.data import load_digits16
-from zoo.folders import ema_update, warmup_cosine, write_folder, write_json
+from zoo.folders import ema_update, optimizer_step, warmup_cosine, write_folder, write_json
 from zoo.models import PIXART_CONFIG, SD_UNET_CONFIG, TEXT_ENCODER_CONFIG, build_pixart, build_sd_unet
 from zoo.pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_pipeline
 from zoo.tokenizer import build_tokenizer, tokenize
@@ -123,11 +123,7 @@ def train_pipeline(
         text = _encode(kind, text_encoder, prompt_ids[p], prompt_mask[p])
         pred = _denoise(kind, model, noise_scheduler.add_noise(x0, noise, t), t, text, prompt_mask[p])
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, modules.parameters())
         ema_update(ema, modules, ema_decay, step)
         losses.append(loss.item())
     seconds, threads = time.time() - start, torch.get_num_threads()

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
 from zoo.data import NUM_CLASSES, load_digits16, split
+from zoo.folders import optimizer_step
 from zoo.models import DIT_CONFIG, UNET_CONFIG, DigitsClassifier, build_dit, build_unet
 
 TRAIN_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
@@ -56,11 +57,7 @@ def train_denoiser(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         pred = model(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, model.parameters())
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - ema_decay)

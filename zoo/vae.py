@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from zoo.data import load_digits16, split
-from zoo.folders import ema_update, warmup_cosine, write_folder, write_json
+from zoo.folders import ema_update, optimizer_step, warmup_cosine, write_folder, write_json
 from zoo.models import VAE_CONFIG, build_vae
 
 DATA = "sklearn load_digits, bilinear 8x8 -> 16x16, [-1, 1]"
@@ -79,11 +79,7 @@ def train_vae(
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
         loss = mse + kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, vae.parameters())
         ema_update(ema, vae, ema_decay, step)
         losses.append(mse.item())
     seconds, threads = time.time() - start, torch.get_num_threads()

@@ -19,6 +19,7 @@ from torch import nn
 from core.adapters.text import TextAdapter, flow_shift
 from core.errors import LoadError
 from core.ir import SamplingPlan, Stages
+from core.sampling import full_config
 from core.validate import is_int
 
 
@@ -117,7 +118,8 @@ class FluxAdapter(TextAdapter):
 
     def timestep_plan(self, config: dict[str, Any], plan: SamplingPlan) -> SamplingPlan:
         _, h, w = self.sample_shape(config)
-        return dataclasses.replace(plan, mu=flow_shift((h // 2) * (w // 2), plan), linear_sigmas=True)
+        mu = flow_shift((h // 2) * (w // 2), full_config(plan))
+        return dataclasses.replace(plan, mu=mu, linear_sigmas=True)
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         double = (f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))

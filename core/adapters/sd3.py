@@ -15,6 +15,7 @@ from torch import nn
 from core.adapters.text import TextAdapter, flow_shift
 from core.errors import LoadError
 from core.ir import SamplingPlan, Stages
+from core.sampling import full_config
 
 
 class Sd3Prompts(nn.Module):
@@ -84,13 +85,12 @@ class SD3Adapter(TextAdapter):
         return Sd3Prompts(encoders[0], encoders[1], t5, self.T5_TOKENS, width)
 
     def timestep_plan(self, config: dict[str, Any], plan: SamplingPlan) -> SamplingPlan:
-        from core.sampling import full_config
-
-        if not full_config(plan).get("use_dynamic_shifting"):
+        scheduler = full_config(plan)
+        if not scheduler.get("use_dynamic_shifting"):
             return plan
         _channels, h, w = self.sample_shape(config)
         patch = int(config.get("patch_size", 2))
-        return dataclasses.replace(plan, mu=flow_shift((h // patch) * (w // patch), plan))
+        return dataclasses.replace(plan, mu=flow_shift((h // patch) * (w // patch), scheduler))
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         blocks = tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
