@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from core.errors import ConfigError
+from core.limits import MAX_TRAIN_TIMESTEPS
 from core.validate import finite_tree, get, integer, is_int, number
 
 # The graph variants a loop can run (built by core.variants): one network, or a cache schedule's two.
@@ -157,9 +159,16 @@ class SamplingPlan:
     # whether the pipeline passes sigmas linspace(1, 1/n, n) (FluxPipeline) instead of the scheduler's own.
     mu: float | None = None
     linear_sigmas: bool = False
+    # Custom timesteps (train-timestep units, descending), e.g. a searched schedule or a distilled
+    # student's grid; None: the scheduler's own spacing for `num_inference_steps`.
+    timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.num_inference_steps
+        if self.timesteps is not None:
+            ts = self.timesteps
+            if len(ts) != n or any(not a > b for a, b in itertools.pairwise(ts)) or min(ts) < 0:
+                raise ConfigError(f"sampling.timesteps must be {n} descending values >= 0")
         if self.guided_steps is not None and len(self.guided_steps) != n:
             raise ValueError(f"guided_steps has {len(self.guided_steps)} entries for {n} steps")
         if self.cache is None:
@@ -208,7 +217,14 @@ class SamplingPlan:
             CacheSchedule.from_dict(cache) if cache is not None else None,
             _optional_number(get(data, "mu", (int, float, type(None)), where, None), f"{where}.mu"),
             get(data, "linear_sigmas", bool, where, False),
+            _timesteps(get(data, "timesteps", (list, type(None)), where, None), f"{where}.timesteps"),
         )
+
+
+def _timesteps(values: list | None, where: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    return tuple(number(v, where, 0.0, float(MAX_TRAIN_TIMESTEPS)) for v in values)
 
 
 def _optional_number(value: float | None, where: str) -> float | None:

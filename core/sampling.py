@@ -81,11 +81,50 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Solvers that run on any timestep grid (core.sampling.custom_timesteps): a searched schedule or a
+# distilled student's (DDIM through core.grid_ddim, which diffusers' DDIMScheduler lacks).
+GRID_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("GridDDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+FLOW_GRID_SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 1.0, "use_dynamic_shifting": False}),
+}
+
+
+def on_grid(plan: SamplingPlan, solver: str, timesteps: Sequence[float]) -> SamplingPlan:
+    """The plan run by `solver` (GRID_SOLVERS, or FLOW_GRID_SOLVERS for a flow-matching plan) on a
+    timestep grid, keeping the trained noise schedule, guidance and prediction type."""
+    table = FLOW_GRID_SOLVERS if is_flow(plan) else GRID_SOLVERS
+    if solver not in table:
+        raise ConfigError(f"solver '{solver}' does not run on a custom grid here (known: {', '.join(table)})")
+    class_name, overrides = table[solver]
+    swapped = with_scheduler(plan, class_name)
+    config = {**swapped.scheduler_config, **overrides}
+    before, after = full_config(plan), full_config(swapped)
+    if before.get("clip_sample") and "thresholding" in after and "clip_sample" not in after:
+        # DDIM's x0 clipping is dynamic thresholding with its bound fixed at the clip range.
+        config.update(thresholding=True, sample_max_value=float(before.get("clip_sample_range", 1.0)))
+    return dataclasses.replace(
+        swapped,
+        scheduler_config=config,
+        num_inference_steps=len(timesteps),
+        timesteps=tuple(float(t) for t in timesteps),
+        mu=None,
+        linear_sigmas=False,
+    )
+
+
 def scheduler_class(name: str) -> type:
     """A concrete diffusers scheduler class by name (not a mixin or base class)."""
     import diffusers
 
-    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    from core.grid_ddim import GridDDIMScheduler
+
+    local = {"GridDDIMScheduler": GridDDIMScheduler}
+    cls = local.get(name) or (getattr(diffusers, name, None) if name.isidentifier() else None)
     concrete = (
         isinstance(cls, type)
         and issubclass(cls, diffusers.SchedulerMixin)
@@ -146,12 +185,44 @@ def set_timesteps(scheduler: Any, plan: SamplingPlan) -> None:
     """The plan's timesteps, passing a flow-matching plan's `mu` and linear sigmas as its pipeline does."""
     import numpy as np
 
+    if plan.timesteps is not None:
+        custom_timesteps(scheduler, plan.timesteps)
+        return
     n, kwargs = plan.num_inference_steps, {}
     if is_flow(plan) and plan.mu is not None:
         kwargs["mu"] = plan.mu
     if is_flow(plan) and plan.linear_sigmas and not scheduler.config.get("use_flow_sigmas"):
         kwargs["sigmas"] = np.linspace(1.0, 1 / n, n)
     scheduler.set_timesteps(n, **kwargs)
+
+
+def custom_timesteps(scheduler: Any, timesteps: Sequence[float]) -> None:
+    """Plan the scheduler on given timesteps (descending, train-timestep units).
+
+    Schedulers whose `set_timesteps` takes `timesteps` get them directly; flow matching takes them as
+    sigmas (t / num_train_timesteps, no shift: the grid is already final); the multistep solvers that
+    take neither (UniPC, DEIS) are planned for as many steps and given the grid's sigmas, which is all
+    their update reads (diffusers' own `sigmas`/`timesteps` pair; the last sigma, the end point, kept)."""
+    import numpy as np
+
+    params = inspect.signature(scheduler.set_timesteps).parameters
+    ts = np.asarray(timesteps, dtype=np.float64)
+    train = scheduler.config.num_train_timesteps
+    if scheduler.__class__.__name__.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas"):
+        scheduler.set_timesteps(sigmas=ts / train)
+        return
+    if "timesteps" in params:
+        scheduler.set_timesteps(timesteps=[round(t) for t in ts])
+        return
+    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler, "alphas_cumprod"):
+        raise ConfigError(f"{scheduler.__class__.__name__} cannot run a custom timestep grid")
+    scheduler.set_timesteps(len(ts))
+    cumprod = scheduler.alphas_cumprod.double().numpy()
+    sigmas = ((1 - cumprod) / cumprod) ** 0.5
+    grid = np.interp(ts, np.arange(len(sigmas)), sigmas)
+    last = scheduler.sigmas[-1:].double()
+    scheduler.sigmas = torch.cat([torch.from_numpy(grid), last]).to(scheduler.sigmas.dtype)
+    scheduler.timesteps = torch.from_numpy(np.round(ts).astype(np.int64))
 
 
 def scale_input(scheduler: Any, x: torch.Tensor, t: Any) -> torch.Tensor:

@@ -232,6 +232,8 @@ def run(
         prompts=prompts,
     )
     result = run_job(model, opts, _progress, _log)
+    if not result.report:  # a torchrun worker (rank > 0): rank 0 writes and reports
+        sys.exit(EXIT_PASS)
     graphs = ", ".join(result.report["artifacts"]["onnx"])
     _log(f"wrote {result.out}/ ({graphs}, plan.json, report.md, report.json, grid.png)")
     if as_json:
@@ -501,3 +503,24 @@ def prune_compare(
 
 if __name__ == "__main__":
     main()
+
+
+@_comparison_command("steps-compare")
+@click.option("--nfe", type=click.IntRange(1, 64), default=4, show_default=True, help="Network evaluations per image.")
+def steps_compare(
+    model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool, nfe: int
+) -> None:
+    """Step reduction at equal network evaluations: plain DDIM, searched schedules and the distilled
+    students (cpu-steps recipe), fidelity and whole-loop ORT latency side by side (markdown)."""
+    from bench.steps_compare import compare_steps, markdown_table, rows_for
+    from optimizer.targets import get_target
+
+    recipe = [dict(step) for step in get_target("cpu-steps").recipe]
+    for step in recipe:
+        if step["pass"] == "progressive_distill":
+            step["config"] = {**step.get("config", {}), "steps": nfe}
+
+    def compare(program: Any) -> list[dict[str, Any]]:
+        return compare_steps(program, rows_for(nfe, recipe), samples, calibration_samples, _progress, _log)
+
+    _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)

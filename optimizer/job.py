@@ -22,6 +22,7 @@ from core.loading import MAX_GUIDANCE, load_program
 from core.outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
 from core.progress import timed
 from core.sampling import check_plan, uses_guidance, with_scheduler
+from core.training import world
 from core.validate import integer, number
 from optimizer.targets import Target, get_target, require_available, target_file
 from passes.base import CALIBRATION, Context
@@ -128,6 +129,8 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     check_options(opts)
     target = get_target(opts.target)
     require_available(target)
+    if not world().is_main:
+        return _run_worker(model_path, target, opts)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
     program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
@@ -145,6 +148,32 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dataclasses.replace(result, out=opts.out)
+
+
+def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
+    """A rank > 0 of a torchrun launch: the same passes on the same calibration (deterministic), its
+    share of their training (core.training); it writes nothing and prints nothing, rank 0 does."""
+    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
+    recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
+    given = calib.load(opts.calibration, program) if opts.calibration is not None else None
+    calibration = given or calib.capture_calibration(program, opts.calibration_samples, opts.seed)
+    quiet: Progress = lambda it, **_: it  # noqa: E731
+    _optimize(program, target, recipes, opts, calibration, quiet, lambda _: None)
+    return JobResult(opts.out, {}, [])
+
+
+def _optimize(
+    program: DiffusionProgram,
+    target: Target,
+    recipes: list[list[PlannedPass]],
+    opts: JobOptions,
+    calibration: Trajectories,
+    progress: Progress,
+    log: Callable[[str], None],
+) -> tuple[DiffusionProgram, Any, Analyses]:
+    """Run the target's recipes (keeping the best of its alternatives) from the calibration set."""
+    candidate, choice, analyses = _optimize(program, target, recipes, opts, calibration, progress, log)
+    return candidate, choice, analyses
 
 
 def _run_stages(

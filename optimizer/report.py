@@ -93,6 +93,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         "## Sampling plan",
         f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
         f" guidance scale {report['plan']['guidance_scale']}",
+        *_candidate_loop(report),
         *_flops(report),
         "",
         "## Passes",
@@ -111,7 +112,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
     lines += sections
     lines += [
         "",
-        f"## Verification ({v['samples']} samples, same seeds/{_conditions(m)}/scheduler/steps, on"
+        f"## Verification ({v['samples']} samples, same seeds/{_conditions(m)}/{_loop_words(report)}, on"
         f" {v.get('space', 'model output')};"
         f" reference = original in torch, candidate = lowered artifact on {report['backend']})",
         "| metric | value |",
@@ -149,12 +150,35 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
     return "\n".join(lines)
 
 
+def _loop_changed(report: dict[str, Any]) -> bool:
+    keys = ("scheduler_class", "scheduler_config", "num_inference_steps", "guidance_scale", "timesteps")
+    plan, candidate = report["plan"], report.get("candidate_plan", report["plan"])
+    return any(plan.get(k) != candidate.get(k) for k in keys)
+
+
+def _candidate_loop(report: dict[str, Any]) -> list[str]:
+    """The artifact's loop where passes changed it (steps, solver, timesteps, guidance)."""
+    if not _loop_changed(report):
+        return []
+    c = report["candidate_plan"]
+    grid = f" at timesteps {[round(t) for t in c['timesteps']]}" if c.get("timesteps") else ""
+    return [
+        f"- artifact's loop: `{c['scheduler_class']}`, {c['num_inference_steps']} steps{grid}, guidance scale"
+        f" {c['guidance_scale']} (changed by the passes; verification compares it with the original loop above)"
+    ]
+
+
+def _loop_words(report: dict[str, Any]) -> str:
+    return "the artifact's own loop vs the original's" if _loop_changed(report) else "scheduler/steps"
+
+
 def _pass_row(p: dict[str, Any]) -> str:
     f = p["fidelity"]
     psnr = f.get("calibration_psnr_db")
     flops = f.get("flops_per_image")
+    eps = f.get("eps_rel_error_mean", float("nan"))
     return (
-        f"| {p['name']} | {p['seconds']} | {f.get('eps_rel_error_mean', float('nan')):.4g} |"
+        f"| {p['name']} | {p['seconds']} | {'- (new reference)' if eps is None else f'{eps:.4g}'} |"
         f" {'-' if psnr is None else f'{psnr:.2f}'} | {'-' if flops is None else f'{flops / 1e9:.3f}'} |"
     )
 

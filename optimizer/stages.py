@@ -106,6 +106,7 @@ def make_report(
         "backend": backend["name"],
         "backend_details": backend,
         "plan": program.plan.to_dict(),
+        "candidate_plan": candidate.plan.to_dict(),
         "flops": flops,
         "passes": [
             {"name": p.name, "phase": p.phase, "config": p.config, "fidelity": p.fidelity, "seconds": p.seconds}

@@ -31,9 +31,10 @@ class Phase(IntEnum):
     PLAN = 1  # the loop itself: scheduler and step count (sampler)
     STRUCTURE = 2  # which blocks, heads and channels exist (layer_removal, prune)
     RECOVERY = 3  # weights retrained toward the original (recover)
-    NUMERICS = 4  # number formats (quantize)
-    GUIDANCE_POLICY = 5  # which steps run the unconditional pass (guidance)
-    REUSE_POLICY = 6  # which steps recompute which features (cache): priced on everything before it
+    DISTILLATION = 4  # fewer network evaluations learned from the network (guidance/progressive distillation)
+    NUMERICS = 5  # number formats (quantize)
+    GUIDANCE_POLICY = 6  # which steps run the unconditional pass (guidance)
+    REUSE_POLICY = 7  # which steps recompute which features (cache): priced on everything before it
 
 
 # Analyses: facts about a program that passes read and the manager caches (passes.analyses).
@@ -81,6 +82,9 @@ class Pass(Generic[C]):
     requires: frozenset[str] = frozenset()  # target capabilities, e.g. {"int8"}
     invalidates: frozenset[str] = frozenset()  # analyses (ANALYSES) its output makes stale
     needs_earlier: frozenset[Phase] = frozenset()  # phases the recipe must also contain, before this one
+    # The output replaces the reference for the passes after it (a distilled student: later passes
+    # preserve the student's behaviour, not the teacher's on the student's loop).
+    new_reference: bool = False
     check: Callable[[C, frozenset[str]], None] | None = None  # config vs target, before anything runs
     check_program: Callable[[C, DiffusionProgram], None] | None = None  # config vs the model, ditto
     doc: str = ""

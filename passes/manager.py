@@ -153,7 +153,9 @@ def run_passes(
             q.name, q.spec.phase.name.lower(), dataclasses.asdict(q.config), result.decision, {}, round(seconds, 3)
         )
         new = result.program.replace(provenance=(*result.program.provenance, record))
-        if CALIBRATION in q.spec.invalidates:
+        if q.spec.new_reference:
+            ctx = dataclasses.replace(ctx, reference=new.replace(plan=new.plan.without_loop_policy()))
+        elif CALIBRATION in q.spec.invalidates:
             ctx = dataclasses.replace(ctx, reference=ctx.reference.replace(plan=new.plan.without_loop_policy()))
         if FLOPS not in q.spec.invalidates:
             ctx.analyses.carry_over(FLOPS, program, new)
@@ -239,13 +241,14 @@ def quick_fidelity(program: DiffusionProgram, ctx: Context) -> dict[str, Any]:
     from core.variants import torch_loop
     from verify.fidelity import replay_psnr, step_errors
 
-    calibration = ctx.calibration
     loop = torch_loop(program)
-    errors = step_errors(calibration, program.plan, program.spec.conditioning, loop)
+    # A distilled student is its own reference from here on: no teacher-forced error to measure.
+    own = ctx.reference.denoiser is program.denoiser
+    errors = [] if own else step_errors(ctx.calibration, program.plan, program.spec.conditioning, loop)
     return {
         "calibration_psnr_db": replay_psnr(program, ctx.analyses.calibration(ctx.origin or ctx.reference), loop),
-        "eps_rel_error_mean": sum(errors) / len(errors),
-        "eps_rel_error_max": max(errors),
+        "eps_rel_error_mean": sum(errors) / len(errors) if errors else None,
+        "eps_rel_error_max": max(errors) if errors else None,
         "guidance": uses_guidance(program.plan, program.spec.conditioning),
         "flops_per_image": ctx.flops(program)["per_image"],
     }

@@ -6,13 +6,14 @@ of the original on their own seeds, with those trajectories' final samples re-no
 training timesteps. Loss: the student's output vs the teacher's, plus normalized feature distillation on the
 blocks that survived (student block j vs the teacher block it came from; layer_removal records the
 map), each term divided by the teacher's energy so the terms are scale-free. Stops at `steps` or
-`max_seconds`, whichever comes first; the pass records the loss before and after.
+`max_seconds`, whichever comes first; the pass records the loss before and after. Data-parallel
+under torchrun (core.training).
 """
 
 from __future__ import annotations
 
 import copy
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import add_noise, build_scheduler
+from core.training import Trainer
 from passes.base import Context, Pass, PassResult, Phase
 
 TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
@@ -97,55 +99,40 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     final_cond = {
         k: torch.cat([t.cond[k][: len(t.seeds)] for t in trajectories]) for k in program.spec.conditioning.input_names
     }
-    optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
-    for p in student_model.parameters():
-        p.requires_grad_(True)
+    trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
+    names = program.spec.conditioning.input_names
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One global batch (the same on every rank): half loop inputs, half re-noised final samples."""
         half = config.batch // 2
         x, t, cond = pool.rows(torch.randint(pool.x.shape[0], (half,), generator=ctx.rng))
         rows = torch.randint(finals.shape[0], (config.batch - half,), generator=ctx.rng)
         steps = torch.randint(train_steps, (len(rows),), generator=ctx.rng)
         noisy = add_noise(scheduler, finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
         x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
-        names = program.spec.conditioning.input_names
         return x, t, tuple(torch.cat([cond[k], final_cond[k][rows]]) for k in names)
 
-    losses, start = [], time.perf_counter()
-    with _Features(pairs) as features:
-        for _ in ctx.progress(range(config.steps), desc="recover: distilling", leave=False):
+    with _Features(pairs, trainer.normalized_mse) as features:
+
+        def loss(_step: int) -> torch.Tensor:
             x, t, conds = batch()
+            x, t, conds = trainer.shard(x), trainer.shard(t), tuple(trainer.shard(c) for c in conds)
             features.clear()
             with torch.no_grad():
                 features.capture = "teacher"
                 target = teacher(x, t, *conds)
             features.capture = "student"
-            loss = _energy_normalized(student(x, t, *conds), target)
+            value = trainer.normalized_mse(student(x, t, *conds), target)
             if config.feature_weight and pairs:
-                loss = loss + config.feature_weight * features.loss()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if time.perf_counter() - start > config.max_seconds:
-                break
-    for p in student_model.parameters():
-        p.requires_grad_(False)
-    window = max(1, min(20, len(losses) // 5))
+                value = value + config.feature_weight * features.loss()
+            return value
+
+        log = trainer.run(loss, ctx.progress, "recover: distilling")
+    first, last = log.first_last()
     decision = RecoverDecision(
-        steps=len(losses),
-        seconds=round(time.perf_counter() - start, 1),
-        loss_first=round(sum(losses[:window]) / window, 5),
-        loss_last=round(sum(losses[-window:]) / window, 5),
-        feature_pairs=len(pairs),
+        steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last, feature_pairs=len(pairs)
     )
     return PassResult(respec(program, student_model), decision)
-
-
-def _energy_normalized(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
 
 
 def _feature_pairs(program: DiffusionProgram, teacher: DiffusionProgram) -> list[tuple[nn.Module, nn.Module]]:
@@ -161,8 +148,8 @@ def _feature_pairs(program: DiffusionProgram, teacher: DiffusionProgram) -> list
 class _Features:
     """Forward hooks that record each paired block's output, teacher's then student's."""
 
-    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
-        self.pairs, self.capture = pairs, "teacher"
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]], mse: Callable[..., torch.Tensor]) -> None:
+        self.pairs, self.capture, self.mse = pairs, "teacher", mse
         self.outputs: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
         self.handles: list = []
 
@@ -184,7 +171,7 @@ class _Features:
 
     def loss(self) -> torch.Tensor:
         pairs = zip(self.outputs["student"], self.outputs["teacher"], strict=True)
-        return torch.stack([_energy_normalized(s, t) for s, t in pairs]).mean()
+        return torch.stack([self.mse(s, t) for s, t in pairs]).mean()
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:

@@ -259,6 +259,34 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
 
 
+def test_cpu_steps_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
+    """The cpu-steps recipe with tiny budgets: a 4-step unguided DDIM student on a custom grid, lowered,
+    run by the ORT runner from plan.json, gated and reported against the original loop."""
+    data = json.loads((TARGETS_DIR / "cpu-steps.json").read_text())
+    data["name"] = "cpu-steps-short"
+    for step in data["recipe"]:
+        step["config"].update(batch=8, samples=16, **({"steps": 10} if step["pass"] == "guidance_distill" else {}))
+    data["recipe"][-1]["config"].update(round_steps=5)
+    target = tmp_path / "short.json"
+    target.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    args = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "0"]
+    result = invoke(dit_copy, "--target", target, "--out", out, *args)
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["gates"]) == {"max_class_agreement_drop", "max_fd_to_reference"}
+    plan = json.loads((out / "plan.json").read_text())["sampling"]
+    assert plan["scheduler_class"] == "GridDDIMScheduler" and plan["guidance_scale"] == 1.0
+    assert len(plan["timesteps"]) == plan["num_inference_steps"] == 4
+    assert report["flops"]["candidate"]["per_image"] * 10 == pytest.approx(report["flops"]["original"]["per_image"])
+    text = (out / "report.md").read_text()
+    assert "artifact's loop: `GridDDIMScheduler`, 4 steps at timesteps" in text
+    assert "## Guidance distillation" in text and "## Progressive distillation" in text
+    assert "- (new reference)" in text  # no teacher-forced error against itself
+    png = tmp_path / "s.png"
+    assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0
+
+
 def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loop(tmp_path, dit_copy):
     """[sampler(steps=10), guidance, cache]: the loop changes first, so the calibration the loop-policy
     passes search on is recaptured for 10 steps; the artifact runs 10 steps with both policies."""

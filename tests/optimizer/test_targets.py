@@ -9,7 +9,17 @@ from optimizer.targets import get_target, list_targets, require_available
 from passes.manager import plan_passes
 from verify.gates import GATES
 
-EXPECTED = {"cpu-fp32", "cpu-int8", "cpu-cache", "cpu-prune", "a100-int8", "h100-fp8", "h100-fp4", "b200-fp4"}
+EXPECTED = {
+    "cpu-fp32",
+    "cpu-int8",
+    "cpu-cache",
+    "cpu-prune",
+    "cpu-steps",
+    "a100-int8",
+    "h100-fp8",
+    "h100-fp4",
+    "b200-fp4",
+}
 
 
 def test_target_list():

@@ -153,6 +153,34 @@ def test_a_pass_that_changes_the_loop_gets_calibration_recaptured(dit_program):
     assert ctx.calibration.steps == 20  # the caller's context still describes the original loop
 
 
+def test_a_new_reference_pass_becomes_the_reference_of_later_passes(dit_program):
+    """A distilled student (new_reference): later passes see it as the reference, on its own loop."""
+    import copy
+
+    student = copy.deepcopy(dit_program.denoiser)
+
+    def distil(program, config, ctx):
+        plan = dataclasses.replace(program.plan, num_inference_steps=4)
+        return PassResult(program.replace(denoiser=student, plan=plan), Note("distil"))
+
+    seen = []
+
+    def read(program, config, ctx):
+        seen.append((ctx.reference.denoiser is student, ctx.reference.plan.num_inference_steps))
+        return PassResult(program.replace(), Note("reader"))
+
+    passes = {
+        "distil": Pass(
+            "distil", Phase.DISTILLATION, ScaleConfig, distil, frozenset(), frozenset({CALIBRATION}), new_reference=True
+        ),
+        "reader": Pass("reader", Phase.NUMERICS, ScaleConfig, read),
+    }
+    ctx = context(dit_program)
+    run_passes(dit_program, plan_passes([{"pass": "reader"}, {"pass": "distil"}], CAPS, passes), ctx)
+    assert seen == [(True, 4)]
+    assert ctx.reference is dit_program  # the caller's context is untouched
+
+
 def test_analyses_are_cached_by_fingerprint_including_pass_configs(dit_program, monkeypatch):
     import passes.analyses as analyses_module
 
@@ -213,14 +241,18 @@ def test_discovery_finds_the_shipped_passes_with_their_phases():
     found = discover_passes()
     assert {name: p.phase for name, p in found.items()} == {
         "sampler": Phase.PLAN,
+        "schedule": Phase.PLAN,
         "layer_removal": Phase.STRUCTURE,
         "prune": Phase.STRUCTURE,
         "recover": Phase.RECOVERY,
+        "guidance_distill": Phase.DISTILLATION,
+        "progressive_distill": Phase.DISTILLATION,
         "quantize": Phase.NUMERICS,
         "guidance": Phase.GUIDANCE_POLICY,
         "cache": Phase.REUSE_POLICY,
     }
     assert found["sampler"].invalidates == {CALIBRATION, FLOPS}
+    assert {name for name, p in found.items() if p.new_reference} == {"guidance_distill", "progressive_distill"}
     for p in found.values():
         assert dataclasses.is_dataclass(p.config) and callable(p.run)
 

@@ -1,0 +1,113 @@
+"""What the step-distillation passes share: the teacher's own samples as data, the (guided) model
+call, and the first-order step between any two timesteps.
+
+The first-order step is DDIM for DDPM-type schedules (Song et al. 2021, eq. 12, eta = 0) and Euler
+for flow matching, for any prediction type. Unclipped it is affine in the model output, so a student's
+one-step landing point is differentiable (Salimans & Ho 2022 train on its eq. 7 target; the loss on
+the landing point is that loss reweighted per timestep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from core.adapters import Denoiser
+from core.errors import ConfigError
+from core.grid_ddim import x0_and_eps
+from core.ir import DiffusionProgram, SamplingPlan
+from core.sampling import ConditionBatch, build_scheduler, guide, is_flow
+from core.variants import sample_program
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    """Final samples of the teacher's own loop (data-free distillation) and their condition tensors."""
+
+    finals: torch.Tensor
+    conditions: ConditionBatch
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, ConditionBatch]:
+        return self.finals[rows], self.conditions.rows(rows)
+
+
+def teacher_data(program: DiffusionProgram, samples: int, base_seed: int, progress=lambda it, **_: it) -> TeacherData:
+    """`samples` finals of `program`'s loop on seeds base_seed.. (conditions cycling as in evaluation)."""
+    from core.conditions import condition_set, encode
+
+    seeds = list(range(base_seed, base_seed + samples))
+    conditions = condition_set(program.spec.conditioning, program.stages.prompts, samples)
+    chunks = []
+    for start in progress(range(0, samples, 64), desc="distillation data", leave=False):
+        part = slice(start, start + 64)
+        chunks.append(sample_program(program, seeds[part], None if conditions is None else conditions[part]))
+    return TeacherData(torch.cat(chunks), encode(program, conditions, samples))
+
+
+def call(model: Denoiser, x: torch.Tensor, t: torch.Tensor, batch: ConditionBatch, scale: float) -> torch.Tensor:
+    """The model's output for the loop step: classifier-free guided at `scale` when > 1 and the batch
+    has an unconditional branch, else the conditional output alone."""
+    if scale > 1.0 and batch.uncond is not None:
+        out = model.apply(torch.cat([x, x]), torch.cat([t, t]), batch.guided())
+        return guide(out, scale, True)
+    return model.apply(x, t, batch.cond)
+
+
+class FirstOrder:
+    """DDIM (or flow-matching Euler) between any two timesteps of the plan's noise schedule, with the
+    plan's x0 clipping where its sampler clips (DDIM's clip_sample)."""
+
+    def __init__(self, plan: SamplingPlan, prediction_type: str) -> None:
+        scheduler = build_scheduler(plan)
+        self.flow = is_flow(plan)
+        self.prediction_type = prediction_type
+        self.train = scheduler.config.num_train_timesteps
+        config = scheduler.config
+        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+        if not self.flow:
+            if prediction_type not in ("epsilon", "sample", "v_prediction"):
+                raise ConfigError(f"no DDIM step for prediction type {prediction_type!r}")
+            self.cumprod = scheduler.alphas_cumprod.double()
+            final = getattr(scheduler, "final_alpha_cumprod", None)
+            self.final = float(final) if final is not None else 1.0
+
+    def _alpha_sigma(self, t: float | None) -> tuple[float, float]:
+        """(signal, noise) scales at timestep t (None: the end of sampling)."""
+        if self.flow:
+            s = 0.0 if t is None else t / self.train
+            return 1.0 - s, s
+        cumprod = self.final if t is None else float(self.cumprod[round(t)])
+        return cumprod**0.5, (1 - cumprod) ** 0.5
+
+    def _scales(self, ts: Sequence[float | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._alpha_sigma(None if t is None else float(t)) for t in ts]
+        shape = (-1, *([1] * (like.dim() - 1)))
+        alpha = torch.tensor([p[0] for p in pairs], dtype=like.dtype).view(shape)
+        sigma = torch.tensor([p[1] for p in pairs], dtype=like.dtype).view(shape)
+        return alpha, sigma
+
+    def step(
+        self, out: torch.Tensor, z: torch.Tensor, t: Sequence[float], t_next: Sequence[float | None], clip: bool = True
+    ) -> torch.Tensor:
+        """Per row: z at t[i] stepped to t_next[i] with the model output `out` (clip: the sampler's x0
+        clipping; off, the step is affine in `out`, which is what a student is trained through)."""
+        a0, s0 = self._scales(t, z)
+        a1, s1 = self._scales(t_next, z)
+        if self.flow:  # z = (1 - s) x0 + s noise, out = noise - x0
+            return z + (s1 - s0) * out
+        x0, eps = x0_and_eps(self.prediction_type, out, z, a0.square())
+        if clip and self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return a1 * x0 + s1 * eps
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
+        """x0 noised to timesteps t (the forward process)."""
+        alpha, sigma = self._scales(t, x0)
+        return alpha * x0 + sigma * noise
+
+
+def grid(plan: SamplingPlan) -> list[float]:
+    """The plan's timesteps."""
+    return [float(t) for t in build_scheduler(plan).timesteps]

@@ -1,0 +1,140 @@
+"""The training loop of the passes that train (recovery, distillation), data-parallel when launched
+with `torchrun`.
+
+One process: AdamW + cosine decay, stopped at `steps` or `max_seconds`. Under torchrun
+(WORLD_SIZE > 1) every rank draws the same global batch from the same generator, keeps its shard,
+and gradients are averaged with torch.distributed all_reduce (gloo on CPU, NCCL on GPU), as
+DistributedDataParallel does; a loss normalized by a batch statistic takes that statistic over the
+whole global batch (`Trainer.global_mean`). So N processes take the steps one process takes on the
+same global batch (equal up to float summation order; tested with 2 CPU processes). The time budget
+is agreed across ranks (the slowest decides), so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place in a torchrun launch (initializing the process group once), or 1 of 1."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    steps: int
+    seconds: float
+    losses: list[float]
+
+    def first_last(self, window: int = 20) -> tuple[float, float]:
+        """Mean loss over the first and the last `window` steps (at most a fifth of the run each)."""
+        k = max(1, min(window, len(self.losses) // 5))
+        return round(sum(self.losses[:k]) / k, 5), round(sum(self.losses[-k:]) / k, 5)
+
+
+class Trainer:
+    """Trains `model`'s parameters in place; `loss(batch)` sees this rank's shard of each global batch."""
+
+    def __init__(self, model: nn.Module, lr: float, steps: int, max_seconds: float) -> None:
+        self.model, self.steps, self.max_seconds = model, steps, max_seconds
+        self.world = world()
+        self.params = [p for p in model.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, steps)
+
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (the batch must divide evenly)."""
+        if self.world.size == 1:
+            return tensor
+        if tensor.shape[0] % self.world.size:
+            raise ConfigError(f"a global batch of {tensor.shape[0]} does not split over {self.world.size} processes")
+        return tensor.chunk(self.world.size)[self.world.rank]
+
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-shard mean (no gradient) averaged over the ranks: the global batch's mean."""
+        value = value.detach()
+        if self.world.size == 1:
+            return value
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world.size
+
+    def normalized_mse(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the target's energy (scale-free), the energy over the global batch."""
+        return (output - target).square().mean() / self.global_mean(target.square().mean()).clamp_min(1e-12)
+
+    def run(
+        self,
+        loss: Callable[[int], torch.Tensor],
+        progress: Callable[..., Iterable] = lambda it, **_: it,
+        desc: str = "training",
+    ) -> TrainLog:
+        """`loss(step)` builds the step's batch (same on every rank), shards it and returns this rank's loss."""
+        for p in self.params:
+            p.requires_grad_(True)
+        losses, start = [], time.perf_counter()
+        try:
+            for step in progress(range(self.steps), desc=desc, leave=False):
+                value = loss(step)
+                self.optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                self._average_gradients()
+                self.optimizer.step()
+                self.schedule.step()
+                losses.append(float(self.global_mean(value)))
+                if self._out_of_time(start):
+                    break
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+        return TrainLog(len(losses), round(time.perf_counter() - start, 1), losses)
+
+    def _average_gradients(self) -> None:
+        if self.world.size == 1:
+            return
+        import torch.distributed as dist
+
+        # Every rank runs the same code path, so the same parameters have gradients on all of them.
+        used = [p for p in self.params if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in used])
+        dist.all_reduce(flat)
+        flat /= self.world.size
+        offset = 0
+        for p in used:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def _out_of_time(self, start: float) -> bool:
+        over = torch.tensor(float(time.perf_counter() - start > self.max_seconds))
+        if self.world.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        return bool(over)

@@ -1,0 +1,120 @@
+"""Guidance distillation: fold classifier-free guidance into the network, one evaluation per step.
+
+Meng et al. 2023 ("On Distillation of Guided Diffusion Models", stage one): a student initialized from
+the teacher learns to output, from the conditional input alone, the teacher's guided output
+uncond + w (cond - uncond) at the plan's scale w (fixed). Data-free: the inputs are the teacher's own
+final samples re-noised at the plan's timesteps (or any training timestep, half the batch), with
+their conditions. The loop then runs without the unconditional branch: half the network evaluations
+at the same step count. The student becomes the reference of later passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from core.adapters import denoiser_module
+from core.distill import FirstOrder, call, grid, teacher_data
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.sampling import uses_guidance
+from core.training import Trainer
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+
+DATA_SEED = 30_000  # the teacher's samples: disjoint from evaluation (0..) and calibration (10 000..)
+
+
+@dataclass
+class Config:
+    steps: int = 1000
+    batch: int = 32
+    lr: float = 2e-4
+    samples: int = 256  # teacher samples re-noised as training inputs
+    max_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class GuidanceDistillDecision(Decision):
+    scale: float
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+
+    title = "Guidance distillation"
+
+    def markdown(self) -> list[str]:
+        return [
+            f"- guidance scale {self.scale} folded into the network: one evaluation per step instead of two",
+            f"- {self.steps} steps in {self.seconds} s; loss (student vs guided teacher, energy-normalized)"
+            f" {self.loss_first} -> {self.loss_last}",
+        ]
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if (
+        not 1 <= config.steps <= 1_000_000
+        or not 2 <= config.batch <= MAX_INPUTS
+        or not 1 <= config.samples <= MAX_INPUTS
+    ):
+        raise ConfigError(f"guidance_distill: steps >= 1, batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
+    if config.lr <= 0 or config.max_seconds <= 0:
+        raise ConfigError("guidance_distill: lr and max_seconds must be > 0")
+
+
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    if not uses_guidance(program.plan, program.spec.conditioning):
+        raise ConfigError(
+            "guidance_distill: the model's loop runs no classifier-free guidance (scale <= 1 or no unconditional"
+            " branch), so there is nothing to fold in"
+        )
+
+
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
+    scale = program.plan.guidance_scale
+    teacher = denoiser_module(program)
+    student_model = copy.deepcopy(program.denoiser).eval()
+    student = denoiser_module(program.replace(denoiser=student_model))
+    data = teacher_data(program, config.samples, DATA_SEED, ctx.progress)
+    steps = FirstOrder(program.plan, program.spec.prediction_type)
+    timesteps = torch.tensor(grid(program.plan))
+    trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
+
+    def loss(_step: int) -> torch.Tensor:
+        rows = torch.randint(len(data.finals), (config.batch,), generator=ctx.rng)
+        on_grid = timesteps[torch.randint(len(timesteps), (config.batch,), generator=ctx.rng)]
+        anywhere = torch.randint(steps.train, (config.batch,), generator=ctx.rng).float()
+        t = torch.where(torch.arange(config.batch) % 2 == 0, on_grid, anywhere)
+        x0, batch = data.rows(rows)
+        x = steps.noised(x0, torch.randn(x0.shape, generator=ctx.rng), t.tolist())
+        x, t, batch = trainer.shard(x), trainer.shard(t), batch.rows(_shard_rows(trainer, config.batch))
+        with torch.no_grad():
+            target = call(teacher, x, t, batch, scale)
+        return trainer.normalized_mse(student.apply(x, t, batch.cond), target)
+
+    log = trainer.run(loss, ctx.progress, "guidance_distill: training")
+    first, last = log.first_last()
+    plan = dataclasses.replace(program.plan, guidance_scale=1.0, guided_steps=None)
+    decision = GuidanceDistillDecision(scale, log.steps, log.seconds, first, last)
+    return PassResult(program.replace(denoiser=student_model, plan=plan), decision)
+
+
+def _shard_rows(trainer: Trainer, batch: int) -> torch.Tensor:
+    return trainer.shard(torch.arange(batch))
+
+
+PASS = Pass(
+    name="guidance_distill",
+    phase=Phase.DISTILLATION,
+    config=Config,
+    run=run,
+    invalidates=frozenset({CALIBRATION, FLOPS}),
+    new_reference=True,
+    check=check,
+    check_program=check_program,
+    doc="classifier-free guidance folded into the network (one evaluation per step)",
+)

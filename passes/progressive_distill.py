@@ -1,0 +1,181 @@
+"""Progressive distillation (Salimans & Ho 2022): rounds that halve the steps, each student taking in
+one DDIM step what its teacher takes in two.
+
+Round r: the teacher runs DDIM on its grid; the student's grid is every other teacher timestep (the
+highest-noise pairs merged first when a round only needs part of a halving, e.g. 5 -> 4 steps). A
+training input is a teacher sample (data-free: the input program's own final samples) re-noised to a
+student timestep; the target is where the teacher's two DDIM steps land, and the loss is the distance
+between the student's one-step landing point and it (eq. 7's target, expressed for any prediction
+type through the step's affine form, core.distill.FirstOrder). The student of a round is the
+teacher of the next. Under classifier-free guidance both run guided at the plan's scale (better:
+run guidance_distill first, as Meng et al. 2023 do). The result runs DDIM on the final grid
+(core.grid_ddim) and becomes the reference of later passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from core.adapters import denoiser_module
+from core.distill import FirstOrder, call, grid, teacher_data
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.sampling import check_plan, on_grid
+from core.training import Trainer
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+
+DATA_SEED = 40_000  # the teacher's samples: disjoint from evaluation, calibration and other passes' seeds
+
+
+@dataclass
+class Config:
+    steps: int = 4  # the student's step count at the end (rounds halve until there)
+    round_steps: int = 800  # training steps per round
+    batch: int = 32
+    lr: float = 2e-4
+    samples: int = 256  # teacher samples re-noised as training inputs
+    max_seconds: float = 1800.0  # for all rounds; each round gets an equal share of what is left
+
+
+@dataclass(frozen=True)
+class ProgressiveDecision(Decision):
+    rounds: list[dict]  # per round: steps before -> after, training steps, seconds, loss first/last
+    timesteps: list[float]
+
+    title = "Progressive distillation"
+
+    def markdown(self) -> list[str]:
+        lines = [
+            f"Final grid: {len(self.timesteps)} DDIM steps at timesteps {[round(t) for t in self.timesteps]}.",
+            "",
+            "| round | steps | training steps | seconds | landing-point loss first -> last |",
+            "|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(self.rounds):
+            lines.append(
+                f"| {i + 1} | {r['teacher_steps']} -> {r['student_steps']} | {r['steps']} | {r['seconds']} |"
+                f" {r['loss_first']} -> {r['loss_last']} |"
+            )
+        return lines
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if not 1 <= config.steps <= 1000 or not 1 <= config.round_steps <= 1_000_000:
+        raise ConfigError("progressive_distill: steps must be in [1, 1000] and round_steps >= 1")
+    if not 2 <= config.batch <= MAX_INPUTS or not 1 <= config.samples <= MAX_INPUTS:
+        raise ConfigError(f"progressive_distill: batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
+    if config.lr <= 0 or config.max_seconds <= 0:
+        raise ConfigError("progressive_distill: lr and max_seconds must be > 0")
+
+
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    if config.steps >= program.plan.num_inference_steps:
+        raise ConfigError(
+            f"progressive_distill: {config.steps} steps is not fewer than the loop's {program.plan.num_inference_steps}"
+        )
+    FirstOrder(program.plan, program.spec.prediction_type)
+    check_plan(on_grid(program.plan, "ddim" if program.spec.prediction_type != "flow" else "euler", grid(program.plan)))
+
+
+def rounds(start: int, end: int) -> list[list[int]]:
+    """Per round, the student's group sizes over the teacher's steps (2: merged, 1: kept), halving
+    from `start` until `end` steps; the high-noise pairs merge first."""
+    plan, n = [], start
+    while n > end:
+        target = max(end, (n + 1) // 2)
+        merged = n - target
+        plan.append([2] * merged + [1] * (n - 2 * merged))
+        n = target
+    return plan
+
+
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
+    solver = "euler" if program.spec.prediction_type == "flow" else "ddim"
+    data = teacher_data(program, config.samples, DATA_SEED, ctx.progress)
+    teacher_grid = grid(program.plan)
+    teacher_model, records, start = program.denoiser, [], time.perf_counter()
+    schedule = rounds(len(teacher_grid), config.steps)
+    for i, groups in enumerate(schedule):
+        left = config.max_seconds - (time.perf_counter() - start)
+        budget = max(1.0, left / (len(schedule) - i))
+        student_model, record, student_grid = _round(
+            program, teacher_model, teacher_grid, groups, config, ctx, data, budget
+        )
+        records.append(record)
+        teacher_model, teacher_grid = student_model, student_grid
+    # The student learned unclipped steps (it lands where the clipping teacher lands): it samples unclipped.
+    plan = on_grid(program.plan, solver, teacher_grid)
+    if "clip_sample" in plan.scheduler_config or solver == "ddim":
+        plan = dataclasses.replace(plan, scheduler_config={**plan.scheduler_config, "clip_sample": False})
+    decision = ProgressiveDecision(records, teacher_grid)
+    return PassResult(program.replace(denoiser=teacher_model, plan=plan), decision)
+
+
+def _round(program, teacher_model, teacher_grid, groups, config, ctx, data, budget):
+    """One round: a copy of the teacher learns to take each group of its teacher's steps at once."""
+    starts = [sum(groups[:j]) for j in range(len(groups))]
+    ends = [s + g for s, g in zip(starts, groups, strict=True)]
+    full = [*teacher_grid, None]  # None: the end of sampling
+    student_grid = [teacher_grid[s] for s in starts]
+    teacher = denoiser_module(program.replace(denoiser=teacher_model))
+    student_model = copy.deepcopy(teacher_model).eval()
+    student = denoiser_module(program.replace(denoiser=student_model))
+    steps = FirstOrder(program.plan, program.spec.prediction_type)
+    scale = program.plan.guidance_scale
+    trainer = Trainer(student_model, config.lr, config.round_steps, budget)
+
+    def loss(_step: int) -> torch.Tensor:
+        rows = torch.randint(len(data.finals), (config.batch,), generator=ctx.rng)
+        which = torch.randint(len(groups), (config.batch,), generator=ctx.rng)
+        x0, batch = data.rows(rows)
+        t = torch.tensor([student_grid[j] for j in which])
+        z = steps.noised(x0, torch.randn(x0.shape, generator=ctx.rng), t.tolist())
+        shard = trainer.shard(torch.arange(config.batch))
+        z, t, which, batch = z[shard], t[shard], which[shard], batch.rows(shard)
+        with torch.no_grad():  # the teacher's steps over each row's group, with the sampler's clipping
+            landing, k = z, torch.tensor([starts[j] for j in which])
+            stop = torch.tensor([ends[j] for j in which])
+            for _ in range(max(groups)):
+                active = k < stop
+                at = torch.minimum(k, stop - 1)  # finished rows repeat a step whose result is discarded
+                tk = [full[i] for i in at]
+                moved = steps.step(
+                    call(teacher, landing, torch.tensor(tk), batch, scale), landing, tk, [full[i + 1] for i in at]
+                )
+                landing = torch.where(active.view(-1, *[1] * (z.dim() - 1)), moved, landing)
+                k = torch.where(active, k + 1, k)
+        end = [full[ends[j]] for j in which]
+        landed = steps.step(call(student, z, t, batch, scale), z, t.tolist(), end, clip=False)
+        return trainer.normalized_mse(landed, landing)
+
+    desc = f"progressive_distill: {len(teacher_grid)} -> {len(groups)} steps"
+    log = trainer.run(loss, ctx.progress, desc)
+    first, last = log.first_last()
+    record = {
+        "teacher_steps": len(teacher_grid),
+        "student_steps": len(groups),
+        "steps": log.steps,
+        "seconds": log.seconds,
+        "loss_first": first,
+        "loss_last": last,
+    }
+    return student_model, record, student_grid
+
+
+PASS = Pass(
+    name="progressive_distill",
+    phase=Phase.DISTILLATION,
+    config=Config,
+    run=run,
+    invalidates=frozenset({CALIBRATION, FLOPS}),
+    new_reference=True,
+    check=check,
+    check_program=check_program,
+    doc="progressive distillation: rounds halving the steps (DDIM student)",
+)

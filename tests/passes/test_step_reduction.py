@@ -1,0 +1,104 @@
+"""The step-reduction passes on the shipped DiT: the training-free schedule search, guidance and
+progressive distillation (tiny budgets: mechanics and contracts; fidelity is measured in BENCHMARKS.md)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from calibration.capture import capture_calibration
+from core.errors import ConfigError
+from passes.base import CALIBRATION
+from passes.manager import offline_context, plan_passes, run_passes
+
+FP32 = frozenset({"fp32"})
+
+
+@pytest.fixture(scope="module")
+def dit_calibration(dit_program):
+    return capture_calibration(dit_program, 4)
+
+
+def context(program, calibration):
+    ctx = offline_context(program, calibration)
+    ctx.analyses._capture = lambda reference: capture_calibration(reference, 4)
+    return ctx
+
+
+def test_schedule_search_beats_the_uniform_grid_on_the_calibration_seeds(dit_program, dit_calibration):
+    recipe = [{"pass": "schedule", "config": {"steps": 2, "solvers": ["ddim", "euler"], "sweeps": 1}}]
+    result = run_passes(
+        dit_program, plan_passes(recipe, FP32, program=dit_program), context(dit_program, dit_calibration)
+    )
+    decision = result.decision("schedule")
+    assert [row["solver"] for row in decision.tried] == ["ddim", "euler"]
+    for row in decision.tried:
+        assert row["searched_psnr_db"] >= row["uniform_psnr_db"]
+    # DDIM's own 2-step grid starts at t=500, half-way down: any searched grid does better.
+    assert max(row["searched_psnr_db"] - row["uniform_psnr_db"] for row in decision.tried) > 1.0
+    plan = result.plan
+    assert plan.num_inference_steps == 2 and plan.timesteps == tuple(decision.timesteps)
+    assert plan.guidance_scale == dit_program.plan.guidance_scale  # same guidance: 2 x 2 evaluations
+
+
+def test_schedule_refuses_unknown_solvers_and_too_many_steps(dit_program):
+    with pytest.raises(ConfigError, match="unknown solver"):
+        plan_passes([{"pass": "schedule", "config": {"solvers": ["heun3"]}}], FP32, program=dit_program)
+    with pytest.raises(ConfigError, match="steps"):
+        plan_passes([{"pass": "schedule", "config": {"steps": 5000}}], FP32)
+
+
+def test_guidance_then_progressive_distillation_leave_a_one_evaluation_ddim_student(dit_program, dit_calibration):
+    recipe = [
+        {"pass": "sampler", "config": {}},
+        {"pass": "guidance_distill", "config": {"steps": 2, "batch": 4, "samples": 4}},
+        {"pass": "progressive_distill", "config": {"steps": 4, "round_steps": 2, "batch": 4, "samples": 4}},
+    ]
+    planned = plan_passes(recipe[::-1], FP32, program=dit_program)
+    # One phase: recipe order within it (Meng et al. fold guidance first); the loop's own phase before.
+    assert [q.name for q in planned] == ["sampler", "progressive_distill", "guidance_distill"]
+    planned = plan_passes(recipe, FP32, program=dit_program)
+    ctx = context(dit_program, dit_calibration)
+    result = run_passes(dit_program, planned, ctx)
+    plan = result.plan
+    assert plan.guidance_scale == 1.0 and plan.num_inference_steps == 4
+    assert plan.scheduler_class == "GridDDIMScheduler" and plan.scheduler_config["clip_sample"] is False
+    rounds = result.decision("progressive_distill").rounds
+    assert [(r["teacher_steps"], r["student_steps"]) for r in rounds] == [(20, 10), (10, 5), (5, 4)]
+    assert all(r["steps"] == 2 for r in rounds)
+    assert plan.timesteps == tuple(result.decision("progressive_distill").timesteps)
+    assert result.decision("guidance_distill").scale == dit_program.plan.guidance_scale
+    pairs = zip(result.denoiser.parameters(), dit_program.denoiser.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert ctx.analyses.computed[CALIBRATION] == 0  # nothing read calibration for the new loops
+
+
+def test_distillation_needs_guidance_and_fewer_steps(unet_program):
+    unguided = unet_program.replace(plan=dataclasses.replace(unet_program.plan, guidance_scale=1.0))
+    with pytest.raises(ConfigError, match="nothing to fold in"):
+        plan_passes([{"pass": "guidance_distill"}], FP32, program=unguided)
+    with pytest.raises(ConfigError, match="not fewer"):
+        plan_passes([{"pass": "progressive_distill", "config": {"steps": 20}}], FP32, program=unet_program)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_flow_matching_models_distil_and_search_on_euler_grids(flow_folders, name):
+    """Tiny random SD3 / Flux (mechanics only): the student runs flow-matching Euler on its grid."""
+    from core.loading import load_program
+    from core.variants import sample_program
+
+    program = load_program(flow_folders[name])
+    program = program.replace(plan=dataclasses.replace(program.plan, num_inference_steps=4))
+    calibration = capture_calibration(program, 2)
+    tiny = {"batch": 2, "samples": 2}
+    recipe = [
+        {"pass": "progressive_distill", "config": {"steps": 2, "round_steps": 1, **tiny}},
+        {"pass": "schedule", "config": {"steps": 3, "sweeps": 0}},
+    ]
+    if name == "sd3":  # Flux runs no classifier-free guidance (embedded guidance instead)
+        recipe.insert(0, {"pass": "guidance_distill", "config": {"steps": 1, **tiny}})
+    result = run_passes(program, plan_passes(recipe, FP32, program=program), context(program, calibration))
+    plan = result.plan
+    assert plan.scheduler_class == "FlowMatchEulerDiscreteScheduler" and plan.num_inference_steps == 2
+    assert plan.guidance_scale == 1.0 and result.decision("schedule").solver == "euler"
+    assert sample_program(result, [0], ["a thick seven"]).isfinite().all()
