@@ -7,8 +7,11 @@ the loop owns the carried tensors, so every backend executes a plan the same way
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +169,12 @@ def full_config(plan: SamplingPlan) -> dict[str, Any]:
 
 
 def build_scheduler(plan: SamplingPlan) -> Any:
-    scheduler = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
+    try:
+        key = json.dumps(plan.scheduler_config, sort_keys=True)
+    except (TypeError, ValueError):  # a config that is not plain JSON: built each time
+        scheduler = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
+    else:
+        scheduler = copy.deepcopy(_constructed(plan.scheduler_class, key))
     train = scheduler.config.num_train_timesteps
     if not 1 <= plan.num_inference_steps <= train:
         raise ConfigError(
@@ -179,6 +187,14 @@ def build_scheduler(plan: SamplingPlan) -> Any:
             f"{plan.scheduler_class} cannot plan {plan.num_inference_steps} steps ({one_line(exc, 300)})"
         ) from None
     return scheduler
+
+
+@functools.lru_cache(maxsize=64)
+def _constructed(class_name: str, config_json: str) -> Any:
+    """A scheduler built once per (class, config): construction recomputes the noise schedule in Python
+    (milliseconds per image, e.g. the cosine betas), so loops take a fresh copy of this one, as a
+    diffusers pipeline keeps its scheduler across calls."""
+    return _from_config(scheduler_class(class_name), json.loads(config_json))
 
 
 def set_timesteps(scheduler: Any, plan: SamplingPlan) -> None:

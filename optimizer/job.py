@@ -172,7 +172,25 @@ def _optimize(
     log: Callable[[str], None],
 ) -> tuple[DiffusionProgram, Any, Analyses]:
     """Run the target's recipes (keeping the best of its alternatives) from the calibration set."""
-    candidate, choice, analyses = _optimize(program, target, recipes, opts, calibration, progress, log)
+    # A pass that changes the loop invalidates calibration: the same seeds and conditions are recaptured.
+    analyses = Analyses(
+        capture=lambda reference: calib.capture(
+            reference,
+            calibration.seeds,
+            calibration.conditions,
+            progress=lambda it: progress(it, desc="calibration, new loop", leave=False),
+        ),
+        log=log,
+    )
+    analyses.provide(CALIBRATION, program, calibration)
+    ctx = Context(
+        reference=program,
+        analyses=analyses,
+        capabilities=target.capabilities,
+        progress=progress,
+        rng=torch.Generator().manual_seed(opts.seed),
+    )
+    candidate, choice = run_alternatives(program, recipes, ctx, evaluate=quick_fidelity, log=log)
     return candidate, choice, analyses
 
 
@@ -197,25 +215,7 @@ def _run_stages(
     )
     with timed(log, f"calibrating ({source})"):
         calibration = calibrate(program, opts, staging, progress, given)
-    # A pass that changes the loop invalidates calibration: the same seeds and conditions are recaptured.
-    analyses = Analyses(
-        capture=lambda reference: calib.capture(
-            reference,
-            calibration.seeds,
-            calibration.conditions,
-            progress=lambda it: progress(it, desc="calibration, new loop", leave=False),
-        ),
-        log=log,
-    )
-    analyses.provide(CALIBRATION, program, calibration)
-    ctx = Context(
-        reference=program,
-        analyses=analyses,
-        capabilities=target.capabilities,
-        progress=progress,
-        rng=torch.Generator().manual_seed(opts.seed),
-    )
-    candidate, choice = run_alternatives(program, recipes, ctx, evaluate=quick_fidelity, log=log)
+    candidate, choice, analyses = _optimize(program, target, recipes, opts, calibration, progress, log)
     with timed(log, f"lowering for {backend.name}"):
         artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
     with timed(log, f"verifying on {opts.samples} samples"):

@@ -54,52 +54,6 @@ def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
     assert Image.open(png).size == (32, 16)
 
 
-def test_recipe_runs_passes_and_a_failed_gate_exits_1(tmp_path, dit_copy):
-    calibration = tmp_path / "cal.safetensors"
-    assert invoke("calibrate", dit_copy, "--out", calibration, "--samples", 3).exit_code == 0
-    target = tmp_path / "fast.json"
-    target.write_text(
-        json.dumps(
-            {
-                "name": "fast",
-                "status": "available",
-                "description": "5-step DDIM instead of 20-step DPM-Solver++",
-                "hardware": {"capabilities": ["fp32"]},
-                "backend": {"name": "onnxruntime"},
-                "recipe": [{"pass": "sampler", "config": {"scheduler": "ddim", "steps": 5}}],
-                "gates": {"min_psnr_db": 60.0},
-            }
-        )
-    )
-    out = tmp_path / "out"
-    result = invoke(
-        dit_copy,
-        "--target",
-        target,
-        "--out",
-        out,
-        "--calibration",
-        calibration,
-        "--samples",
-        10,
-        "--latency-repeats",
-        0,
-    )
-    # A 5-step DDIM loop does not reproduce the original 20-step samples: the gate must fail.
-    assert result.exit_code == 1
-    assert "min_psnr_db" in result.output and "FAIL" in result.output
-    report = json.loads((out / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["sampler"]
-    assert report["passes"][0]["config"] == {"scheduler": "ddim", "steps": 5}
-    assert "eps_rel_error_max" in report["passes"][0]["fidelity"]
-    assert report["verification"]["psnr_db_mean"] < 60
-    assert json.loads((out / "plan.json").read_text())["sampling"]["num_inference_steps"] == 5
-    text = (out / "report.md").read_text()
-    assert "**Result: FAIL**" in text and "## Latency\nNot measured (--latency-repeats 0)." in text
-    assert report["latency"] == {"skipped": "--latency-repeats 0"} and "reference_onnx_bytes" not in report["artifacts"]
-    assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
-
-
 def test_out_folder_rules(tmp_path, dit_copy):
     result = invoke(dit_copy, "--out", dit_copy.parent, *FAST)
     assert result.exit_code == 2 and "would write onto, into or over the input" in result.output
@@ -259,9 +213,12 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
 
 
-def test_cpu_steps_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
-    """The cpu-steps recipe with tiny budgets: a 4-step unguided DDIM student on a custom grid, lowered,
-    run by the ORT runner from plan.json, gated and reported against the original loop."""
+def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_copy):
+    """The cpu-steps recipe with tiny budgets and a reused calibration file: a 4-step unguided DDIM
+    student on a custom grid, lowered, run by the ORT runner from plan.json and reported against the
+    original loop; a PSNR bound added on the command line fails (the loop changed), so exit 1."""
+    calibration = tmp_path / "cal.safetensors"
+    assert invoke("calibrate", dit_copy, "--out", calibration, "--samples", 3).exit_code == 0
     data = json.loads((TARGETS_DIR / "cpu-steps.json").read_text())
     data["name"] = "cpu-steps-short"
     for step in data["recipe"]:
@@ -270,19 +227,27 @@ def test_cpu_steps_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "0"]
+    args = ["--samples", "10", "--calibration", calibration, "--latency-repeats", "0", "--min-psnr", "60"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 1
+    assert "min_psnr_db" in result.output and "FAIL" in result.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["gates"]) == {"max_class_agreement_drop", "max_fd_to_reference"}
+    assert set(report["gates"]) == {"max_class_agreement_drop", "max_fd_to_reference", "min_psnr_db"}
+    assert [p["name"] for p in report["passes"]] == ["guidance_distill", "progressive_distill"]
+    assert report["passes"][1]["config"]["round_steps"] == 5
+    assert report["passes"][1]["fidelity"]["eps_rel_error_max"] is None  # the student is its own reference
+    assert report["verification"]["psnr_db_mean"] < 60
     plan = json.loads((out / "plan.json").read_text())["sampling"]
     assert plan["scheduler_class"] == "GridDDIMScheduler" and plan["guidance_scale"] == 1.0
     assert len(plan["timesteps"]) == plan["num_inference_steps"] == 4
     assert report["flops"]["candidate"]["per_image"] * 10 == pytest.approx(report["flops"]["original"]["per_image"])
     text = (out / "report.md").read_text()
+    assert "**Result: FAIL**" in text and "## Latency\nNot measured (--latency-repeats 0)." in text
     assert "artifact's loop: `GridDDIMScheduler`, 4 steps at timesteps" in text
     assert "## Guidance distillation" in text and "## Progressive distillation" in text
     assert "- (new reference)" in text  # no teacher-forced error against itself
+    assert report["latency"] == {"skipped": "--latency-repeats 0"} and "reference_onnx_bytes" not in report["artifacts"]
+    assert (out / "calibration.safetensors").read_bytes() == calibration.read_bytes()
     png = tmp_path / "s.png"
     assert invoke("sample", out, "--seed", 1, "--label", 3, "--out", png).exit_code == 0
 
