@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from core.adapters import denoiser_module
-from core.distill import FirstOrder, call, grid, teacher_data
+from core.distill import FirstOrder, TeacherData, call, grid, teacher_data
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -117,7 +118,16 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     return PassResult(program.replace(denoiser=teacher_model, plan=plan), decision)
 
 
-def _round(program, teacher_model, teacher_grid, groups, config, ctx, data, budget):
+def _round(
+    program: DiffusionProgram,
+    teacher_model: nn.Module,
+    teacher_grid: list[float],
+    groups: list[int],
+    config: Config,
+    ctx: Context,
+    data: TeacherData,
+    budget: float,
+) -> tuple[nn.Module, dict, list[float]]:
     """One round: a copy of the teacher learns to take each group of its teacher's steps at once."""
     starts = [sum(groups[:j]) for j in range(len(groups))]
     ends = [s + g for s, g in zip(starts, groups, strict=True)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.errors import ConfigError
@@ -130,7 +131,15 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     return PassResult(program.replace(plan=plan), decision)
 
 
-def _search(solver, grid, best, train, config, score, elapsed) -> tuple[list[float], float]:
+def _search(
+    solver: str,
+    grid: list[float],
+    best: float,
+    train: int,
+    config: Config,
+    score: Callable[[str, list[float]], float],
+    elapsed: Callable[[], float],
+) -> tuple[list[float], float]:
     """Coordinate descent: move one timestep at a time by +-move (keeping the grid strictly
     descending within [0, train - 1]); keep a move that raises the score; halve the move each sweep."""
     grid = list(grid)

@@ -1,6 +1,7 @@
 """Training passes under torchrun (2 CPU processes, gloo) take the same steps as one process on the
 same global batch: recovery and progressive distillation, weights compared after training."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,14 @@ def test_two_processes_train_like_one(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend for torch.distributed")
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run([sys.executable, str(PROBE), str(single)], check=True, timeout=600)
+    threads = torch.get_num_threads()
+    try:  # one process: the probe in this one (no second interpreter start-up)
+        spec = importlib.util.spec_from_file_location("ddp_probe", PROBE)
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+        probe.main(single)
+    finally:
+        torch.set_num_threads(threads)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*launch, str(PROBE), str(double)], check=True, timeout=600)
     one, two = load_file(single), load_file(double)
