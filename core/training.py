@@ -75,6 +75,10 @@ class Trainer:
             raise ConfigError(f"a global batch of {tensor.shape[0]} does not split over {self.world.size} processes")
         return tensor.chunk(self.world.size)[self.world.rank]
 
+    def shard_rows(self, batch: int) -> torch.Tensor:
+        """This rank's row indices into a global batch of `batch` rows."""
+        return self.shard(torch.arange(batch))
+
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """A per-shard mean (no gradient) averaged over the ranks: the global batch's mean."""
         value = value.detach()

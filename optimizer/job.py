@@ -132,11 +132,7 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     if not world().is_main:
         return _run_worker(model_path, target, opts)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
-    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
-    recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
-    # The largest batch is the verification set or the calibration set, each sampled at once.
-    check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
-    given = calib.load(opts.calibration, program) if opts.calibration is not None else None
+    program, recipes, given = _load_checked(model_path, target, opts)
     log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
     staging = create_staging(out, log)
     try:
@@ -150,14 +146,27 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     return dataclasses.replace(result, out=opts.out)
 
 
+def _load_checked(
+    model_path: Path, target: Target, opts: JobOptions
+) -> tuple[DiffusionProgram, list[list[PlannedPass]], Trajectories | None]:
+    """The program with the command line's sampling options, its recipes checked against it, the
+    memory estimate checked, and the --calibration trajectories if given (every rank the same)."""
+    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
+    recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
+    # The largest batch is the verification set or the calibration set, each sampled at once.
+    check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
+    given = calib.load(opts.calibration, program) if opts.calibration is not None else None
+    return program, recipes, given
+
+
 def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
     """A rank > 0 of a torchrun launch: the same passes on the same calibration (deterministic), its
     share of their training (core.training); it writes nothing and prints nothing, rank 0 does."""
-    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
-    recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
-    given = calib.load(opts.calibration, program) if opts.calibration is not None else None
-    calibration = given or calib.capture_calibration(program, opts.calibration_samples, opts.seed)
+    from optimizer.stages import calibrate
+
+    program, recipes, given = _load_checked(model_path, target, opts)
     quiet: Progress = lambda it, **_: it  # noqa: E731
+    calibration = calibrate(program, opts, None, quiet, given)
     _optimize(program, target, recipes, opts, calibration, quiet, lambda _: None)
     return JobResult(opts.out, {}, [])
 

@@ -28,18 +28,21 @@ CALIBRATION_FILE = "calibration.safetensors"
 def calibrate(
     program: DiffusionProgram,
     opts: JobOptions,
-    staging: Path,
+    staging: Path | None,
     progress: Callable,
     given: calib.Trajectories | None = None,
 ) -> calib.Trajectories:
-    """Capture the reference trajectories, or use `given` (read from --calibration and checked earlier)."""
+    """Capture the reference trajectories, or use `given` (read from --calibration and checked earlier);
+    saved into `staging` (None: kept in memory only, a torchrun worker's)."""
     if given is not None:
-        shutil.copyfile(opts.calibration, staging / CALIBRATION_FILE)
+        if staging is not None:
+            shutil.copyfile(opts.calibration, staging / CALIBRATION_FILE)
         return given
     trajectories = calib.capture_calibration(
         program, opts.calibration_samples, opts.seed, progress=lambda it: progress(it, desc="calibration", leave=False)
     )
-    calib.save(trajectories, staging / CALIBRATION_FILE)
+    if staging is not None:
+        calib.save(trajectories, staging / CALIBRATION_FILE)
     return trajectories
 
 

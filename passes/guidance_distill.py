@@ -91,7 +91,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         t = torch.where(torch.arange(config.batch) % 2 == 0, on_grid, anywhere)
         x0, batch = data.rows(rows)
         x = steps.noised(x0, torch.randn(x0.shape, generator=ctx.rng), t.tolist())
-        x, t, batch = trainer.shard(x), trainer.shard(t), batch.rows(_shard_rows(trainer, config.batch))
+        x, t, batch = trainer.shard(x), trainer.shard(t), batch.rows(trainer.shard_rows(config.batch))
         with torch.no_grad():
             target = call(teacher, x, t, batch, scale)
         return trainer.normalized_mse(student.apply(x, t, batch.cond), target)
@@ -101,10 +101,6 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     plan = dataclasses.replace(program.plan, guidance_scale=1.0, guided_steps=None)
     decision = GuidanceDistillDecision(scale, log.steps, log.seconds, first, last)
     return PassResult(program.replace(denoiser=student_model, plan=plan), decision)
-
-
-def _shard_rows(trainer: Trainer, batch: int) -> torch.Tensor:
-    return trainer.shard(torch.arange(batch))
 
 
 PASS = Pass(

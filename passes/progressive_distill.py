@@ -146,7 +146,7 @@ def _round(
         x0, batch = data.rows(rows)
         t = torch.tensor([student_grid[j] for j in which])
         z = steps.noised(x0, torch.randn(x0.shape, generator=ctx.rng), t.tolist())
-        shard = trainer.shard(torch.arange(config.batch))
+        shard = trainer.shard_rows(config.batch)
         z, t, which, batch = z[shard], t[shard], which[shard], batch.rows(shard)
         with torch.no_grad():  # the teacher's steps over each row's group, with the sampler's clipping
             landing, k = z, torch.tensor([starts[j] for j in which])
