@@ -11,7 +11,7 @@ from core.variants import example_carry, graph_variants
 
 from .onnx_export import OUTPUT_NAME, example_inputs, export_onnx, input_names
 from .pipeline_stages import lower_stages
-from .plan import GraphFile, plan_document, sha256, write_plan
+from .plan import GraphFile, graph_bytes, graph_files, plan_document, write_plan
 
 ONNX_FILE = "denoiser.onnx"
 
@@ -35,13 +35,13 @@ def lower_onnx(program: DiffusionProgram, folder: Path, backend: dict[str, Any])
         path = folder / graph_file(name)
         export(variant.module, spec, path, carried_in=carried, carried_out=variant.carried_out)
         graphs[name] = GraphFile(path, [*input_names(spec), *carried], [OUTPUT_NAME, *variant.carried_out])
-    stages = lower_stages(program, folder, sha256)
+    stages = lower_stages(program, folder, graph_files)
     write_plan(folder, plan_document(program, graphs, backend, stages))
     stage_files = [s["file"] for s in stages.values()]
     return {
         "onnx": [g.path.name for g in graphs.values()],
-        "onnx_bytes": sum(g.path.stat().st_size for g in graphs.values()),
+        "onnx_bytes": sum(graph_bytes(g.path) for g in graphs.values()),
         "stages": stage_files,
-        "stage_bytes": sum((folder / f).stat().st_size for f in stage_files),
+        "stage_bytes": sum(graph_bytes(folder / f) for f in stage_files),
         "plan": "plan.json",
     }

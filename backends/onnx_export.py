@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import io
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,10 +17,11 @@ from torch import nn
 
 from core.conditions import example_conditions
 from core.errors import ExportError
-from core.fileio import write_atomic
+from core.fileio import umask, write_atomic
 from core.ir import ModelSpec
 
 MIN_OPSET = 18
+INLINE_LIMIT = 1_500_000_000  # bytes of weights kept inside a graph file (protobuf's limit is 2 GiB)
 OUTPUT_NAME = "model_output"  # epsilon, v or x0, as the spec's prediction_type says
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
@@ -80,18 +83,18 @@ def export_graph(
     dynamo: bool = True,
 ) -> Path:
     """Export `module(*args)` (every input with a dynamic batch dimension) to `path`, atomically, and
-    check the graph: the denoiser's variants and the pipeline's stages (prompt encoder, decoder) alike."""
+    check the graph: the denoiser's variants and the pipeline's stages (prompt encoder, decoder) alike.
+    Weights over INLINE_LIMIT go to `<file>.data` beside it (see save_model)."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET} is not supported")
     module.eval()
     names, outputs = list(names), list(outputs)
-
-    def write(tmp: Path) -> None:
+    try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             if dynamo:
-                program = torch.onnx.export(
+                model = torch.onnx.export(
                     module,
                     args,
                     input_names=names,
@@ -100,24 +103,23 @@ def export_graph(
                     dynamo=True,
                     dynamic_shapes=batch_shapes(module, len(args)),
                     verbose=False,
-                )
-                program.save(str(tmp))
-                drop_noop_squeezes(tmp)
+                ).model_proto
+                drop_noop_squeezes(model)
             else:
+                buffer = io.BytesIO()
                 torch.onnx.export(
                     module,
                     args,
-                    str(tmp),
+                    buffer,
                     input_names=names,
                     output_names=outputs,
                     opset_version=opset,
                     dynamo=False,
                     dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]},
                 )
-        check_graph(onnx.load(str(tmp)))
-
-    try:
-        write_atomic(path, write)
+                model = onnx.load_from_string(buffer.getvalue())
+        save_model(model, path)
+        check_graph_file(path)
     except ExportError:
         raise
     except Exception as exc:
@@ -125,10 +127,34 @@ def export_graph(
     return path
 
 
-def drop_noop_squeezes(path: Path) -> None:
+def data_file(path: Path) -> Path:
+    """Where a graph's weights live when they do not fit in the graph file itself."""
+    return path.with_name(path.name + ".data")
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` to `path` atomically. Protobuf caps a serialized graph at 2 GiB, so when the weights
+    exceed INLINE_LIMIT they go to one `<file>.data` beside it (written first, referenced by bare name)."""
+    data = data_file(path)
+    data.unlink(missing_ok=True)  # never append to, or leave behind, an earlier graph's weights
+    if sum(t.ByteSize() for t in model.graph.initializer) <= INLINE_LIMIT:
+        write_atomic(path, lambda tmp: onnx.save(model, str(tmp)))
+        return
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        os.chmod(data, 0o666 & ~umask())  # as write_atomic leaves the graph file
+
+    try:
+        write_atomic(path, write)
+    except BaseException:
+        data.unlink(missing_ok=True)
+        raise
+
+
+def drop_noop_squeezes(model: onnx.ModelProto) -> None:
     """torch's squeeze(dim) of a dimension that is not 1 is a no-op, but the exporter emits an ONNX
-    Squeeze, which refuses it (e.g. PixArt's output tokens): make those Identity."""
-    model = onnx.load(str(path))
+    Squeeze, which refuses it (e.g. PixArt's output tokens): make those Identity (in place)."""
     shapes = {v.name: v.type.tensor_type.shape for v in [*model.graph.value_info, *model.graph.input]}
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     constants |= {
@@ -136,7 +162,6 @@ def drop_noop_squeezes(path: Path) -> None:
         for n in model.graph.node
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
     }
-    changed = False
     for node in model.graph.node:
         if node.op_type != "Squeeze" or len(node.input) < 2 or node.input[1] not in constants:
             continue
@@ -148,14 +173,21 @@ def drop_noop_squeezes(path: Path) -> None:
         if dims and all(d.HasField("dim_value") and d.dim_value != 1 for d in dims):
             node.op_type = "Identity"
             del node.input[1:]
-            changed = True
-    if changed:
-        onnx.save(model, str(path))
+
+
+def check_graph_file(path: Path) -> None:
+    """check_graph for a written graph, its weights inline or in `<file>.data` (any size)."""
+    onnx.checker.check_model(str(path))
+    _refuse_random_ops(onnx.load(str(path), load_external_data=False))
 
 
 def check_graph(model: onnx.ModelProto) -> None:
     """Shipping a graph that samples its own noise would break seed-for-seed verification."""
     onnx.checker.check_model(model)
+    _refuse_random_ops(model)
+
+
+def _refuse_random_ops(model: onnx.ModelProto) -> None:
     ops = {n.op_type for n in model.graph.node}
     for fn in model.functions:
         ops |= {n.op_type for n in fn.node}

@@ -26,8 +26,9 @@ PROMPT_ENCODER_FILE, DECODER_FILE = "prompt_encoder.onnx", "decoder.onnx"
 LATENTS, IMAGE = "latents", "image"
 
 
-def lower_stages(program: DiffusionProgram, folder: Path, digest: Callable[[Path], str]) -> dict[str, Any]:
-    """Write the stages of `program` into `folder`; returns plan.json's "stages" section ({} if none)."""
+def lower_stages(program: DiffusionProgram, folder: Path, files: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write the stages of `program` into `folder`; returns plan.json's "stages" section ({} if none);
+    `files(path)` records a graph's files (plan.graph_files)."""
     section: dict[str, Any] = {}
     stages, spec = program.stages, program.spec
     adapter = adapter_for(spec.model_class)
@@ -41,8 +42,7 @@ def lower_stages(program: DiffusionProgram, folder: Path, digest: Callable[[Path
             tokenizer.save_pretrained(str(folder / name))
             tokenizers.append({"folder": name, "class": type(tokenizer).__name__, "max_length": length})
         section["prompt_encoder"] = {
-            "file": path.name,
-            "sha256": digest(path),
+            **files(path),
             "inputs": list(tokens),
             "outputs": list(spec.conditioning.input_names),
             "tokenizers": tokenizers,
@@ -52,7 +52,7 @@ def lower_stages(program: DiffusionProgram, folder: Path, digest: Callable[[Path
     if module is not None:
         path = folder / DECODER_FILE
         export_graph(module, (torch.zeros(2, *spec.sample_shape),), [LATENTS], [IMAGE], path)
-        section["decoder"] = {"file": path.name, "sha256": digest(path), "inputs": [LATENTS], "outputs": [IMAGE]}
+        section["decoder"] = {**files(path), "inputs": [LATENTS], "outputs": [IMAGE]}
     return section
 
 

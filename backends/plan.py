@@ -14,7 +14,7 @@ from core.outputs import PLAN_FILE, PLAN_FORMAT, resolve
 from core.sampling import build_scheduler, uses_guidance
 from core.validate import get, integer, is_int, of_type, read_json_object, string_list
 
-from .onnx_export import LOOP_INPUTS
+from .onnx_export import LOOP_INPUTS, data_file
 from .pipeline_stages import read_stages
 
 FORMAT = PLAN_FORMAT
@@ -30,6 +30,20 @@ class GraphFile:
 
 def sha256(path: Path) -> str:
     return sha256_files([path])
+
+
+def graph_files(path: Path) -> dict[str, Any]:
+    """plan.json's record of a graph file: its name and sha256, and its weights file's when it has one."""
+    entry: dict[str, Any] = {"file": path.name, "sha256": sha256(path)}
+    data = data_file(path)
+    if data.exists():
+        entry["data"] = {"file": data.name, "sha256": sha256(data)}
+    return entry
+
+
+def graph_bytes(path: Path) -> int:
+    data = data_file(path)
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def plan_document(
@@ -85,8 +99,7 @@ def plan_document(
             "unguided_steps": "cond half only; carried tensors from a guided step are cut to their cond half",
         },
         "graphs": {
-            name: {"file": g.path.name, "sha256": sha256(g.path), "inputs": g.inputs, "outputs": g.outputs}
-            for name, g in graphs.items()
+            name: {**graph_files(g.path), "inputs": g.inputs, "outputs": g.outputs} for name, g in graphs.items()
         },
         "steps": steps,
     }
@@ -174,8 +187,22 @@ def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, samp
 
 
 def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> None:
-    """A bare file name, a regular file (no symlink) directly in `folder`, the recorded sha256, no external data."""
-    file = get(graph, "file", str, f"{where}: graphs.{name}", error=LoadError)
+    """A bare file name, a regular file (no symlink) directly in `folder`, the recorded sha256; external
+    data only in the weights file recorded beside it (`data`: `<file>.data`, its own sha256)."""
+    path = _checked_file(folder, name, graph, where)
+    string_list(get(graph, "inputs", list, f"{where}: graphs.{name}", error=LoadError), "inputs", LoadError)
+    string_list(get(graph, "outputs", list, f"{where}: graphs.{name}", error=LoadError), "outputs", LoadError)
+    data = get(graph, "data", (dict, type(None)), f"{where}: graphs.{name}", None, LoadError)
+    allowed = None
+    if data is not None:
+        allowed = _checked_file(folder, f"{name} weights", data, where).name
+        if allowed != data_file(path).name:
+            raise LoadError(f"{where}: graph '{name}' weights file must be {data_file(path).name}, not {allowed}")
+    _check_external_data(path, allowed)
+
+
+def _checked_file(folder: Path, name: str, entry: dict[str, Any], where: str) -> Path:
+    file = get(entry, "file", str, f"{where}: graphs.{name}", error=LoadError)
     if Path(file).name != file or file in ("", ".", ".."):
         raise LoadError(f"{where}: graph '{name}' file {file!r} is not a file name inside the artifact folder")
     path = folder / file
@@ -183,17 +210,15 @@ def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> 
         raise LoadError(f"{where}: graph '{name}' file {file} is a link or not a regular file; refusing to run it")
     if not path.exists():
         raise LoadError(f"{where}: graph '{name}' file {file} is missing")
-    string_list(get(graph, "inputs", list, f"{where}: graphs.{name}", error=LoadError), "inputs", LoadError)
-    string_list(get(graph, "outputs", list, f"{where}: graphs.{name}", error=LoadError), "outputs", LoadError)
-    recorded = get(graph, "sha256", str, f"{where}: graphs.{name}", error=LoadError)
+    recorded = get(entry, "sha256", str, f"{where}: graphs.{name}", error=LoadError)
     if sha256(path) != recorded:
         raise LoadError(f"{where}: graph '{name}' file {file} does not match its recorded sha256; refusing to run it")
-    _refuse_external_data(path)
+    return path
 
 
-def _refuse_external_data(path: Path) -> None:
-    """Our graphs carry their weights inline; a graph that points at external data files could read any
-    file on the machine, so it is refused."""
+def _check_external_data(path: Path, allowed: str | None) -> None:
+    """A graph that points at external data files could read any file on the machine: its tensors may
+    only refer to `allowed`, the checked weights file beside it (None: no external data at all)."""
     import onnx
 
     try:
@@ -202,7 +227,9 @@ def _refuse_external_data(path: Path) -> None:
         raise LoadError(f"{path}: not a readable ONNX graph ({one_line(str(exc), 200)})") from None
     for tensor in _all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
-            raise LoadError(f"{path}: tensor '{tensor.name}' refers to external data; refusing to run it")
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if allowed is None or location != allowed:
+                raise LoadError(f"{path}: tensor '{tensor.name}' refers to external data; refusing to run it")
 
 
 def _all_tensors(graph: Any) -> Any:

@@ -20,11 +20,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from core.errors import ExportError
-from core.fileio import write_atomic
 from core.ir import ModelSpec
 from core.quantized import QuantizedLayer, export_mode, quantized_layers
 
-from .onnx_export import check_graph, export_onnx
+from .onnx_export import check_graph_file, export_onnx, save_model
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 ACT_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
@@ -95,10 +94,10 @@ def export_quantized(
     opset = required_opset(layers)
     with export_mode(denoiser):
         export_onnx(denoiser, spec, path, opset=opset, carried_in=carried_in, carried_out=carried_out)
-    model = onnx.load(str(path))
+    model = onnx.load(str(path))  # with its weights, wherever they are
     insert_qdq(model, layers, allow_missing=bool(carried_in))
-    check_graph(model)
-    write_atomic(path, lambda tmp: onnx.save(model, str(tmp)))
+    save_model(model, path)
+    check_graph_file(path)
     return path
 
 

@@ -19,7 +19,7 @@ import torch
 
 from backends.ort import OrtDenoiser
 from backends.registry import get_backend
-from bench.comparison import Verdict, comparison_set
+from bench.comparison import comparison_set
 from calibration import selection
 from core.adapters import denoiser_module, torch_denoise
 from core.conditions import encode
@@ -27,6 +27,7 @@ from core.ir import DiffusionProgram
 from core.sampling import build_scheduler, sample
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.fidelity import per_step_error
+from verify.verdict import Verdict
 
 ALL_CAPABILITIES = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 

@@ -20,7 +20,7 @@ from bench.comparison import comparison_set
 from core.adapters import torch_denoise
 from core.conditions import encode
 from core.ir import DiffusionProgram
-from core.sampling import sample, uses_guidance
+from core.sampling import network_evaluations, sample
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.fidelity import per_step_error
 from verify.timing import paired_median_ms
@@ -47,10 +47,7 @@ def rows_for(nfe: int, distill_recipe: list[dict[str, Any]]) -> list[Row]:
 
 def nfe(program: DiffusionProgram) -> int:
     """Network evaluations per image of the program's loop."""
-    plan = program.plan
-    guided = uses_guidance(plan, program.spec.conditioning)
-    steps = plan.num_inference_steps
-    return steps + (sum(plan.guided(i) for i in range(steps)) if guided else 0)
+    return network_evaluations(program.plan, program.spec.conditioning)
 
 
 def compare_steps(

@@ -24,6 +24,7 @@ MAX_STEPS = 1_000
 MAX_SAMPLES = 100_000
 MAX_SEED = 2**62  # torch generators take 64-bit seeds; seed + sample index must stay in range
 MAX_REPEATS = 10_000
+MAX_WORKERS = 64  # --workers: search trial processes on one machine
 MAX_INPUTS = 65_536  # calibration inputs / samples a pass may hold at once
 MAX_CONFIG_INT = 1 << 31
 BYTES = 4  # fp32

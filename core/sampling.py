@@ -299,6 +299,13 @@ def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
     return plan.guidance_scale > 1.0 and conditioning.supports_guidance
 
 
+def network_evaluations(plan: SamplingPlan, conditioning: Conditioning) -> int:
+    """Denoiser evaluations per image of the loop (NFE): one per step, two on the guided ones."""
+    steps = plan.num_inference_steps
+    guided = sum(plan.guided(i) for i in range(steps)) if uses_guidance(plan, conditioning) else 0
+    return steps + guided
+
+
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One generator per sample, so a sample depends on its seed alone (as diffusers' randn_tensor)."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])

@@ -176,6 +176,21 @@ PROMPTS = click.option(
     help="Timed calls per latency measurement (0: no latency measurement).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the verification summary as JSON on stdout.")
+@click.option("--resume", is_flag=True, help="Search targets: continue the interrupted search kept beside --out.")
+@click.option(
+    "--workers", default=1, show_default=True, help="Search targets: processes running trials on this machine."
+)
+@click.option(
+    "--storage",
+    default=None,
+    help="Search targets: an Optuna storage URL (sqlite:///FILE, postgresql://...) or journal FILE.log shared by "
+    "processes on several machines (default: a SQLite file beside --out).",
+)
+@click.option(
+    "--trials-only",
+    is_flag=True,
+    help="Search targets: run trials of the shared --storage study and exit; the job without it finishes the search.",
+)
 @PROMPTS
 @ALLOW_LARGE
 def run(
@@ -198,6 +213,10 @@ def run(
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
+    resume: bool,
+    workers: int,
+    storage: str | None,
+    trials_only: bool,
     prompts: Path | None,
     allow_large: bool,
 ) -> None:
@@ -230,6 +249,10 @@ def run(
         latency_repeats=latency_repeats,
         allow_large=allow_large,
         prompts=prompts,
+        resume=resume,
+        workers=workers,
+        storage=storage,
+        trials_only=trials_only,
     )
     result = run_job(model, opts, _progress, _log)
     if not result.report:  # a torchrun worker (rank > 0): rank 0 writes and reports
@@ -282,6 +305,12 @@ def targets() -> None:
 
 
 SAMPLES = click.IntRange(1, MAX_SAMPLES)
+SCALE_GEOMETRIES = (
+    "dit-b2",
+    "dit-xl2",
+    "unet-sd",
+)  # bench.scale.GEOMETRIES (named here so --help needs no torch import)
+SCALE_REPEATS = 5  # whole loops at a realistic size take seconds each
 SEED = click.IntRange(0, MAX_SEED)
 
 
@@ -378,10 +407,17 @@ def sample(
     show_default=True,
     help="Images per call (the denoiser batch is 2x with CFG).",
 )
+@click.option(
+    "--scale",
+    type=click.Choice(sorted(SCALE_GEOMETRIES)),
+    default=None,
+    help="Replay the artifact's decisions on this realistic geometry (random weights) and time its whole loop "
+    f"against the same geometry's original, side by side (--repeats loops each, at most {SCALE_REPEATS}).",
+)
 @ALLOW_LARGE
-def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_large: bool) -> None:
+def bench(artifact: Path, model: Path | None, repeats: int, images: int, scale: str | None, allow_large: bool) -> None:
     """Time an `optimize` output on its backend against the original in torch and the original's fp32
-    graph on the same backend, interleaved in one run."""
+    graph on the same backend, interleaved in one run; or, with --scale, its decisions at a realistic size."""
     import tempfile
 
     from backends.plan import read_plan
@@ -390,6 +426,9 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
     from optimizer.job import check_job_memory
     from verify.latency import measure_latency
 
+    if scale is not None:
+        _bench_scale(artifact, scale, repeats)
+        return
     plan = read_plan(artifact)
     backend = get_backend(plan.backend)
     source = plan.document["model"]["source"]
@@ -403,6 +442,17 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, allow_l
         with _artifact_errors(artifact, backend):
             latency = measure_latency(program, backend.runner(artifact), repeats, backend.runner(Path(tmp)), images)
     click.echo(json.dumps(latency, indent=2))
+
+
+def _bench_scale(artifact: Path, geometry: str, repeats: int) -> None:
+    from backends.plan import read_plan
+    from bench.scale import GEOMETRIES, compare_at_scale
+    from core.validate import read_json_object
+
+    plan = read_plan(artifact)  # the folder is an artifact of ours, checked
+    report = read_json_object(artifact / "report.json", ConfigError, "report")
+    result = compare_at_scale(report, plan.backend, GEOMETRIES[geometry], min(repeats, SCALE_REPEATS), _log)
+    click.echo(json.dumps(result, indent=2))
 
 
 def _comparison_command(name: str) -> Callable:

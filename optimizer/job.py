@@ -48,6 +48,12 @@ class JobOptions:
     latency_repeats: int = 20
     allow_large: bool = False  # skip the memory estimate's refusal (the deliberately huge)
     prompts: Path | None = None  # a text-to-image model's prompt set (default: its folder's prompts.txt)
+    # Search targets (`*-auto`): continue an interrupted search, processes running trials, shared storage,
+    # and trials only (a worker of a shared study: no output, no finalists).
+    resume: bool = False
+    workers: int = 1
+    storage: str | None = None
+    trials_only: bool = False
 
 
 @dataclass
@@ -72,6 +78,9 @@ def check_options(opts: JobOptions) -> None:
     if opts.guidance is not None:
         number(opts.guidance, "--guidance", 0.0, MAX_GUIDANCE)
     check_gate_names(opts.gates, "command line")
+    integer(opts.workers, "--workers", 1, limits.MAX_WORKERS)
+    if opts.trials_only and not opts.storage:
+        raise ConfigError("--trials-only contributes to a shared study: give its --storage URL")
 
 
 def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> DiffusionProgram:
@@ -129,34 +138,78 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     check_options(opts)
     target = get_target(opts.target)
     require_available(target)
+    if target.search is None and (opts.resume or opts.workers > 1 or opts.storage or opts.trials_only):
+        raise ConfigError(
+            f"--resume, --workers, --storage and --trials-only are for search targets; {target.name} has no search"
+        )
+    if target.search is not None and world().size > 1:
+        raise ConfigError("a search runs its trials in processes of its own (--workers), not under torchrun")
     if not world().is_main:
         return _run_worker(model_path, target, opts)
+    if opts.trials_only:
+        return _run_trials_only(model_path, target, opts, progress, log)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
     program, recipes, given = _load_checked(model_path, target, opts)
     log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
     staging = create_staging(out, log)
     try:
-        result = _run_stages(program, target, recipes, opts, staging, progress, log, given)
+        result = _run_stages(model_path, program, target, recipes, opts, staging, progress, log, given)
         publish(staging, out)
     except BaseException as exc:
+        if target.search is not None and not opts.storage:
+            from optimizer.search_job import state_dir
+
+            if state_dir(opts.out).exists():
+                log(f"the search's trials are kept in {state_dir(opts.out)}: rerun with --resume to continue")
         if isinstance(exc, Exception) and not isinstance(exc, OptimizerError) and not is_environment_error(exc):
             raise InternalError(exc, keep_error_log(staging, exc)) from exc
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if target.search is not None:
+        from optimizer.search_job import finish
+
+        finish(opts)
     return dataclasses.replace(result, out=opts.out)
 
 
 def _load_checked(
     model_path: Path, target: Target, opts: JobOptions
 ) -> tuple[DiffusionProgram, list[list[PlannedPass]], Trajectories | None]:
-    """The program with the command line's sampling options, its recipes checked against it, the
-    memory estimate checked, and the --calibration trajectories if given (every rank the same)."""
+    """The program with the command line's sampling options, its recipes (or search space) checked
+    against it, the memory estimate checked, and the --calibration trajectories if given (every rank
+    and search worker the same)."""
     program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
+    if target.search is not None:
+        from optimizer.search_job import check_space
+
+        check_space(target.search, program, target.capabilities)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
     # The largest batch is the verification set or the calibration set, each sampled at once.
     check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
     given = calib.load(opts.calibration, program) if opts.calibration is not None else None
     return program, recipes, given
+
+
+def load_checked_program(
+    model_path: Path, target: Target, opts: JobOptions
+) -> tuple[DiffusionProgram, Trajectories | None]:
+    program, _, given = _load_checked(model_path, target, opts)
+    return program, given
+
+
+def _run_trials_only(
+    model_path: Path, target: Target, opts: JobOptions, progress: Progress, log: Callable[[str], None]
+) -> JobResult:
+    """A process contributing trials to a shared study (--storage URL --trials-only): writes no output."""
+    from optimizer.search_job import run_trials_only, study_name
+    from optimizer.stages import calibrate
+
+    program, given = load_checked_program(model_path, target, opts)
+    calibration = calibrate(program, opts, None, progress, given)
+    ctx = pass_context(program, target, opts, calibration, progress, log)
+    count = run_trials_only(program, target, opts, ctx, study_name(program, target, opts), 0, log)
+    log(f"the shared study holds {count} evaluated trial(s); the job that owns it picks the finalists")
+    return JobResult(opts.out, {}, [])
 
 
 def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
@@ -181,6 +234,20 @@ def _optimize(
     log: Callable[[str], None],
 ) -> tuple[DiffusionProgram, Any, Analyses]:
     """Run the target's recipes (keeping the best of its alternatives) from the calibration set."""
+    ctx = pass_context(program, target, opts, calibration, progress, log)
+    candidate, choice = run_alternatives(program, recipes, ctx, evaluate=quick_fidelity, log=log)
+    return candidate, choice, ctx.analyses
+
+
+def pass_context(
+    program: DiffusionProgram,
+    target: Target,
+    opts: JobOptions,
+    calibration: Trajectories,
+    progress: Progress,
+    log: Callable[[str], None],
+) -> Context:
+    """The passes' context: `program` as the reference, its calibration, the target's capabilities."""
     # A pass that changes the loop invalidates calibration: the same seeds and conditions are recaptured.
     analyses = Analyses(
         capture=lambda reference: calib.capture(
@@ -192,18 +259,17 @@ def _optimize(
         log=log,
     )
     analyses.provide(CALIBRATION, program, calibration)
-    ctx = Context(
+    return Context(
         reference=program,
         analyses=analyses,
         capabilities=target.capabilities,
         progress=progress,
         rng=torch.Generator().manual_seed(opts.seed),
     )
-    candidate, choice = run_alternatives(program, recipes, ctx, evaluate=quick_fidelity, log=log)
-    return candidate, choice, analyses
 
 
 def _run_stages(
+    model_path: Path,
     program: DiffusionProgram,
     target: Target,
     recipes: list[list[PlannedPass]],
@@ -224,12 +290,23 @@ def _run_stages(
     )
     with timed(log, f"calibrating ({source})"):
         calibration = calibrate(program, opts, staging, progress, given)
-    candidate, choice, analyses = _optimize(program, target, recipes, opts, calibration, progress, log)
-    with timed(log, f"lowering for {backend.name}"):
-        artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
-    with timed(log, f"verifying on {opts.samples} samples"):
+    outcome = None
+    if target.search is None:
+        candidate, choice, analyses = _optimize(program, target, recipes, opts, calibration, progress, log)
+        with timed(log, f"lowering for {backend.name}"):
+            artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
+        with timed(log, f"verifying on {opts.samples} samples"):
+            runner = backend.runner(staging)
+            verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
+    else:
+        from optimizer.search_job import run_search_stage
+
+        ctx = pass_context(program, target, opts, calibration, progress, log)
+        outcome, _ = run_search_stage(model_path, program, target, opts, ctx, backend, staging, progress, log)
+        candidate, choice, analyses = outcome.candidate, None, ctx.analyses
+        _, files, verification, ref_images, cand_images = outcome.verified
         runner = backend.runner(staging)
-        verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
+        artifacts = {**files, "calibration": CALIBRATION_FILE}
     baseline, timed_run = None, opts.latency_repeats > 0
     if candidate.provenance and timed_run:  # the network or loop changed: time the unoptimized graph beside it
         with timed(log, "lowering the original as the fp32 baseline"):
@@ -254,6 +331,9 @@ def _run_stages(
     if choice is not None:
         report["recipe_selection"] = choice.to_dict()
         sections = ["", f"## {choice.title}", *choice.markdown(), *sections]
+    if outcome is not None:
+        report["search"] = outcome.record
+        sections = [*outcome.sections, *sections]
     save_grid(staging / GRID_FILE, ref_images, cand_images)
     write_report(staging, report, results, sections)
     return JobResult(opts.out, report, results)

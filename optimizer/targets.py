@@ -8,6 +8,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.validate import finite_tree, get, read_json_file, read_json_object, string_list
+from search.space import SearchSpace, parse_space
 from verify.gates import check_gate_names
 
 TARGETS_DIR = Path(__file__).parent / "targets"
@@ -28,6 +29,9 @@ class Target:
     # calibration seeds stay closest to the original's (end-to-end PSNR), e.g. whether dropping guidance
     # or caching more spends a FLOPs budget better on this model.
     alternatives: tuple[list[dict[str, Any]], ...] = ()
+    # A search space (`*-auto` targets): the job searches the recipe instead of running `recipe`.
+    search: SearchSpace | None = None
+    search_data: dict[str, Any] | None = None  # as written, for naming the study
 
     @property
     def recipes(self) -> tuple[list[dict[str, Any]], ...]:
@@ -64,8 +68,16 @@ def parse_target(data: Any, where: str) -> Target:
             raise ConfigError(f"{where}: alternatives[{i}] must be a recipe (a list of passes)")
         _check_recipe(recipe, f"{where}: alternatives[{i}]")
     check_gate_names(get(data, "gates", dict, where), where)
+    search, search_data = None, get(data, "search", dict, where, None)
+    if search_data is not None:
+        search = parse_space(search_data, f"{where}: search")
+        for knob in search.knobs:
+            for choice, fragment in knob.choices.items():
+                _check_recipe(fragment, f"{where}: search.knobs.{knob.name}.{choice}")
+        if data["recipe"] or alternatives:
+            raise ConfigError(f"{where}: a target with a search space has an empty recipe and no alternatives")
     fields = {k: data[k] for k in (*REQUIRED, "planned_in") if k in data}
-    return Target(**fields, alternatives=tuple(alternatives))
+    return Target(**fields, alternatives=tuple(alternatives), search=search, search_data=search_data)
 
 
 def _check_recipe(recipe: list[Any], where: str) -> None:

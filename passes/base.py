@@ -85,6 +85,9 @@ class Pass(Generic[C]):
     # The output replaces the reference for the passes after it (a distilled student: later passes
     # preserve the student's behaviour, not the teacher's on the student's loop).
     new_reference: bool = False
+    # Integer config fields that set how much training the pass does (e.g. steps): a search's cheap
+    # trials scale them down, its finalists run them as written.
+    budgets: frozenset[str] = frozenset()
     check: Callable[[C, frozenset[str]], None] | None = None  # config vs target, before anything runs
     check_program: Callable[[C, DiffusionProgram], None] | None = None  # config vs the model, ditto
     doc: str = ""

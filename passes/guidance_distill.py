@@ -108,6 +108,7 @@ PASS = Pass(
     phase=Phase.DISTILLATION,
     config=Config,
     run=run,
+    budgets=frozenset({"steps"}),
     invalidates=frozenset({CALIBRATION, FLOPS}),
     new_reference=True,
     check=check,

@@ -10,6 +10,7 @@ calibration (then the reference is re-planned and calibration recaptured on the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -29,6 +30,9 @@ from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
 INFRASTRUCTURE = ("base", "analyses", "manager")  # modules of this package that are not passes
 _REGISTERED: dict[str, Pass] = {}
 Evaluate = Callable[[DiffusionProgram, Context], dict[str, Any]]
+# Programs after each recipe prefix, with the context the next pass gets (prefix_key -> both), so
+# recipes that share a prefix (a search's candidates) run it once.
+PrefixCache = dict[str, tuple[DiffusionProgram, Context]]
 
 
 def register(p: Pass) -> Pass:
@@ -123,17 +127,32 @@ def applied_phases(program: DiffusionProgram) -> set[Phase]:
     return {Phase[record.phase.upper()] for record in program.provenance}
 
 
+def prefix_key(planned: list[PlannedPass]) -> str:
+    """What identifies a recipe prefix: each pass with its whole config, in order."""
+    return json.dumps([[q.name, dataclasses.asdict(q.config)] for q in planned], sort_keys=True, default=str)
+
+
 def run_passes(
     program: DiffusionProgram,
     planned: list[PlannedPass],
     ctx: Context,
     evaluate: Evaluate | None = None,
     log: Callable[[str], None] = lambda _: None,
+    cache: PrefixCache | None = None,
 ) -> DiffusionProgram:
     """Run the planned passes in order; after each, `evaluate` (if given) measures the result for the
-    record. `ctx` is not modified: a pass that changed the loop re-plans a copy's reference."""
+    record. `ctx` is not modified: a pass that changed the loop re-plans a copy's reference. With
+    `cache` (for one starting program and context), a prefix already run is taken from it."""
     ctx = dataclasses.replace(ctx, origin=ctx.origin or ctx.reference)
-    for i, q in enumerate(planned):
+    done = 0
+    if cache is not None:
+        for end in range(len(planned), 0, -1):
+            if (hit := cache.get(prefix_key(planned[:end]))) is not None:
+                program, ctx = hit
+                done = end
+                log(f"reusing the program after {' + '.join(q.name for q in planned[:end])}")
+                break
+    for i, q in enumerate(planned[done:], done):
         for phase in sorted(q.spec.needs_earlier - applied_phases(program)):
             raise ConfigError(f"pass '{q.name}' needs a {phase.name.lower()} pass applied before it")
         with timed(log, f"pass {i + 1}/{len(planned)} '{q.name}' ({q.spec.phase.name.lower()})"):
@@ -163,6 +182,8 @@ def run_passes(
             record = dataclasses.replace(record, fidelity=evaluate(new, ctx))
             new = new.replace(provenance=(*new.provenance[:-1], record))
         program = new
+        if cache is not None:
+            cache[prefix_key(planned[: i + 1])] = (program, ctx)
     return program
 
 
@@ -259,10 +280,12 @@ __all__ = [
     "Context",
     "Phase",
     "PlannedPass",
+    "PrefixCache",
     "RecipeChoice",
     "build_config",
     "offline_context",
     "plan_passes",
+    "prefix_key",
     "quick_fidelity",
     "register",
     "run_alternatives",

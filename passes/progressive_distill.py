@@ -183,6 +183,7 @@ PASS = Pass(
     phase=Phase.DISTILLATION,
     config=Config,
     run=run,
+    budgets=frozenset({"round_steps"}),
     invalidates=frozenset({CALIBRATION, FLOPS}),
     new_reference=True,
     check=check,

@@ -183,6 +183,7 @@ PASS = Pass(
     phase=Phase.RECOVERY,
     config=Config,
     run=run,
+    budgets=frozenset({"steps"}),
     needs_earlier=frozenset({Phase.STRUCTURE}),  # nothing to recover otherwise
     check=check,
 )

@@ -23,6 +23,32 @@ def unet_program():
     return load_program(SHIPPED["unet"])
 
 
+@pytest.fixture(scope="session")
+def tiny_digits_dit(tmp_path_factory) -> Path:
+    """A checkpoint with the shipped DiT's sidecar but 2 blocks of 2 heads and random weights: quick to
+    lower; for mechanics (bookkeeping, shapes, files), never for fidelity."""
+    import json
+
+    from diffusers import DiTTransformer2DModel
+
+    from core.checkpoint import save_checkpoint
+
+    meta = json.loads(SHIPPED["dit"].with_suffix(".json").read_text())
+    meta["model"]["config"].update(num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    for key in ("format", "version", "training"):
+        meta.pop(key, None)
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**meta["model"]["config"])
+    path = tmp_path_factory.mktemp("tiny-digits-dit") / "tiny.safetensors"
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_program(tiny_digits_dit):
+    return load_program(tiny_digits_dit)
+
+
 @pytest.fixture
 def dit_copy(tmp_path: Path) -> Path:
     """The shipped DiT checkpoint copied into its own folder (weights + sidecar)."""

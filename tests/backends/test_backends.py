@@ -1,6 +1,7 @@
 """Item 6: ONNX lowering, ONNX Runtime execution, plan.json and the runner that executes it."""
 
 import json
+import math
 
 import onnx
 import pytest
@@ -18,7 +19,7 @@ from core.variants import sample_program
 from verify.metrics import psnr
 
 
-@pytest.fixture(scope="module", params=["dit", "unet"])
+@pytest.fixture(scope="module", params=["tiny_digits", "unet"])  # a DiT (tiny, quick to export) and a UNet
 def lowered(request, tmp_path_factory):
     program = request.getfixturevalue(f"{request.param}_program")
     folder = tmp_path_factory.mktemp(request.param)
@@ -88,13 +89,48 @@ def test_random_ops_are_rejected():
         check_graph(model)
 
 
-def test_export_switches_the_module_to_eval_mode(tmp_path, dit_program):
-    module = denoiser_module(dit_program)
+def test_export_switches_the_module_to_eval_mode(tmp_path, tiny_digits_program):
+    module = denoiser_module(tiny_digits_program)
     module.train()  # export must switch to eval itself
-    export_onnx(module, dit_program.spec, tmp_path / "d.onnx")
+    export_onnx(module, tiny_digits_program.spec, tmp_path / "d.onnx")
     assert not module.training
 
 
 def test_old_opset_is_refused(tmp_path, dit_program):
     with pytest.raises(ExportError, match="opset 17"):
         export_onnx(denoiser_module(dit_program), dit_program.spec, tmp_path / "d.onnx", opset=17)
+
+
+def test_weights_over_the_inline_limit_go_to_a_recorded_data_file(tiny_digits_program, tmp_path, monkeypatch):
+    """Graphs over 2 GiB (DiT-XL, SD's UNet in fp32) cannot be one protobuf: their weights go to
+    `<graph>.data`, recorded in plan.json with its own sha256; nothing else may hold external data."""
+    import backends.onnx_export as export
+    from backends.plan import sha256
+
+    monkeypatch.setattr(export, "INLINE_LIMIT", 0)  # every graph "large"
+    folder = tmp_path / "a"
+    folder.mkdir()
+    lower(tiny_digits_program, folder)
+    doc = json.loads((folder / "plan.json").read_text())
+    entry = doc["graphs"]["denoiser"]
+    weights = (folder / "denoiser.onnx.data").stat().st_size
+    assert (
+        entry["data"]["file"] == "denoiser.onnx.data"
+        and weights > 4 * sum(p.numel() for p in tiny_digits_program.denoiser.parameters()) * 0.9
+    )
+    graph = onnx.load(str(folder / "denoiser.onnx"), load_external_data=False).graph
+    big = [t for t in graph.initializer if 4 * math.prod(t.dims) >= 1024]  # onnx keeps smaller ones inline
+    assert big and all(t.data_location == TensorProto.EXTERNAL for t in big)
+    seeds, labels = [0, 1], [3, 4]
+    reference = sample_program(tiny_digits_program, seeds, labels, torch_denoise(tiny_digits_program))
+    assert psnr(to_images(reference), to_images(open_runner(folder).sample(seeds, labels))).min() >= 60.0
+
+    data = folder / "denoiser.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")  # tampered weights
+    with pytest.raises(LoadError, match="does not match its recorded sha256"):
+        read_plan(folder)
+    entry["data"]["sha256"] = sha256(data)
+    del entry["data"]  # a graph with external data that plan.json does not record
+    (folder / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(LoadError, match="refers to external data"):
+        read_plan(folder)

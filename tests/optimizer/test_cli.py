@@ -10,11 +10,14 @@ from click.testing import CliRunner
 from conftest import snapshot
 from PIL import Image
 
+from bench.scale import Geometry, compare_at_scale, dit_config
 from optimizer.cli import main
 from optimizer.targets import TARGETS_DIR, get_target
 from zoo import SHIPPED
 
 FAST = ["--samples", "20", "--calibration-samples", "4", "--latency-repeats", "2"]
+# A DiT geometry other than the shipped one's, small enough to lower in seconds (bench --scale's replay).
+SMALL_DIT = Geometry("small-dit", "DiTTransformer2DModel", dit_config(12, 4, 16, latent=8), 1000, "test geometry")
 
 
 def invoke(*args):
@@ -157,11 +160,11 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
     assert "## Quantization" in text and "ONNX Runtime fp32" in text
     assert not (out / ".reference").exists()
 
-    bench = invoke("bench", out, "--model", dit_copy, "--repeats", 1, "--images", 2)
-    assert bench.exit_code == 0, bench.output
-    timings = json.loads(bench.output)
-    assert timings["images"] == 2 and timings["batch"] == 4
-    assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))
+    # The same decisions on another geometry of the family (random weights): formats and fallback replayed.
+    scaled = compare_at_scale(report, {"name": "onnxruntime"}, SMALL_DIT, 1, lambda _: None)
+    assert scaled["replayed"] == ["quantize"] and scaled["artifact"]["nfe"] == scaled["original"]["nfe"] == 40
+    assert scaled["original"]["quantized_layers"] == 0 and scaled["artifact"]["quantized_layers"] > 40
+    assert scaled["artifact"]["onnx_bytes"] < scaled["original"]["onnx_bytes"] and scaled["speedup"] > 0
 
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
@@ -211,6 +214,9 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     }
     text = (out / "report.md").read_text()
     assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
+    scaled = compare_at_scale(report, {"name": "onnxruntime"}, SMALL_DIT, 1, lambda _: None)
+    assert scaled["replayed"] == ["layer_removal", "prune", "recover"]
+    assert scaled["artifact"]["parameters"] < 0.8 * scaled["original"]["parameters"]  # 3 of 12 blocks, 25% MLP
 
 
 def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_copy):

@@ -15,6 +15,7 @@ EXPECTED = {
     "cpu-cache",
     "cpu-prune",
     "cpu-steps",
+    "cpu-auto",
     "a100-int8",
     "h100-fp8",
     "h100-fp4",

@@ -198,11 +198,13 @@ def test_recovery_is_reproducible_and_keeps_labels(dit_program, calibrations):
     assert not recovered.denoiser.training
 
 
-def test_prune_compare_lowers_and_times_every_row(dit_program):
+def test_prune_compare_lowers_and_times_every_row(tiny_digits_program):
     from bench.prune_compare import markdown_table
 
     rows = [("MLP -25%, magnitude", [{"pass": "prune", "config": {"mlp": 0.25, "criterion": "magnitude"}}])]
-    results = compare_pruning(dit_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, latency_repeats=2)
+    results = compare_pruning(
+        tiny_digits_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, latency_repeats=2
+    )
     original, pruned = results
     assert original["name"] == "original" and original["ort_speedup"] == 1.0
     assert pruned["parameters"] < original["parameters"] and pruned["onnx_bytes"] < original["onnx_bytes"]

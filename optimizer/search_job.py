@@ -1,0 +1,234 @@
+"""The job for a target with a search space (`*-auto`): where the study lives, its worker processes,
+and the finalists' lowering and verification into the staging folder.
+
+The study is kept beside `--out` in `.<out>.search/study.sqlite3` until the output is published, so a
+killed or interrupted search continues with `--resume`; `--storage URL` puts it elsewhere (shared by
+processes on several machines: each runs `--trials-only`, one runs the job). A copy of the study goes
+into the output folder as `search.sqlite3`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.errors import ConfigError
+from core.ir import DiffusionProgram
+from passes.base import Context
+from passes.manager import plan_passes, registry
+from search import pareto
+from search.driver import Outcome, search
+from search.space import SearchSpace
+from search.study import evaluated, open_study, requeue_stale, run_trials
+from search.trials import TrialRunner
+from verify.gates import GATES, evaluate_gates
+
+if TYPE_CHECKING:
+    from optimizer.job import JobOptions
+    from optimizer.targets import Target
+
+STUDY_FILE = "study.sqlite3"
+COPY_FILE = "search.sqlite3"
+MAX_RECIPES_CHECKED = 10_000
+
+
+def state_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.search"
+
+
+def check_space(space: SearchSpace, program: DiffusionProgram, capabilities: frozenset[str]) -> None:
+    """Every recipe of the space checked against the target and the model before anything runs."""
+    budgets = {name: p.budgets for name, p in registry().items()}
+    names = [list(k.choices) for k in space.knobs]
+    for combo in itertools.islice(itertools.product(*names), MAX_RECIPES_CHECKED):
+        params = dict(zip((k.name for k in space.knobs), combo, strict=True))
+        try:
+            plan_passes(space.recipe(params, 1.0, budgets), capabilities, program=program)
+        except ConfigError as exc:
+            raise ConfigError(f"search recipe ({space.describe(params)}): {exc}") from None
+
+
+def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> str:
+    """What the trials depend on: the model, the target's space and gates, the options that shape the loop."""
+    what = {
+        "model": program.source.digest,
+        "target": [target.name, target.search_data, target.gates, opts.gates],
+        "options": [opts.calibration_samples, opts.seed, opts.scheduler, opts.steps, opts.guidance, str(opts.prompts)],
+    }
+    return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def storage_url(opts: JobOptions, out: Path, name: str, log: Callable[[str], None]) -> str:
+    """The study's storage; the local one is checked against --resume / --overwrite."""
+    if opts.storage:
+        return opts.storage
+    folder = state_dir(out)
+    db = folder / STUDY_FILE
+    if db.exists():
+        if opts.overwrite and not opts.resume:
+            shutil.rmtree(folder)
+        elif not opts.resume:
+            raise ConfigError(
+                f"an interrupted search for {out} is kept in {folder}: --resume continues it, --overwrite starts over"
+            )
+        else:
+            names = _study_names(db)
+            if names and name not in names:
+                raise ConfigError(
+                    f"the search kept in {folder} was started with other options or another model; "
+                    "rerun with the same ones, or --overwrite to start over"
+                )
+            log(f"resuming the search kept in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _study_names(db: Path) -> list[str]:
+    import optuna
+
+    return optuna.study.get_all_study_names(f"sqlite:///{db}")
+
+
+def spawn_workers(model_path: Path, opts: JobOptions, url: str, name: str) -> list[multiprocessing.Process]:
+    """opts.workers - 1 more processes on this machine running trials of the same study."""
+    context = multiprocessing.get_context("spawn")
+    procs = []
+    for index in range(1, opts.workers):
+        worker_opts = dataclasses.replace(opts, storage=url, trials_only=True, workers=1)
+        proc = context.Process(target=worker_main, args=(model_path, worker_opts, name, index), daemon=False)
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def worker_main(model_path: Path, opts: JobOptions, name: str, index: int) -> None:
+    """A spawned worker: the same program, calibration and proxies (deterministic), its own trials."""
+    import sys
+
+    from optimizer.job import load_checked_program, pass_context
+    from optimizer.stages import calibrate
+    from optimizer.targets import get_target
+
+    def log(message: str) -> None:
+        print(f"[optimize worker {index}] {message}", file=sys.stderr, flush=True)
+
+    quiet = lambda it, **_: it  # noqa: E731
+    target = get_target(opts.target)
+    program, given = load_checked_program(model_path, target, opts)
+    calibration = calibrate(program, opts, None, quiet, given)
+    ctx = pass_context(program, target, opts, calibration, quiet, log)
+    run_trials_only(program, target, opts, ctx, name, index, log)
+
+
+def run_trials_only(
+    program: DiffusionProgram,
+    target: Target,
+    opts: JobOptions,
+    ctx: Context,
+    name: str,
+    index: int,
+    log: Callable[[str], None],
+) -> int:
+    """Contribute trials to the shared study until it holds enough; returns the evaluated count."""
+    from backends.registry import get_backend
+
+    assert target.search is not None and opts.storage
+    study = open_study(opts.storage, name, target.search, opts.seed, index)
+    runner = TrialRunner(program, ctx, target.search, {**target.gates, **opts.gates}, get_backend(target.backend), log)
+    try:
+        requeue_stale(study, log)
+        run_trials(study, target.search, runner.evaluate, log)
+    finally:
+        runner.close()
+    return len(evaluated(study))
+
+
+def run_search_stage(
+    model_path: Path,
+    program: DiffusionProgram,
+    target: Target,
+    opts: JobOptions,
+    ctx: Context,
+    backend: Any,
+    staging: Path,
+    progress: Callable,
+    log: Callable[[str], None],
+) -> tuple[Outcome, str]:
+    """Trials, finalists (each lowered into staging/.finalist-k and verified), the chosen one's files
+    moved up into `staging`; returns the outcome (its `verified`: (folder, files written, verification,
+    reference images, candidate images)) and the storage URL."""
+    from optimizer.stages import verify_lowered
+
+    space = target.search
+    assert space is not None
+    gates = {**target.gates, **opts.gates}
+    name = study_name(program, target, opts)
+    url = storage_url(opts, opts.out, name, log)
+    study = open_study(url, name, space, opts.seed)
+    procs = spawn_workers(model_path, opts, url, name) if opts.workers > 1 else []
+    if procs:
+        log(f"{len(procs)} worker process(es) started beside this one")
+    runner = TrialRunner(program, ctx, space, gates, backend, log)
+    finalist = itertools.count(1)
+
+    def verify(candidate: DiffusionProgram) -> tuple[bool, Any]:
+        folder = staging / f".finalist-{next(finalist)}"
+        folder.mkdir()
+        files = backend.lower(candidate, folder)
+        lowered = backend.runner(folder)
+        verification, ref_images, cand_images = verify_lowered(program, lowered, opts, progress)
+        passed = all(r.passed is not False for r in evaluate_gates(gates, verification))
+        return passed, (folder, files, verification, ref_images, cand_images)
+
+    def wait() -> None:
+        for proc in procs:
+            proc.join()
+            if proc.exitcode:
+                log(f"worker process {proc.pid} exited with {proc.exitcode}")
+
+    try:
+        outcome = search(runner, study, verify, log, wait)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        runner.close()
+    folder = outcome.verified[0]
+    for path in folder.iterdir():
+        path.replace(staging / path.name)
+    for leftover in staging.glob(".finalist-*"):
+        shutil.rmtree(leftover)
+    rows = outcome.record["trials"]
+    chosen = next(i for i, r in enumerate(rows) if r["number"] == outcome.record["chosen"]["trial"])
+    metric = pareto.fidelity_axis(rows)[0]
+    bound = next((b for g, b in gates.items() if GATES[g].metric == metric), None)
+    pareto.plot(rows, chosen, staging / pareto.PLOT_FILE, bound)
+    if url.startswith("sqlite:///"):
+        _copy_sqlite(Path(url.removeprefix("sqlite:///")), staging / COPY_FILE)
+    outcome.record["storage"] = url if opts.storage else f"{state_dir(opts.out)}/{STUDY_FILE} (copied to {COPY_FILE})"
+    return outcome, url
+
+
+def _copy_sqlite(source: Path, dest: Path) -> None:
+    """A consistent copy of a live SQLite database (the backup API, not a file copy)."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def finish(opts: JobOptions) -> None:
+    """After the output is published: the local study is in it, the state folder goes."""
+    if not opts.storage:
+        shutil.rmtree(state_dir(opts.out), ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Cheap proxies for a search trial, all against the original: the target's gates measured on a small
+seed set of its own (disjoint from the calibration and verification seeds), as constraints.
+
+Paired PSNR, agreement and the Fréchet distance to the reference come from the same
+`verify.fidelity.compare` the final verification uses; the teacher-forced error from the pass manager's
+quick fidelity (on the calibration trajectories). A gate whose metric a candidate does not have (the
+teacher-forced error of a distilled student) is no constraint for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from calibration.capture import capture, evaluation_set
+from core.conditions import encode
+from core.ir import DiffusionProgram
+from core.sampling import sample
+from core.variants import torch_loop
+from verify.gates import GATES
+from verify.verdict import Verdict
+
+PROXY_SEED = 20_000  # proxy seeds start here: calibration seeds start at 10,000, verification seeds at 0
+
+
+class ProxySet:
+    def __init__(self, program: DiffusionProgram, samples: int, seed: int = 0) -> None:
+        self.seeds, self.conditions = evaluation_set(program, samples, PROXY_SEED + seed)
+        self.reference = capture(program, self.seeds, self.conditions)
+        self.verdict = Verdict.for_program(program, self.reference)
+
+    def measure(self, candidate: DiffusionProgram) -> dict[str, Any]:
+        """The candidate's loop (torch) on the proxy seeds, judged against the original's samples."""
+        batch = encode(candidate, self.conditions, len(self.seeds))
+        final = sample(candidate.plan, candidate.spec.sample_shape, torch_loop(candidate), self.seeds, batch)
+        summary = self.verdict(final, [float("nan")])
+        return {k: v for k, v in summary.items() if not isinstance(v, list) and not k.startswith("eps_")}
+
+
+def constraints(metrics: dict[str, Any], gates: dict[str, float]) -> dict[str, float]:
+    """Per gate, how far the measured value is past its bound, relative to the bound's scale: <= 0 is
+    feasible (Optuna's constraint convention). A metric that is missing or None is no constraint."""
+    values = {}
+    for name, bound in sorted(gates.items()):
+        gate = GATES[name]
+        value = metrics.get(gate.metric)
+        if value is None:
+            continue
+        if value != value:  # NaN: a diverged candidate
+            values[name] = 1.0
+            continue
+        excess = value - bound if gate.kind == "max" else bound - value
+        values[name] = excess / max(abs(bound), 1e-3)
+    return values

@@ -1,0 +1,151 @@
+"""The search engine: an Optuna study (TPE with the gates as constraints, speed as the objective) in
+storage that survives the process, so a killed search resumes and several processes share one.
+
+- Every trial records the worker that ran it (host:pid). A trial left RUNNING by a dead process of this
+  host is failed and its candidate queued again; finished trials are never redone.
+- TPE proposes a candidate already evaluated now and then; it gets the recorded result at no cost
+  (`repeat_of`) and does not count as an evaluated trial.
+- A study is named after what it searches (model digest, target, options), so a shared storage
+  (`--storage URL`: SQLite, PostgreSQL/MySQL, or an Optuna journal file) can hold several.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from core.errors import OptimizerError, one_line
+from search.space import SearchSpace
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+METRICS = "metrics"  # user attribute holding a trial's measured dict
+
+
+def storage(url: str) -> optuna.storages.BaseStorage | str:
+    """An Optuna storage URL, or a journal file (a path ending in .log / .journal)."""
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if url.startswith("sqlite:"):  # worker processes write to one file: wait for its lock, do not fail
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
+
+
+def open_study(url: str, name: str, space: SearchSpace, seed: int, worker: int = 0) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(
+        seed=seed + worker,  # workers sharing a study must not propose the same random candidates
+        n_startup_trials=space.startup_trials,
+    )
+    return optuna.create_study(
+        storage=storage(url), study_name=name, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+
+
+def evaluated(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials that were evaluated (not repeats), in order."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "repeat_of" not in t.user_attrs and METRICS in t.user_attrs
+    ]
+
+
+def requeue_stale(study: optuna.Study, log: Callable[[str], None]) -> int:
+    """Fail the RUNNING trials of dead processes on this host and queue their candidates again."""
+    host = socket.gethostname()
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker", "")
+        who, _, pid = owner.rpartition(":")
+        if who != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another process failed it first and queued it again
+            continue
+        if t.params:
+            study.enqueue_trial(t.params)
+        log(f"trial {t.number} was left unfinished by process {pid}: queued again")
+        count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_trials(
+    study: optuna.Study,
+    space: SearchSpace,
+    evaluate: Callable[[dict[str, str]], dict[str, Any]],
+    log: Callable[[str], None],
+) -> None:
+    """Evaluate candidates until the study holds `space.trials` evaluated ones (all workers together) or
+    every candidate of the space has been evaluated."""
+    wanted = min(space.trials, space.size)
+    attempts = 0
+    while len(evaluated(study)) < wanted and attempts < 20 * space.trials:
+        attempts += 1
+        trial = study.ask()
+        trial.set_user_attr("worker", WORKER)
+        params = {k.name: trial.suggest_categorical(k.name, list(k.choices)) for k in space.knobs}
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+        if any(t.params == params for t in failed):  # known not to apply: no second attempt
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        seen = next((t for t in evaluated(study) if t.params == params), None)
+        if seen is not None:
+            trial.set_user_attr("repeat_of", seen.number)
+            trial.set_user_attr(METRICS, seen.user_attrs[METRICS])
+            _constrain(trial, seen.user_attrs[METRICS]["constraints"])
+            study.tell(trial, seen.value)
+            continue
+        done = len(evaluated(study))
+        log(f"trial {trial.number} ({done + 1}/{wanted}): {space.describe(params)}")
+        try:
+            metrics = evaluate(params)
+        except OptimizerError as exc:  # this candidate does not apply to the model: recorded, search goes on
+            trial.set_user_attr("error", one_line(str(exc)))
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"trial {trial.number}: not applicable ({one_line(str(exc))})")
+            continue
+        except BaseException:  # interrupted (or a bug): a resumed search evaluates this candidate first
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(params)
+            raise
+        trial.set_user_attr(METRICS, metrics)
+        _constrain(trial, metrics["constraints"])
+        study.tell(trial, metrics["speedup"])
+        log(f"trial {trial.number}: {summary(metrics)}")
+
+
+def _constrain(trial: optuna.Trial, constraints: dict[str, float]) -> None:
+    """TPE's constraints, one per gate: <= 0 meets it."""
+    for gate, value in constraints.items():
+        trial.set_constraint(gate, value)
+
+
+def summary(m: dict[str, Any]) -> str:
+    """One progress line per trial (a CI log shows every trial)."""
+    parts = [f"{m['speedup']:.2f}x ({m['loop_ms']:.1f} ms vs {m['original_loop_ms']:.1f} ms)", f"NFE {m['nfe']}"]
+    if m.get("psnr_db_mean") is not None:
+        parts.append(f"PSNR {m['psnr_db_mean']:.1f} dB")
+    if m.get("fd_candidate_to_reference") is not None:
+        parts.append(f"FD to ref {m['fd_candidate_to_reference']:.2f}")
+    if m.get("class_agreement_drop") is not None:
+        parts.append(f"agreement drop {m['class_agreement_drop']:.2f}")
+    parts.append("feasible" if m["feasible"] else "infeasible")
+    return ", ".join(parts) + f" [{m['seconds']:.0f} s]"

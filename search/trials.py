@@ -1,0 +1,105 @@
+"""One search trial: a candidate recipe run (prefixes reused), judged by the proxies and timed.
+
+Speed is measured, not estimated: the candidate is lowered on the target's backend and its whole loop
+for one image is timed in alternating blocks with the original's fp32 graph on the same backend
+(verify.timing), so the objective is a ratio taken side by side, robust to the machine's drift.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.ir import DiffusionProgram
+from core.sampling import network_evaluations
+from passes.base import Context
+from passes.manager import PrefixCache, plan_passes, quick_fidelity, registry, run_passes
+from search.proxy import ProxySet, constraints
+from search.space import SearchSpace
+from verify.timing import paired_median_ms
+
+
+class TrialRunner:
+    """Everything trials share in one process: the original, the pass context, the proxy set, the
+    original's lowered fp32 graph and the programs after every recipe prefix run so far."""
+
+    def __init__(
+        self,
+        program: DiffusionProgram,
+        ctx: Context,
+        space: SearchSpace,
+        gates: dict[str, float],
+        backend: Any,
+        log: Callable[[str], None],
+    ) -> None:
+        self.program, self.ctx, self.space, self.gates, self.backend, self.log = (
+            program,
+            ctx,
+            space,
+            gates,
+            backend,
+            log,
+        )
+        self.cache: PrefixCache = {}
+        self.budgets = {name: p.budgets for name, p in registry().items()}
+        self.folder = Path(tempfile.mkdtemp(prefix="search-"))
+        self.proxy = ProxySet(program, space.proxy_samples)
+        self.baseline = self._lower(program, "original")
+        self.seeds, self.conditions = (
+            self.proxy.seeds[:1],
+            None if self.proxy.conditions is None else self.proxy.conditions[:1],
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def recipe(self, params: dict[str, str], full: bool) -> list[dict[str, Any]]:
+        return self.space.recipe(params, 1.0 if full else self.space.proxy_budget, self.budgets)
+
+    def candidate(self, params: dict[str, str], full: bool) -> DiffusionProgram:
+        """The program of `params`' recipe (full budget or the trials' proxy budget), prefixes reused."""
+        planned = plan_passes(self.recipe(params, full), self.ctx.capabilities, program=self.program)
+        return run_passes(self.program, planned, self.ctx, quick_fidelity, self.log, cache=self.cache)
+
+    def evaluate(self, params: dict[str, str]) -> dict[str, Any]:
+        """Proxy metrics, constraints and measured speed of `params`' recipe at the proxy budget."""
+        start = time.perf_counter()
+        candidate = self.candidate(params, full=False)
+        fidelity = candidate.provenance[-1].fidelity if candidate.provenance else quick_fidelity(candidate, self.ctx)
+        metrics = {
+            **self.proxy.measure(candidate),
+            "calibration_psnr_db": fidelity["calibration_psnr_db"],
+            "eps_rel_error_max": fidelity["eps_rel_error_max"],
+            "flops_per_image": fidelity["flops_per_image"],
+            "nfe": network_evaluations(candidate.plan, candidate.spec.conditioning),
+        }
+        metrics.update(self.time([candidate])[0])
+        metrics["constraints"] = constraints(metrics, self.gates)
+        metrics["feasible"] = all(c <= 0 for c in metrics["constraints"].values())
+        metrics["seconds"] = round(time.perf_counter() - start, 1)
+        return metrics
+
+    def time(self, programs: list[DiffusionProgram]) -> list[dict[str, float]]:
+        """Each program's whole loop for one image on the backend, side by side with the original's."""
+        runners = {"original": self.baseline}
+        for i, program in enumerate(programs):
+            runners[f"c{i}"] = self._lower(program, f"c{i}")
+        loops = {k: (lambda r=r: r.sample(self.seeds, self.conditions)) for k, r in runners.items()}
+        ms = paired_median_ms(
+            loops, repeats=self.space.latency_repeats, warmup=1, rounds=min(4, self.space.latency_repeats)
+        )
+        return [
+            {"loop_ms": ms[f"c{i}"], "original_loop_ms": ms["original"], "speedup": ms["original"] / ms[f"c{i}"]}
+            for i in range(len(programs))
+        ]
+
+    def _lower(self, program: DiffusionProgram, name: str) -> Any:
+        folder = self.folder / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        self.backend.lower(program, folder)
+        return self.backend.runner(folder)

@@ -1,0 +1,35 @@
+"""bench --scale: the geometries the CLI offers, and a family mismatch refused with one line. The replay
+itself runs on the cpu-int8 and cpu-prune outputs in tests/optimizer/test_cli.py."""
+
+import pytest
+
+from bench.scale import GEOMETRIES, compare_at_scale, scaled_recipe
+from core.errors import ConfigError
+from optimizer.cli import SCALE_GEOMETRIES
+
+
+def test_the_cli_offers_every_geometry():
+    assert set(SCALE_GEOMETRIES) == set(GEOMETRIES)
+
+
+def test_another_family_is_refused_with_the_geometries_that_fit():
+    report = {"model": {"class": "UNet2DModel"}}
+    with pytest.raises(ConfigError, match="the artifact is a UNet2DModel, the geometry a DiTTransformer2DModel"):
+        compare_at_scale(report, {"name": "onnxruntime"}, GEOMETRIES["dit-b2"], 1, lambda _: None)
+
+
+def test_the_replayed_recipe_keeps_shapes_and_formats_and_drops_weight_training():
+    report = {
+        "passes": [
+            {"name": "layer_removal", "config": {"blocks": 2, "fraction": 0.0, "criterion": "distortion"}},
+            {"name": "prune", "config": {"mlp": 0.25, "criterion": "taylor"}},
+            {"name": "recover", "config": {"steps": 600}},
+            {"name": "guidance_distill", "config": {"steps": 400}},
+            {"name": "quantize", "config": {"weights": "int8", "max_eps_error": 0.02}},
+        ],
+        "decisions": {"layer_removal": {"removed": [3, 5], "kept": [0, 1, 2, 4, 6, 7]}},
+    }
+    recipe = scaled_recipe(report)
+    assert [s["pass"] for s in recipe] == ["layer_removal", "prune", "quantize"]
+    assert recipe[0]["config"] == {"blocks": 0, "fraction": 0.25, "criterion": "last"}
+    assert recipe[1]["config"]["criterion"] == "magnitude" and recipe[2]["config"]["max_eps_error"] == 0.0

@@ -1,0 +1,159 @@
+"""`optimize MODEL --target <search target>`: trials, finalists, the report's search sections, the study
+file, worker processes sharing one study, and a killed search resumed without redoing finished trials.
+
+The model is a tiny untrained DiT and the gates are wide: these tests check the search's mechanics and
+bookkeeping; the search's results on the trained models are benchmark runs (BENCHMARKS.md)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+from PIL import Image
+
+from optimizer.cli import main
+
+STEPS = {
+    "20 x CFG": [],
+    "10 x CFG": [{"pass": "sampler", "config": {"steps": 10}}],
+    "5 x CFG": [{"pass": "sampler", "config": {"steps": 5}}],
+}
+LOOP = {
+    "none": [],
+    "half guided": [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.5}}],
+    "quarter guided": [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.25}}],
+}
+FAST = ["--samples", "8", "--calibration-samples", "2", "--latency-repeats", "0"]
+
+
+def search_target(folder: Path, trials: int, repeats: int = 2) -> Path:
+    data = {
+        "name": "tiny-auto",
+        "status": "available",
+        "description": "a test search",
+        "hardware": {"device": "cpu", "capabilities": ["fp32"]},
+        "backend": {"name": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        "recipe": [],
+        "search": {
+            "trials": trials,
+            "startup_trials": 2,
+            "finalists": 1,
+            "proxy_samples": 8,
+            "latency_repeats": repeats,
+            "knobs": {"steps": STEPS, "loop": LOOP},
+        },
+        "gates": {"max_class_agreement_drop": 1.0, "max_fd_to_reference": 1e9},
+    }
+    path = folder / "tiny-auto.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path, tiny_digits_dit):
+    """The tiny digits DiT (conftest) in a folder of this test's own."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for src in (tiny_digits_dit, tiny_digits_dit.with_suffix(".json")):
+        shutil.copy(src, folder / src.name)
+    return folder / tiny_digits_dit.name
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_search_keeps_the_fastest_candidate_within_the_gates_and_reports_every_one(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    result = invoke(tiny_model, "--target", search_target(tmp_path, trials=4), "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("] trial ") >= 8  # a start and a result line per trial (CI logs)
+    search = json.loads((out / "report.json").read_text())["search"]
+    rows = search["trials"]
+    assert len(rows) == 4 and len({json.dumps(r["params"], sort_keys=True) for r in rows}) == 4
+    fastest = max((r for r in rows if r["metrics"]["feasible"]), key=lambda r: r["metrics"]["speedup"])
+    assert search["chosen"]["trial"] == fastest["number"] and search["finalists"][0]["passed"]
+    chosen = search["chosen"]["recipe"]
+    assert chosen == [*STEPS[fastest["params"]["steps"]], *LOOP[fastest["params"]["loop"]]]
+    plan = json.loads((out / "plan.json").read_text())
+    steps = {"20 x CFG": 20, "10 x CFG": 10, "5 x CFG": 5}[fastest["params"]["steps"]]
+    assert len(plan["steps"]) == steps
+    shares = search["attribution"]
+    assert [r["pass"] for r in shares] == [s["pass"] for s in chosen]
+    if shares:
+        assert sum(r["speed_share"] for r in shares) == pytest.approx(1.0)
+    assert set(search["pareto_front"]) <= {r["number"] for r in rows} and search["pareto_front"]
+    assert Image.open(out / "pareto.png").format == "PNG"
+    study = optuna.load_study(study_name=search["study"], storage=f"sqlite:///{out / 'search.sqlite3'}")
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE and "repeat_of" not in t.user_attrs]) == 4
+    text = (out / "report.md").read_text()
+    for heading in ("## Search", "### Candidates", "![Pareto front](pareto.png)", "### Finalists", "### Each pass"):
+        assert heading in text
+    assert not (tmp_path / ".out.search").exists()  # the study moved into the output; the state folder went
+
+    # `optimize bench` times any output folder against the original (torch, and its fp32 graph).
+    bench = invoke("bench", out, "--model", tiny_model, "--repeats", 1, "--images", 2)
+    assert bench.exit_code == 0, bench.output
+    timings = json.loads(bench.output)
+    assert timings["images"] == 2 and timings["batch"] == 4
+    assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))
+
+
+def _evaluated(db: Path) -> list:
+    if not db.exists():
+        return []
+    try:
+        names = optuna.study.get_all_study_names(f"sqlite:///{db}")
+        if not names:
+            return []
+        study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    except Exception:  # the database is being created by the other process
+        return []
+    return [t for t in trials if "repeat_of" not in t.user_attrs]
+
+
+def test_two_workers_share_a_study_and_a_killed_search_resumes_without_redoing_finished_trials(tmp_path, tiny_model):
+    target, out = search_target(tmp_path, trials=8, repeats=8), tmp_path / "out"
+    db = tmp_path / ".out.search" / "study.sqlite3"
+    optimize = Path(sys.executable).parent / "optimize"
+    args = [optimize, tiny_model, "--target", target, "--out", out, "--workers", "2", *FAST]
+    proc = subprocess.Popen([str(a) for a in args], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            done = _evaluated(db)
+            if len({t.user_attrs["worker"] for t in done}) >= 2 or len(done) >= 8 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {t.number: t.user_attrs["metrics"] for t in _evaluated(db)}
+    workers = {t.user_attrs["worker"] for t in _evaluated(db)}
+    assert len(workers) == 2, f"the second worker finished no trial before the first finished the study: {workers}"
+    assert 2 <= len(before) < 8 and not out.exists()
+
+    refused = invoke(tiny_model, "--target", target, "--out", out, *FAST)
+    assert refused.exit_code == 2 and "--resume" in refused.output
+
+    resumed = invoke(tiny_model, "--target", target, "--out", out, "--resume", *FAST)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming: {len(before)} evaluated trial(s) kept, not redone" in resumed.output
+    search = json.loads((out / "report.json").read_text())["search"]
+    rows = {r["number"]: r for r in search["trials"]}
+    assert len(rows) == 8 and search["kept_from_earlier_runs"] == len(before)
+    for number, metrics in before.items():  # kept as measured, by the processes that measured them
+        assert rows[number]["metrics"] == metrics and rows[number]["worker"] in workers
+    mine = [r for r in rows.values() if r["worker"].endswith(f":{os.getpid()}")]
+    assert len(mine) == 8 - len(before)  # the resumed run evaluated only what was missing
+    assert len(set(search["workers"])) == 3
+    assert not list(tmp_path.glob(".out.staging-*")) and not (tmp_path / ".out.search").exists()
