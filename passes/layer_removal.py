@@ -68,8 +68,8 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("layer_removal: blocks and max_distortion must be >= 0")
     if not 0 <= config.fraction < 1:
         raise ConfigError(f"layer_removal: fraction must be in [0, 1), got {config.fraction}")
-    if config.blocks == 0 and config.max_distortion == 0:
-        raise ConfigError("layer_removal: set blocks (a count) or max_distortion (a budget)")
+    if config.blocks == 0 and config.max_distortion == 0 and config.fraction == 0:
+        raise ConfigError("layer_removal: set blocks (a count), fraction (of the stack) or max_distortion (a budget)")
     if not (1 <= config.samples <= MAX_INPUTS and 1 <= config.batch <= MAX_INPUTS):
         raise ConfigError(f"layer_removal: samples and batch must be in [1, {MAX_INPUTS}]")
 

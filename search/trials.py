@@ -45,10 +45,11 @@ class TrialRunner:
             log,
         )
         self.cache: PrefixCache = {}
+        self._lowered: dict[int, tuple[DiffusionProgram, Any]] = {}  # id(program) -> (program, its runner)
         self.budgets = {name: p.budgets for name, p in registry().items()}
         self.folder = Path(tempfile.mkdtemp(prefix="search-"))
         self.proxy = ProxySet(program, space.proxy_samples)
-        self.baseline = self._lower(program, "original")
+        self.baseline = self._lower(program)
         self.seeds, self.conditions = (
             self.proxy.seeds[:1],
             None if self.proxy.conditions is None else self.proxy.conditions[:1],
@@ -87,7 +88,7 @@ class TrialRunner:
         """Each program's whole loop for one image on the backend, side by side with the original's."""
         runners = {"original": self.baseline}
         for i, program in enumerate(programs):
-            runners[f"c{i}"] = self._lower(program, f"c{i}")
+            runners[f"c{i}"] = self._lower(program)
         loops = {k: (lambda r=r: r.sample(self.seeds, self.conditions)) for k, r in runners.items()}
         ms = paired_median_ms(
             loops, repeats=self.space.latency_repeats, warmup=1, rounds=min(4, self.space.latency_repeats)
@@ -97,9 +98,12 @@ class TrialRunner:
             for i in range(len(programs))
         ]
 
-    def _lower(self, program: DiffusionProgram, name: str) -> Any:
-        folder = self.folder / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        self.backend.lower(program, folder)
-        return self.backend.runner(folder)
+    def _lower(self, program: DiffusionProgram) -> Any:
+        """The program lowered on the backend, once per program (an empty recipe is the original itself;
+        the attribution's prefixes were often trials already)."""
+        if id(program) not in self._lowered:
+            folder = self.folder / f"g{len(self._lowered)}"
+            folder.mkdir()
+            self.backend.lower(program, folder)
+            self._lowered[id(program)] = (program, self.backend.runner(folder))  # the program keeps its id
+        return self._lowered[id(program)][1]

@@ -10,16 +10,17 @@ from collections.abc import Callable
 def paired_median_ms(
     fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 4
 ) -> dict[str, float]:
-    """Medians of calls taken in alternating blocks (A A A, B B B, A A A, ...), so that slow drifts of the
-    machine hit every contender alike. Each block starts with an untimed call: runtimes that spin their
-    thread pools (ONNX Runtime) must not be timed while another one's threads are still spinning."""
+    """Medians of calls taken in alternating blocks (A A A, B B B, then B B B, A A A, ...: the order flips
+    every round), so that slow drifts of the machine and whatever the first block of a round pays hit every
+    contender alike. Each block starts with an untimed call: runtimes that spin their thread pools (ONNX
+    Runtime) must not be timed while another one's threads are still spinning."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     per_block = max(1, -(-repeats // rounds))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    for r in range(rounds):
+        for key, fn in list(fns.items())[:: -1 if r % 2 else 1]:
             fn()
             for _ in range(per_block):
                 start = time.perf_counter()
