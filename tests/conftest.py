@@ -25,8 +25,8 @@ def unet_program():
 
 @pytest.fixture(scope="session")
 def tiny_digits_dit(tmp_path_factory) -> Path:
-    """A checkpoint with the shipped DiT's sidecar but 2 blocks of 2 heads and random weights: quick to
-    lower; for mechanics (bookkeeping, shapes, files), never for fidelity."""
+    """A checkpoint with the shipped DiT's sidecar but 2 blocks of width 64 and random weights: quick to
+    lower; for mechanics (bookkeeping, shapes, files, sizes), never for fidelity."""
     import json
 
     from diffusers import DiTTransformer2DModel
@@ -34,7 +34,7 @@ def tiny_digits_dit(tmp_path_factory) -> Path:
     from core.checkpoint import save_checkpoint
 
     meta = json.loads(SHIPPED["dit"].with_suffix(".json").read_text())
-    meta["model"]["config"].update(num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    meta["model"]["config"].update(num_layers=2, num_attention_heads=4, attention_head_dim=16)
     for key in ("format", "version", "training"):
         meta.pop(key, None)
     torch.manual_seed(0)

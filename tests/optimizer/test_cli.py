@@ -214,9 +214,6 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     }
     text = (out / "report.md").read_text()
     assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
-    scaled = compare_at_scale(report, {"name": "onnxruntime"}, SMALL_DIT, 1, lambda _: None)
-    assert scaled["replayed"] == ["layer_removal", "prune", "recover"]
-    assert scaled["artifact"]["parameters"] < 0.8 * scaled["original"]["parameters"]  # 1 of 4 blocks, 25% MLP
 
 
 def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_copy):

@@ -186,11 +186,13 @@ def test_nvfp4_is_emulated_and_refuses_lowering_clearly(dit_program, dit_calibra
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_quant_compare_rows_are_measured_side_by_side(dit_program):
+def test_quant_compare_rows_are_measured_side_by_side(tiny_digits_program):
     from bench.quant_compare import compare_quantization, markdown_table
 
     rows = [("ours", {}, "ort"), ("naive data", {"calibration": "random"}, "torch")]
-    results = compare_quantization(dit_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, peers=False)
+    results = compare_quantization(
+        tiny_digits_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, peers=False
+    )
     assert [r["name"] for r in results] == ["ours", "naive data"]
     assert results[0]["onnx_bytes"] < results[0]["fp32_onnx_bytes"] and results[1]["onnx_bytes"] is None
     assert all(10 < r["psnr_db_mean"] < 100 and r["class_agreement_reference"] is not None for r in results)
