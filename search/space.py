@@ -34,6 +34,9 @@ class SearchSpace:
     proxy_budget: float = 0.25  # trials' training budgets, as a fraction of the recipe's
     proxy_samples: int = 50  # seeds the trials' distribution metrics (FD, agreement) are measured on
     latency_repeats: int = 5  # timed whole loops per trial (paired with the original's fp32 graph)
+    # Candidates evaluated before TPE proposes any (Optuna's enqueue_trial): what the target's authors
+    # expect to be good, so a short search cannot miss it; the search still has to beat it.
+    first: tuple[dict[str, str], ...] = ()
 
     @property
     def size(self) -> int:
@@ -83,6 +86,14 @@ def parse_space(data: Any, where: str) -> SearchSpace:
             options[key] = integer(data[key], f"{where}: '{key}'", lo, hi)
     if "proxy_budget" in data:
         options["proxy_budget"] = number(data["proxy_budget"], f"{where}: 'proxy_budget'", 1e-3, 1.0)
+    first = get(data, "first", list, where, [])
+    for i, params in enumerate(first):
+        if not isinstance(params, dict) or set(params) != {k.name for k in knobs}:
+            raise ConfigError(f"{where}: first[{i}] must name one choice for every knob")
+        for knob in knobs:
+            if params[knob.name] not in knob.choices:
+                raise ConfigError(f"{where}: first[{i}]: knob '{knob.name}' has no choice {params[knob.name]!r}")
+    options["first"] = tuple(dict(p) for p in first)
     unknown = sorted(set(data) - {"knobs", "proxy_budget", *options})
     if unknown:
         raise ConfigError(f"{where}: unknown search key(s) {unknown}")

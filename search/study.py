@@ -43,9 +43,13 @@ def open_study(url: str, name: str, space: SearchSpace, seed: int, worker: int =
         seed=seed + worker,  # workers sharing a study must not propose the same random candidates
         n_startup_trials=space.startup_trials,
     )
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage(url), study_name=name, sampler=sampler, direction="maximize", load_if_exists=True
     )
+    if worker == 0 and not study.get_trials(deepcopy=False):  # a new study: the target's first candidates
+        for params in space.first:
+            study.enqueue_trial(params)
+    return study
 
 
 def evaluated(study: optuna.Study) -> list[FrozenTrial]:

@@ -147,3 +147,29 @@ def test_each_pass_gets_its_share_of_the_log_speedup_and_of_the_fidelity_change(
     assert [r["speed_share"] for r in rows] == pytest.approx([0.5, 0.5])  # 2x then 2x: half each
     assert [r["fidelity_share"] for r in rows] == pytest.approx([0.75, 0.25])  # FD 0 -> 3 -> 4
     assert "| sampler | 50.0 | 2.00x | 50% | 3.00 | +3.00 | 75% |" in "\n".join(attribution.markdown(rows))
+
+
+def test_a_journal_file_storage_serves_like_sqlite(tmp_path):
+    """--storage FILE.log: Optuna's journal storage, the one its docs advise for processes sharing a file."""
+    space = parse_space(SPACE, "t")
+    evaluate, calls = scripted(RESULTS)
+    journal = str(tmp_path / "study.log")
+    run_trials(open_study(journal, "s", space, seed=0), space, evaluate, lambda _: None)
+    again = open_study(journal, "s", space, seed=1, worker=1)  # a second process opening the same study
+    assert len(calls) == 4 and len(evaluated(again)) == 4
+    run_trials(again, space, evaluate, lambda _: None)
+    assert len(calls) == 4  # nothing left to evaluate
+
+
+def test_the_targets_first_candidates_are_evaluated_before_tpe_proposes_any(tmp_path):
+    space = parse_space({**SPACE, "trials": 2, "first": [{"a": "y", "b": "q"}, {"a": "x", "b": "q"}]}, "t")
+    evaluate, calls = scripted(RESULTS)
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", space, seed=0)
+    run_trials(study, space, evaluate, lambda _: None)
+    assert calls == [{"a": "y", "b": "q"}, {"a": "x", "b": "q"}]
+    open_study(f"sqlite:///{tmp_path / 's.db'}", "s", space, seed=0)  # reopened (resumed): not queued again
+    assert len(study.get_trials(deepcopy=False)) == 2
+    with pytest.raises(ConfigError, match="has no choice 'z'"):
+        parse_space({**SPACE, "first": [{"a": "z", "b": "q"}]}, "t")
+    with pytest.raises(ConfigError, match="one choice for every knob"):
+        parse_space({**SPACE, "first": [{"a": "x"}]}, "t")
