@@ -34,6 +34,7 @@ from core.ir import Conditioning, DiffusionProgram, SamplingPlan
 from core.loading import program_from_model
 from core.quantized import quantized_layers
 from core.sampling import network_evaluations
+from core.surgery import set_module
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.timing import paired_median_ms
 
@@ -113,11 +114,14 @@ def scaled_original(geometry: Geometry, plan: SamplingPlan) -> DiffusionProgram:
 
     torch.manual_seed(0)
     model = adapter_for(geometry.model_class).build(dict(geometry.config))
-    sampling = {"scheduler": plan.scheduler_class, "num_inference_steps": plan.num_inference_steps}
     program = program_from_model(
         model,
         scheduler={"class": plan.scheduler_class, "config": plan.scheduler_config},
-        sampling={**sampling, "guidance_scale": plan.guidance_scale},
+        sampling={
+            "scheduler": plan.scheduler_class,
+            "num_inference_steps": plan.num_inference_steps,
+            "guidance_scale": plan.guidance_scale,
+        },
         conditioning=Conditioning(geometry.num_classes, geometry.num_classes),
     )
     return program.replace(plan=plan.without_loop_policy())
@@ -153,17 +157,11 @@ def scaled_candidate(original: DiffusionProgram, report: dict[str, Any]) -> Diff
     kept = [f["layer"] for f in report["decisions"].get("quantize", {}).get("fallback", [])]
     model = program.denoiser
     for name in kept:  # the artifact's fallback layers stay fp32 here too (same module names)
-        _revert(model, original.denoiser, name)
+        try:
+            set_module(model, name, copy.deepcopy(original.denoiser.get_submodule(name)))
+        except AttributeError:  # a layer this geometry does not have
+            continue
     return program.replace(plan=candidate_plan)
-
-
-def _revert(model: torch.nn.Module, original: torch.nn.Module, name: str) -> None:
-    try:
-        source = original.get_submodule(name)
-    except AttributeError:
-        return
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, copy.deepcopy(source))
 
 
 def compare_at_scale(

@@ -72,3 +72,9 @@ def prune_resnet(resnet: nn.Module, keep_groups: list[int]) -> None:
     norm.weight = nn.Parameter(norm.weight.detach()[keep].clone())
     norm.bias = nn.Parameter(norm.bias.detach()[keep].clone())
     keep_inputs(resnet.conv2, keep)
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` inside `root` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -190,26 +190,27 @@ def _load_checked(
     return program, recipes, given
 
 
-def load_checked_program(
-    model_path: Path, target: Target, opts: JobOptions
-) -> tuple[DiffusionProgram, Trajectories | None]:
-    program, _, given = _load_checked(model_path, target, opts)
-    return program, given
-
-
 def _run_trials_only(
     model_path: Path, target: Target, opts: JobOptions, progress: Progress, log: Callable[[str], None]
 ) -> JobResult:
     """A process contributing trials to a shared study (--storage URL --trials-only): writes no output."""
+    count = contribute_trials(model_path, target, opts, progress, log)
+    log(f"the shared study holds {count} evaluated trial(s); the job that owns it picks the finalists")
+    return JobResult(opts.out, {}, [])
+
+
+def contribute_trials(
+    model_path: Path, target: Target, opts: JobOptions, progress: Progress, log: Callable[[str], None], index: int = 0
+) -> int:
+    """Trials of the shared study from the same program, calibration and proxies as every other process
+    (deterministic); `index` tells workers' samplers apart. Returns the study's evaluated count."""
     from optimizer.search_job import run_trials_only, study_name
     from optimizer.stages import calibrate
 
-    program, given = load_checked_program(model_path, target, opts)
+    program, _, given = _load_checked(model_path, target, opts)
     calibration = calibrate(program, opts, None, progress, given)
     ctx = pass_context(program, target, opts, calibration, progress, log)
-    count = run_trials_only(program, target, opts, ctx, study_name(program, target, opts), 0, log)
-    log(f"the shared study holds {count} evaluated trial(s); the job that owns it picks the finalists")
-    return JobResult(opts.out, {}, [])
+    return run_trials_only(program, target, opts, ctx, study_name(program, target, opts), index, log)
 
 
 def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
@@ -302,7 +303,7 @@ def _run_stages(
         from optimizer.search_job import run_search_stage
 
         ctx = pass_context(program, target, opts, calibration, progress, log)
-        outcome, _ = run_search_stage(model_path, program, target, opts, ctx, backend, staging, progress, log)
+        outcome = run_search_stage(model_path, program, target, opts, ctx, backend, staging, progress, log)
         candidate, choice, analyses = outcome.candidate, None, ctx.analyses
         _, files, verification, ref_images, cand_images = outcome.verified
         runner = backend.runner(staging)

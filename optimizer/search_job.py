@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 from passes.base import Context
-from passes.manager import plan_passes, registry
+from passes.manager import plan_passes
 from search import pareto
 from search.driver import Outcome, search
 from search.space import SearchSpace
@@ -46,12 +46,11 @@ def state_dir(out: Path) -> Path:
 
 def check_space(space: SearchSpace, program: DiffusionProgram, capabilities: frozenset[str]) -> None:
     """Every recipe of the space checked against the target and the model before anything runs."""
-    budgets = {name: p.budgets for name, p in registry().items()}
     names = [list(k.choices) for k in space.knobs]
     for combo in itertools.islice(itertools.product(*names), MAX_RECIPES_CHECKED):
         params = dict(zip((k.name for k in space.knobs), combo, strict=True))
         try:
-            plan_passes(space.recipe(params, 1.0, budgets), capabilities, program=program)
+            plan_passes(space.recipe(params), capabilities, program=program)
         except ConfigError as exc:
             raise ConfigError(f"search recipe ({space.describe(params)}): {exc}") from None
 
@@ -97,35 +96,29 @@ def _study_names(db: Path) -> list[str]:
     return optuna.study.get_all_study_names(f"sqlite:///{db}")
 
 
-def spawn_workers(model_path: Path, opts: JobOptions, url: str, name: str) -> list[multiprocessing.Process]:
+def spawn_workers(model_path: Path, opts: JobOptions, url: str) -> list[multiprocessing.Process]:
     """opts.workers - 1 more processes on this machine running trials of the same study."""
     context = multiprocessing.get_context("spawn")
     procs = []
     for index in range(1, opts.workers):
         worker_opts = dataclasses.replace(opts, storage=url, trials_only=True, workers=1)
-        proc = context.Process(target=worker_main, args=(model_path, worker_opts, name, index), daemon=False)
+        proc = context.Process(target=worker_main, args=(model_path, worker_opts, index), daemon=False)
         proc.start()
         procs.append(proc)
     return procs
 
 
-def worker_main(model_path: Path, opts: JobOptions, name: str, index: int) -> None:
-    """A spawned worker: the same program, calibration and proxies (deterministic), its own trials."""
+def worker_main(model_path: Path, opts: JobOptions, index: int) -> None:
+    """A spawned worker (--trials-only on the job's study): its own trials, its own log prefix."""
     import sys
 
-    from optimizer.job import load_checked_program, pass_context
-    from optimizer.stages import calibrate
+    from optimizer.job import contribute_trials
     from optimizer.targets import get_target
 
     def log(message: str) -> None:
         print(f"[optimize worker {index}] {message}", file=sys.stderr, flush=True)
 
-    quiet = lambda it, **_: it  # noqa: E731
-    target = get_target(opts.target)
-    program, given = load_checked_program(model_path, target, opts)
-    calibration = calibrate(program, opts, None, quiet, given)
-    ctx = pass_context(program, target, opts, calibration, quiet, log)
-    run_trials_only(program, target, opts, ctx, name, index, log)
+    contribute_trials(model_path, get_target(opts.target), opts, lambda it, **_: it, log, index)
 
 
 def run_trials_only(
@@ -137,7 +130,7 @@ def run_trials_only(
     index: int,
     log: Callable[[str], None],
 ) -> int:
-    """Contribute trials to the shared study until it holds enough; returns the evaluated count."""
+    """Trials of the shared study `name` until it holds enough; returns its evaluated count."""
     from backends.registry import get_backend
 
     assert target.search is not None and opts.storage
@@ -161,10 +154,10 @@ def run_search_stage(
     staging: Path,
     progress: Callable,
     log: Callable[[str], None],
-) -> tuple[Outcome, str]:
+) -> Outcome:
     """Trials, finalists (each lowered into staging/.finalist-k and verified), the chosen one's files
     moved up into `staging`; returns the outcome (its `verified`: (folder, files written, verification,
-    reference images, candidate images)) and the storage URL."""
+    reference images, candidate images))."""
     from optimizer.stages import verify_lowered
 
     space = target.search
@@ -173,7 +166,7 @@ def run_search_stage(
     name = study_name(program, target, opts)
     url = storage_url(opts, opts.out, name, log)
     study = open_study(url, name, space, opts.seed)
-    procs = spawn_workers(model_path, opts, url, name) if opts.workers > 1 else []
+    procs = spawn_workers(model_path, opts, url) if opts.workers > 1 else []
     if procs:
         log(f"{len(procs)} worker process(es) started beside this one")
     runner = TrialRunner(program, ctx, space, gates, backend, log)
@@ -215,7 +208,7 @@ def run_search_stage(
     if url.startswith("sqlite:///"):
         _copy_sqlite(Path(url.removeprefix("sqlite:///")), staging / COPY_FILE)
     outcome.record["storage"] = url if opts.storage else f"{state_dir(opts.out)}/{STUDY_FILE} (copied to {COPY_FILE})"
-    return outcome, url
+    return outcome
 
 
 def _copy_sqlite(source: Path, dest: Path) -> None:

@@ -37,6 +37,7 @@ from core.quantized import (
     quantized_layers,
 )
 from core.sampling import build_scheduler, take
+from core.surgery import set_module
 from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import per_step_error
 
@@ -160,7 +161,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
             shape = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, 1, 1)
             layer.weight.data.mul_(s.reshape(shape))
         out = stats[name].get("out")
-        _set_module(model, name, QuantizedLayer(layer, formats[name], (lo, hi), s, out))
+        set_module(model, name, QuantizedLayer(layer, formats[name], (lo, hi), s, out))
 
     subset = _subset(ctx.calibration, rows=16)
     error_before = _eps_error(denoiser, subset)
@@ -293,11 +294,6 @@ def _range(stat: dict[str, torch.Tensor], smooth: torch.Tensor | None) -> tuple[
     return float(lo.min()), float(hi.max())
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def _subset(traj: Any, rows: int) -> Any:
     """The calibration trajectories on `rows` evenly spread rows (both guidance halves), for quick checks."""
     n = traj.x.shape[1]
@@ -339,7 +335,7 @@ def _fallback(
     for name in sorted(solo, key=solo.get, reverse=True)[: config.max_fallback]:
         if error <= config.max_eps_error:
             break
-        _set_module(model, name, copy.deepcopy(original.get_submodule(name)))
+        set_module(model, name, copy.deepcopy(original.get_submodule(name)))
         error = _eps_error(denoiser, traj)
         reverted.append({"layer": name, "solo_eps_error": solo[name], "eps_error_after": error})
     return error, reverted

@@ -15,6 +15,7 @@ from typing import Any
 from core.errors import ConfigError
 from core.limits import MAX_SAMPLES
 from core.validate import get, integer, number
+from passes.manager import registry
 
 MAX_TRIALS = 10_000
 
@@ -42,14 +43,18 @@ class SearchSpace:
     def size(self) -> int:
         return math.prod(len(k.choices) for k in self.knobs)
 
-    def recipe(self, params: dict[str, str], budget: float = 1.0, budgets: dict[str, frozenset[str]] | None = None):
-        """The recipe of one choice per knob; with `budget` < 1, the passes' training budgets scaled
-        (`budgets`: pass name -> its budget fields, from the pass registry)."""
+    def recipe(
+        self, params: dict[str, str], budget: float = 1.0, budgets: dict[str, frozenset[str]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The recipe of one choice per knob, as written; with `budget` < 1, the passes' training budgets
+        scaled (`budgets`: pass name -> its budget fields; default: what the registered passes declare)."""
+        if budget < 1 and budgets is None:
+            budgets = {name: p.budgets for name, p in registry().items()}
         recipe = []
         for knob in self.knobs:
             for step in knob.choices[params[knob.name]]:
                 step = copy.deepcopy(step)
-                for name in (budgets or {}).get(step["pass"], ()):
+                for name in (budgets or {}).get(step["pass"], ()) if budget < 1 else ():
                     if name in step.get("config", {}):
                         step["config"][name] = max(1, round(step["config"][name] * budget))
                 recipe.append(step)

@@ -100,9 +100,10 @@ def run_trials(
     """Evaluate candidates until the study holds `space.trials` evaluated ones (all workers together) or
     every candidate of the space has been evaluated."""
     wanted = min(space.trials, space.size)
-    attempts = 0
-    while len(evaluated(study)) < wanted and attempts < 20 * space.trials:
-        attempts += 1
+    for _ in range(20 * space.trials):
+        done = evaluated(study)
+        if len(done) >= wanted:
+            break
         trial = study.ask()
         trial.set_user_attr("worker", WORKER)
         params = {k.name: trial.suggest_categorical(k.name, list(k.choices)) for k in space.knobs}
@@ -110,15 +111,14 @@ def run_trials(
         if any(t.params == params for t in failed):  # known not to apply: no second attempt
             study.tell(trial, state=TrialState.FAIL)
             continue
-        seen = next((t for t in evaluated(study) if t.params == params), None)
+        seen = next((t for t in done if t.params == params), None)
         if seen is not None:
             trial.set_user_attr("repeat_of", seen.number)
             trial.set_user_attr(METRICS, seen.user_attrs[METRICS])
             _constrain(trial, seen.user_attrs[METRICS]["constraints"])
             study.tell(trial, seen.value)
             continue
-        done = len(evaluated(study))
-        log(f"trial {trial.number} ({done + 1}/{wanted}): {space.describe(params)}")
+        log(f"trial {trial.number} ({len(done) + 1}/{wanted}): {space.describe(params)}")
         try:
             metrics = evaluate(params)
         except OptimizerError as exc:  # this candidate does not apply to the model: recorded, search goes on

@@ -17,7 +17,7 @@ from typing import Any
 from core.ir import DiffusionProgram
 from core.sampling import network_evaluations
 from passes.base import Context
-from passes.manager import PrefixCache, plan_passes, quick_fidelity, registry, run_passes
+from passes.manager import PrefixCache, plan_passes, quick_fidelity, run_passes
 from search.proxy import ProxySet, constraints
 from search.space import SearchSpace
 from verify.timing import paired_median_ms
@@ -46,7 +46,6 @@ class TrialRunner:
         )
         self.cache: PrefixCache = {}
         self._lowered: dict[int, tuple[DiffusionProgram, Any]] = {}  # id(program) -> (program, its runner)
-        self.budgets = {name: p.budgets for name, p in registry().items()}
         self.folder = Path(tempfile.mkdtemp(prefix="search-"))
         self.proxy = ProxySet(program, space.proxy_samples)
         self.baseline = self._lower(program)
@@ -59,7 +58,7 @@ class TrialRunner:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def recipe(self, params: dict[str, str], full: bool) -> list[dict[str, Any]]:
-        return self.space.recipe(params, 1.0 if full else self.space.proxy_budget, self.budgets)
+        return self.space.recipe(params, 1.0 if full else self.space.proxy_budget)
 
     def candidate(self, params: dict[str, str], full: bool) -> DiffusionProgram:
         """The program of `params`' recipe (full budget or the trials' proxy budget), prefixes reused."""
