@@ -136,11 +136,18 @@ def scaled_recipe(report: dict[str, Any]) -> list[dict[str, Any]]:
             config.update(SHAPE_PASSES[name])
             if name == "layer_removal":
                 decision = report["decisions"]["layer_removal"]
+                if not decision["removed"]:  # e.g. a UNet: no stack of same-shape blocks, nothing removed
+                    continue
                 depth = len(decision["removed"]) + len(decision["kept"])
-                config.update(fraction=len(decision["removed"]) / depth if depth else 0.0, blocks=0)
+                config.update(fraction=len(decision["removed"]) / depth, blocks=0)
             recipe.append({"pass": name, "config": config})
-        elif name == "quantize":
-            recipe.append({"pass": name, "config": {**config, "max_eps_error": 0.0}})
+        elif name == "quantize":  # the formats the artifact chose per layer, no new choice
+            assigned = (report["decisions"].get("quantize", {}).get("allocation") or {}).get("assigned", {})
+            pinned = {**config.get("layer_weights", {}), **assigned}
+            # Ranges from 2 inputs: the values do not change the cost, and 256 rows of an SD-sized UNet at
+            # 64x64 take many minutes on a CPU.
+            replay = {"max_eps_error": 0.0, "layer_weights": pinned, "calibration_inputs": 2}
+            recipe.append({"pass": name, "config": {**config, **replay}})
         elif name not in WEIGHTS_ONLY and name not in LOOP_PASSES:
             raise ConfigError(f"bench --scale: pass '{name}' has no scaled replay yet")
     return recipe

@@ -8,13 +8,17 @@
 4. Every remaining Linear/Conv2d becomes a QuantizedLayer with calibrated ranges.
 5. Fallback: if the teacher-forced noise-prediction error is over `max_eps_error`, the layers whose
    quantization alone hurts most (measured on 5 evenly spread steps) go back to fp32, worst first,
-   until the error over every step is within budget.
+   until the error over every step is within budget. With `fallback_formats` (e.g. FP8 for a W4A8
+   target), each layer's format is chosen instead among its own, those and fp32 by sensitivity + integer
+   programming (modelopt's auto_quantize formulation): the fewest weight bits within the budget.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,7 @@ from torch import nn
 
 from calibration import selection
 from core.adapters import Denoiser, denoiser_module
+from core.allocation import cheapest_within
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -56,6 +61,11 @@ class Config:
     max_eps_error: float = 0.0  # fallback budget (mean teacher-forced relative error); 0: no fallback
     max_fallback: int = 8
     exclude: list[str] = field(default_factory=list)  # module names (prefixes) kept fp32
+    # Weight formats a layer may take instead of `weights`, before fp32, chosen per layer by sensitivity +
+    # integer programming within max_eps_error (e.g. ["fp8"] for W4A8); empty: greedy fallback to fp32.
+    fallback_formats: list[str] = field(default_factory=list)
+    # Per-layer weight formats (module names or prefixes, like `exclude`; "fp32" keeps the layer fp32).
+    layer_weights: dict[str, str] = field(default_factory=dict)
     # 7-bit int8 weights. ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs
     # of uint8 x int8 products in 16 bits (vpmaddubsw), which saturate with full-range weights; 7-bit
     # weights cannot (255 * 63 * 2 < 2^15). ORT's quantize_static calls this `reduce_range`.
@@ -79,6 +89,7 @@ class QuantizeDecision(Decision):
     smoothed_layers: int
     weight_bits: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # per-layer formats by integer programming (fallback_formats)
 
     title = "Quantization"
 
@@ -93,7 +104,9 @@ class QuantizeDecision(Decision):
             f"- teacher-forced model-output error on calibration trajectories: {self.eps_error_before_fallback:.4g}"
             f" before fallback, {self.eps_error_after_fallback:.4g} after",
         ]
-        if self.fallback:
+        if self.allocation:
+            lines += _allocation_markdown(self.allocation)
+        elif self.fallback:
             lines += ["", "Layers reverted to fp32 (most sensitive first, each measured alone on 5 steps):", ""]
             lines += ["| layer | error when quantized alone | error after reverting (every step) |", "|---|---|---|"]
             lines += [
@@ -112,7 +125,11 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(
             f"quantize: unknown activation format '{config.activations}' (known: {', '.join(ACTIVATION_FORMATS)})"
         )
-    for kind in (config.weights, config.activations):
+    pinned = [w for w in config.layer_weights.values() if w != "fp32"]
+    for kind in pinned + config.fallback_formats:
+        if kind not in WEIGHT_FORMATS:
+            raise ConfigError(f"quantize: unknown weight format '{kind}' (known: {', '.join(WEIGHT_FORMATS)}, fp32)")
+    for kind in (config.weights, config.activations, *pinned, *config.fallback_formats):
         if kind != "none" and CAPABILITY[kind] not in capabilities:
             raise ConfigError(
                 f"quantize: {kind} needs the '{CAPABILITY[kind]}' capability, which this target lacks "
@@ -135,7 +152,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
     denoiser = denoiser_module(program.replace(denoiser=model))
-    kept = _kept_fp32(program, config)
+    kept = _kept_fp32(program, config) | {n for n, w in config.layer_weights.items() if w == "fp32"}
     targets = {
         name: m
         for name, m in model.named_modules()
@@ -152,22 +169,32 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         program.spec.conditioning.num_classes,
     )
     stats, groups = _observe(denoiser, targets, inputs, outputs=config.activations == "uint8")
-    formats = {name: _layer_format(layer, config, ctx.capabilities) for name, layer in targets.items()}
+    formats = {
+        name: _layer_format(layer, config, ctx.capabilities, _pinned(config.layer_weights, name))
+        for name, layer in targets.items()
+    }
     smooth = _smoothing(targets, stats, groups, formats, config.smoothquant)
+    builders: dict[str, Callable[[LayerFormat], QuantizedLayer]] = {}
     for name, layer in targets.items():
         s = smooth.get(name)
         lo, hi = _range(stats[name], s)
         if s is not None:
             shape = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, 1, 1)
             layer.weight.data.mul_(s.reshape(shape))
-        out = stats[name].get("out")
-        set_module(model, name, QuantizedLayer(layer, formats[name], (lo, hi), s, out))
+        builders[name] = functools.partial(
+            QuantizedLayer, layer, act_range=(lo, hi), smooth=s, out_range=stats[name].get("out")
+        )
+        set_module(model, name, builders[name](formats[name]))
 
     subset = _subset(ctx.calibration, rows=16)
     error_before = _eps_error(denoiser, subset)
     reverted: list[dict[str, Any]] = []
     error_after = error_before
-    if config.max_eps_error and error_before > config.max_eps_error:
+    allocation = None
+    if config.max_eps_error and error_before > config.max_eps_error and config.fallback_formats:
+        options = _options(model, program.denoiser, builders, config, ctx.capabilities)
+        error_after, reverted, allocation = _allocate(model, denoiser, options, subset, config, ctx.progress)
+    elif config.max_eps_error and error_before > config.max_eps_error:
         error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config, ctx.progress)
 
     layers = quantized_layers(model)
@@ -185,6 +212,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         smoothquant_alpha=config.smoothquant,
         smoothed_layers=len(smooth),
         weight_bits=_weight_bits(model),
+        allocation=allocation,
     )
     return PassResult(program.replace(denoiser=model), decision)
 
@@ -202,8 +230,16 @@ def _kept_fp32(program: DiffusionProgram, config: Config) -> set[str]:
     return kept
 
 
-def _layer_format(layer: nn.Module, config: Config, capabilities: frozenset[str]) -> LayerFormat:
-    weights, activations = config.weights, config.activations
+def _pinned(layer_weights: dict[str, str], name: str) -> str | None:
+    """The weight format pinned for this layer (the longest matching prefix), if any."""
+    matches = [prefix for prefix in layer_weights if _under(name, prefix)]
+    return layer_weights[max(matches, key=len)] if matches else None
+
+
+def _layer_format(
+    layer: nn.Module, config: Config, capabilities: frozenset[str], weights: str | None = None
+) -> LayerFormat:
+    weights, activations = weights or config.weights, config.activations
     if weights in FOUR_BIT and not isinstance(layer, nn.Linear):
         # 4-bit block formats cover Linear layers; convolutions keep 8 bits of the best kind the target has.
         weights = "fp8" if "fp8" in capabilities else "int8"
@@ -227,7 +263,6 @@ def _observe(
     """Per layer: per-input-channel min/max over all calibration inputs (and the output range of convs
     when `outputs`); and groups of layers that read the same tensor."""
     stats: dict[str, dict[str, Any]] = {}
-    first_inputs: dict[str, torch.Tensor] = {}  # kept alive so that ids stay unique
 
     def hook(name: str, linear: bool):
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -236,7 +271,6 @@ def _observe(
             lo, hi = flat.amin(dim=0), flat.amax(dim=0)
             if name not in stats:
                 stats[name] = {"min": lo, "max": hi}
-                first_inputs[name] = x
             else:
                 stats[name]["min"] = torch.minimum(stats[name]["min"], lo)
                 stats[name]["max"] = torch.maximum(stats[name]["max"], hi)
@@ -259,10 +293,33 @@ def _observe(
     finally:
         for h in handles:
             h.remove()
-    by_input: dict[int, list[str]] = {}
+    return stats, _shared_inputs(denoiser, targets, inputs)
+
+
+@torch.no_grad()
+def _shared_inputs(
+    denoiser: Denoiser, targets: dict[str, nn.Module], inputs: selection.CalibrationInputs
+) -> list[list[str]]:
+    """Groups of layers that read the same tensor, from one forward on one input row (the inputs are kept
+    alive until it ends so that their ids stay unique; one row keeps that cheap at any resolution)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.setdefault(name, args[0])
+
+        return record
+
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in targets.items()]
+    try:
+        denoiser.apply(*inputs.rows(torch.tensor([0])))
+    finally:
+        for h in handles:
+            h.remove()
+    by_input: dict[int | str, list[str]] = {}
     for name in targets:
-        by_input.setdefault(id(first_inputs[name]), []).append(name)
-    return stats, list(by_input.values())
+        by_input.setdefault(id(seen[name]) if name in seen else name, []).append(name)
+    return list(by_input.values())
 
 
 def _smoothing(
@@ -339,6 +396,115 @@ def _fallback(
         error = _eps_error(denoiser, traj)
         reverted.append({"layer": name, "solo_eps_error": solo[name], "eps_error_after": error})
     return error, reverted
+
+
+MAX_SOLVES = 5  # integer programs per allocation (each checked on every step)
+
+
+def _options(
+    model: nn.Module,
+    original: nn.Module,
+    builders: dict[str, Callable[[LayerFormat], QuantizedLayer]],
+    config: Config,
+    capabilities: frozenset[str],
+) -> dict[str, dict[str, nn.Module]]:
+    """Per quantized layer, its modules by weight format: its own, each of `fallback_formats`, fp32."""
+    options = {}
+    for name, layer in quantized_layers(model).items():
+        mine: dict[str, nn.Module] = {layer.fmt.weights: layer}
+        for weights in config.fallback_formats:
+            fmt = _layer_format(layer.inner, config, capabilities, weights)
+            if fmt.weights not in mine:
+                mine[fmt.weights] = builders[name](fmt)
+        mine["fp32"] = copy.deepcopy(original.get_submodule(name))
+        options[name] = mine
+    return options
+
+
+def _allocate(
+    model: nn.Module,
+    denoiser: Denoiser,
+    options: dict[str, dict[str, nn.Module]],
+    traj: Any,
+    config: Config,
+    progress: Any,
+) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+    """Per-layer formats by sensitivity + integer programming. Each option's error is measured alone (every
+    other layer fp32) on 5 steps; its risk is the increase of the squared error (independent errors add in
+    squares, not in norms). `cheapest_within` picks the fewest weight bits whose summed risks fit a budget;
+    each choice is checked on every step and the budget rescaled by measured / predicted, a few times; the
+    cheapest choice within `max_eps_error` is kept (else the most accurate)."""
+    default = {name: next(iter(mine)) for name, mine in options.items()}
+    for name, mine in options.items():
+        set_module(model, name, mine["fp32"])
+    probe = _steps_subset(traj, SENSITIVITY_STEPS)
+    base = _eps_error(denoiser, probe)
+    solo: dict[str, dict[str, float]] = {}
+    for name, mine in progress(options.items(), desc="quantize: sensitivity per layer and format", leave=False):
+        solo[name] = {"fp32": base}
+        for key, module in mine.items():
+            if key != "fp32":
+                set_module(model, name, module)
+                solo[name][key] = _eps_error(denoiser, probe)
+        set_module(model, name, mine["fp32"])
+    names = list(options)
+    keys = [list(options[n]) for n in names]
+    bits = [[_stored_bits(options[n][k]) for k in ks] for n, ks in zip(names, keys, strict=True)]
+    risks = [[max(solo[n][k] ** 2 - base**2, 0.0) for k in ks] for n, ks in zip(names, keys, strict=True)]
+    room = config.max_eps_error**2 - base**2  # what the summed risks may add
+    budget, tried = room, []  # (bits, error, choice)
+    for _ in range(MAX_SOLVES):
+        picks = cheapest_within(bits, risks, budget)
+        for name, ks, j in zip(names, keys, picks, strict=True):
+            set_module(model, name, options[name][ks[j]])
+        error = _eps_error(denoiser, traj)
+        tried.append((sum(b[j] for b, j in zip(bits, picks, strict=True)), error, picks))
+        predicted = sum(r[j] for r, j in zip(risks, picks, strict=True))
+        measured = max(error**2 - base**2, 1e-12)
+        if predicted <= 0 or (error <= config.max_eps_error and measured >= 0.8 * room):
+            break
+        budget = predicted * room / measured * (1.0 if error <= config.max_eps_error else 0.95)
+    within = [t for t in tried if t[1] <= config.max_eps_error]
+    _, error, picks = min(within) if within else min(tried, key=lambda t: t[1])
+    chosen = {n: ks[j] for n, ks, j in zip(names, keys, picks, strict=True)}
+    for name, key in chosen.items():
+        set_module(model, name, options[name][key])
+    fp32 = sorted((n for n, k in chosen.items() if k == "fp32"), key=lambda n: solo[n][default[n]], reverse=True)
+    reverted = [{"layer": n, "solo_eps_error": solo[n][default[n]], "eps_error_after": error} for n in fp32]
+    allocation = {
+        "method": "sensitivity + integer programming (scipy milp)",
+        "options": sorted({k for ks in keys for k in ks}),
+        "layers": len(names),
+        "solves": len(tried),
+        "tried": [{"weight_bits": b, "eps_error": e} for b, e, _ in tried],
+        "assigned": {n: k for n, k in chosen.items() if k != default[n]},
+        "solo_eps_error": {n: solo[n] for n, k in chosen.items() if k != default[n]},
+    }
+    return error, reverted, allocation
+
+
+def _stored_bits(module: nn.Module) -> int:
+    if isinstance(module, QuantizedLayer):
+        return module.inner.weight.numel() * BITS[module.fmt.weights]
+    return module.weight.numel() * 32
+
+
+def _allocation_markdown(allocation: dict[str, Any]) -> list[str]:
+    assigned = allocation["assigned"]
+    tried = ", ".join(f"{t['weight_bits'] / 8e6:.3f} MB at {t['eps_error']:.4g}" for t in allocation["tried"])
+    lines = [
+        "",
+        f"Per-layer formats by {allocation['method']}: {allocation['layers']} layers, options"
+        f" {', '.join(allocation['options'])}; {allocation['solves']} solve(s) checked on every step"
+        f" ({tried});"
+        f" {len(assigned)} layers off their default format (the fewest weight bits within the budget):",
+    ]
+    if assigned:
+        lines += ["", "| layer | format | error when alone in each format (5 steps) |", "|---|---|---|"]
+        for name, key in assigned.items():
+            solo = ", ".join(f"{k}: {v:.3g}" for k, v in allocation["solo_eps_error"][name].items())
+            lines.append(f"| {name} | {key} | {solo} |")
+    return lines
 
 
 def _weight_bits(model: nn.Module) -> dict[str, int]:

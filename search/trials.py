@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
 from core.ir import DiffusionProgram
 from core.sampling import network_evaluations
 from passes.base import Context
-from passes.manager import PrefixCache, plan_passes, quick_fidelity, run_passes
+from passes.manager import PlannedPass, PrefixCache, plan_passes, prefix_key, quick_fidelity, run_passes
 from search.proxy import ProxySet, constraints
 from search.space import SearchSpace
 from verify.timing import paired_median_ms
@@ -61,9 +62,16 @@ class TrialRunner:
         return self.space.recipe(params, 1.0 if full else self.space.proxy_budget)
 
     def candidate(self, params: dict[str, str], full: bool) -> DiffusionProgram:
-        """The program of `params`' recipe (full budget or the trials' proxy budget), prefixes reused."""
+        """The program of `params`' recipe (full budget or the trials' proxy budget), prefixes reused.
+        A knob choice whose passes all leave the program as it was (e.g. a guidance policy after guidance
+        distillation) makes the candidate a copy of another: refused as not applicable."""
         planned = plan_passes(self.recipe(params, full), self.ctx.capabilities, program=self.program)
-        return run_passes(self.program, planned, self.ctx, quick_fidelity, self.log, cache=self.cache)
+        program = run_passes(self.program, planned, self.ctx, quick_fidelity, self.log, cache=self.cache)
+        if idle := idle_knobs(self.space, params, planned, self.program, self.cache):
+            raise ConfigError(
+                f"{', '.join(idle)} changes nothing in this recipe ({' + '.join(q.name for q in planned)})"
+            )
+        return program
 
     def evaluate(self, params: dict[str, str]) -> dict[str, Any]:
         """Proxy metrics, constraints and measured speed of `params`' recipe at the proxy budget."""
@@ -106,3 +114,23 @@ class TrialRunner:
             self.backend.lower(program, folder)
             self._lowered[id(program)] = (program, self.backend.runner(folder))  # the program keeps its id
         return self._lowered[id(program)][1]
+
+
+def idle_knobs(
+    space: SearchSpace, params: dict[str, str], planned: list[PlannedPass], start: DiffusionProgram, cache: PrefixCache
+) -> list[str]:
+    """The knob choices (`knob=choice`) whose passes all left the program as they found it: the same network
+    object and an equal loop (`cache` holds the program after every prefix of `planned`)."""
+    changed: dict[str, bool] = {}
+    before = start
+    for end, q in enumerate(planned, 1):
+        after = cache[prefix_key(planned[:end])][0]
+        same = after.denoiser is before.denoiser and after.plan == before.plan
+        changed[q.name] = changed.get(q.name, False) or not same
+        before = after
+    idle = []
+    for knob in space.knobs:
+        names = {step["pass"] for step in knob.choices[params[knob.name]]}
+        if names and not any(changed.get(n, True) for n in names):
+            idle.append(f"{knob.name}={params[knob.name]}")
+    return idle

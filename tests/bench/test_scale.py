@@ -33,3 +33,11 @@ def test_the_replayed_recipe_keeps_shapes_and_formats_and_drops_weight_training(
     assert [s["pass"] for s in recipe] == ["layer_removal", "prune", "quantize"]
     assert recipe[0]["config"] == {"blocks": 0, "fraction": 0.25, "criterion": "last"}
     assert recipe[1]["config"]["criterion"] == "magnitude" and recipe[2]["config"]["max_eps_error"] == 0.0
+    assert recipe[2]["config"]["layer_weights"] == {} and recipe[2]["config"]["calibration_inputs"] == 2
+    # Formats chosen per layer by the integer program are pinned, not chosen again.
+    assigned = {"transformer_blocks.0.ff.net.2": "fp8", "proj_out_2": "fp32"}
+    report["decisions"]["quantize"] = {"allocation": {"assigned": assigned}}
+    assert scaled_recipe(report)[2]["config"]["layer_weights"] == assigned
+    # Nothing removed (a UNet has no stack of same-shape blocks): no layer_removal step to replay.
+    report["decisions"]["layer_removal"] = {"removed": [], "kept": []}
+    assert [s["pass"] for s in scaled_recipe(report)] == ["prune", "quantize"]

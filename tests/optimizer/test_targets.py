@@ -37,10 +37,20 @@ def test_target_list():
 def test_planned_target_is_refused_clearly():
     with pytest.raises(ConfigError, match=r"declared but not implemented yet.*NVFP4 lowering.*available now: a100"):
         require_available(get_target("b200-fp4"))
-    for name in ("cpu-int8", "a100-int8", "h100-fp8", "h100-fp4"):
+    target = get_target("cpu-int8")
+    assert [step["pass"] for step in target.recipe] == ["quantize"] and target.gates["min_psnr_db"] > 0
+    plan_passes(target.recipe, target.capabilities)
+    # Hardware targets compose structure, steps and their format; the loop changes, so distribution gates.
+    composed = ["layer_removal", "prune", "recover", "guidance_distill", "progressive_distill", "quantize"]
+    formats = {"a100-int8": ("int8", "int8"), "h100-fp8": ("fp8", "fp8"), "h100-fp4": ("int4", "fp8")}
+    for name, (weights, activations) in formats.items():
         target = get_target(name)
         require_available(target)
-        assert target.recipe[0]["pass"] == "quantize" and target.gates["min_psnr_db"] > 0
+        assert [step["pass"] for step in target.recipe] == composed
+        assert target.recipe[-1]["config"]["weights"] == weights
+        assert target.recipe[-1]["config"]["activations"] == activations
+        assert set(target.gates) == {"max_class_agreement_drop", "max_fd_to_reference"}
+        assert target.recipe[-1]["config"].get("fallback_formats", []) == (["fp8"] if weights == "int4" else [])
         plan_passes(target.recipe, target.capabilities)  # every shipped recipe fits its hardware
 
 

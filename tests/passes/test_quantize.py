@@ -154,16 +154,13 @@ def test_unet_convs_get_quantized_outputs_and_fuse(unet_program, tmp_path):
     assert _optimized_ops(path, tmp_path)["QLinearConv"] >= len(convs) - 2
 
 
-# INT8 Q/DQ lowering: test_int8_lowering_runs_integer_kernels_in_ort and the unet conv test.
-@pytest.mark.parametrize("weights, activations", [("fp8", "fp8"), ("int4", "fp8")])
-def test_gpu_formats_lower_to_qdq_that_ort_executes(dit_program, dit_calibration, tmp_path, weights, activations):
-    q = quantize(dit_program, dit_calibration, weights=weights, activations=activations)
-    path = export_quantized(denoiser_module(q), q.spec, tmp_path / "q.onnx")
+def lowers_to_qdq_that_ort_executes(q, trajectories, path, weight_types):
+    """The Q/DQ graph holds quantized weights of these ONNX types and ORT runs it like the torch emulation."""
+    path = export_quantized(denoiser_module(q), q.spec, path)
     model = onnx.load(str(path))
     types = {i.data_type for i in model.graph.initializer if i.name.endswith("weight_quantized")}
-    want = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int4": onnx.TensorProto.INT4, "int8": onnx.TensorProto.INT8}
-    assert want[weights] in types
-    x, t, y = dit_calibration.x[10], dit_calibration.t[10].expand(dit_calibration.x.shape[1]), dit_calibration.cond
+    assert set(weight_types) <= types
+    x, t, y = trajectories.x[10], trajectories.t[10].expand(trajectories.x.shape[1]), trajectories.cond
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the plain Q/DQ semantics
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -172,6 +169,14 @@ def test_gpu_formats_lower_to_qdq_that_ort_executes(dit_program, dit_calibration
     )
     emulated = torch_denoise(q)(x, t, y)
     assert float((lowered - emulated).norm() / emulated.norm()) < 0.01
+    return path
+
+
+# INT8 Q/DQ lowering: test_int8_lowering_runs_integer_kernels_in_ort and the unet conv test; W4A8 with FP8
+# layers: test_formats_per_layer_by_sensitivity_and_integer_programming.
+def test_fp8_lowers_to_qdq_that_ort_executes(dit_program, dit_calibration, tmp_path):
+    q = quantize(dit_program, dit_calibration, weights="fp8", activations="fp8")
+    path = lowers_to_qdq_that_ort_executes(q, dit_calibration, tmp_path / "q.onnx", [onnx.TensorProto.FLOAT8E4M3FN])
     fp32_bytes = 4 * sum(p.numel() for p in dit_program.denoiser.parameters())
     assert path.stat().st_size < 0.85 * fp32_bytes
 
@@ -198,3 +203,35 @@ def test_quant_compare_rows_are_measured_side_by_side(tiny_digits_program):
     assert all(10 < r["psnr_db_mean"] < 100 and r["class_agreement_reference"] is not None for r in results)
     table = markdown_table(results)
     assert table.count("\n| ") == 2 and "n/a (emulated)" in table
+
+
+def test_formats_per_layer_by_sensitivity_and_integer_programming(dit_program, dit_calibration, tmp_path):
+    """W4A8 over budget: the integer program moves layers to FP8 (or fp32) for the fewest weight bits within
+    the budget; the greedy fallback can only revert to fp32, so it stores more bits for the same budget."""
+    w4a8 = {"weights": "int4", "activations": "fp8"}
+    plain = quantize(dit_program, dit_calibration, **w4a8).decision("quantize").to_dict()
+    budget = 0.3 * plain["eps_error_before_fallback"]
+    greedy = quantize(dit_program, dit_calibration, **w4a8, max_eps_error=budget, max_fallback=64)
+    ip = quantize(dit_program, dit_calibration, **w4a8, max_eps_error=budget, fallback_formats=["fp8"])
+    notes, greedy_notes = ip.decision("quantize").to_dict(), greedy.decision("quantize").to_dict()
+    assert notes["eps_error_after_fallback"] <= budget < notes["eps_error_before_fallback"]
+    assigned = notes["allocation"]["assigned"]
+    assert "fp8" in assigned.values()
+    assert notes["weight_bits"]["stored"] < greedy_notes["weight_bits"]["stored"]
+    for name, key in assigned.items():
+        module = ip.denoiser.get_submodule(name)
+        assert (key == "fp32") != isinstance(module, QuantizedLayer)
+        assert key == "fp32" or module.fmt.weights == key
+    assert "Per-layer formats by sensitivity + integer programming" in "\n".join(ip.decision("quantize").markdown())
+    # Mixed formats lower: INT4 and FP8 weights in one Q/DQ graph, executed by ORT like the emulation.
+    lowers_to_qdq_that_ort_executes(
+        ip, dit_calibration, tmp_path / "w4a8.onnx", [onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN]
+    )
+    # Pinned per layer (what bench --scale replays): the same formats, no new choice.
+    replay = quantize(dit_program, dit_calibration, **w4a8, layer_weights=assigned)
+    formats = {n: q.fmt.weights for n, q in quantized_layers(replay.denoiser).items()}
+    assert formats == {n: q.fmt.weights for n, q in quantized_layers(ip.denoiser).items()}
+    with pytest.raises(ConfigError, match="unknown weight format 'int2'"):
+        plan_passes([{"pass": "quantize", "config": {"fallback_formats": ["int2"]}}], ALL)
+    with pytest.raises(ConfigError, match="fp8 needs the 'fp8' capability"):
+        plan_passes([{"pass": "quantize", "config": {"layer_weights": {"proj_out_2": "fp8"}}}], ALL - {"fp8"})

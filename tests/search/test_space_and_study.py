@@ -173,3 +173,33 @@ def test_the_targets_first_candidates_are_evaluated_before_tpe_proposes_any(tmp_
         parse_space({**SPACE, "first": [{"a": "z", "b": "q"}]}, "t")
     with pytest.raises(ConfigError, match="one choice for every knob"):
         parse_space({**SPACE, "first": [{"a": "x"}]}, "t")
+
+
+def test_a_knob_choice_that_changes_nothing_is_found():
+    """A guidance policy after guidance distillation (no guidance left) leaves network and loop as they were:
+    that candidate is a copy of another, and the trial runner refuses it as not applicable."""
+    from types import SimpleNamespace
+
+    from passes.manager import plan_passes, prefix_key
+    from search.trials import idle_knobs
+
+    space = parse_space(
+        {
+            "knobs": {
+                "steps": {"20": [], "same": [{"pass": "sampler", "config": {}}]},
+                "loop": {"none": [], "half": [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.5}}]},
+            }
+        },
+        "t",
+    )
+    params = {"steps": "same", "loop": "half"}
+    planned = plan_passes(space.recipe(params, 1.0), frozenset({"fp32"}))
+    start = SimpleNamespace(denoiser=object(), plan={"steps": 20, "guided": 20})
+    same = SimpleNamespace(denoiser=start.denoiser, plan=dict(start.plan))  # a new program, equal contents
+    half = SimpleNamespace(denoiser=start.denoiser, plan={"steps": 20, "guided": 10})
+    cache = {prefix_key(planned[:1]): (same, None), prefix_key(planned[:2]): (half, None)}
+    assert [q.name for q in planned] == ["sampler", "guidance"]
+    assert idle_knobs(space, params, planned, start, cache) == ["steps=same"]
+    cache[prefix_key(planned[:2])] = (same, None)
+    assert idle_knobs(space, params, planned, start, cache) == ["steps=same", "loop=half"]
+    assert idle_knobs(space, {"steps": "20", "loop": "none"}, [], start, {}) == []
