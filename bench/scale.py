@@ -18,7 +18,6 @@ Fidelity is not measured here (random weights); it is the trained model's, in th
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from core.ir import Conditioning, DiffusionProgram, SamplingPlan
 from core.loading import program_from_model
 from core.quantized import quantized_layers
 from core.sampling import network_evaluations
-from core.surgery import set_module
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.timing import paired_median_ms
 
@@ -141,9 +139,11 @@ def scaled_recipe(report: dict[str, Any]) -> list[dict[str, Any]]:
                 depth = len(decision["removed"]) + len(decision["kept"])
                 config.update(fraction=len(decision["removed"]) / depth, blocks=0)
             recipe.append({"pass": name, "config": config})
-        elif name == "quantize":  # the formats the artifact chose per layer, no new choice
-            assigned = (report["decisions"].get("quantize", {}).get("allocation") or {}).get("assigned", {})
-            pinned = {**config.get("layer_weights", {}), **assigned}
+        elif name == "quantize":  # the formats the artifact chose per layer (fp32 fallbacks too), no new choice
+            decision = report["decisions"].get("quantize", {})
+            reverted = {f["layer"]: "fp32" for f in decision.get("fallback", [])}
+            assigned = (decision.get("allocation") or {}).get("assigned", {})
+            pinned = {**config.get("layer_weights", {}), **reverted, **assigned}
             # Ranges from 2 inputs: the values do not change the cost, and 256 rows of an SD-sized UNet at
             # 64x64 take many minutes on a CPU.
             replay = {"max_eps_error": 0.0, "layer_weights": pinned, "calibration_inputs": 2}
@@ -161,13 +161,6 @@ def scaled_candidate(original: DiffusionProgram, report: dict[str, Any]) -> Diff
     calibration = capture_calibration(on_loop, 1)  # ranges for the formats; values do not change the cost
     ctx = offline_context(on_loop, calibration, ALL_CAPABILITIES)  # the artifact's target checked them already
     program = run_passes(on_loop, plan_passes(scaled_recipe(report), ALL_CAPABILITIES, program=on_loop), ctx)
-    kept = [f["layer"] for f in report["decisions"].get("quantize", {}).get("fallback", [])]
-    model = program.denoiser
-    for name in kept:  # the artifact's fallback layers stay fp32 here too (same module names)
-        try:
-            set_module(model, name, copy.deepcopy(original.denoiser.get_submodule(name)))
-        except AttributeError:  # a layer this geometry does not have
-            continue
     return program.replace(plan=candidate_plan)
 
 

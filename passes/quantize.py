@@ -191,10 +191,11 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     reverted: list[dict[str, Any]] = []
     error_after = error_before
     allocation = None
-    if config.max_eps_error and error_before > config.max_eps_error and config.fallback_formats:
+    over_budget = bool(config.max_eps_error) and error_before > config.max_eps_error
+    if over_budget and config.fallback_formats:
         options = _options(model, program.denoiser, builders, config, ctx.capabilities)
         error_after, reverted, allocation = _allocate(model, denoiser, options, subset, config, ctx.progress)
-    elif config.max_eps_error and error_before > config.max_eps_error:
+    elif over_budget:
         error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config, ctx.progress)
 
     layers = quantized_layers(model)

@@ -48,13 +48,14 @@ class SearchSpace:
     ) -> list[dict[str, Any]]:
         """The recipe of one choice per knob, as written; with `budget` < 1, the passes' training budgets
         scaled (`budgets`: pass name -> its budget fields; default: what the registered passes declare)."""
-        if budget < 1 and budgets is None:
-            budgets = {name: p.budgets for name, p in registry().items()}
+        scaled: dict[str, frozenset[str]] = {}
+        if budget < 1:
+            scaled = budgets if budgets is not None else {name: p.budgets for name, p in registry().items()}
         recipe = []
         for knob in self.knobs:
             for step in knob.choices[params[knob.name]]:
                 step = copy.deepcopy(step)
-                for name in (budgets or {}).get(step["pass"], ()) if budget < 1 else ():
+                for name in scaled.get(step["pass"], ()):
                     if name in step.get("config", {}):
                         step["config"][name] = max(1, round(step["config"][name] * budget))
                 recipe.append(step)

@@ -38,6 +38,9 @@ def test_the_replayed_recipe_keeps_shapes_and_formats_and_drops_weight_training(
     assigned = {"transformer_blocks.0.ff.net.2": "fp8", "proj_out_2": "fp32"}
     report["decisions"]["quantize"] = {"allocation": {"assigned": assigned}}
     assert scaled_recipe(report)[2]["config"]["layer_weights"] == assigned
+    # So are the layers the greedy fallback reverted to fp32.
+    report["decisions"]["quantize"] = {"fallback": [{"layer": "pos_embed.proj"}]}
+    assert scaled_recipe(report)[2]["config"]["layer_weights"] == {"pos_embed.proj": "fp32"}
     # Nothing removed (a UNet has no stack of same-shape blocks): no layer_removal step to replay.
     report["decisions"]["layer_removal"] = {"removed": [], "kept": []}
     assert [s["pass"] for s in scaled_recipe(report)] == ["prune", "quantize"]
