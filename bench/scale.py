@@ -146,7 +146,7 @@ def scaled_recipe(report: dict[str, Any]) -> list[dict[str, Any]]:
             pinned = {**config.get("layer_weights", {}), **reverted, **assigned}
             # Ranges from 2 inputs: the values do not change the cost, and 256 rows of an SD-sized UNet at
             # 64x64 take many minutes on a CPU.
-            replay = {"max_eps_error": 0.0, "layer_weights": pinned, "calibration_inputs": 2}
+            replay = {"max_eps_error": 0.0, "max_sample_error": 0.0, "layer_weights": pinned, "calibration_inputs": 2}
             recipe.append({"pass": name, "config": {**config, **replay}})
         elif name not in WEIGHTS_ONLY and name not in LOOP_PASSES:
             raise ConfigError(f"bench --scale: pass '{name}' has no scaled replay yet")

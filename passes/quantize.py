@@ -8,9 +8,12 @@
 4. Every remaining Linear/Conv2d becomes a QuantizedLayer with calibrated ranges.
 5. Fallback: if the teacher-forced noise-prediction error is over `max_eps_error`, the layers whose
    quantization alone hurts most (measured on 5 evenly spread steps) go back to fp32, worst first,
-   until the error over every step is within budget. With `fallback_formats` (e.g. FP8 for a W4A8
-   target), each layer's format is chosen instead among its own, those and fp32 by sensitivity + integer
-   programming (modelopt's auto_quantize formulation): the fewest weight bits within the budget.
+   until the error over every step is within budget. `max_sample_error` budgets the end-to-end error
+   of the loop's samples instead (free-running on the calibration seeds): a few-step student's steps
+   are large, and errors within a per-step budget still compound into a shifted distribution.
+   With `fallback_formats` (e.g. FP8 for a W4A8 target), each layer's format is chosen instead among
+   its own, those and fp32 by sensitivity + integer programming (modelopt's auto_quantize
+   formulation): the fewest weight bits within the budget.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from calibration import selection
 from core.adapters import Denoiser, denoiser_module
 from core.allocation import cheapest_within
+from core.conditions import encode
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -43,8 +47,9 @@ from core.quantized import (
 )
 from core.sampling import build_scheduler, take
 from core.surgery import set_module
+from core.variants import torch_loop
 from passes.base import Context, Pass, PassResult, Phase
-from verify.fidelity import per_step_error
+from verify.fidelity import per_step_error, replay_error
 
 BATCH = 64
 
@@ -59,6 +64,9 @@ class Config:
     smoothquant: float = 0.0  # SmoothQuant alpha; 0 disables
     int4_block: int = 128  # shrunk to the largest power of two dividing each layer's input size
     max_eps_error: float = 0.0  # fallback budget (mean teacher-forced relative error); 0: no fallback
+    # Fallback budget on the relative error of the loop's final samples vs the unquantized loop's, same
+    # seeds and conditions (instead of max_eps_error; for few-step loops). 0: none.
+    max_sample_error: float = 0.0
     max_fallback: int = 8
     exclude: list[str] = field(default_factory=list)  # module names (prefixes) kept fp32
     # Weight formats a layer may take instead of `weights`, before fp32, chosen per layer by sensitivity +
@@ -82,7 +90,7 @@ class QuantizeDecision(Decision):
     quantized_layers: int
     kept_fp32: list[str]
     fallback: list[dict[str, Any]]  # layers reverted to fp32, most sensitive first
-    eps_error_before_fallback: float
+    eps_error_before_fallback: float  # of `measure`
     eps_error_after_fallback: float
     calibration: dict[str, Any]
     smoothquant_alpha: float
@@ -90,6 +98,7 @@ class QuantizeDecision(Decision):
     weight_bits: dict[str, int]
     notes: list[str] = field(default_factory=list)
     allocation: dict[str, Any] | None = None  # per-layer formats by integer programming (fallback_formats)
+    measure: str = "teacher-forced model-output error on calibration trajectories"
 
     title = "Quantization"
 
@@ -101,14 +110,14 @@ class QuantizeDecision(Decision):
             f"- calibration: {self.calibration['method']}, {self.calibration['inputs']} denoiser inputs;"
             f" SmoothQuant alpha {self.smoothquant_alpha} on {self.smoothed_layers} layers",
             f"- weight storage: {bits['stored'] / 8e6:.2f} MB vs {bits['fp32_equivalent'] / 8e6:.2f} MB fp32",
-            f"- teacher-forced model-output error on calibration trajectories: {self.eps_error_before_fallback:.4g}"
-            f" before fallback, {self.eps_error_after_fallback:.4g} after",
+            f"- {self.measure}: {self.eps_error_before_fallback:.4g} before fallback,"
+            f" {self.eps_error_after_fallback:.4g} after",
         ]
         if self.allocation:
             lines += _allocation_markdown(self.allocation)
         elif self.fallback:
-            lines += ["", "Layers reverted to fp32 (most sensitive first, each measured alone on 5 steps):", ""]
-            lines += ["| layer | error when quantized alone | error after reverting (every step) |", "|---|---|---|"]
+            lines += ["", "Layers reverted to fp32 (most sensitive first, each measured alone):", ""]
+            lines += ["| layer | error when quantized alone | error after reverting |", "|---|---|---|"]
             lines += [
                 f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in self.fallback
             ]
@@ -141,10 +150,13 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"quantize: calibration must be one of {', '.join(selection.METHODS)}")
     if not 0.0 <= config.smoothquant < 1.0:
         raise ConfigError("quantize: smoothquant alpha must be in [0, 1)")
-    if not 1 <= config.calibration_inputs <= MAX_INPUTS or config.max_fallback < 0 or config.max_eps_error < 0:
+    budgets = (config.max_eps_error, config.max_sample_error)
+    if not 1 <= config.calibration_inputs <= MAX_INPUTS or config.max_fallback < 0 or min(budgets) < 0:
         raise ConfigError(
-            f"quantize: calibration_inputs in [1, {MAX_INPUTS}], max_fallback >= 0 and max_eps_error >= 0"
+            f"quantize: calibration_inputs in [1, {MAX_INPUTS}], max_fallback >= 0 and error budgets >= 0"
         )
+    if min(budgets) > 0:
+        raise ConfigError("quantize: set max_eps_error (per step) or max_sample_error (end to end), not both")
     if not 8 <= config.int4_block <= 4096 or config.int4_block & (config.int4_block - 1):
         raise ConfigError("quantize: int4_block must be a power of two in [8, 4096]")
 
@@ -186,17 +198,17 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         )
         set_module(model, name, builders[name](formats[name]))
 
-    subset = _subset(ctx.calibration, rows=16)
-    error_before = _eps_error(denoiser, subset)
+    error = _error(program.replace(denoiser=model), denoiser, ctx.calibration, config)
+    error_before = error.measure(error.rows)
     reverted: list[dict[str, Any]] = []
     error_after = error_before
     allocation = None
-    over_budget = bool(config.max_eps_error) and error_before > config.max_eps_error
+    over_budget = bool(error.budget) and error_before > error.budget
     if over_budget and config.fallback_formats:
         options = _options(model, program.denoiser, builders, config, ctx.capabilities)
-        error_after, reverted, allocation = _allocate(model, denoiser, options, subset, config, ctx.progress)
+        error_after, reverted, allocation = _allocate(model, options, error, config, ctx.progress)
     elif over_budget:
-        error_after, reverted = _fallback(model, denoiser, program.denoiser, subset, config, ctx.progress)
+        error_after, reverted = _fallback(model, program.denoiser, error, config, ctx.progress)
 
     layers = quantized_layers(model)
     counts: dict[str, int] = {}
@@ -214,6 +226,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         smoothed_layers=len(smooth),
         weight_bits=_weight_bits(model),
         allocation=allocation,
+        measure=error.name,
     )
     return PassResult(program.replace(denoiser=model), decision)
 
@@ -352,6 +365,42 @@ def _range(stat: dict[str, torch.Tensor], smooth: torch.Tensor | None) -> tuple[
     return float(lo.min()), float(hi.max())
 
 
+@dataclass(frozen=True)
+class _Error:
+    """What the fallback keeps within budget: `measure` on `rows` (the calibration rows it checks), each
+    option's solo error on `probe` (fewer steps, when a step can be measured alone)."""
+
+    name: str
+    budget: float
+    measure: Callable[[Any], float]
+    rows: Any
+    probe: Any
+
+
+ROWS = 16  # calibration rows (or seeds) on which errors are measured
+
+
+def _error(quantized: DiffusionProgram, denoiser: Denoiser, traj: Any, config: Config) -> _Error:
+    """Teacher-forced per step (max_eps_error), or end to end on the loop's samples (max_sample_error)."""
+    if not config.max_sample_error:
+        rows = _subset(traj, ROWS)
+        name = "teacher-forced model-output error on calibration trajectories"
+        measure = functools.partial(_eps_error, denoiser)
+        return _Error(name, config.max_eps_error, measure, rows, _steps_subset(rows, SENSITIVITY_STEPS))
+    seeds = _seeds_subset(traj, ROWS)
+    loop, batch = torch_loop(quantized), encode(quantized, seeds.conditions, len(seeds.seeds))
+    name = "end-to-end error of the loop's samples on calibration seeds (free-running)"
+    measure = lambda t: replay_error(quantized, t, loop, batch)  # noqa: E731
+    return _Error(name, config.max_sample_error, measure, seeds, seeds)
+
+
+def _seeds_subset(traj: Any, rows: int) -> Any:
+    """The trajectories' first `rows` seeds with their conditions and finals (what a replay needs)."""
+    n = min(rows, len(traj.seeds))
+    conditions = None if traj.conditions is None else traj.conditions[:n]
+    return dataclasses.replace(traj, seeds=traj.seeds[:n], conditions=conditions, final=traj.final[:n])
+
+
 def _subset(traj: Any, rows: int) -> Any:
     """The calibration trajectories on `rows` evenly spread rows (both guidance halves), for quick checks."""
     n = traj.x.shape[1]
@@ -375,26 +424,25 @@ SENSITIVITY_STEPS = 5  # steps of the loop on which each layer's solo error is m
 
 
 def _fallback(
-    model: nn.Module, denoiser: Denoiser, original: nn.Module, traj: Any, config: Config, progress: Any
+    model: nn.Module, original: nn.Module, measured: _Error, config: Config, progress: Any
 ) -> tuple[float, list[dict[str, Any]]]:
     """Revert the most sensitive layers (each measured alone) to fp32 until the error is within budget."""
     layers = quantized_layers(model)
     for layer in layers.values():
         layer.emulate = False
     solo = {}
-    probe = _steps_subset(traj, SENSITIVITY_STEPS)  # the ranking only; the budget is checked on every step
     for name, layer in progress(layers.items(), desc="quantize: layer sensitivity", leave=False):
         layer.emulate = True
-        solo[name] = _eps_error(denoiser, probe)
+        solo[name] = measured.measure(measured.probe)  # the ranking only; the budget is checked on all rows
         layer.emulate = False
     for layer in layers.values():
         layer.emulate = True
-    reverted, error = [], _eps_error(denoiser, traj)
+    reverted, error = [], measured.measure(measured.rows)
     for name in sorted(solo, key=solo.get, reverse=True)[: config.max_fallback]:
-        if error <= config.max_eps_error:
+        if error <= measured.budget:
             break
         set_module(model, name, copy.deepcopy(original.get_submodule(name)))
-        error = _eps_error(denoiser, traj)
+        error = measured.measure(measured.rows)
         reverted.append({"layer": name, "solo_eps_error": solo[name], "eps_error_after": error})
     return error, reverted
 
@@ -423,49 +471,45 @@ def _options(
 
 
 def _allocate(
-    model: nn.Module,
-    denoiser: Denoiser,
-    options: dict[str, dict[str, nn.Module]],
-    traj: Any,
-    config: Config,
-    progress: Any,
+    model: nn.Module, options: dict[str, dict[str, nn.Module]], measured: _Error, config: Config, progress: Any
 ) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Per-layer formats by sensitivity + integer programming. Each option's error is measured alone (every
-    other layer fp32) on 5 steps; its risk is the increase of the squared error (independent errors add in
+    other layer fp32; per step: on 5 steps); its risk is the increase of the squared error (independent errors add in
     squares, not in norms). `cheapest_within` picks the fewest weight bits whose summed risks fit a budget;
     each choice is checked on every step and the budget rescaled by measured / predicted, a few times; the
-    cheapest choice within `max_eps_error` is kept (else the most accurate)."""
+    cheapest choice within budget is kept (else the most accurate)."""
     default = {name: next(iter(mine)) for name, mine in options.items()}
     for name, mine in options.items():
         set_module(model, name, mine["fp32"])
-    probe = _steps_subset(traj, SENSITIVITY_STEPS)
-    base = _eps_error(denoiser, probe)
+    base = measured.measure(measured.probe)
     solo: dict[str, dict[str, float]] = {}
     for name, mine in progress(options.items(), desc="quantize: sensitivity per layer and format", leave=False):
         solo[name] = {"fp32": base}
         for key, module in mine.items():
             if key != "fp32":
                 set_module(model, name, module)
-                solo[name][key] = _eps_error(denoiser, probe)
+                solo[name][key] = measured.measure(measured.probe)
         set_module(model, name, mine["fp32"])
     names = list(options)
     keys = [list(options[n]) for n in names]
     bits = [[_stored_bits(options[n][k]) for k in ks] for n, ks in zip(names, keys, strict=True)]
     risks = [[max(solo[n][k] ** 2 - base**2, 0.0) for k in ks] for n, ks in zip(names, keys, strict=True)]
-    room = config.max_eps_error**2 - base**2  # what the summed risks may add
+    room = measured.budget**2 - base**2  # what the summed risks may add
     budget, tried = room, []  # (bits, error, choice)
     for _ in range(MAX_SOLVES):
         picks = cheapest_within(bits, risks, budget)
+        if any(picks == t[2] for t in tried):  # the rescaled budget changed nothing
+            break
         for name, ks, j in zip(names, keys, picks, strict=True):
             set_module(model, name, options[name][ks[j]])
-        error = _eps_error(denoiser, traj)
+        error = measured.measure(measured.rows)
         tried.append((sum(b[j] for b, j in zip(bits, picks, strict=True)), error, picks))
         predicted = sum(r[j] for r, j in zip(risks, picks, strict=True))
-        measured = max(error**2 - base**2, 1e-12)
-        if predicted <= 0 or (error <= config.max_eps_error and measured >= 0.8 * room):
+        increase = max(error**2 - base**2, 1e-12)
+        if predicted <= 0 or (error <= measured.budget and increase >= 0.8 * room):
             break
-        budget = predicted * room / measured * (1.0 if error <= config.max_eps_error else 0.95)
-    within = [t for t in tried if t[1] <= config.max_eps_error]
+        budget = predicted * room / increase * (1.0 if error <= measured.budget else 0.95)
+    within = [t for t in tried if t[1] <= measured.budget]
     _, error, picks = min(within) if within else min(tried, key=lambda t: t[1])
     chosen = {n: ks[j] for n, ks, j in zip(names, keys, picks, strict=True)}
     for name, key in chosen.items():

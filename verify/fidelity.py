@@ -10,7 +10,17 @@ import numpy as np
 import torch
 
 from core.ir import DENOISER, Conditioning, DiffusionProgram, SamplingPlan
-from core.sampling import DenoiseFn, Variants, guide, run_variant, take, to_images, uses_guidance
+from core.sampling import (
+    ConditionBatch,
+    DenoiseFn,
+    Variants,
+    guide,
+    run_variant,
+    sample,
+    take,
+    to_images,
+    uses_guidance,
+)
 from verify.metrics import frechet_distance, psnr, relative_error, ssim
 
 
@@ -52,22 +62,32 @@ def step_errors(trajectories: Any, plan: SamplingPlan, conditioning: Conditionin
     return loop_step_error(trajectories, plan, conditioning, variants)
 
 
-def replay_psnr(program: Any, trajectories: Any, variants: Variants | None = None) -> float:
-    """Mean PSNR (dB) of `program`'s samples vs the captured finals, same seeds and conditions: the
-    end-to-end check loop-level passes run on the calibration set."""
+def replay(
+    program: Any, trajectories: Any, variants: Variants | None = None, batch: ConditionBatch | None = None
+) -> torch.Tensor:
+    """`program`'s samples (free-running, its own loop) on the trajectories' seeds and conditions (`batch`:
+    their tensors, when already encoded)."""
     from core.conditions import encode
-    from core.sampling import sample
     from core.variants import torch_loop
 
     seeds = trajectories.seeds
-    final = sample(
-        program.plan,
-        program.spec.sample_shape,
-        variants or torch_loop(program),
-        seeds,
-        encode(program, trajectories.conditions, len(seeds)),
-    )
+    batch = batch or encode(program, trajectories.conditions, len(seeds))
+    return sample(program.plan, program.spec.sample_shape, variants or torch_loop(program), seeds, batch)
+
+
+def replay_psnr(program: Any, trajectories: Any, variants: Variants | None = None) -> float:
+    """Mean PSNR (dB) of `program`'s samples vs the captured finals, same seeds and conditions: the
+    end-to-end check loop-level passes run on the calibration set."""
+    final = replay(program, trajectories, variants)
     return float(psnr(to_images(trajectories.final), to_images(final)).mean())
+
+
+def replay_error(
+    program: Any, trajectories: Any, variants: Variants | None = None, batch: ConditionBatch | None = None
+) -> float:
+    """Relative error of `program`'s samples vs the captured finals, same seeds and conditions: errors that
+    compound along the loop count, which a teacher-forced per-step error does not see."""
+    return relative_error(trajectories.final, replay(program, trajectories, variants, batch))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Issue 3: the quantize pass, timestep-aware calibration and Q/DQ lowering, on the trained shipped models."""
 
 import collections
+import dataclasses
 
 import onnx
 import onnxruntime as ort
@@ -19,7 +20,7 @@ from core.errors import ConfigError, ExportError
 from core.quantized import QuantizedLayer, export_mode, quantized_layers
 from core.sampling import take
 from passes.manager import plan_passes
-from verify.fidelity import per_step_error
+from verify.fidelity import per_step_error, replay_error
 
 ALL = frozenset({"fp32", "int8", "fp8", "int4-weights", "nvfp4"})
 
@@ -107,6 +108,27 @@ def test_fallback_reverts_the_most_sensitive_layer_first(dit_program, dit_calibr
     assert solo == sorted(solo, reverse=True)
     no_fallback = quantize(dit_program, dit_calibration)
     assert heldout_error(q, dit_heldout) < heldout_error(no_fallback, dit_heldout)
+
+
+def test_end_to_end_budget_judges_the_loops_samples(dit_program):
+    """max_sample_error: the fallback keeps the free-running samples on the calibration seeds within budget
+    (what a few-step loop needs: its per-step errors compound), and that holds on held-out seeds too."""
+    program = dit_program.replace(plan=dataclasses.replace(dit_program.plan, num_inference_steps=4))
+    calibration = calib.capture(program, *evaluation_set(program, 8, 10_000))
+    heldout = calib.capture(program, *evaluation_set(program, 10, 0))
+    w4a8 = {"weights": "int4", "activations": "fp8"}
+    plain = quantize(program, calibration, **w4a8)
+    before = replay_error(plain, calibration)
+    budget = 0.7 * before
+    q = quantize(program, calibration, **w4a8, max_sample_error=budget, max_fallback=6)
+    notes = q.decision("quantize").to_dict()
+    assert notes["measure"].startswith("end-to-end") and notes["fallback"]
+    assert notes["eps_error_before_fallback"] == pytest.approx(before, rel=1e-6)
+    assert notes["eps_error_after_fallback"] <= budget
+    assert replay_error(q, calibration) == pytest.approx(notes["eps_error_after_fallback"], rel=1e-6)
+    assert replay_error(q, heldout) < replay_error(plain, heldout)
+    with pytest.raises(ConfigError, match="not both"):
+        plan_passes([{"pass": "quantize", "config": {"max_eps_error": 0.1, "max_sample_error": 0.1}}], ALL)
 
 
 def test_smoothquant_folding_preserves_the_function(dit_program, dit_calibration):
