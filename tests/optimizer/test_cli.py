@@ -147,7 +147,7 @@ def test_inspect_and_targets():
 
 def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "30", "--calibration-samples", "4", "--latency-repeats", "2"]
+    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "1"]
     result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -169,7 +169,7 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "30", "--calibration-samples", "4", "--latency-repeats", "0"]
+    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "0"]
     result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
