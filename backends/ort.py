@@ -98,14 +98,16 @@ class OrtBackend:
 
         return lower_onnx(program, folder, self.options())
 
-    def runner(self, folder: Path) -> PlanRunner:
+    def runner(self, folder: Path, describe: dict[str, Any] | None = None) -> PlanRunner:
+        """`describe`: what the runner reports as its backend (default: this backend's description)."""
+
         def open_graph(path: Path, condition_names: tuple[str, ...]) -> OrtDenoiser:
             return OrtDenoiser(path, self.providers, self.threads, condition_names)
 
         def open_stage(path: Path):
             return OrtDenoiser(path, self.providers, self.threads, ()).session_fn()
 
-        return PlanRunner(folder, open_graph, self.describe(), open_stage)
+        return PlanRunner(folder, open_graph, describe or self.describe(), open_stage)
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort

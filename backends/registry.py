@@ -20,7 +20,8 @@ from core.sampling import DenoiseFn, Variants
 
 from .plan import LoadedPlan, read_plan
 
-SHARED = ("registry", "lowering", "onnx_export", "pipeline_stages", "plan", "qdq", "runner")  # not backends themselves
+# Not backends themselves: shared by the ONNX-based backends, or parts of one (trt_*).
+SHARED = ("registry", "lowering", "onnx_export", "pipeline_stages", "plan", "qdq", "runner", "trt_lint", "trt_engines")
 
 
 class Runner(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         "",
         "## Target",
         f"`{report['target']['name']}`: {report['target']['description']}",
+        *_tensorrt(report),
         "",
         "## Sampling plan",
         f"- scheduler: `{report['plan']['scheduler_class']}`, {report['plan']['num_inference_steps']} steps,"
@@ -191,6 +193,34 @@ def _size_ratio(artifacts: dict[str, Any]) -> str:
     change = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     files = artifacts.get("onnx", [])
     return f" in {len(files)} graph(s) (fp32 ONNX of the original: {ref:,} B; {change})"
+
+
+def _tensorrt(report: dict[str, Any]) -> list[str]:
+    """The TensorRT lint of every graph, which engines were built, and which runtime ran the verification."""
+    trt = report["artifacts"].get("tensorrt")
+    if not trt:
+        return []
+    engines, details = trt["engines"], report.get("backend_details", {})
+    lines = ["", "## TensorRT", "| graph | nodes | Q/DQ types (dequantize nodes) | lint errors | lint warnings |"]
+    lines.append("|---|---|---|---|---|")
+    for graph, lint in trt["lint"].items():
+        types = ", ".join(f"{k}: {n}" for k, n in lint["dequantize_nodes"].items()) or "none (fp32)"
+        lines.append(f"| {graph} | {lint['nodes']} | {types} | {lint['errors']} | {lint['warnings']} |")
+    rules = Counter((f["severity"], f["rule"], f["message"]) for lint in trt["lint"].values() for f in lint["findings"])
+    lines += [f"- {sev} `{rule}` ({n} nodes): {message}" for (sev, rule, message), n in sorted(rules.items())[:20]]
+    version = next(iter(trt["lint"].values()))["tensorrt_version"] if trt["lint"] else "?"
+    lines.append(f"- rules: TensorRT {version}'s ONNX parser and explicit quantization (backends/trt_lint.py)")
+    if engines["built"]:
+        lines.append(f"- engines: {', '.join(engines['built'])}")
+    else:
+        lines.append(f"- engines: not built: {engines['reason']}")
+    if details.get("why_not_tensorrt"):
+        lines.append(
+            f"- verified and timed with {details['executed_by']} ({', '.join(details.get('providers', []))})"
+            " on the same graphs instead: "
+            f"{details['why_not_tensorrt']}"
+        )
+    return lines
 
 
 def _latency_table(lat: dict[str, Any], device: str) -> list[str]:
