@@ -126,9 +126,11 @@ class LoadedPlan:
         return self.folder / self.document["graphs"][name]["file"]
 
 
-def read_plan(folder: Path) -> LoadedPlan:
+def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     """Read and check plan.json completely: a runner then reads nothing outside `folder`, and only
-    graphs whose sha256 matches what the plan recorded."""
+    graphs whose sha256 matches what the plan recorded. `files=False`: the graphs are elsewhere (a serving
+    pipeline calls them as models), so only their recorded inputs and outputs are checked."""
+    check = _check_graph if files else _check_io
     folder = resolve(folder, "artifact")
     path = folder / PLAN_FILE
     if not path.is_file():
@@ -144,7 +146,7 @@ def read_plan(folder: Path) -> LoadedPlan:
     if not graphs:
         raise LoadError(f"{where}: lists no graphs")
     for name, graph in graphs.items():
-        _check_graph(folder, name, of_type(graph, dict, f"{where}: graphs.{name}", LoadError), where)
+        check(folder, name, of_type(graph, dict, f"{where}: graphs.{name}", LoadError), where)
     try:
         sampling = SamplingPlan.from_dict(get(doc, "sampling", dict, where, error=LoadError))
         integer(sampling.num_inference_steps, "num_inference_steps", 1, MAX_STEPS, LoadError)
@@ -165,7 +167,7 @@ def read_plan(folder: Path) -> LoadedPlan:
         graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:
             raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
-    stages = read_stages(doc, folder, where, _check_graph)
+    stages = read_stages(doc, folder, where, check)
     if conditioning.text and "prompt_encoder" not in stages:
         raise LoadError(f"{where}: a text-conditioned plan needs its prompt encoder stage")
     return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape), backend, stages)
@@ -190,8 +192,7 @@ def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> 
     """A bare file name, a regular file (no symlink) directly in `folder`, the recorded sha256; external
     data only in the weights file recorded beside it (`data`: `<file>.data`, its own sha256)."""
     path = _checked_file(folder, name, graph, where)
-    string_list(get(graph, "inputs", list, f"{where}: graphs.{name}", error=LoadError), "inputs", LoadError)
-    string_list(get(graph, "outputs", list, f"{where}: graphs.{name}", error=LoadError), "outputs", LoadError)
+    _check_io(folder, name, graph, where)
     data = get(graph, "data", (dict, type(None)), f"{where}: graphs.{name}", None, LoadError)
     allowed = None
     if data is not None:
@@ -199,6 +200,11 @@ def _check_graph(folder: Path, name: str, graph: dict[str, Any], where: str) -> 
         if allowed != data_file(path).name:
             raise LoadError(f"{where}: graph '{name}' weights file must be {data_file(path).name}, not {allowed}")
     _check_external_data(path, allowed)
+
+
+def _check_io(folder: Path, name: str, graph: dict[str, Any], where: str) -> None:
+    string_list(get(graph, "inputs", list, f"{where}: graphs.{name}", error=LoadError), "inputs", LoadError)
+    string_list(get(graph, "outputs", list, f"{where}: graphs.{name}", error=LoadError), "outputs", LoadError)
 
 
 def _checked_file(folder: Path, name: str, entry: dict[str, Any], where: str) -> Path:

@@ -40,9 +40,11 @@ class PlanRunner:
         open_graph: Callable[[Path, tuple[str, ...]], Graph],
         describe: dict[str, Any],
         open_stage: Callable[[Path], Callable[[dict[str, Any]], list[Any]]],
+        files: bool = True,
     ) -> None:
-        """`open_stage(path)`: a stage graph as a callable {input name: array} -> [output arrays]."""
-        self.plan = read_plan(Path(folder))
+        """`open_stage(path)`: a stage graph as a callable {input name: array} -> [output arrays].
+        `files=False`: the graph files are not in `folder` (see read_plan); `open_graph` reaches them."""
+        self.plan = read_plan(Path(folder), files)
         self.stages = StageRunner(self.plan.folder, self.plan.stages, self.plan.document["model"]["class"], open_stage)
         names = self.plan.conditioning.input_names
         self.graphs = {name: open_graph(self.plan.graph_path(name), names) for name in self.plan.document["graphs"]}

@@ -345,6 +345,38 @@ def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
         raise LoadError(f"{artifact}: {backend.name} cannot run this artifact ({one_line(str(exc), 300)})") from None
 
 
+@main.command("export-triton")
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="New folder for the repository.")
+@click.option(
+    "--graphs",
+    type=click.Choice(["onnxruntime", "python"]),
+    default="onnxruntime",
+    show_default=True,
+    help="Graph models on the server's onnxruntime backend, or run by onnxruntime inside Python-backend "
+    "models (servers without that backend, e.g. nvidia-pytriton's).",
+)
+@click.option("--max-batch", default=8, show_default=True, help="Images the pipeline batches from its queue.")
+@click.option("--instances", default=1, show_default=True, help="Instances of each model.")
+def export_triton(artifact: Path, repo: Path, graphs: str, max_batch: int, instances: int) -> None:
+    """Export an `optimize` output as a Triton model repository: the graphs, and a `pipeline` model that
+    runs the whole plan (requests: seed + class label or prompt; responses: image, latents)."""
+    from serving.triton_repo import export_repository
+
+    written = export_repository(artifact, repo, graphs, max_batch, instances)
+    _log(f"wrote {repo}/ (models: {', '.join(written['models'])})")
+
+
+@main.command("serving-env")
+@click.argument("folder", type=click.Path(path_type=Path))
+def serving_env(folder: Path) -> None:
+    """Create a Python environment with a Triton server (nvidia-pytriton's) that serves exported
+    repositories on this machine, CPU included (what the serving tests use)."""
+    from serving.local_server import create_env
+
+    _log(f"python: {create_env(folder, _log)}")
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), show_default=True)

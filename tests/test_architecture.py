@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top: a package may import only itself and the packages before it.
-LAYERS = ("core", "zoo", "calibration", "verify", "backends", "passes", "search", "bench", "optimizer")
+LAYERS = ("core", "zoo", "calibration", "verify", "backends", "passes", "search", "bench", "serving", "optimizer")
 PASS_INFRASTRUCTURE = {"base", "manager"}  # passes/ modules that are not passes
 
 

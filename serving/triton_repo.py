@@ -1,0 +1,128 @@
+"""Export an `optimize` output as a Triton model repository.
+
+One model per graph of the plan (denoiser variants, prompt encoder, decoder), either `onnxruntime_onnx`
+(a server with the ONNX Runtime backend) or a Python-backend model running the graph with onnxruntime
+(`graphs="python"`: servers without that backend, such as the one in the nvidia-pytriton wheel); and a
+Python-backend `pipeline` model that runs the plan (scheduler, guidance, cache carry-over between the
+graph variants, decoder) through BLS calls to them, with dynamic batching of one-image requests.
+The pipeline model needs this package, torch and diffusers in the server's Python environment.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from backends.onnx_export import data_file
+from backends.plan import read_plan
+from core.errors import ConfigError
+
+MODELS = Path(__file__).parent / "triton_models"
+TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+PIPELINE = "pipeline"
+
+
+def _tensor_lines(kind: str, values: list[tuple[str, str, list[int]]]) -> list[str]:
+    lines = [f"{kind} ["]
+    for i, (name, dtype, dims) in enumerate(values):
+        comma = "," if i < len(values) - 1 else ""
+        lines.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}{comma}')
+    return [*lines, "]"]
+
+
+def _graph_config(name: str, model: onnx.ModelProto, platform: str, instances: int) -> str:
+    """Full tensors with their batch dimension (-1): the pipeline model batches the requests itself."""
+
+    def io(values):
+        out = []
+        for v in values:
+            dims = [d.dim_value if d.dim_value > 0 else -1 for d in v.type.tensor_type.shape.dim]
+            if v.type.tensor_type.elem_type not in TYPES:
+                raise ConfigError(f"{name}: tensor '{v.name}' has a type Triton configs here do not map")
+            out.append((v.name, TYPES[v.type.tensor_type.elem_type], dims))
+        return out
+
+    head = [f'name: "{name}"', 'backend: "python"' if platform == "python" else 'platform: "onnxruntime_onnx"']
+    lines = [*head, "max_batch_size: 0", *_tensor_lines("input", io(model.graph.input))]
+    lines += _tensor_lines("output", io(model.graph.output))
+    lines += [f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
+    return "\n".join(lines) + "\n"
+
+
+def _pipeline_config(plan: Any, max_batch: int, instances: int, delay_us: int) -> str:
+    channels, height, width = plan.sample_shape
+    inputs = [("seed", "TYPE_INT64", [1])]
+    if plan.conditioning.text:
+        inputs.append(("prompt", "TYPE_STRING", [1]))
+    elif plan.conditioning.num_classes:
+        inputs.append(("class_label", "TYPE_INT64", [1]))
+    image = [-1, -1, -1]  # a latent pipeline decodes to another size
+    lines = [f'name: "{PIPELINE}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
+    lines += _tensor_lines("input", inputs)
+    lines += _tensor_lines(
+        "output", [("image", "TYPE_UINT8", image), ("latents", "TYPE_FP32", [channels, height, width])]
+    )
+    lines += [f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}"]
+    lines += [f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
+    return "\n".join(lines) + "\n"
+
+
+def export_repository(
+    artifact: Path,
+    repo: Path,
+    graphs: str = "python",
+    max_batch: int = 8,
+    instances: int = 1,
+    delay_us: int = 2000,
+) -> dict[str, Any]:
+    """Write the repository into `repo` (which must not exist; written beside it, then renamed)."""
+    if graphs not in ("python", "onnxruntime"):
+        raise ConfigError(f"graphs must be 'python' or 'onnxruntime', not {graphs!r}")
+    if not 1 <= max_batch <= 1024 or not 1 <= instances <= 64:
+        raise ConfigError("max_batch must be in 1..1024 and instances in 1..64")
+    plan = read_plan(artifact)
+    if plan.backend.get("name") not in ("onnxruntime", "tensorrt"):
+        raise ConfigError(f"{artifact}: built for backend {plan.backend.get('name')!r}; export needs its ONNX graphs")
+    if repo.exists():
+        raise ConfigError(f"{repo} exists; choose a new folder for the repository")
+    entries = {**plan.document["graphs"], **plan.stages}
+    models = {entry["file"]: Path(entry["file"]).stem for entry in entries.values()}
+
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", dir=repo.parent))
+    try:
+        for file, name in models.items():
+            version = tmp / name / "1"
+            version.mkdir(parents=True)
+            source = plan.folder / file
+            shutil.copy2(source, version / "model.onnx")
+            if data_file(source).exists():  # weights beside a large graph keep their recorded name
+                shutil.copy2(data_file(source), version / data_file(source).name)
+            model = onnx.load(str(source), load_external_data=False)
+            (tmp / name / "config.pbtxt").write_text(_graph_config(name, model, graphs, instances))
+            if graphs == "python":
+                shutil.copy2(MODELS / "graph_model.py", version / "model.py")
+        version = tmp / PIPELINE / "1"
+        (version / "artifact").mkdir(parents=True)
+        shutil.copy2(plan.folder / "plan.json", version / "artifact" / "plan.json")
+        for tokenizer in plan.stages.get("prompt_encoder", {}).get("tokenizers", []):
+            shutil.copytree(plan.folder / tokenizer["folder"], version / "artifact" / tokenizer["folder"])
+        (version / "artifact" / "models.json").write_text(json.dumps(models, indent=1))
+        shutil.copy2(MODELS / "pipeline_model.py", version / "model.py")
+        (tmp / PIPELINE / "config.pbtxt").write_text(_pipeline_config(plan, max_batch, instances, delay_us))
+        tmp.rename(repo)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"repository": str(repo), "models": [*models.values(), PIPELINE], "graphs": graphs}

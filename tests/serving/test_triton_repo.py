@@ -1,0 +1,41 @@
+"""`optimize export-triton`: the repository's layout and configs (no server; tests/serving/test_triton.py
+serves one)."""
+
+import json
+
+from click.testing import CliRunner
+from helpers import lower
+
+from optimizer.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_export_writes_graph_models_and_the_pipeline(tiny_digits_program, tmp_path):
+    lower(tiny_digits_program, tmp_path / "artifact")
+    result = invoke("export-triton", tmp_path / "artifact", "--repo", tmp_path / "repo", "--instances", 2)
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "repo"
+    graph = (repo / "denoiser" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in graph and "count: 2" in graph and "TYPE_INT64" in graph
+    graph_file = (tmp_path / "artifact" / "denoiser.onnx").read_bytes()
+    assert (repo / "denoiser" / "1" / "model.onnx").read_bytes() == graph_file
+    pipeline = (repo / "pipeline" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in pipeline and "dynamic_batching" in pipeline and "max_batch_size: 8" in pipeline
+    assert 'name: "class_label"' in pipeline and 'name: "image"' in pipeline
+    artifact = repo / "pipeline" / "1" / "artifact"
+    assert json.loads((artifact / "models.json").read_text()) == {"denoiser.onnx": "denoiser"}
+    assert (artifact / "plan.json").read_bytes() == (tmp_path / "artifact" / "plan.json").read_bytes()
+    assert (repo / "pipeline" / "1" / "model.py").is_file() and not (repo / "denoiser" / "1" / "model.py").exists()
+
+    python = invoke("export-triton", tmp_path / "artifact", "--repo", tmp_path / "py", "--graphs", "python")
+    assert python.exit_code == 0 and (tmp_path / "py" / "denoiser" / "1" / "model.py").is_file()
+    assert 'backend: "python"' in (tmp_path / "py" / "denoiser" / "config.pbtxt").read_text()
+
+    again = invoke("export-triton", tmp_path / "artifact", "--repo", repo)
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = invoke("export-triton", tmp_path / "artifact", "--repo", tmp_path / "r2", "--max-batch", 0)
+    assert bad.exit_code == 2 and "max_batch" in bad.output and not (tmp_path / "r2").exists()
+    assert not list(tmp_path.glob(".r2.*")) and not list(tmp_path.glob(".repo.*"))
