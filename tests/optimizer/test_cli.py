@@ -191,7 +191,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     """The cpu-prune recipe with a shortened recovery: a smaller graph, verified, gated and reported."""
     data = json.loads((TARGETS_DIR / "cpu-prune.json").read_text())
     data["name"] = "cpu-prune-short"
-    data["recipe"][-1]["config"].update(steps=40, teacher_samples=16)
+    data["recipe"][-1]["config"].update(steps=20, teacher_samples=8)
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
