@@ -132,8 +132,7 @@ def open_engine_runner(folder: Path, describe: dict[str, Any]) -> PlanRunner:
     """The plan's denoiser graphs on their engines; pipeline stages (text encoder, decoder) stay in ORT."""
     from .ort import OrtDenoiser
 
-    plan = read_plan(Path(folder))
-
+    plan = read_plan(Path(folder), files=False)  # PlanRunner checks the graph files (sha256)
     recorded = {plan.graph_path(name): graph for name, graph in plan.document["graphs"].items()}
 
     def open_graph(path: Path, condition_names: tuple[str, ...]) -> EngineGraph:
