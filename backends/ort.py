@@ -11,8 +11,7 @@ import torch
 
 from core.ir import DiffusionProgram
 
-from .onnx_export import LOOP_INPUTS
-from .runner import PlanRunner
+from .runner import LoopGraph, PlanRunner
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -25,10 +24,9 @@ def runtime_errors() -> tuple[type[BaseException], ...]:
     return (*(getattr(state, n) for n in names if hasattr(state, n)), state.RuntimeException)
 
 
-class OrtDenoiser:
-    """One graph: (sample, timestep, condition tensors..., carried tensors...) -> (model output, carried...).
-    `condition_names`: which inputs are condition tensors (default: "class_labels" when the graph has it);
-    the other non-loop inputs are carried tensors."""
+class OrtDenoiser(LoopGraph):
+    """One graph in an ORT session (see LoopGraph). `condition_names` defaults to "class_labels" when
+    the graph has that input."""
 
     def __init__(
         self,
@@ -46,12 +44,10 @@ class OrtDenoiser:
         available = set(ort.get_available_providers())
         chosen = [p for p in providers if p in available] or list(DEFAULT_PROVIDERS)
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs = [i.name for i in self.session.get_inputs()]
         if condition_names is None:
-            condition_names = ("class_labels",) if "class_labels" in self.input_names else ()
-        self.condition_names = condition_names
-        self.carried_in = [n for n in self.input_names if n not in (*LOOP_INPUTS, *condition_names)]
+            condition_names = ("class_labels",) if "class_labels" in inputs else ()
+        super().__init__(inputs, [o.name for o in self.session.get_outputs()], condition_names)
 
     def describe(self) -> dict[str, Any]:
         return {"providers": self.session.get_providers()}
@@ -60,24 +56,9 @@ class OrtDenoiser:
         """The graph as a plain callable: {input name: array} -> [output arrays]."""
         return lambda feeds: self.session.run(None, feeds)
 
-    def _feeds(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        feeds = {"sample": x.numpy().astype(np.float32), "timestep": t.numpy().astype(np.float32)}
-        return feeds | {name: cond[name].numpy() for name in self.condition_names}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.carried_in:
-            raise ValueError(f"this graph also needs carried tensors {self.carried_in}; call step()")
-        return torch.from_numpy(self.session.run(self.output_names[:1], self._feeds(x, t, cond))[0])
-
-    def step(
-        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A loop variant (see core.sampling.StepFn)."""
-        feeds = self._feeds(x, t, cond) | {name: carry[name].numpy() for name in self.carried_in}
-        out, *written = self.session.run(self.output_names, feeds)
-        return torch.from_numpy(out), {
-            n: torch.from_numpy(v) for n, v in zip(self.output_names[1:], written, strict=True)
-        }
+    def run(self, feeds: dict[str, torch.Tensor], outputs: list[str]) -> list[torch.Tensor]:
+        values = self.session.run(outputs, {n: np.ascontiguousarray(v.numpy()) for n, v in feeds.items()})
+        return [torch.from_numpy(v) for v in values]
 
 
 class OrtBackend:

@@ -12,6 +12,7 @@ from core.conditions import class_batch, prompt_batch
 from core.errors import LoadError
 from core.sampling import ConditionBatch, Variants, sample
 
+from .onnx_export import LOOP_INPUTS
 from .pipeline_stages import StageRunner
 from .plan import read_plan
 
@@ -29,6 +30,40 @@ class Graph(Protocol):
     def step(
         self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class LoopGraph:
+    """A Graph over any runtime: builds the loop's feeds (sample, timestep, condition tensors, carried
+    tensors) and splits the outputs into model output and carried tensors. A runtime implements `run`.
+    `condition_names`: which inputs are condition tensors; the other non-loop inputs are carried tensors."""
+
+    def __init__(self, input_names: list[str], output_names: list[str], condition_names: tuple[str, ...]) -> None:
+        self.input_names, self.output_names = input_names, output_names
+        self.condition_names = condition_names
+        self.carried_in = [n for n in input_names if n not in (*LOOP_INPUTS, *condition_names)]
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: list[str]) -> list[torch.Tensor]:
+        """The graph's `outputs` (a prefix of output_names) for `feeds` (every input, by name)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def _feeds(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"sample": x.float(), "timestep": t.float(), **{n: cond[n] for n in self.condition_names}}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.carried_in:
+            raise ValueError(f"this graph also needs carried tensors {self.carried_in}; call step()")
+        return self.run(self._feeds(x, t, cond), self.output_names[:1])[0]
+
+    def step(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A loop variant (see core.sampling.StepFn)."""
+        feeds = self._feeds(x, t, cond) | {n: carry[n] for n in self.carried_in}
+        out, *written = self.run(feeds, self.output_names)
+        return out, dict(zip(self.output_names[1:], written, strict=True))
 
 
 class PlanRunner:

@@ -18,9 +18,8 @@ import torch
 from core.errors import ExportError, LoadError
 from core.fileio import write_bytes
 
-from .onnx_export import LOOP_INPUTS
 from .plan import read_plan
-from .runner import PlanRunner
+from .runner import LoopGraph, PlanRunner
 from .trt import EngineError, engine_path
 
 LOGGER = trt.Logger(trt.Logger.WARNING)
@@ -63,8 +62,8 @@ def build_engine(onnx_path: Path, path: Path, timing_cache: Path, max_batch: int
     return path
 
 
-class EngineGraph:
-    """One engine as a loop graph (see backends.runner.Graph): torch tensors in and out, run on the GPU."""
+class EngineGraph(LoopGraph):
+    """One engine as a loop graph (see LoopGraph): torch tensors in and out, run on the GPU."""
 
     def __init__(self, path: Path, condition_names: tuple[str, ...], order: list[str]) -> None:
         """`order`: the ONNX graph's input and output names (plan.json), which the engine's follow."""
@@ -77,24 +76,22 @@ class EngineGraph:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         if set(names) != set(order):
             raise LoadError(f"{path}: the engine's inputs/outputs {names} are not its graph's {order}")
-        self.input_names = [n for n in order if is_input[n]]
-        self.output_names = [n for n in order if not is_input[n]]
+        inputs = [n for n in order if is_input[n]]
+        super().__init__(inputs, [n for n in order if not is_input[n]], condition_names)
         self.max_batch = min(self.engine.get_tensor_profile_shape(n, 0)[2][0] for n in self.input_names)
         self.stream = torch.cuda.Stream()  # not the legacy default stream (extra synchronizations)
-        self.condition_names = condition_names
-        self.carried_in = [n for n in self.input_names if n not in (*LOOP_INPUTS, *condition_names)]
 
     def describe(self) -> dict[str, Any]:
         return {"device": torch.cuda.get_device_name(), "engine_io": self.input_names + self.output_names}
 
-    def _run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Batches over the profile's largest run in chunks of it."""
+    def run(self, feeds: dict[str, torch.Tensor], outputs: list[str]) -> list[torch.Tensor]:
+        """Every output is computed; batches over the profile's largest run in chunks of it."""
         batch = len(feeds["sample"])
         chunks = [
             self._run_chunk({n: feeds[n][i : i + self.max_batch] for n in self.input_names})
             for i in range(0, batch, self.max_batch)
         ]
-        return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+        return [torch.cat(parts) for parts in zip(*chunks, strict=True)][: len(outputs)]
 
     def _run_chunk(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         with torch.cuda.stream(self.stream):
@@ -113,19 +110,6 @@ class EngineGraph:
                 raise EngineError("TensorRT execution failed")
             self.stream.synchronize()
         return [o.float().cpu() if o.is_floating_point() else o.cpu() for o in outputs]
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.carried_in:
-            raise ValueError(f"this graph also needs carried tensors {self.carried_in}; call step()")
-        feeds = {"sample": x, "timestep": t, **{n: cond[n] for n in self.condition_names}}
-        return self._run(feeds)[0]
-
-    def step(
-        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor], carry: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feeds = {"sample": x, "timestep": t, **{n: cond[n] for n in self.condition_names}}
-        out, *written = self._run(feeds | {n: carry[n] for n in self.carried_in})
-        return out, dict(zip(self.output_names[1:], written, strict=True))
 
 
 def open_engine_runner(folder: Path, describe: dict[str, Any]) -> PlanRunner:

@@ -350,11 +350,12 @@ def _artifact_errors(artifact: Path, backend: Any) -> Iterator[None]:
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="New folder for the repository.")
 @click.option(
     "--graphs",
-    type=click.Choice(["onnxruntime", "python"]),
+    type=click.Choice(["onnxruntime", "python", "tensorrt"]),
     default="onnxruntime",
     show_default=True,
-    help="Graph models on the server's onnxruntime backend, or run by onnxruntime inside Python-backend "
-    "models (servers without that backend, e.g. nvidia-pytriton's).",
+    help="Graph models on the server's onnxruntime backend, run by onnxruntime inside Python-backend "
+    "models (servers without that backend, e.g. nvidia-pytriton's), or the denoiser graphs as the "
+    "TensorRT engines a GPU target built (tensorrt_plan).",
 )
 @click.option("--max-batch", default=8, show_default=True, help="Images the pipeline batches from its queue.")
 @click.option("--instances", default=1, show_default=True, help="Instances of each model.")
@@ -375,6 +376,55 @@ def serving_env(folder: Path) -> None:
     from serving.local_server import create_env
 
     _log(f"python: {create_env(folder, _log)}")
+
+
+@main.command("bench-serving")
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--env",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=".venv-triton",
+    show_default=True,
+    help="The server environment (optimize serving-env DIR).",
+)
+@click.option("--clients", type=click.IntRange(1, 64), default=8, show_default=True, help="Concurrent clients.")
+@click.option("--requests", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Requests per client.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True)
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--prompt", "prompts", multiple=True, help="Prompts to send to a text-to-image artifact (repeat).")
+@click.option("--url", default=None, help="HOST:PORT of a running Triton server that already serves ARTIFACT (HTTP).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
+def bench_serving(
+    artifact: Path,
+    env: Path,
+    clients: int,
+    requests: int,
+    max_batch: int,
+    instances: int,
+    prompts: tuple[str, ...],
+    url: str | None,
+    json_out: Path | None,
+) -> None:
+    """Serve an `optimize` output on a local Triton server (graphs in onnxruntime inside Python-backend
+    models) or use one that serves it (--url), check served images against the in-process runner, and
+    load it with concurrent clients; exit 1 when a request failed."""
+    from core.fileio import write_atomic
+    from serving.bench import bench_serving as run_bench
+
+    if url is None and not (env / "bin" / "python").exists():
+        raise ConfigError(f"no server environment at {env}: create it with 'optimize serving-env {env}'")
+    result = run_bench(artifact, env, clients, requests, max_batch, instances, prompts, _log, url)
+    load = result["load"]
+    _log(
+        f"{load['requests']} requests, {load['failed']} failed: p50 {load['p50_ms']:.1f} ms, "
+        f"p90 {load['p90_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['images_per_s']:.2f} images/s "
+        f"(in-process runner, one at a time: {result['in_process_sequential']['images_per_s']:.2f} images/s)"
+    )
+    if json_out is not None:
+        write_atomic(json_out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    click.echo(json.dumps(result, indent=2))
+    if load["failed"]:
+        raise SystemExit(1)
 
 
 @main.command()

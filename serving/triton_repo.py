@@ -1,8 +1,10 @@
 """Export an `optimize` output as a Triton model repository.
 
 One model per graph of the plan (denoiser variants, prompt encoder, decoder), either `onnxruntime_onnx`
-(a server with the ONNX Runtime backend) or a Python-backend model running the graph with onnxruntime
-(`graphs="python"`: servers without that backend, such as the one in the nvidia-pytriton wheel); and a
+(a server with the ONNX Runtime backend), a Python-backend model running the graph with onnxruntime
+(`graphs="python"`: servers without that backend, such as the one in the nvidia-pytriton wheel), or, for
+the denoiser graphs of a TensorRT artifact whose engines were built, `tensorrt_plan` (`graphs="tensorrt"`;
+the engines only run on the GPU model and TensorRT version that built them); and a
 Python-backend `pipeline` model that runs the plan (scheduler, guidance, cache carry-over between the
 graph variants, decoder) through BLS calls to them, with dynamic batching of one-image requests.
 The pipeline model needs this package, torch and diffusers in the server's Python environment.
@@ -20,6 +22,7 @@ import onnx
 
 from backends.onnx_export import data_file
 from backends.plan import read_plan
+from backends.trt import engine_path
 from core.errors import ConfigError
 
 MODELS = Path(__file__).parent / "triton_models"
@@ -31,6 +34,7 @@ TYPES = {
     onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
 PIPELINE = "pipeline"
+GRAPHS = ("onnxruntime", "python", "tensorrt")
 
 
 def _tensor_lines(kind: str, values: list[tuple[str, str, list[int]]]) -> list[str]:
@@ -53,10 +57,11 @@ def _graph_config(name: str, model: onnx.ModelProto, platform: str, instances: i
             out.append((v.name, TYPES[v.type.tensor_type.elem_type], dims))
         return out
 
-    head = [f'name: "{name}"', 'backend: "python"' if platform == "python" else 'platform: "onnxruntime_onnx"']
+    head = [f'name: "{name}"', 'backend: "python"' if platform == "python" else f'platform: "{platform}"']
     lines = [*head, "max_batch_size: 0", *_tensor_lines("input", io(model.graph.input))]
     lines += _tensor_lines("output", io(model.graph.output))
-    lines += [f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]"]
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_CPU"
+    lines += [f"instance_group [ {{ kind: {kind} count: {instances} }} ]"]
     return "\n".join(lines) + "\n"
 
 
@@ -87,8 +92,8 @@ def export_repository(
     delay_us: int = 2000,
 ) -> dict[str, Any]:
     """Write the repository into `repo` (which must not exist; written beside it, then renamed)."""
-    if graphs not in ("python", "onnxruntime"):
-        raise ConfigError(f"graphs must be 'python' or 'onnxruntime', not {graphs!r}")
+    if graphs not in GRAPHS:
+        raise ConfigError(f"graphs must be one of {', '.join(GRAPHS)}, not {graphs!r}")
     if not 1 <= max_batch <= 1024 or not 1 <= instances <= 64:
         raise ConfigError("max_batch must be in 1..1024 and instances in 1..64")
     plan = read_plan(artifact)
@@ -98,6 +103,12 @@ def export_repository(
         raise ConfigError(f"{repo} exists; choose a new folder for the repository")
     entries = {**plan.document["graphs"], **plan.stages}
     models = {entry["file"]: Path(entry["file"]).stem for entry in entries.values()}
+    engines = {g["file"]: engine_path(plan.folder / g["file"]) for g in plan.document["graphs"].values()}
+    if graphs == "tensorrt" and not all(p.is_file() for p in engines.values()):
+        raise ConfigError(
+            f"{artifact}: no TensorRT engines beside its graphs (built by the tensorrt backend only where "
+            "TensorRT and a GPU exist; see the report's TensorRT section); export --graphs onnxruntime instead"
+        )
 
     repo.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", dir=repo.parent))
@@ -106,13 +117,18 @@ def export_repository(
             version = tmp / name / "1"
             version.mkdir(parents=True)
             source = plan.folder / file
-            shutil.copy2(source, version / "model.onnx")
-            if data_file(source).exists():  # weights beside a large graph keep their recorded name
-                shutil.copy2(data_file(source), version / data_file(source).name)
             model = onnx.load(str(source), load_external_data=False)
-            (tmp / name / "config.pbtxt").write_text(_graph_config(name, model, graphs, instances))
-            if graphs == "python":
+            if graphs == "tensorrt" and file in engines:
+                shutil.copy2(engines[file], version / "model.plan")
+                platform = "tensorrt_plan"
+            else:
+                shutil.copy2(source, version / "model.onnx")
+                if data_file(source).exists():  # weights beside a large graph keep their recorded name
+                    shutil.copy2(data_file(source), version / data_file(source).name)
+                platform = "python" if graphs == "python" else "onnxruntime_onnx"
+            if platform == "python":
                 shutil.copy2(MODELS / "graph_model.py", version / "model.py")
+            (tmp / name / "config.pbtxt").write_text(_graph_config(name, model, platform, instances))
         version = tmp / PIPELINE / "1"
         (version / "artifact").mkdir(parents=True)
         shutil.copy2(plan.folder / "plan.json", version / "artifact" / "plan.json")

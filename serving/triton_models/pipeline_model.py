@@ -10,53 +10,39 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from backends.runner import PlanRunner
+from backends.runner import LoopGraph, PlanRunner
 from core.limits import MAX_SEED
 from core.sampling import to_images
+from core.stages import MAX_PROMPT_CHARS
 
 
-class BlsGraph:
-    """A graph model of the repository as a loop graph (backends.runner.Graph)."""
+def bls_call(model, feeds, outputs):
+    """One BLS request to `model`: {input name: array} -> [arrays of `outputs`]."""
+    tensors = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in feeds.items()]
+    response = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors).exec()
+    if response.has_error():
+        raise RuntimeError(f"{model}: {response.error().message()}")
+    return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
+
+
+class BlsGraph(LoopGraph):
+    """A graph model of the repository as a loop graph."""
 
     def __init__(self, model: str, inputs: list[str], outputs: list[str], condition_names: tuple[str, ...]):
-        self.model, self.input_names, self.output_names = model, inputs, outputs
-        self.condition_names = condition_names
-        self.carried_in = [n for n in inputs if n not in ("sample", "timestep", *condition_names)]
+        super().__init__(inputs, outputs, condition_names)
+        self.model = model
 
     def describe(self):
         return {"model": self.model}
 
-    def _run(self, feeds):
-        tensors = [pb_utils.Tensor(n, np.ascontiguousarray(feeds[n].numpy())) for n in self.input_names]
-        response = pb_utils.InferenceRequest(
-            model_name=self.model, requested_output_names=self.output_names, inputs=tensors
-        ).exec()
-        if response.has_error():
-            raise RuntimeError(f"{self.model}: {response.error().message()}")
-        return [
-            torch.from_numpy(pb_utils.get_output_tensor_by_name(response, n).as_numpy().copy())
-            for n in self.output_names
-        ]
-
-    def __call__(self, x, t, cond):
-        return self._run({"sample": x, "timestep": t, **cond})[0]
-
-    def step(self, x, t, cond, carry):
-        out, *written = self._run({"sample": x, "timestep": t, **cond, **carry})
-        return out, dict(zip(self.output_names[1:], written, strict=True))
+    def run(self, feeds, outputs):
+        values = bls_call(self.model, {n: v.numpy() for n, v in feeds.items()}, outputs)
+        return [torch.from_numpy(v.copy()) for v in values]
 
 
 def bls_stage(model: str, outputs: list[str]):
     """A stage graph (prompt encoder, decoder) as {input name: array} -> [output arrays]."""
-
-    def run(feeds):
-        tensors = [pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in feeds.items()]
-        response = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors).exec()
-        if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
-        return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
-
-    return run
+    return lambda feeds: bls_call(model, feeds, outputs)
 
 
 class TritonPythonModel:
@@ -84,7 +70,13 @@ class TritonPythonModel:
             prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
             if prompt is None:
                 raise ValueError("this pipeline is text-conditioned: send 'prompt'")
-            return prompt.as_numpy().reshape(-1)[0].decode("utf-8")
+            values = prompt.as_numpy().reshape(-1)
+            if values.size != 1 or len(values[0]) > MAX_PROMPT_CHARS:
+                raise ValueError(f"one prompt per request, at most {MAX_PROMPT_CHARS} bytes")
+            text = values[0].decode("utf-8")
+            stages = self.runner.stages
+            stages.adapter.tokenize(stages.stages, [text])  # refuses a prompt over the encoder's token limit
+            return text
         if self.conditioning.num_classes:
             label = pb_utils.get_input_tensor_by_name(request, "class_label")
             value = 0 if label is None else int(label.as_numpy().reshape(-1)[0])

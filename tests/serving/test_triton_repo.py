@@ -3,6 +3,7 @@ serves one)."""
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from helpers import lower
 
@@ -39,3 +40,24 @@ def test_export_writes_graph_models_and_the_pipeline(tiny_digits_program, tmp_pa
     bad = invoke("export-triton", tmp_path / "artifact", "--repo", tmp_path / "r2", "--max-batch", 0)
     assert bad.exit_code == 2 and "max_batch" in bad.output and not (tmp_path / "r2").exists()
     assert not list(tmp_path.glob(".r2.*")) and not list(tmp_path.glob(".repo.*"))
+
+
+def test_tensorrt_graphs_export_the_built_engines_as_tensorrt_plan_models(tiny_digits_program, tmp_path):
+    from backends.registry import get_backend
+
+    artifact = tmp_path / "artifact"
+    written = get_backend({"name": "tensorrt"}).lower(tiny_digits_program, artifact)
+    if written["tensorrt"]["engines"]["built"]:
+        pytest.skip("engines were built here (GPU): tests/backends/test_tensorrt.py covers them")
+    refused = invoke("export-triton", artifact, "--repo", tmp_path / "repo", "--graphs", "tensorrt")
+    assert refused.exit_code == 2 and "no TensorRT engines" in refused.output and not (tmp_path / "repo").exists()
+
+    # Layout only: these bytes stand in for the engine a GPU would build (no server loads them here).
+    (artifact / "denoiser.plan").write_bytes(b"engine bytes")
+    result = invoke("export-triton", artifact, "--repo", tmp_path / "repo", "--graphs", "tensorrt")
+    assert result.exit_code == 0, result.output
+    model = tmp_path / "repo" / "denoiser"
+    assert (model / "1" / "model.plan").read_bytes() == b"engine bytes" and not (model / "1" / "model.onnx").exists()
+    config = (model / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and "KIND_GPU" in config and 'name: "class_labels"' in config
+    assert (tmp_path / "repo" / "pipeline" / "1" / "artifact" / "plan.json").is_file()

@@ -1,0 +1,102 @@
+"""`optimize bench-serving`: an artifact exported and served by a real Triton server on this machine,
+checked against the in-process runner, then loaded by concurrent clients; the in-process runner's
+one-image-at-a-time rate is measured in the same run, side by side."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.registry import open_runner
+from core.errors import ConfigError
+from core.sampling import to_images
+from serving.load import client_module, infer, load_test
+from serving.local_server import TritonServer
+from serving.triton_repo import export_repository
+
+CHECKED_SEEDS = 4
+SEQUENTIAL_IMAGES = 40
+
+
+def runner_images(runner: Any, seeds: Sequence[int], conditions: Sequence[Any] | None) -> np.ndarray:
+    """What `optimize sample` writes for these seeds, as the pipeline model's uint8 [N, H, W, C]."""
+    images = to_images(runner.decode(runner.sample(list(seeds), conditions)))
+    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def request_conditions(runner: Any, prompts: Sequence[str]) -> list[Any]:
+    """Class labels cycling over the classes, the given prompts, or None (unconditional)."""
+    conditioning = runner.plan.conditioning
+    if conditioning.text:
+        if not prompts:
+            raise ConfigError("a text-to-image artifact needs prompts to send (--prompt, repeat)")
+        return list(prompts)
+    if prompts:
+        raise ConfigError("--prompt is for text-to-image artifacts; this one is not text-conditioned")
+    return list(range(conditioning.num_classes)) if conditioning.num_classes else [None]
+
+
+def bench_served(
+    url: str, runner: Any, conditions: list[Any], clients: int, requests: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Against the server at `url` serving the runner's artifact: served vs in-process images on the first
+    seeds, then the load test; then the in-process runner one image at a time (same conditions)."""
+    client = client_module().InferenceServerClient(url, network_timeout=300)
+    per_image = [None if c is None else [c] for c in conditions]
+    differences = []
+    for seed in range(CHECKED_SEEDS):
+        served, _ = infer(client, seed, conditions[seed % len(conditions)])
+        expected = runner_images(runner, [seed], per_image[seed % len(conditions)])
+        differences.append(int(np.abs(served.astype(int) - expected.astype(int)).max()))
+    log(f"served vs in-process runner, {CHECKED_SEEDS} seeds: max pixel difference {max(differences)}")
+    log(f"load: {clients} clients x {requests} requests ...")
+    load = load_test(url, conditions, clients, requests, first_seed=CHECKED_SEEDS)
+    log("in-process runner, one image at a time ...")
+    count = min(clients * requests, SEQUENTIAL_IMAGES)
+    start = time.perf_counter()
+    for seed in range(count):
+        runner_images(runner, [seed], per_image[seed % len(conditions)])
+    sequential = (time.perf_counter() - start) / count
+    return {
+        "served_vs_runner_max_pixel_difference": max(differences),
+        "load": load,
+        "in_process_sequential": {"images": count, "ms_per_image": sequential * 1e3, "images_per_s": 1 / sequential},
+    }
+
+
+def bench_serving(
+    artifact: Path,
+    env: Path | None,
+    clients: int,
+    requests: int,
+    max_batch: int,
+    instances: int,
+    prompts: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+    url: str | None = None,
+) -> dict[str, Any]:
+    """Export `artifact` and serve it from `env` (optimize serving-env), or use the server at `url`
+    that already serves it; then bench_served."""
+    runner = open_runner(artifact)
+    conditions = request_conditions(runner, prompts)
+    if url is not None:
+        return {
+            "artifact": str(artifact),
+            "server": {"url": url},
+            **bench_served(url, runner, conditions, clients, requests, log),
+        }
+    if env is None:
+        raise ConfigError("bench-serving needs a server environment or the URL of a running server")
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        repo = Path(tmp) / "repo"
+        export_repository(artifact, repo, graphs="python", max_batch=max_batch, instances=instances)
+        log(f"starting tritonserver on {repo} ...")
+        with TritonServer(env, repo, Path(tmp)) as server:
+            measured = bench_served(server.url, runner, conditions, clients, requests, log)
+    server_info = {"graphs": "onnxruntime in Python-backend models", "max_batch": max_batch, "instances": instances}
+    return {"artifact": str(artifact), "server": server_info, **measured}
