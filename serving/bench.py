@@ -20,7 +20,7 @@ from serving.local_server import TritonServer
 from serving.triton_repo import export_repository
 
 CHECKED_SEEDS = 4
-SEQUENTIAL_IMAGES = 40
+IN_PROCESS_IMAGES = 40
 
 
 def runner_images(runner: Any, seeds: Sequence[int], conditions: Sequence[Any] | None) -> np.ndarray:
@@ -41,32 +41,37 @@ def request_conditions(runner: Any, prompts: Sequence[str]) -> list[Any]:
     return list(range(conditioning.num_classes)) if conditioning.num_classes else [None]
 
 
+def in_process_rates(runner: Any, conditions: list[Any], images: int, batch: int) -> dict[str, Any]:
+    """The in-process runner's images/s over `images` images: one per call (a process calling `optimize
+    sample` per request) and `batch` per call (what dynamic batching can at best reach without overhead)."""
+    rates = {}
+    for name, size in (("one_at_a_time", 1), (f"batches_of_{batch}", batch)):
+        start = time.perf_counter()
+        for first in range(0, images, size):
+            seeds = list(range(first, min(first + size, images)))
+            batch_conditions = [conditions[s % len(conditions)] for s in seeds]
+            runner_images(runner, seeds, None if batch_conditions[0] is None else batch_conditions)
+        seconds = time.perf_counter() - start
+        rates[name] = {"images": images, "ms_per_image": seconds / images * 1e3, "images_per_s": images / seconds}
+    return rates
+
+
 def bench_served(
     url: str, runner: Any, conditions: list[Any], clients: int, requests: int, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Against the server at `url` serving the runner's artifact: served vs in-process images on the first
-    seeds, then the load test; then the in-process runner one image at a time (same conditions)."""
+    seeds, then the load test."""
     client = client_module().InferenceServerClient(url, network_timeout=300)
-    per_image = [None if c is None else [c] for c in conditions]
     differences = []
     for seed in range(CHECKED_SEEDS):
-        served, _ = infer(client, seed, conditions[seed % len(conditions)])
-        expected = runner_images(runner, [seed], per_image[seed % len(conditions)])
+        condition = conditions[seed % len(conditions)]
+        served, _ = infer(client, seed, condition)
+        expected = runner_images(runner, [seed], None if condition is None else [condition])
         differences.append(int(np.abs(served.astype(int) - expected.astype(int)).max()))
     log(f"served vs in-process runner, {CHECKED_SEEDS} seeds: max pixel difference {max(differences)}")
     log(f"load: {clients} clients x {requests} requests ...")
     load = load_test(url, conditions, clients, requests, first_seed=CHECKED_SEEDS)
-    log("in-process runner, one image at a time ...")
-    count = min(clients * requests, SEQUENTIAL_IMAGES)
-    start = time.perf_counter()
-    for seed in range(count):
-        runner_images(runner, [seed], per_image[seed % len(conditions)])
-    sequential = (time.perf_counter() - start) / count
-    return {
-        "served_vs_runner_max_pixel_difference": max(differences),
-        "load": load,
-        "in_process_sequential": {"images": count, "ms_per_image": sequential * 1e3, "images_per_s": 1 / sequential},
-    }
+    return {"served_vs_runner_max_pixel_difference": max(differences), "load": load}
 
 
 def bench_serving(
@@ -80,16 +85,16 @@ def bench_serving(
     log: Callable[[str], None] = print,
     url: str | None = None,
 ) -> dict[str, Any]:
-    """Export `artifact` and serve it from `env` (optimize serving-env), or use the server at `url`
-    that already serves it; then bench_served."""
+    """The in-process runner's rates, measured first (no server running unless `url` is given); then
+    `artifact` exported and served from `env` (optimize serving-env), or the server at `url` that
+    already serves it; then bench_served."""
     runner = open_runner(artifact)
     conditions = request_conditions(runner, prompts)
+    log("in-process runner: one image per call, then batches ...")
+    rates = in_process_rates(runner, conditions, min(clients * requests, IN_PROCESS_IMAGES), max_batch)
+    result = {"artifact": str(artifact), "in_process": rates}
     if url is not None:
-        return {
-            "artifact": str(artifact),
-            "server": {"url": url},
-            **bench_served(url, runner, conditions, clients, requests, log),
-        }
+        return {**result, "server": {"url": url}, **bench_served(url, runner, conditions, clients, requests, log)}
     if env is None:
         raise ConfigError("bench-serving needs a server environment or the URL of a running server")
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -99,4 +104,4 @@ def bench_serving(
         with TritonServer(env, repo, Path(tmp)) as server:
             measured = bench_served(server.url, runner, conditions, clients, requests, log)
     server_info = {"graphs": "onnxruntime in Python-backend models", "max_batch": max_batch, "instances": instances}
-    return {"artifact": str(artifact), "server": server_info, **measured}
+    return {**result, "server": server_info, **measured}

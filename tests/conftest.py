@@ -79,3 +79,21 @@ def flow_folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flow-pipelines")
     return {"sd3": tiny_sd3_pipeline(root), "flux": tiny_flux_pipeline(root)}
+
+
+@pytest.fixture(scope="session")
+def cached_sd_artifact(text_folders, tmp_path_factory):
+    """The tiny SD pipeline (6 steps) with the cache pass's schedule, lowered: (program, artifact folder).
+    Two denoiser graphs, the prompt encoder and the decoder; shared by the lowering and serving tests."""
+    import dataclasses
+
+    from helpers import lower, run_recipe
+
+    from calibration.capture import capture_calibration
+
+    program = load_program(text_folders["sd"])
+    program = program.replace(plan=dataclasses.replace(program.plan, num_inference_steps=6))
+    cached = run_recipe(program, capture_calibration(program, 2), [{"pass": "cache", "config": {"flops_budget": 0.9}}])
+    folder = tmp_path_factory.mktemp("cached-sd") / "artifact"
+    lower(cached, folder)
+    return cached, folder
