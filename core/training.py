@@ -142,3 +142,37 @@ class Trainer:
 
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         return bool(over)
+
+
+class FeatureHooks:
+    """Forward hooks recording the output of each (student module, teacher module) pair, teacher's then
+    student's (`capture` says whose call runs); `loss()` averages `mse` over the pairs."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]], mse: Callable[..., torch.Tensor]) -> None:
+        self.pairs, self.capture, self.mse = pairs, "teacher", mse
+        self.outputs: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+        self.handles: list = []
+
+    def __enter__(self) -> FeatureHooks:
+        for role, index in (("student", 0), ("teacher", 1)):
+            for pair in self.pairs:
+                self.handles.append(pair[index].register_forward_hook(self._record(role)))
+        return self
+
+    def _record(self, role: str):
+        def hook(_module, _args, output):
+            if self.capture == role:
+                self.outputs[role].append(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def clear(self) -> None:
+        self.outputs = {"teacher": [], "student": []}
+
+    def loss(self) -> torch.Tensor:
+        pairs = zip(self.outputs["student"], self.outputs["teacher"], strict=True)
+        return torch.stack([self.mse(s, t) for s, t in pairs]).mean()
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()

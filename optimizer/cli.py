@@ -533,6 +533,35 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, scale: 
     click.echo(json.dumps(latency, indent=2))
 
 
+@main.command("attention-sweep")
+@click.option(
+    "--tokens",
+    "sides",
+    type=click.IntRange(4, 128),
+    multiple=True,
+    default=(16, 32, 48, 64),
+    show_default=True,
+    help="Token grid sides to sweep (16: 256 tokens, 64: 4096).",
+)
+@click.option("--heads", type=click.IntRange(1, 64), default=12, show_default=True)
+@click.option("--head-dim", type=click.IntRange(8, 256), default=64, show_default=True)
+@click.option("--radius", type=click.FloatRange(1, 64), default=8.0, show_default=True, help="Local window radius.")
+@click.option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows here.")
+def attention_sweep(
+    sides: tuple[int, ...], heads: int, head_dim: int, radius: float, repeats: int, json_out: Path | None
+) -> None:
+    """One DiT block (random weights) at growing token counts: softmax self-attention vs linear, linear +
+    conv and local attention, lowered and timed side by side in ONNX Runtime; attention FLOPs per image."""
+    from bench.attention_sweep import markdown, sweep
+    from core.fileio import write_atomic
+
+    rows = sweep(sides, heads, head_dim, radius, repeats, _log)
+    if json_out is not None:
+        write_atomic(json_out, lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
+    click.echo(markdown(rows))
+
+
 def _bench_scale(artifact: Path, geometry: str, repeats: int) -> None:
     from backends.plan import read_plan
     from bench.scale import GEOMETRIES, compare_at_scale

@@ -13,24 +13,18 @@ under torchrun (core.training).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from calibration import capture as calib
-from calibration import selection
-from calibration.capture import evaluation_set
+from calibration.distill_data import DistillationData
 from core.adapters import denoiser_module, respec
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.sampling import add_noise, build_scheduler
-from core.training import Trainer
+from core.training import FeatureHooks, Trainer
 from passes.base import Context, Pass, PassResult, Phase
-
-TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
 
 
 @dataclass
@@ -80,42 +74,13 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     student = denoiser_module(program.replace(denoiser=student_model))
     teacher = denoiser_module(teacher_program)
     pairs = _feature_pairs(program.replace(denoiser=student_model), teacher_program)
-    scheduler = build_scheduler(program.plan)
-    train_steps = scheduler.config.num_train_timesteps
-    num_classes = program.spec.conditioning.num_classes
-    trajectories = [ctx.calibration]
-    if config.teacher_samples:
-        seeds, conditions = evaluation_set(teacher_program, config.teacher_samples, TEACHER_SEED)
-        trajectories.append(calib.capture(teacher_program, seeds, conditions))
-    share = [config.samples * len(t.seeds) // sum(len(u.seeds) for u in trajectories) for t in trajectories]
-    pool = selection.CalibrationInputs.concat(
-        [
-            selection.select(t, "timestep", max(1, k), ctx.rng, train_steps, num_classes)
-            for t, k in zip(trajectories, share, strict=True)
-        ]
-    )
-    finals = torch.cat([t.final for t in trajectories])
-    # The conditional rows of each capture: a final sample's own condition tensors.
-    final_cond = {
-        k: torch.cat([t.cond[k][: len(t.seeds)] for t in trajectories]) for k in program.spec.conditioning.input_names
-    }
+    data = DistillationData.build(teacher_program, ctx.calibration, config.samples, config.teacher_samples, ctx.rng)
     trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
-    names = program.spec.conditioning.input_names
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """One global batch (the same on every rank): half loop inputs, half re-noised final samples."""
-        half = config.batch // 2
-        x, t, cond = pool.rows(torch.randint(pool.x.shape[0], (half,), generator=ctx.rng))
-        rows = torch.randint(finals.shape[0], (config.batch - half,), generator=ctx.rng)
-        steps = torch.randint(train_steps, (len(rows),), generator=ctx.rng)
-        noisy = add_noise(scheduler, finals[rows], torch.randn(finals[rows].shape, generator=ctx.rng), steps)
-        x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
-        return x, t, tuple(torch.cat([cond[k], final_cond[k][rows]]) for k in names)
-
-    with _Features(pairs, trainer.normalized_mse) as features:
+    with FeatureHooks(pairs, trainer.normalized_mse) as features:
 
         def loss(_step: int) -> torch.Tensor:
-            x, t, conds = batch()
+            x, t, conds = data.batch(config.batch, ctx.rng)
             x, t, conds = trainer.shard(x), trainer.shard(t), tuple(trainer.shard(c) for c in conds)
             features.clear()
             with torch.no_grad():
@@ -143,39 +108,6 @@ def _feature_pairs(program: DiffusionProgram, teacher: DiffusionProgram) -> list
     if len(origin) != len(student_blocks) or max(origin, default=-1) >= len(teacher_blocks):
         return []  # an unknown structural change: distil on the output alone
     return [(s, teacher_blocks[k]) for s, k in zip(student_blocks, origin, strict=True)]
-
-
-class _Features:
-    """Forward hooks that record each paired block's output, teacher's then student's."""
-
-    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]], mse: Callable[..., torch.Tensor]) -> None:
-        self.pairs, self.capture, self.mse = pairs, "teacher", mse
-        self.outputs: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
-        self.handles: list = []
-
-    def __enter__(self) -> _Features:
-        for role, index in (("student", 0), ("teacher", 1)):
-            for pair in self.pairs:
-                self.handles.append(pair[index].register_forward_hook(self._record(role)))
-        return self
-
-    def _record(self, role: str):
-        def hook(_module, _args, output):
-            if self.capture == role:
-                self.outputs[role].append(output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    def clear(self) -> None:
-        self.outputs = {"teacher": [], "student": []}
-
-    def loss(self) -> torch.Tensor:
-        pairs = zip(self.outputs["student"], self.outputs["teacher"], strict=True)
-        return torch.stack([self.mse(s, t) for s, t in pairs]).mean()
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 PASS = Pass(

@@ -1,0 +1,227 @@
+"""Attention linearization: softmax self-attention in chosen transformer blocks replaced by linear
+attention (SANA's ReLU kernels / LinFusion's normalized form, optionally LiT's depthwise-conv branch) or
+by CLEAR's local window attention (core.attention), then only the replaced layers distilled from the
+original, LinFusion-style: each replaced layer's output matched to the original layer's on the same
+batch, plus the model output (both normalized by the teacher's energy), on the data-free batches the
+recover pass uses (calibration.distill_data). The rest of the network stays frozen.
+
+Which blocks: `sensitivity` (default) replaces each block's attention alone, undistilled, and scores the
+one-shot model-output distortion on calibration inputs stratified over the plan's timesteps (as
+layer_removal scores blocks); the least sensitive `blocks` (or `fraction` of the stack) are replaced.
+`all` replaces every block and `steps: 0` skips distillation: the naive variants, for comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from calibration import selection
+from calibration.distill_data import DistillationData
+from core.adapters import denoiser_module, respec
+from core.attention import FEATURE_MAPS, LinearAttention, LocalAttention
+from core.caching import BLOCK_FAMILIES
+from core.errors import ConfigError
+from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
+from core.training import FeatureHooks, Trainer
+from passes.base import FLOPS, Context, Pass, PassResult, Phase
+
+KINDS = ("linear", "local")
+SELECTIONS = ("sensitivity", "all")
+
+
+@dataclass
+class Config:
+    kind: str = "linear"
+    feature_map: str = "relu"  # linear: relu (SANA) or elu (elu + 1)
+    conv: bool = True  # linear: LiT's depthwise 3x3 convolution of V over the token grid
+    radius: float = 0.0  # local: window radius in tokens (0: a quarter of the grid's shorter side, >= 1)
+    tile: int = 8  # local: queries per tile side (blocked attention)
+    blocks: int = 0  # blocks to replace (0: `fraction` of the stack)
+    fraction: float = 0.5
+    selection: str = "sensitivity"
+    steps: int = 300  # distillation steps (0: none, the naive variant)
+    batch: int = 32
+    lr: float = 1e-3
+    feature_weight: float = 1.0  # weight of the replaced layers' output term
+    max_seconds: float = 600.0
+    samples: int = 2048  # loop inputs in the distillation pool
+    teacher_samples: int = 64  # fresh trajectories of the original for distillation
+    scoring_samples: int = 128  # calibration inputs for the sensitivity scores
+
+
+@dataclass(frozen=True)
+class LinearizeDecision(Decision):
+    kind: str
+    mechanism: str
+    replaced: list[int] = field(default_factory=list)
+    selection: str = ""
+    sensitivity_by_block: list[float] | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+    title = "Attention linearization"
+
+    def markdown(self) -> list[str]:
+        lines = [f"- self-attention of blocks {self.replaced} replaced by {self.mechanism} (`{self.selection}`)"]
+        if self.sensitivity_by_block:
+            scores = ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(self.sensitivity_by_block))
+            lines.append(f"- one-shot output distortion of replacing each block's attention alone: {scores}")
+        if self.steps:
+            lines.append(
+                f"- replaced layers distilled for {self.steps} steps in {self.seconds} s; loss "
+                f"{self.loss_first} -> {self.loss_last} (model output + replaced layers' outputs)"
+            )
+        else:
+            lines.append("- not distilled (naive variant)")
+        return lines
+
+
+def check(config: Config, capabilities: frozenset[str]) -> None:
+    if config.kind not in KINDS or config.selection not in SELECTIONS or config.feature_map not in FEATURE_MAPS:
+        raise ConfigError(
+            f"linearize: kind in {KINDS}, selection in {SELECTIONS}, feature_map in {FEATURE_MAPS}; got "
+            f"{config.kind!r}, {config.selection!r}, {config.feature_map!r}"
+        )
+    if config.blocks < 0 or not 0 <= config.fraction <= 1 or config.radius < 0 or config.tile < 1:
+        raise ConfigError("linearize: blocks >= 0, fraction in [0, 1], radius >= 0, tile >= 1")
+    counts = (config.batch, config.samples, config.teacher_samples + 1, config.scoring_samples)
+    if not 0 <= config.steps <= 1_000_000 or config.batch < 2 or not all(1 <= c <= MAX_INPUTS for c in counts):
+        raise ConfigError(f"linearize: steps in [0, 1000000], batch >= 2, sample counts in [1, {MAX_INPUTS}]")
+    if config.lr <= 0 or config.feature_weight < 0 or config.max_seconds <= 0:
+        raise ConfigError("linearize: lr and max_seconds must be > 0, feature_weight >= 0")
+
+
+def check_program(config: Config, program: DiffusionProgram) -> None:
+    if program.spec.family not in BLOCK_FAMILIES:
+        raise ConfigError(
+            f"linearize: replaces the self-attention of transformer blocks ({', '.join(BLOCK_FAMILIES)}), "
+            f"not a {program.spec.family}"
+        )
+    if _count(config, len(program.denoiser.transformer_blocks)) == 0:
+        raise ConfigError("linearize: blocks / fraction select no block")
+
+
+def _count(config: Config, depth: int) -> int:
+    if config.selection == "all":
+        return depth
+    return min(depth, config.blocks or round(config.fraction * depth))
+
+
+def _grid(program: DiffusionProgram) -> tuple[int, int]:
+    patch = program.denoiser.config.patch_size
+    _, height, width = program.spec.sample_shape
+    return height // patch, width // patch
+
+
+def _processor(config: Config, grid: tuple[int, int], attn: nn.Module) -> nn.Module:
+    if config.kind == "linear":
+        width = attn.to_v.out_features
+        return LinearAttention(grid, config.feature_map, config.conv, width)
+    radius = config.radius or max(1.0, min(grid) / 4)
+    return LocalAttention(grid, radius, config.tile)
+
+
+def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
+    grid = _grid(program)
+    student_model = copy.deepcopy(program.denoiser).eval().requires_grad_(False)
+    blocks = student_model.transformer_blocks
+    count = _count(config, len(blocks))
+    scores = None
+    if config.selection == "sensitivity" and count < len(blocks):
+        scores = _sensitivities(program, student_model, config, grid, ctx)
+        replaced = sorted(sorted(range(len(blocks)), key=lambda b: scores[b])[:count])
+    else:
+        replaced = list(range(len(blocks)))[:count]
+    for b in replaced:
+        attn = blocks[b].attn1
+        attn.set_processor(_processor(config, grid, attn))
+    mechanism = _describe(blocks[replaced[0]].attn1.processor)
+    decision = dict(
+        kind=config.kind, mechanism=mechanism, replaced=replaced, selection=config.selection, sensitivity_by_block=None
+    )
+    if scores is not None:
+        decision["sensitivity_by_block"] = [round(s, 6) for s in scores]
+    if config.steps:
+        log = _distill(program, student_model, replaced, config, ctx)
+        first, last = log.first_last()
+        decision.update(steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last)
+    return PassResult(respec(program, student_model), LinearizeDecision(**decision))
+
+
+def _describe(processor: nn.Module) -> str:
+    if isinstance(processor, LocalAttention):
+        return f"local attention (CLEAR), radius {processor.radius:g}, {processor.keys_per_query} keys per query"
+    conv = " + depthwise conv (LiT)" if processor.conv is not None else ""
+    return f"linear attention ({processor.feature_map} kernel){conv}"
+
+
+def _sensitivities(
+    program: DiffusionProgram, model: nn.Module, config: Config, grid: tuple[int, int], ctx: Context
+) -> list[float]:
+    """One-shot output distortion of replacing each block's attention alone (undistilled)."""
+    inputs = selection.select(ctx.calibration, "timestep", config.scoring_samples, ctx.rng)
+    batches = list(inputs.batches(64))
+    module = denoiser_module(program.replace(denoiser=model))
+    scores = []
+    with torch.no_grad():
+        reference = [module.apply(x, t, y) for x, t, y in batches]
+        energy = sum(float(r.square().sum()) for r in reference)
+        for b in ctx.progress(range(len(model.transformer_blocks)), desc="linearize: scoring blocks", leave=False):
+            attn = model.transformer_blocks[b].attn1
+            original = attn.processor
+            attn.set_processor(_processor(config, grid, attn))
+            error = sum(
+                float((module.apply(x, t, y) - r).square().sum())
+                for (x, t, y), r in zip(batches, reference, strict=True)
+            )
+            attn.set_processor(original)
+            scores.append(error / energy)
+    return scores
+
+
+def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list[int], config: Config, ctx: Context):
+    """Train the replaced attention layers (projections and the processor's own weights) only."""
+    teacher_program = ctx.reference
+    student = denoiser_module(program.replace(denoiser=student_model))
+    teacher = denoiser_module(teacher_program)
+    layers = nn.ModuleList(student_model.transformer_blocks[b].attn1 for b in replaced)
+    origin = program.spec.origins()
+    teacher_blocks = [teacher_program.denoiser.get_submodule(name) for name in teacher_program.spec.blocks]
+    pairs = [(student_model.transformer_blocks[b].attn1, teacher_blocks[origin[b]].attn1) for b in replaced]
+    data = DistillationData.build(teacher_program, ctx.calibration, config.samples, config.teacher_samples, ctx.rng)
+    trainer = Trainer(layers, config.lr, config.steps, config.max_seconds)
+    with FeatureHooks(pairs, trainer.normalized_mse) as features:
+
+        def loss(_step: int) -> torch.Tensor:
+            x, t, conds = data.batch(config.batch, ctx.rng)
+            x, t, conds = trainer.shard(x), trainer.shard(t), tuple(trainer.shard(c) for c in conds)
+            features.clear()
+            with torch.no_grad():
+                features.capture = "teacher"
+                target = teacher(x, t, *conds)
+            features.capture = "student"
+            value = trainer.normalized_mse(student(x, t, *conds), target)
+            if config.feature_weight:
+                value = value + config.feature_weight * features.loss()
+            return value
+
+        return trainer.run(loss, ctx.progress, "linearize: distilling the replaced layers")
+
+
+PASS = Pass(
+    name="linearize",
+    phase=Phase.STRUCTURE,
+    config=Config,
+    run=run,
+    invalidates=frozenset({FLOPS}),
+    budgets=frozenset({"steps"}),
+    check=check,
+    check_program=check_program,
+)
