@@ -176,3 +176,26 @@ class FeatureHooks:
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+
+
+def distillation_loss(
+    trainer: Trainer,
+    features: FeatureHooks,
+    teacher: Callable[..., torch.Tensor],
+    student: Callable[..., torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
+    feature_weight: float,
+) -> torch.Tensor:
+    """On this rank's shard of a global batch (x, t, condition tensors): the student's output vs the
+    teacher's, plus `feature_weight` x the hooked pairs' feature loss, each normalized by the teacher's energy."""
+    x, conds = trainer.shard(batch[0]), tuple(trainer.shard(c) for c in batch[2])
+    t = trainer.shard(batch[1])
+    features.clear()
+    with torch.no_grad():
+        features.capture = "teacher"
+        target = teacher(x, t, *conds)
+    features.capture = "student"
+    value = trainer.normalized_mse(student(x, t, *conds), target)
+    if feature_weight and features.pairs:
+        value = value + feature_weight * features.loss()
+    return value

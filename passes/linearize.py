@@ -27,7 +27,7 @@ from core.caching import BLOCK_FAMILIES
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.training import FeatureHooks, Trainer
+from core.training import FeatureHooks, Trainer, distillation_loss
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
 KINDS = ("linear", "local")
@@ -200,17 +200,8 @@ def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list
     with FeatureHooks(pairs, trainer.normalized_mse) as features:
 
         def loss(_step: int) -> torch.Tensor:
-            x, t, conds = data.batch(config.batch, ctx.rng)
-            x, t, conds = trainer.shard(x), trainer.shard(t), tuple(trainer.shard(c) for c in conds)
-            features.clear()
-            with torch.no_grad():
-                features.capture = "teacher"
-                target = teacher(x, t, *conds)
-            features.capture = "student"
-            value = trainer.normalized_mse(student(x, t, *conds), target)
-            if config.feature_weight:
-                value = value + config.feature_weight * features.loss()
-            return value
+            batch = data.batch(config.batch, ctx.rng)
+            return distillation_loss(trainer, features, teacher, student, batch, config.feature_weight)
 
         return trainer.run(loss, ctx.progress, "linearize: distilling the replaced layers")
 

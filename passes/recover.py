@@ -23,7 +23,7 @@ from core.adapters import denoiser_module, respec
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.training import FeatureHooks, Trainer
+from core.training import FeatureHooks, Trainer, distillation_loss
 from passes.base import Context, Pass, PassResult, Phase
 
 
@@ -80,17 +80,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     with FeatureHooks(pairs, trainer.normalized_mse) as features:
 
         def loss(_step: int) -> torch.Tensor:
-            x, t, conds = data.batch(config.batch, ctx.rng)
-            x, t, conds = trainer.shard(x), trainer.shard(t), tuple(trainer.shard(c) for c in conds)
-            features.clear()
-            with torch.no_grad():
-                features.capture = "teacher"
-                target = teacher(x, t, *conds)
-            features.capture = "student"
-            value = trainer.normalized_mse(student(x, t, *conds), target)
-            if config.feature_weight and pairs:
-                value = value + config.feature_weight * features.loss()
-            return value
+            batch = data.batch(config.batch, ctx.rng)
+            return distillation_loss(trainer, features, teacher, student, batch, config.feature_weight)
 
         log = trainer.run(loss, ctx.progress, "recover: distilling")
     first, last = log.first_last()
