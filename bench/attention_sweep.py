@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from backends.onnx_export import export_onnx
+from backends.onnx_export import export_graph, export_onnx
 from backends.ort import OrtDenoiser
 from bench.scale import dit_config
 from core.attention import GridAttention, LinearAttention, LocalAttention
@@ -46,46 +46,58 @@ def sweep(
     radius: float = 8.0,
     repeats: int = 5,
     log: Callable[[str], None] = print,
+    only: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Rows per token count: each variant's block latency (ms, batch 2 as with guidance), speedup vs
-    softmax, and the attention layer's FLOPs per image."""
+    """Rows per token count: each variant's latency (ms, batch 2 as with guidance) for the attention layer
+    alone and for the whole block, speedups vs softmax, and the attention layer's FLOPs per image.
+    `only`: the variants timed besides softmax, by name (default: all)."""
     rows = []
     for side in sides:
         torch.manual_seed(0)
         model = _dit_block(side, heads, head_dim).eval()
         program = program_from_model(model, conditioning=Conditioning(1000, 1000))
-        x = torch.randn(2, 4, 2 * side, 2 * side)
-        t, y = torch.tensor([500.0, 500.0]), {"class_labels": torch.tensor([1, 2])}
-        grid = (side, side)
-        calls, flops = {}, {}
+        x, t = torch.randn(2, 4, 2 * side, 2 * side), torch.tensor([500.0, 500.0])
+        inputs = (x, t, {"class_labels": torch.tensor([1, 2])})
+        hidden = torch.randn(2, side * side, heads * head_dim)
+        feeds = {"hidden_states": hidden.numpy()}
+        calls: dict[str, Callable[[], object]] = {}
+        flops = {}
         with tempfile.TemporaryDirectory(prefix="attention-sweep-") as tmp:
-            for name, processor in variants(grid, heads * head_dim, radius).items():
+            chosen = variants((side, side), heads * head_dim, radius)
+            chosen = {n: p for n, p in chosen.items() if n == "softmax" or not only or n in only}
+            for i, (name, processor) in enumerate(chosen.items()):
                 block = copy.deepcopy(model)
                 attn = block.transformer_blocks[0].attn1
                 if processor is not None:
                     attn.set_processor(processor)
-                hidden = torch.randn(1, side * side, heads * head_dim)
-                flops[name] = count_flops(lambda a=attn, h=hidden: a(h))
-                path = export_onnx(block, program.spec, Path(tmp) / f"{len(calls)}.onnx")
-                graph = OrtDenoiser(path)
-                calls[name] = lambda g=graph, inputs=(x, t, y): g(*inputs)
-            log(f"attention-sweep: {side * side} tokens: timing {len(calls)} variants side by side ...")
+                flops[name] = count_flops(attn, hidden[:1])
+                layer = export_graph(_Layer(attn), (hidden,), ["hidden_states"], ["out"], Path(tmp) / f"a{i}.onnx")
+                run_layer = OrtDenoiser(layer, condition_names=()).session_fn()
+                graph = OrtDenoiser(export_onnx(block, program.spec, Path(tmp) / f"b{i}.onnx"))
+                calls[f"attention/{name}"] = lambda f=run_layer, h=feeds: f(h)
+                calls[f"block/{name}"] = lambda g=graph, args=inputs: g(*args)
+            log(f"attention-sweep: {side * side} tokens: timing {len(calls)} graphs side by side ...")
             ms = paired_median_ms(calls, repeats=repeats, warmup=1, rounds=2)
-        base = ms["softmax"]
-        rows.append(
-            {
-                "tokens": side * side,
-                "variants": {
-                    name: {
-                        "block_ms": ms[name],
-                        "speedup": base / ms[name],
-                        "attention_gflops_per_image": flops[name] / 1e9,
-                    }
-                    for name in calls
-                },
+        row: dict[str, Any] = {"tokens": side * side, "variants": {}}
+        for name in flops:
+            row["variants"][name] = {
+                "attention_gflops_per_image": flops[name] / 1e9,
+                **{f"{part}_ms": ms[f"{part}/{name}"] for part in ("attention", "block")},
+                **{f"{part}_speedup": ms[f"{part}/softmax"] / ms[f"{part}/{name}"] for part in ("attention", "block")},
             }
-        )
+        rows.append(row)
     return rows
+
+
+class _Layer(torch.nn.Module):
+    """An attention layer alone, as a graph: hidden states in, the layer's output out."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.attn(hidden_states)
 
 
 def _dit_block(side: int, heads: int, head_dim: int) -> torch.nn.Module:
@@ -96,12 +108,21 @@ def _dit_block(side: int, heads: int, head_dim: int) -> torch.nn.Module:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     names = list(rows[0]["variants"])
-    head = "| tokens | " + " | ".join(names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
+    lines = []
+    for part, title in (("attention", "The attention layer alone"), ("block", "The whole block (attention + MLP)")):
+        lines += [f"{title}: ms (speedup vs softmax)", "", "| tokens | " + " | ".join(names) + " |"]
+        lines.append("|" + "---|" * (len(names) + 1))
+        for row in rows:
+            cells = [_cell(row["variants"][n], part) for n in names]
+            lines.append(f"| {row['tokens']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Attention layer GFLOPs per image (projections included)", "", "| tokens | " + " | ".join(names) + " |"]
+    lines.append("|" + "---|" * (len(names) + 1))
     for row in rows:
-        cells = []
-        for name in names:
-            v = row["variants"][name]
-            cells.append(f"{v['block_ms']:.1f} ms ({v['speedup']:.2f}x), {v['attention_gflops_per_image']:.2f} GF")
+        cells = [f"{row['variants'][n]['attention_gflops_per_image']:.2f}" for n in names]
         lines.append(f"| {row['tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(variant: dict[str, float], part: str) -> str:
+    return f"{variant[f'{part}_ms']:.1f} ({variant[f'{part}_speedup']:.2f}x)"

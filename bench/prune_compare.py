@@ -68,6 +68,7 @@ def compare_pruning(
     log: Callable[[str], None],
     rows: list[tuple[str, list[dict[str, Any]]]] | None = None,
     latency_repeats: int = 20,
+    desc: str = "pruning recipes",
 ) -> list[dict[str, Any]]:
     from core.errors import ConfigError
 
@@ -84,7 +85,7 @@ def compare_pruning(
     with tempfile.TemporaryDirectory(prefix="prune-compare-") as tmp:
         work = Path(tmp)
         candidates = [("original", program, [])]
-        for name, recipe in progress(rows, desc="pruning recipes"):
+        for name, recipe in progress(rows, desc=desc):
             log(name)
             candidates.append((name, run_passes(program, plan_passes(recipe, ctx.capabilities), ctx), recipe))
         for i, (name, candidate, recipe) in enumerate(candidates):

@@ -673,6 +673,20 @@ if __name__ == "__main__":
     main()
 
 
+@_comparison_command("linearize-compare")
+def linearize_compare(
+    model: Path, samples: int, calibration_samples: int, json_out: Path | None, allow_large: bool
+) -> None:
+    """Attention linearization as the pass does it vs the naive variants (undistilled, every block), each
+    mechanism, same seeds, lowered and timed side by side in ONNX Runtime (markdown table)."""
+    from bench.linearize_compare import compare_linearization, markdown_table
+
+    def compare(program: Any) -> list[dict[str, Any]]:
+        return compare_linearization(program, samples, calibration_samples, _progress, _log)
+
+    _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
+
+
 @_comparison_command("steps-compare")
 @click.option("--nfe", type=click.IntRange(1, 64), default=4, show_default=True, help="Network evaluations per image.")
 def steps_compare(

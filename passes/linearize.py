@@ -8,7 +8,8 @@ recover pass uses (calibration.distill_data). The rest of the network stays froz
 Which blocks: `sensitivity` (default) replaces each block's attention alone, undistilled, and scores the
 one-shot model-output distortion on calibration inputs stratified over the plan's timesteps (as
 layer_removal scores blocks); the least sensitive `blocks` (or `fraction` of the stack) are replaced.
-`all` replaces every block and `steps: 0` skips distillation: the naive variants, for comparison.
+`all` replaces every block, `last` the last ones, and `steps: 0` skips distillation: the naive variants,
+for comparison (`last` is also what `bench --scale` replays: which blocks does not change the cost).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from core.training import FeatureHooks, Trainer, distillation_loss
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
 KINDS = ("linear", "local")
-SELECTIONS = ("sensitivity", "all")
+SELECTIONS = ("sensitivity", "all", "last")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LinearizeDecision(Decision):
     kind: str
     mechanism: str
     replaced: list[int] = field(default_factory=list)
+    depth: int = 0  # blocks in the stack
     selection: str = ""
     sensitivity_by_block: list[float] | None = None
     steps: int = 0
@@ -138,13 +140,13 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         scores = _sensitivities(program, student_model, config, grid, ctx)
         replaced = sorted(sorted(range(len(blocks)), key=lambda b: scores[b])[:count])
     else:
-        replaced = list(range(len(blocks)))[:count]
+        replaced = list(range(len(blocks) - count, len(blocks)))
     for b in replaced:
         attn = blocks[b].attn1
         attn.set_processor(_processor(config, grid, attn))
     mechanism = _describe(blocks[replaced[0]].attn1.processor)
     decision = dict(
-        kind=config.kind, mechanism=mechanism, replaced=replaced, selection=config.selection, sensitivity_by_block=None
+        kind=config.kind, mechanism=mechanism, replaced=replaced, depth=len(blocks), selection=config.selection
     )
     if scores is not None:
         decision["sensitivity_by_block"] = [round(s, 6) for s in scores]

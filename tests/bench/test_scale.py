@@ -44,3 +44,15 @@ def test_the_replayed_recipe_keeps_shapes_and_formats_and_drops_weight_training(
     # Nothing removed (a UNet has no stack of same-shape blocks): no layer_removal step to replay.
     report["decisions"]["layer_removal"] = {"removed": [], "kept": []}
     assert [s["pass"] for s in scaled_recipe(report)] == ["prune", "quantize"]
+
+
+def test_a_linearized_artifact_replays_the_mechanism_on_the_same_share_of_blocks_untrained():
+    config = {"kind": "local", "radius": 2.0, "fraction": 0.5, "steps": 300}
+    report = {
+        "passes": [{"name": "linearize", "config": config}],
+        "decisions": {"linearize": {"replaced": [1, 4, 6, 7], "depth": 8}},
+    }
+    (step,) = scaled_recipe(report)
+    assert step["config"] == {**config, "selection": "last", "fraction": 0.5, "blocks": 0, "steps": 0}
+    report["decisions"]["linearize"]["replaced"] = list(range(8))
+    assert scaled_recipe(report)[0]["config"]["selection"] == "all"

@@ -1,0 +1,42 @@
+"""Side by side on one model and one evaluation set (`optimize linearize-compare`): attention linearization
+as the pass does it (blocks by sensitivity, replaced layers distilled) vs the naive variants (no
+distillation; every block replaced), each mechanism, lowered and timed in ONNX Runtime with the original's
+fp32 graph (the rows and measurements of bench.prune_compare: structural recipes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench.prune_compare import compare_pruning, markdown_table
+from core.errors import ConfigError
+from core.ir import DiffusionProgram
+
+LINEAR = {"kind": "linear", "feature_map": "relu", "conv": True}
+LOCAL = {"kind": "local", "radius": 2.0, "tile": 2}  # 36 keys per query of the DiT's 64 tokens
+
+
+def _row(name: str, **config: Any) -> tuple[str, list[dict[str, Any]]]:
+    return name, [{"pass": "linearize", "config": config}]
+
+
+ROWS = [
+    _row("linear + conv, half the blocks by sensitivity, distilled (ours)", **LINEAR, fraction=0.5),
+    _row("linear + conv, the same blocks, not distilled (naive)", **LINEAR, fraction=0.5, steps=0),
+    _row("linear + conv, every block, distilled", **LINEAR, selection="all"),
+    _row("linear + conv, every block, not distilled (naive)", **LINEAR, selection="all", steps=0),
+    _row("linear (no conv), half the blocks by sensitivity, distilled", **{**LINEAR, "conv": False}, fraction=0.5),
+    _row("local r=2, half the blocks by sensitivity, distilled", **LOCAL, fraction=0.5),
+    _row("local r=2, the same blocks, not distilled (naive)", **LOCAL, fraction=0.5, steps=0),
+]
+
+
+def compare_linearization(
+    program: DiffusionProgram, samples: int, calibration_samples: int, progress: Callable, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    if program.spec.family not in ("dit", "pixart"):
+        raise ConfigError(f"linearize-compare: transformer families only (dit, pixart), not {program.spec.family}")
+    return compare_pruning(program, samples, calibration_samples, progress, log, rows=ROWS, desc="linearize rows")
+
+
+__all__ = ["compare_linearization", "markdown_table"]

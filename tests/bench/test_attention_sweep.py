@@ -1,0 +1,16 @@
+"""The attention sweep on a tiny geometry: softmax and linear attention lowered and timed, layer and block;
+FLOPs counted (the sweep's numbers at 256-4096 tokens are in BENCHMARKS.md)."""
+
+from bench.attention_sweep import markdown, sweep
+
+
+def test_the_sweep_times_the_layer_and_the_block_of_each_variant():
+    (row,) = sweep(sides=(8,), heads=2, head_dim=8, radius=2.0, repeats=1, log=lambda _: None, only=("linear (relu)",))
+    assert row["tokens"] == 64 and list(row["variants"]) == ["softmax", "linear (relu)"]
+    softmax = row["variants"]["softmax"]
+    assert softmax["attention_speedup"] == softmax["block_speedup"] == 1.0
+    for variant in row["variants"].values():
+        assert variant["attention_ms"] > 0 and variant["block_ms"] > 0 and variant["attention_gflops_per_image"] > 0
+    assert row["variants"]["linear (relu)"]["attention_gflops_per_image"] < softmax["attention_gflops_per_image"]
+    text = markdown([row])
+    assert "The attention layer alone" in text and "| 64 |" in text
