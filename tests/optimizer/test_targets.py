@@ -12,6 +12,7 @@ from verify.gates import GATES
 EXPECTED = {
     "cpu-fp32",
     "cpu-int8",
+    "cpu-linearize",
     "cpu-cache",
     "cpu-prune",
     "cpu-steps",

@@ -244,6 +244,7 @@ def test_discovery_finds_the_shipped_passes_with_their_phases():
         "schedule": Phase.PLAN,
         "layer_removal": Phase.STRUCTURE,
         "prune": Phase.STRUCTURE,
+        "linearize": Phase.STRUCTURE,
         "recover": Phase.RECOVERY,
         "guidance_distill": Phase.DISTILLATION,
         "progressive_distill": Phase.DISTILLATION,

@@ -4,9 +4,8 @@ import copy
 
 import pytest
 import torch
-from helpers import lower, run_recipe
+from helpers import run_recipe
 
-from backends.registry import open_runner
 from bench.prune_compare import compare_pruning
 from calibration import capture as calib
 from calibration.capture import evaluation_set
@@ -14,7 +13,6 @@ from core import surgery
 from core.adapters import denoiser_module, torch_denoise
 from core.errors import ConfigError
 from core.flops import plan_flops
-from core.variants import sample_program
 from passes.manager import plan_passes
 from verify.fidelity import per_step_error, replay_psnr
 
@@ -157,7 +155,7 @@ def test_pruning_errors(dit_program, unet_program, calibrations):
 
 
 @pytest.mark.parametrize("family", ["dit", "unet"])
-def test_recovery_distillation_brings_the_pruned_model_back(family, request, calibrations, tmp_path):
+def test_recovery_distillation_brings_the_pruned_model_back(family, request, calibrations):
     program, cal = request.getfixturevalue(f"{family}_program"), calibrations[family]
     recipe = [{"pass": "prune", "config": {"mlp": 0.25, "channels": 0.25}}]
     if family == "dit":
@@ -170,15 +168,7 @@ def test_recovery_distillation_brings_the_pruned_model_back(family, request, cal
     assert notes["feature_pairs"] == len(program.spec.blocks) - (2 if family == "dit" else 0)
     assert eps_error(recovered, cal) < eps_error(pruned, cal)
     assert replay_psnr(recovered, cal) > replay_psnr(pruned, cal)
-    if family == "unet":  # a pruned UNet lowers in test_text_families (SD) and the DiT here
-        return
-    # The smaller network lowers to ONNX and runs the loop in ONNX Runtime like the torch one.
-    lower(recovered, tmp_path)
-    runner = open_runner(tmp_path)
-    seeds, classes = [0, 1], [2, 7]
-    torch_out = sample_program(recovered, seeds, classes, torch_denoise(recovered))
-    ort_out = runner.sample(seeds, classes)
-    torch.testing.assert_close(ort_out, torch_out, rtol=1e-3, atol=1e-3)
+    # Lowered and run in ORT: the cpu-prune CLI test (DiT) and test_text_families (SD, PixArt).
 
 
 def test_recovery_is_reproducible_and_keeps_labels(dit_program, calibrations):
