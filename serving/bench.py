@@ -15,7 +15,7 @@ import numpy as np
 from backends.registry import open_runner
 from core.errors import ConfigError
 from core.sampling import to_images
-from serving.load import client_module, infer, load_test
+from serving.load import check_server, client_module, infer, load_test
 from serving.local_server import TritonServer
 from serving.triton_repo import export_repository
 
@@ -88,6 +88,8 @@ def bench_serving(
     """The in-process runner's rates, measured first (no server running unless `url` is given); then
     `artifact` exported and served from `env` (optimize serving-env), or the server at `url` that
     already serves it; then bench_served."""
+    if url is not None:
+        check_server(url)
     runner = open_runner(artifact)
     conditions = request_conditions(runner, prompts)
     log("in-process runner: one image per call, then batches ...")

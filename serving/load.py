@@ -23,6 +23,16 @@ def client_module() -> Any:
     return http
 
 
+def check_server(url: str) -> None:
+    """A clear error unless a Triton server at `url` answers and its `pipeline` model is ready."""
+    try:
+        ready = client_module().InferenceServerClient(url, connection_timeout=10).is_model_ready(PIPELINE)
+    except Exception as exc:  # refused, unresolvable, not HTTP: all bad input here
+        raise ConfigError(f"no Triton server answers at {url} ({str(exc)[:120]})") from None
+    if not ready:
+        raise ConfigError(f"the Triton server at {url} has no ready '{PIPELINE}' model (optimize export-triton)")
+
+
 def request_inputs(seed: int, condition: int | str | None) -> list[Any]:
     """The pipeline model's inputs for one image: seed, and a class label (int) or a prompt (str)."""
     http = client_module()

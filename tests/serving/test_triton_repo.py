@@ -61,3 +61,11 @@ def test_tensorrt_graphs_export_the_built_engines_as_tensorrt_plan_models(tiny_d
     config = (model / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in config and "KIND_GPU" in config and 'name: "class_labels"' in config
     assert (tmp_path / "repo" / "pipeline" / "1" / "artifact" / "plan.json").is_file()
+
+
+def test_bench_serving_without_a_server_is_one_clear_line(tiny_digits_program, tmp_path):
+    lower(tiny_digits_program, tmp_path / "artifact")
+    result = invoke("bench-serving", tmp_path / "artifact", "--url", "127.0.0.1:1")
+    assert result.exit_code == 2 and "no Triton server answers at 127.0.0.1:1" in result.output
+    result = invoke("bench-serving", tmp_path / "artifact", "--env", tmp_path / "none")
+    assert result.exit_code == 2 and "optimize serving-env" in result.output
