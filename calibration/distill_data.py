@@ -1,20 +1,24 @@
-"""Data-free distillation batches (the recover and linearize passes): each batch mixes loop inputs (the
-exact (x_t, t, condition) the plan's loop feeds the model, null condition included) from the calibration
+"""Data-free distillation (the recover and linearize passes): each batch mixes loop inputs (the exact
+(x_t, t, condition) the plan's loop feeds the model, null condition included) from the calibration
 trajectories and from `teacher_samples` fresh trajectories of the reference on their own seeds, with
-those trajectories' final samples re-noised at random training timesteps."""
+those trajectories' final samples re-noised at random training timesteps; `distill` trains on them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from calibration import capture as calib
 from calibration import selection
 from calibration.capture import Trajectories, evaluation_set
+from core.adapters import denoiser_module
 from core.ir import DiffusionProgram
 from core.sampling import add_noise, build_scheduler
+from core.training import FeatureHooks, Trainer, TrainLog, distillation_loss
 
 TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
 
@@ -69,3 +73,41 @@ class DistillationData:
         noisy = add_noise(self.scheduler, finals, torch.randn(finals.shape, generator=rng), steps)
         x, t = torch.cat([x, noisy]), torch.cat([t, steps.float()])
         return x, t, tuple(torch.cat([cond[k], self.final_cond[k][rows]]) for k in self.names)
+
+
+class DistillConfig(Protocol):
+    """The config fields the distilling passes share."""
+
+    steps: int
+    batch: int
+    lr: float
+    feature_weight: float
+    max_seconds: float
+    samples: int
+    teacher_samples: int
+
+
+def distill(
+    student: Callable[..., torch.Tensor],
+    trainable: nn.Module,
+    pairs: list[tuple[nn.Module, nn.Module]],
+    reference: DiffusionProgram,
+    calibration: Trajectories,
+    config: DistillConfig,
+    rng: torch.Generator,
+    progress: Callable[..., Iterable],
+    desc: str,
+) -> TrainLog:
+    """Train `trainable`'s parameters so that `student` matches the reference's network on
+    DistillationData batches: output loss plus `config.feature_weight` x the (student, teacher) module
+    pairs' output loss (core.training.distillation_loss)."""
+    teacher = denoiser_module(reference)
+    data = DistillationData.build(reference, calibration, config.samples, config.teacher_samples, rng)
+    trainer = Trainer(trainable, config.lr, config.steps, config.max_seconds)
+    with FeatureHooks(pairs, trainer.normalized_mse) as features:
+
+        def loss(_step: int) -> torch.Tensor:
+            batch = data.batch(config.batch, rng)
+            return distillation_loss(trainer, features, teacher, student, batch, config.feature_weight)
+
+        return trainer.run(loss, progress, desc)

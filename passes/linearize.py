@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from calibration import selection
-from calibration.distill_data import DistillationData
+from calibration.distill_data import distill
 from core.adapters import denoiser_module, respec
 from core.attention import FEATURE_MAPS, LinearAttention, LocalAttention
 from core.caching import BLOCK_FAMILIES
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.training import FeatureHooks, Trainer, distillation_loss
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 
 KINDS = ("linear", "local")
@@ -192,20 +191,21 @@ def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list
     """Train the replaced attention layers (projections and the processor's own weights) only."""
     teacher_program = ctx.reference
     student = denoiser_module(program.replace(denoiser=student_model))
-    teacher = denoiser_module(teacher_program)
     layers = nn.ModuleList(student_model.transformer_blocks[b].attn1 for b in replaced)
     origin = program.spec.origins()
     teacher_blocks = [teacher_program.denoiser.get_submodule(name) for name in teacher_program.spec.blocks]
     pairs = [(student_model.transformer_blocks[b].attn1, teacher_blocks[origin[b]].attn1) for b in replaced]
-    data = DistillationData.build(teacher_program, ctx.calibration, config.samples, config.teacher_samples, ctx.rng)
-    trainer = Trainer(layers, config.lr, config.steps, config.max_seconds)
-    with FeatureHooks(pairs, trainer.normalized_mse) as features:
-
-        def loss(_step: int) -> torch.Tensor:
-            batch = data.batch(config.batch, ctx.rng)
-            return distillation_loss(trainer, features, teacher, student, batch, config.feature_weight)
-
-        return trainer.run(loss, ctx.progress, "linearize: distilling the replaced layers")
+    return distill(
+        student,
+        layers,
+        pairs,
+        teacher_program,
+        ctx.calibration,
+        config,
+        ctx.rng,
+        ctx.progress,
+        "linearize: distilling the replaced layers",
+    )
 
 
 PASS = Pass(

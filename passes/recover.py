@@ -15,15 +15,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from calibration.distill_data import DistillationData
+from calibration.distill_data import distill
 from core.adapters import denoiser_module, respec
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.training import FeatureHooks, Trainer, distillation_loss
 from passes.base import Context, Pass, PassResult, Phase
 
 
@@ -72,18 +70,18 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     # dropout) would make it fit the teacher on inputs the teacher never saw.
     student_model = copy.deepcopy(program.denoiser).eval()
     student = denoiser_module(program.replace(denoiser=student_model))
-    teacher = denoiser_module(teacher_program)
     pairs = _feature_pairs(program.replace(denoiser=student_model), teacher_program)
-    data = DistillationData.build(teacher_program, ctx.calibration, config.samples, config.teacher_samples, ctx.rng)
-    trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
-
-    with FeatureHooks(pairs, trainer.normalized_mse) as features:
-
-        def loss(_step: int) -> torch.Tensor:
-            batch = data.batch(config.batch, ctx.rng)
-            return distillation_loss(trainer, features, teacher, student, batch, config.feature_weight)
-
-        log = trainer.run(loss, ctx.progress, "recover: distilling")
+    log = distill(
+        student,
+        student_model,
+        pairs,
+        teacher_program,
+        ctx.calibration,
+        config,
+        ctx.rng,
+        ctx.progress,
+        "recover: distilling",
+    )
     first, last = log.first_last()
     decision = RecoverDecision(
         steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last, feature_pairs=len(pairs)
