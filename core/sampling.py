@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from core.errors import ConfigError, one_line
@@ -364,3 +365,9 @@ def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
 def to_images(x: torch.Tensor) -> torch.Tensor:
     """Model space [-1, 1] -> [0, 1], as diffusers pipelines post-process (NaN shows as black)."""
     return torch.nan_to_num(x / 2 + 0.5, nan=0.0).clamp(0, 1)
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Model space [N, C, H, W] -> uint8 [N, H, W, C]: what `optimize sample` writes and the served
+    pipeline returns."""
+    return (to_images(x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

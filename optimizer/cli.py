@@ -451,7 +451,7 @@ def sample(
     from backends.registry import get_backend
     from core.fileio import write_atomic
     from core.outputs import check_out_file
-    from core.sampling import to_images
+    from core.sampling import to_pixels
 
     check_out_file(out, [artifact])
     if len(seeds) > 1024:
@@ -467,8 +467,8 @@ def sample(
         else:
             conditions = (list(labels) or [0] * len(seeds)) if conditioning.num_classes else None
         final = runner.sample(list(seeds), conditions, progress=lambda it: _progress(it, desc="sample"))
-        images = to_images(runner.decode(final))
-    row = np.concatenate([(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images], axis=1)
+        pixels = to_pixels(runner.decode(final))
+    row = np.concatenate(list(pixels), axis=1)
     picture = Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row)
     write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
     _log(f"wrote {out}")

@@ -1,6 +1,6 @@
-"""`optimize bench-serving`: an artifact exported and served by a real Triton server on this machine,
-checked against the in-process runner, then loaded by concurrent clients; the in-process runner's
-one-image-at-a-time rate is measured in the same run, side by side."""
+"""`optimize bench-serving`: the in-process runner's rate measured first (one image per call, and
+batches), then the artifact exported and served by a real Triton server on this machine (or one already
+serving it), checked against the runner and loaded by concurrent clients, in the same run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from backends.registry import open_runner
 from core.errors import ConfigError
-from core.sampling import to_images
+from core.sampling import to_pixels
 from serving.load import check_server, client_module, infer, load_test
 from serving.local_server import TritonServer
 from serving.triton_repo import export_repository
@@ -25,8 +25,7 @@ IN_PROCESS_IMAGES = 40
 
 def runner_images(runner: Any, seeds: Sequence[int], conditions: Sequence[Any] | None) -> np.ndarray:
     """What `optimize sample` writes for these seeds, as the pipeline model's uint8 [N, H, W, C]."""
-    images = to_images(runner.decode(runner.sample(list(seeds), conditions)))
-    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return to_pixels(runner.decode(runner.sample(list(seeds), conditions)))
 
 
 def request_conditions(runner: Any, prompts: Sequence[str]) -> list[Any]:

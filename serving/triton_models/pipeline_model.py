@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends.runner import LoopGraph, PlanRunner
 from core.limits import MAX_SEED
-from core.sampling import to_images
+from core.sampling import to_pixels
 from core.stages import MAX_PROMPT_CHARS
 
 
@@ -99,10 +99,10 @@ class TritonPythonModel:
             try:
                 conditions = [c for _, _, c in parsed]
                 final = self.runner.sample([s for _, s, _ in parsed], None if conditions[0] is None else conditions)
-                images = (to_images(self.runner.decode(final)).permute(0, 2, 3, 1).numpy() * 255).round()
+                images = to_pixels(self.runner.decode(final))
                 for k, (i, _, _) in enumerate(parsed):
                     tensors = [
-                        pb_utils.Tensor("image", images[k : k + 1].astype(np.uint8)),
+                        pb_utils.Tensor("image", images[k : k + 1]),
                         pb_utils.Tensor("latents", final[k : k + 1].numpy().astype(np.float32)),
                     ]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)

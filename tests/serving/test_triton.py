@@ -14,9 +14,9 @@ from helpers import lower
 
 from backends.registry import open_runner
 from core.limits import MAX_SEED
-from core.sampling import to_images
 from core.stages import MAX_PROMPT_CHARS
 from optimizer.cli import main
+from serving.bench import runner_images as bench_images
 from serving.load import infer
 from serving.local_server import PROJECT, TritonServer
 from serving.triton_repo import export_repository
@@ -50,9 +50,7 @@ def request(client, seed, label, dtype=np.int64, shape=(1, 1)):
 
 
 def runner_images(artifact, seeds, labels):
-    runner = open_runner(artifact)
-    images = to_images(runner.decode(runner.sample(seeds, labels)))
-    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return bench_images(open_runner(artifact), seeds, labels)
 
 
 def test_served_images_equal_optimize_sample(served):
