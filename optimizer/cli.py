@@ -414,21 +414,27 @@ def bench_serving(
     """Serve an `optimize` output on a local Triton server (graphs in onnxruntime inside Python-backend
     models) or use one that serves it (--url), check served images against the in-process runner, and
     load it with concurrent clients; exit 1 when a request failed."""
-    from core.fileio import write_atomic
+    from core.fileio import write_json
+    from core.outputs import check_out_file
     from serving.bench import bench_serving as run_bench
 
+    if json_out is not None:
+        check_out_file(json_out, [artifact], "--json-out")
     if url is None and not (env / "bin" / "python").exists():
         raise ConfigError(f"no server environment at {env}: create it with 'optimize serving-env {env}'")
     result = run_bench(artifact, env, clients, requests, max_batch, instances, prompts, _log, url)
     load = result["load"]
     rates = ", ".join(f"{name} {rate['images_per_s']:.2f}" for name, rate in result["in_process"].items())
-    _log(
-        f"{load['requests']} requests, {load['failed']} failed: p50 {load['p50_ms']:.1f} ms, "
-        f"p90 {load['p90_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['images_per_s']:.2f} images/s "
-        f"(in-process runner, images/s: {rates})"
-    )
+    if load["succeeded"]:
+        _log(
+            f"{load['requests']} requests, {load['failed']} failed: p50 {load['p50_ms']:.1f} ms, "
+            f"p90 {load['p90_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['images_per_s']:.2f} images/s "
+            f"(in-process runner, images/s: {rates})"
+        )
+    else:
+        _log(f"all {load['requests']} requests failed, e.g. {load['failures'][0]}")
     if json_out is not None:
-        write_atomic(json_out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        write_json(json_out, result)
     click.echo(json.dumps(result, indent=2))
     if load["failed"]:
         raise SystemExit(1)
@@ -554,11 +560,14 @@ def attention_sweep(
     """One DiT block (random weights) at growing token counts: softmax self-attention vs linear, linear +
     conv and local attention, lowered and timed side by side in ONNX Runtime; attention FLOPs per image."""
     from bench.attention_sweep import markdown, sweep
-    from core.fileio import write_atomic
+    from core.fileio import write_json
+    from core.outputs import check_out_file
 
+    if json_out is not None:
+        check_out_file(json_out, [], "--json-out")
     rows = sweep(sides, heads, head_dim, radius, repeats, _log)
     if json_out is not None:
-        write_atomic(json_out, lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
+        write_json(json_out, rows)
     click.echo(markdown(rows))
 
 

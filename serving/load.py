@@ -86,7 +86,7 @@ def load_test(
         thread.join()
     wall = time.perf_counter() - started
     ms = sorted(x * 1e3 for x in latencies)
-    percentile = (lambda q: float(np.percentile(ms, q))) if ms else (lambda q: float("nan"))
+    percentile = (lambda q: float(np.percentile(ms, q))) if ms else (lambda q: None)  # none succeeded
     return {
         "clients": clients,
         "requests": clients * requests,
@@ -96,7 +96,7 @@ def load_test(
         "p50_ms": percentile(50),
         "p90_ms": percentile(90),
         "p99_ms": percentile(99),
-        "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+        "mean_ms": statistics.fmean(ms) if ms else None,
         "wall_s": wall,
         "images_per_s": len(latencies) / wall,
     }
