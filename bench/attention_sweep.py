@@ -29,28 +29,34 @@ from verify.timing import paired_median_ms
 SIDES = (16, 32, 48, 64)  # token grids: 256, 1024, 2304, 4096 tokens
 
 
-def variants(grid: tuple[int, int], channels: int, radius: float) -> dict[str, GridAttention | None]:
+def variants(
+    grid: tuple[int, int], channels: int, radii: Sequence[float], tile: int
+) -> dict[str, GridAttention | None]:
     """Each replacement of one block's self-attention (None: diffusers' own softmax processor)."""
-    return {
+    chosen: dict[str, GridAttention | None] = {
         "softmax": None,
         "linear (relu)": LinearAttention(grid, "relu"),
         "linear + conv (LiT)": LinearAttention(grid, "relu", conv=True, channels=channels),
-        f"local r={radius:g} (CLEAR)": LocalAttention(grid, radius),
     }
+    for radius in radii:
+        chosen[f"local r={radius:g} (CLEAR)"] = LocalAttention(grid, radius, tile)
+    return chosen
 
 
 def sweep(
     sides: Sequence[int] = SIDES,
     heads: int = 12,
     head_dim: int = 64,
-    radius: float = 8.0,
+    radii: Sequence[float] = (4.0, 8.0, 16.0),
+    tile: int = 8,
     repeats: int = 5,
     log: Callable[[str], None] = print,
     only: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Rows per token count: each variant's latency (ms, batch 2 as with guidance) for the attention layer
-    alone and for the whole block, speedups vs softmax, and the attention layer's FLOPs per image.
-    `only`: the variants timed besides softmax, by name (default: all)."""
+    alone and for the whole block, speedups vs softmax, the attention layer's FLOPs per image and keys per
+    query. Local attention: one variant per radius, queries in `tile` x `tile` tiles. `only`: the variants
+    timed besides softmax, by name (default: all)."""
     rows = []
     for side in sides:
         torch.manual_seed(0)
@@ -61,9 +67,9 @@ def sweep(
         hidden = torch.randn(2, side * side, heads * head_dim)
         feeds = {"hidden_states": hidden.numpy()}
         calls: dict[str, Callable[[], object]] = {}
-        flops = {}
+        flops, keys = {}, {}
         with tempfile.TemporaryDirectory(prefix="attention-sweep-") as tmp:
-            chosen = variants((side, side), heads * head_dim, radius)
+            chosen = variants((side, side), heads * head_dim, radii, tile)
             chosen = {n: p for n, p in chosen.items() if n == "softmax" or not only or n in only}
             for i, (name, processor) in enumerate(chosen.items()):
                 block = copy.deepcopy(model)
@@ -71,6 +77,7 @@ def sweep(
                 if processor is not None:
                     attn.set_processor(processor)
                 flops[name] = count_flops(attn, hidden[:1])
+                keys[name] = processor.keys_per_query if isinstance(processor, LocalAttention) else side * side
                 layer = export_graph(_Layer(attn), (hidden,), ["hidden_states"], ["out"], Path(tmp) / f"a{i}.onnx")
                 run_layer = OrtDenoiser(layer, condition_names=()).session_fn()
                 graph = OrtDenoiser(export_onnx(block, program.spec, Path(tmp) / f"b{i}.onnx"))
@@ -82,6 +89,7 @@ def sweep(
         for name in flops:
             row["variants"][name] = {
                 "attention_gflops_per_image": flops[name] / 1e9,
+                "keys_per_query": keys[name],  # linear attention: every token, through a d x d summary
                 **{f"{part}_ms": ms[f"{part}/{name}"] for part in ("attention", "block")},
                 **{f"{part}_speedup": ms[f"{part}/softmax"] / ms[f"{part}/{name}"] for part in ("attention", "block")},
             }
@@ -116,12 +124,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             cells = [_cell(row["variants"][n], part) for n in names]
             lines.append(f"| {row['tokens']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Attention layer GFLOPs per image (projections included)", "", "| tokens | " + " | ".join(names) + " |"]
-    lines.append("|" + "---|" * (len(names) + 1))
+    lines += [
+        "Attention layer GFLOPs per image (projections included); local attention's keys per query",
+        "",
+        "| tokens | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
     for row in rows:
-        cells = [f"{row['variants'][n]['attention_gflops_per_image']:.2f}" for n in names]
+        cells = [_flops_cell(row["variants"][n], row["tokens"]) for n in names]
         lines.append(f"| {row['tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _flops_cell(variant: dict[str, float], tokens: int) -> str:
+    keys = variant["keys_per_query"]
+    return f"{variant['attention_gflops_per_image']:.2f}" + (f" ({keys} keys)" if keys != tokens else "")
 
 
 def _cell(variant: dict[str, float], part: str) -> str:

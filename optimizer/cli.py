@@ -551,11 +551,26 @@ def bench(artifact: Path, model: Path | None, repeats: int, images: int, scale: 
 )
 @click.option("--heads", type=click.IntRange(1, 64), default=12, show_default=True)
 @click.option("--head-dim", type=click.IntRange(8, 256), default=64, show_default=True)
-@click.option("--radius", type=click.FloatRange(1, 64), default=8.0, show_default=True, help="Local window radius.")
+@click.option(
+    "--radius",
+    "radii",
+    type=click.FloatRange(1, 64),
+    multiple=True,
+    default=(4.0, 8.0, 16.0),
+    show_default=True,
+    help="Local attention window radii (one variant each).",
+)
+@click.option("--tile", type=click.IntRange(1, 64), default=8, show_default=True, help="Local attention query tile.")
 @click.option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows here.")
 def attention_sweep(
-    sides: tuple[int, ...], heads: int, head_dim: int, radius: float, repeats: int, json_out: Path | None
+    sides: tuple[int, ...],
+    heads: int,
+    head_dim: int,
+    radii: tuple[float, ...],
+    tile: int,
+    repeats: int,
+    json_out: Path | None,
 ) -> None:
     """One DiT block (random weights) at growing token counts: softmax self-attention vs linear, linear +
     conv and local attention, lowered and timed side by side in ONNX Runtime; attention FLOPs per image."""
@@ -565,7 +580,7 @@ def attention_sweep(
 
     if json_out is not None:
         check_out_file(json_out, [], "--json-out")
-    rows = sweep(sides, heads, head_dim, radius, repeats, _log)
+    rows = sweep(sides, heads, head_dim, radii, tile, repeats, _log)
     if json_out is not None:
         write_json(json_out, rows)
     click.echo(markdown(rows))

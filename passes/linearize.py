@@ -10,6 +10,12 @@ one-shot model-output distortion on calibration inputs stratified over the plan'
 layer_removal scores blocks); the least sensitive `blocks` (or `fraction` of the stack) are replaced.
 `all` replaces every block, `last` the last ones, and `steps: 0` skips distillation: the naive variants,
 for comparison (`last` is also what `bench --scale` replays: which blocks does not change the cost).
+
+Under a budget (`min_calibration_psnr_db` > 0): after distillation the loop runs end to end on the
+calibration seeds, and while its PSNR vs the reference's samples is under the budget the most sensitive
+replaced block gets its original attention back, one block at a time, each step measured. A target sets
+the budget a little above its PSNR gate (which is checked on other seeds), so the count of replaced
+blocks is the largest the gates allow, not a guess.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from verify.fidelity import replay_psnr
 
 KINDS = ("linear", "local")
 SELECTIONS = ("sensitivity", "all", "last")
@@ -52,6 +59,7 @@ class Config:
     samples: int = 2048  # loop inputs in the distillation pool
     teacher_samples: int = 64  # fresh trajectories of the original for distillation
     scoring_samples: int = 128  # calibration inputs for the sensitivity scores
+    min_calibration_psnr_db: float = 0.0  # budget: revert the most sensitive blocks until met (0: none)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,9 @@ class LinearizeDecision(Decision):
     seconds: float = 0.0
     loss_first: float | None = None
     loss_last: float | None = None
+    reverted: list[int] = field(default_factory=list)  # blocks given their original attention back
+    psnr_budget_db: float = 0.0
+    calibration_psnr_db: list[float] = field(default_factory=list)  # after distillation, then per revert
 
     title = "Attention linearization"
 
@@ -81,6 +92,12 @@ class LinearizeDecision(Decision):
             )
         else:
             lines.append("- not distilled (naive variant)")
+        if self.psnr_budget_db:
+            trail = " -> ".join(f"{p} dB" for p in self.calibration_psnr_db)
+            lines.append(
+                f"- budget: end-to-end PSNR on the calibration seeds >= {self.psnr_budget_db} dB: {trail}; "
+                + (f"blocks {self.reverted} reverted to softmax, most sensitive first" if self.reverted else "met")
+            )
         return lines
 
 
@@ -97,6 +114,8 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"linearize: steps in [0, 1000000], batch >= 2, sample counts in [1, {MAX_INPUTS}]")
     if config.lr <= 0 or config.feature_weight < 0 or config.max_seconds <= 0:
         raise ConfigError("linearize: lr and max_seconds must be > 0, feature_weight >= 0")
+    if not 0 <= config.min_calibration_psnr_db <= 200:
+        raise ConfigError("linearize: min_calibration_psnr_db in [0, 200] dB (0: no budget)")
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
@@ -135,8 +154,9 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     blocks = student_model.transformer_blocks
     count = _count(config, len(blocks))
     scores = None
-    if config.selection == "sensitivity" and count < len(blocks):
+    if (config.selection == "sensitivity" and count < len(blocks)) or config.min_calibration_psnr_db:
         scores = _sensitivities(program, student_model, config, grid, ctx)
+    if config.selection == "sensitivity" and count < len(blocks):
         replaced = sorted(sorted(range(len(blocks)), key=lambda b: scores[b])[:count])
     else:
         replaced = list(range(len(blocks) - count, len(blocks)))
@@ -153,7 +173,37 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         log = _distill(program, student_model, replaced, config, ctx)
         first, last = log.first_last()
         decision.update(steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last)
+    if config.min_calibration_psnr_db:
+        decision.update(_within_budget(program, student_model, replaced, scores, config.min_calibration_psnr_db, ctx))
+        decision["replaced"] = replaced
     return PassResult(respec(program, student_model), LinearizeDecision(**decision))
+
+
+def _within_budget(
+    program: DiffusionProgram,
+    student_model: nn.Module,
+    replaced: list[int],
+    scores: list[float],
+    budget: float,
+    ctx: Context,
+) -> dict[str, object]:
+    """Give the most sensitive replaced blocks their original attention back (in place, `replaced`
+    shrinks) until the loop's samples on the calibration seeds reach `budget` dB vs the reference's."""
+    trail = [round(replay_psnr(respec(program, student_model), ctx.calibration), 2)]
+    reverted = []
+    while trail[-1] < budget and len(replaced) > 1:
+        block = max(replaced, key=lambda b: scores[b])
+        original = copy.deepcopy(program.denoiser.transformer_blocks[block].attn1).requires_grad_(False)
+        student_model.transformer_blocks[block].attn1 = original
+        replaced.remove(block)
+        reverted.append(block)
+        trail.append(round(replay_psnr(respec(program, student_model), ctx.calibration), 2))
+    if trail[-1] < budget:
+        raise ConfigError(
+            f"linearize: even block {replaced} alone, distilled, reaches {trail[-1]} dB on the calibration seeds, "
+            f"under min_calibration_psnr_db {budget}: lower the budget or distill longer (steps)"
+        )
+    return {"reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": trail}
 
 
 def _describe(processor: nn.Module) -> str:

@@ -5,12 +5,14 @@ from bench.attention_sweep import markdown, sweep
 
 
 def test_the_sweep_times_the_layer_and_the_block_of_each_variant():
-    (row,) = sweep(sides=(8,), heads=2, head_dim=8, radius=2.0, repeats=1, log=lambda _: None, only=("linear (relu)",))
-    assert row["tokens"] == 64 and list(row["variants"]) == ["softmax", "linear (relu)"]
+    only = ("linear (relu)", "local r=1 (CLEAR)")
+    (row,) = sweep(sides=(8,), heads=2, head_dim=8, radii=(1.0, 2.0), tile=2, repeats=1, log=lambda _: None, only=only)
+    assert row["tokens"] == 64 and list(row["variants"]) == ["softmax", *only]
+    assert row["variants"]["local r=1 (CLEAR)"]["keys_per_query"] == 16  # a 2x2 tile's (2 + 2)^2 halo
     softmax = row["variants"]["softmax"]
     assert softmax["attention_speedup"] == softmax["block_speedup"] == 1.0
     for variant in row["variants"].values():
         assert variant["attention_ms"] > 0 and variant["block_ms"] > 0 and variant["attention_gflops_per_image"] > 0
     assert row["variants"]["linear (relu)"]["attention_gflops_per_image"] < softmax["attention_gflops_per_image"]
     text = markdown([row])
-    assert "The attention layer alone" in text and "| 64 |" in text
+    assert "The attention layer alone" in text and "| 64 |" in text and "(16 keys)" in text

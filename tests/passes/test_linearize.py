@@ -48,6 +48,33 @@ def test_linear_attention_by_sensitivity_distilled_beats_the_naive_variants(dit_
     assert "replaced by linear attention (relu kernel) + depthwise conv" in ours.decision("linearize").markdown()[0]
 
 
+def test_a_psnr_budget_reverts_the_most_sensitive_blocks_until_it_is_met(dit_program, calibration):
+    """Undistilled (fast, and far under budget with 6 of 8 blocks replaced): blocks go back to softmax,
+    most sensitive first, each revert measured end to end, until the calibration PSNR reaches 28 dB."""
+    budgeted = linearize(dit_program, calibration, fraction=0.75, steps=0, min_calibration_psnr_db=28.0)
+    notes = budgeted.decision("linearize").to_dict()
+    scores, replaced, reverted, trail = (
+        notes[k] for k in ("sensitivity_by_block", "replaced", "reverted", "calibration_psnr_db")
+    )
+    assert reverted and len(replaced) + len(reverted) == 6 and len(trail) == len(reverted) + 1
+    assert [scores[b] for b in reverted] == sorted((scores[b] for b in reverted), reverse=True)
+    assert min(scores[b] for b in reverted) >= max(scores[b] for b in replaced)
+    assert max(trail[:-1]) < 28.0 <= trail[-1] == pytest.approx(replay_psnr(budgeted, calibration), abs=0.01)
+    original = dict(dit_program.denoiser.named_parameters())
+    for b, block in enumerate(budgeted.denoiser.transformer_blocks):
+        assert isinstance(block.attn1.processor, LinearAttention) == (b in replaced)
+        if b not in replaced:  # the original attention, bit for bit
+            for name, value in block.named_parameters():
+                assert torch.equal(value, original[f"transformer_blocks.{b}.{name}"]), name
+    assert f"blocks {reverted} reverted to softmax, most sensitive first" in notes_md(budgeted)
+    with pytest.raises(ConfigError, match="lower the budget or distill longer"):
+        linearize(dit_program, calibration, fraction=0.75, steps=0, min_calibration_psnr_db=199.0)
+
+
+def notes_md(program):
+    return "\n".join(program.decision("linearize").markdown())
+
+
 def test_local_attention_with_a_halo_over_the_whole_grid_saves_no_flops(dit_program, calibration):
     local = linearize(dit_program, calibration, kind="local", radius=2.0, tile=4, selection="all", steps=0)
     processors = [b.attn1.processor for b in local.denoiser.transformer_blocks]
@@ -59,5 +86,7 @@ def test_local_attention_with_a_halo_over_the_whole_grid_saves_no_flops(dit_prog
 def test_bad_configs_are_refused(unet_program):
     with pytest.raises(ConfigError, match="kind in"):
         plan_passes([{"pass": "linearize", "config": {"kind": "sparse"}}], frozenset({"fp32"}))
+    with pytest.raises(ConfigError, match="min_calibration_psnr_db in"):
+        plan_passes([{"pass": "linearize", "config": {"min_calibration_psnr_db": -1}}], frozenset({"fp32"}))
     with pytest.raises(ConfigError, match="not a unet"):
         plan_passes([{"pass": "linearize"}], frozenset({"fp32"}), program=unet_program)
