@@ -20,8 +20,16 @@ def _row(name: str, **config: Any) -> tuple[str, list[dict[str, Any]]]:
     return name, [{"pass": "linearize", "config": config}]
 
 
-ROWS = [
-    _row("linear + conv, half the blocks by sensitivity, distilled (ours)", **LINEAR, fraction=0.5),
+ROWS = [  # the first row is cpu-linearize's recipe (tests/bench/test_linearize_compare.py)
+    _row(
+        "linear + conv, up to 3/4 of the blocks by sensitivity, distilled, most sensitive given softmax back"
+        " until 34 dB on the calibration seeds (ours, cpu-linearize)",
+        **LINEAR,
+        fraction=0.75,
+        steps=300,
+        min_calibration_psnr_db=34.0,
+    ),
+    _row("linear + conv, half the blocks by sensitivity, distilled (a fixed count)", **LINEAR, fraction=0.5),
     _row("linear + conv, the same blocks, not distilled (naive)", **LINEAR, fraction=0.5, steps=0),
     _row("linear + conv, every block, distilled", **LINEAR, selection="all"),
     _row("linear + conv, every block, not distilled (naive)", **LINEAR, selection="all", steps=0),

@@ -148,13 +148,18 @@ def scaled_recipe(report: dict[str, Any]) -> list[dict[str, Any]]:
             # 64x64 take many minutes on a CPU.
             replay = {"max_eps_error": 0.0, "max_sample_error": 0.0, "layer_weights": pinned, "calibration_inputs": 2}
             recipe.append({"pass": name, "config": {**config, **replay}})
-        elif name == "linearize":  # the same mechanism on the same share of the stack, untrained
+        elif name == "linearize":  # the same mechanism on the same share of the stack (after any budget), untrained
             decision = report["decisions"]["linearize"]
             share = len(decision["replaced"]) / decision["depth"]
             selection = "all" if share == 1 else "last"
-            recipe.append(
-                {"pass": name, "config": {**config, "selection": selection, "fraction": share, "blocks": 0, "steps": 0}}
-            )
+            replay = {
+                "selection": selection,
+                "fraction": share,
+                "blocks": 0,
+                "steps": 0,
+                "min_calibration_psnr_db": 0.0,
+            }
+            recipe.append({"pass": name, "config": {**config, **replay}})
         elif name not in WEIGHTS_ONLY and name not in LOOP_PASSES:
             raise ConfigError(f"bench --scale: pass '{name}' has no scaled replay yet")
     return recipe

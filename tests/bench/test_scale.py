@@ -47,12 +47,13 @@ def test_the_replayed_recipe_keeps_shapes_and_formats_and_drops_weight_training(
 
 
 def test_a_linearized_artifact_replays_the_mechanism_on_the_same_share_of_blocks_untrained():
-    config = {"kind": "local", "radius": 2.0, "fraction": 0.5, "steps": 300}
-    report = {
+    config = {"kind": "local", "radius": 2.0, "fraction": 0.75, "steps": 300, "min_calibration_psnr_db": 34.0}
+    report = {  # 6 blocks replaced, 2 given softmax back under the budget: 4 of 8 replayed, untrained, no budget
         "passes": [{"name": "linearize", "config": config}],
-        "decisions": {"linearize": {"replaced": [1, 4, 6, 7], "depth": 8}},
+        "decisions": {"linearize": {"replaced": [1, 4, 6, 7], "reverted": [2, 5], "depth": 8}},
     }
     (step,) = scaled_recipe(report)
-    assert step["config"] == {**config, "selection": "last", "fraction": 0.5, "blocks": 0, "steps": 0}
+    replay = {"selection": "last", "fraction": 0.5, "blocks": 0, "steps": 0, "min_calibration_psnr_db": 0.0}
+    assert step["config"] == {**config, **replay}
     report["decisions"]["linearize"]["replaced"] = list(range(8))
     assert scaled_recipe(report)[0]["config"]["selection"] == "all"
