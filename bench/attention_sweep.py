@@ -66,8 +66,7 @@ def sweep(
         inputs = (x, t, {"class_labels": torch.tensor([1, 2])})
         hidden = torch.randn(2, side * side, heads * head_dim)
         feeds = {"hidden_states": hidden.numpy()}
-        calls: dict[str, Callable[[], object]] = {}
-        flops, keys = {}, {}
+        flops, keys, graphs = {}, {}, {}
         with tempfile.TemporaryDirectory(prefix="attention-sweep-") as tmp:
             chosen = variants((side, side), heads * head_dim, radii, tile)
             chosen = {n: p for n, p in chosen.items() if n == "softmax" or not only or n in only}
@@ -79,12 +78,14 @@ def sweep(
                 flops[name] = count_flops(attn, hidden[:1])
                 keys[name] = processor.keys_per_query if isinstance(processor, LocalAttention) else side * side
                 layer = export_graph(_Layer(attn), (hidden,), ["hidden_states"], ["out"], Path(tmp) / f"a{i}.onnx")
-                run_layer = OrtDenoiser(layer, condition_names=()).session_fn()
-                graph = OrtDenoiser(export_onnx(block, program.spec, Path(tmp) / f"b{i}.onnx"))
-                calls[f"attention/{name}"] = lambda f=run_layer, h=feeds: f(h)
-                calls[f"block/{name}"] = lambda g=graph, args=inputs: g(*args)
-            log(f"attention-sweep: {side * side} tokens: timing {len(calls)} graphs side by side ...")
-            ms = paired_median_ms(calls, repeats=repeats, warmup=1, rounds=2)
+                graphs[f"attention/{name}"] = layer
+                graphs[f"block/{name}"] = export_onnx(block, program.spec, Path(tmp) / f"b{i}.onnx")
+            # Layers side by side, then blocks: one group's sessions alive at a time (at 4096 tokens each
+            # holds gigabytes of scores in its arena).
+            ms: dict[str, float] = {}
+            for part, args in (("attention", (feeds,)), ("block", inputs)):
+                log(f"attention-sweep: {side * side} tokens: timing {len(chosen)} {part} graphs side by side ...")
+                ms |= _time({k: g for k, g in graphs.items() if k.startswith(f"{part}/")}, part, args, repeats)
         row: dict[str, Any] = {"tokens": side * side, "variants": {}}
         for name in flops:
             row["variants"][name] = {
@@ -95,6 +96,16 @@ def sweep(
             }
         rows.append(row)
     return rows
+
+
+def _time(graphs: dict[str, Path], part: str, args: tuple, repeats: int) -> dict[str, float]:
+    if part == "attention":
+        fns = {k: OrtDenoiser(g, condition_names=()).session_fn() for k, g in graphs.items()}
+        calls = {k: (lambda f=f: f(*args)) for k, f in fns.items()}
+    else:
+        runners = {k: OrtDenoiser(g) for k, g in graphs.items()}
+        calls = {k: (lambda r=r: r(*args)) for k, r in runners.items()}
+    return paired_median_ms(calls, repeats=repeats, warmup=1, rounds=2)
 
 
 class _Layer(torch.nn.Module):

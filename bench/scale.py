@@ -73,6 +73,13 @@ GEOMETRIES = {
             "DiT-B/2 shape (12 blocks, width 768, patch 2) at 32x32x4 latents (256 px), 1000 classes",
         ),
         Geometry(
+            "dit-b2-512",
+            "DiTTransformer2DModel",
+            dit_config(layers=12, heads=12, head_dim=64, latent=64),
+            1000,
+            "DiT-B/2 shape at 64x64x4 latents (512 px): 1024 tokens, where attention starts to weigh",
+        ),
+        Geometry(
             "dit-xl2",
             "DiTTransformer2DModel",
             dit_config(layers=28, heads=16, head_dim=72),

@@ -307,6 +307,7 @@ def targets() -> None:
 SAMPLES = click.IntRange(1, MAX_SAMPLES)
 SCALE_GEOMETRIES = (
     "dit-b2",
+    "dit-b2-512",
     "dit-xl2",
     "unet-sd",
 )  # bench.scale.GEOMETRIES (named here so --help needs no torch import)
