@@ -200,8 +200,8 @@ def _within_budget(
         trail.append(round(replay_psnr(respec(program, student_model), ctx.calibration), 2))
     if trail[-1] < budget:
         raise ConfigError(
-            f"linearize: even block {replaced} alone, distilled, reaches {trail[-1]} dB on the calibration seeds, "
-            f"under min_calibration_psnr_db {budget}: lower the budget or distill longer (steps)"
+            f"linearize: with only block {replaced[0]} replaced the loop reaches {trail[-1]} dB on the calibration "
+            f"seeds, under min_calibration_psnr_db {budget}: lower the budget or distill longer (steps)"
         )
     return {"reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": trail}
 
