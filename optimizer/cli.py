@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -575,12 +576,13 @@ def attention_sweep(
 ) -> None:
     """One DiT block (random weights) at growing token counts: softmax self-attention vs linear, linear +
     conv and local attention, lowered and timed side by side in ONNX Runtime; attention FLOPs per image."""
-    from bench.attention_sweep import markdown, sweep
+    from bench.attention_sweep import check_memory, markdown, sweep
     from core.fileio import write_json
     from core.outputs import check_out_file
 
     if json_out is not None:
         check_out_file(json_out, [], "--json-out")
+    check_memory(sides, heads, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     rows = sweep(sides, heads, head_dim, radii, tile, repeats, _log)
     if json_out is not None:
         write_json(json_out, rows)

@@ -1,7 +1,12 @@
 """The attention sweep on a tiny geometry: softmax and linear attention lowered and timed, layer and block;
 FLOPs counted (the sweep's numbers at 256-4096 tokens are in BENCHMARKS.md)."""
 
-from bench.attention_sweep import markdown, sweep
+import pytest
+from click.testing import CliRunner
+
+from bench.attention_sweep import check_memory, markdown, sweep
+from core.errors import ConfigError
+from optimizer.cli import main
 
 
 def test_the_sweep_times_the_layer_and_the_block_of_each_variant():
@@ -16,3 +21,11 @@ def test_the_sweep_times_the_layer_and_the_block_of_each_variant():
     assert row["variants"]["linear (relu)"]["attention_gflops_per_image"] < softmax["attention_gflops_per_image"]
     text = markdown([row])
     assert "The attention layer alone" in text and "| 64 |" in text and "(16 keys)" in text
+
+
+def test_a_sweep_that_cannot_fit_in_memory_is_refused_before_any_work():
+    check_memory((16, 64), heads=12, available=24 * 2**30)  # 4096 tokens: about 9 GiB
+    with pytest.raises(ConfigError, match="16384 tokens with 12 heads need about 144 GiB"):
+        check_memory((16, 128), heads=12, available=24 * 2**30)
+    result = CliRunner().invoke(main, ["attention-sweep", "--tokens", "128", "--heads", "64"])
+    assert result.exit_code == 2 and "use smaller --tokens or fewer --heads" in result.output
