@@ -10,6 +10,7 @@ report it slower than softmax at 512 px: this measures where each one starts pay
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,23 +29,33 @@ from core.loading import program_from_model
 from verify.timing import paired_median_ms
 
 SIDES = (16, 32, 48, 64)  # token grids: 256, 1024, 2304, 4096 tokens
-SESSIONS_ALIVE = 6  # graphs timed side by side; each ORT session's arena keeps its peak, softmax's scores
 
 
-def memory_needed(side: int, heads: int) -> int:
-    """Bytes the sweep holds at one grid side: softmax's fp32 scores at batch 2, once per live session
-    (measured: about 10 GB at 4096 tokens and 12 heads)."""
-    return SESSIONS_ALIVE * 2 * heads * (side * side) ** 2 * 4
+def memory_needed(side: int, heads: int, head_dim: int, radii: Sequence[float], tile: int) -> int:
+    """Bytes one group of graphs timed side by side holds at one grid side (batch 2, fp32): softmax's
+    N^2 scores, each local variant's N x keys scores plus its per-tile K and V gathers; linear attention's
+    d x d summaries are small. Twice that for the copies a session's arena keeps (measured: about 10 GB
+    at 4096 tokens, 12 heads, radii 4/8/16)."""
+    tokens = side * side
+    total = 2 * heads * tokens * tokens * 4
+    for radius in radii:
+        t = math.gcd(side, tile)
+        keys = (t + 2 * math.floor(radius)) ** 2
+        total += 2 * heads * tokens * keys * 4 + 2 * 2 * heads * (tokens // (t * t)) * keys * head_dim * 4
+    return 2 * total
 
 
-def check_memory(sides: Sequence[int], heads: int, available: int) -> None:
-    side = max(sides)
-    needed = memory_needed(side, heads)
+def check_memory(
+    sides: Sequence[int], heads: int, head_dim: int, radii: Sequence[float], tile: int, available: int
+) -> None:
+    side = max(sides, key=lambda s: memory_needed(s, heads, head_dim, radii, tile))
+    needed = memory_needed(side, heads, head_dim, radii, tile)
     if needed > 0.8 * available:
         raise ConfigError(
-            f"attention-sweep: {side * side} tokens with {heads} heads need about {needed / 2**30:.0f} GiB "
-            f"(softmax's attention scores in {SESSIONS_ALIVE} live ONNX Runtime sessions); this machine has "
-            f"{available / 2**30:.0f} GiB: use smaller --tokens or fewer --heads"
+            f"attention-sweep: {side * side} tokens with {heads} heads and local radii "
+            f"{', '.join(f'{r:g}' for r in radii)} need about {needed / 2**30:.0f} GiB (attention scores in the "
+            f"ONNX Runtime sessions timed side by side); {available / 2**30:.0f} GiB are available: use smaller "
+            "--tokens, --radius or fewer --heads"
         )
 
 

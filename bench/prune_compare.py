@@ -84,11 +84,19 @@ def compare_pruning(
     graphs: dict[str, OrtDenoiser] = {}
     with tempfile.TemporaryDirectory(prefix="prune-compare-") as tmp:
         work = Path(tmp)
-        candidates = [("original", program, [])]
+        candidates: list[tuple[str, DiffusionProgram | str, list]] = [("original", program, [])]
         for name, recipe in progress(rows, desc=desc):
             log(name)
-            candidates.append((name, run_passes(program, plan_passes(recipe, ctx.capabilities), ctx), recipe))
+            plan = plan_passes(recipe, ctx.capabilities)  # a bad recipe is a bug in the rows: raise
+            try:
+                candidates.append((name, run_passes(program, plan, ctx), recipe))
+            except ConfigError as exc:  # e.g. a budget this model cannot meet: that row fails, not the run
+                log(f"{name}: failed: {exc}")
+                candidates.append((name, str(exc), recipe))
         for i, (name, candidate, recipe) in enumerate(candidates):
+            if isinstance(candidate, str):
+                results.append({"name": name, "recipe": recipe, "failed": candidate})
+                continue
             folder = work / f"row{i}"
             size = get_backend({"name": "onnxruntime"}).lower(candidate, folder)["onnx_bytes"]
             graphs[name] = OrtDenoiser(folder / "denoiser.onnx", condition_names=spec.conditioning.input_names)
@@ -112,8 +120,9 @@ def compare_pruning(
         cond = example_conditions(spec.conditioning, 2)
         timed = paired_median_ms({n: (lambda g=g: g(x, t, cond)) for n, g in graphs.items()}, repeats=latency_repeats)
     for r in results:
-        r["ort_step_ms"] = timed[r["name"]]
-        r["ort_speedup"] = timed["original"] / timed[r["name"]]
+        if "failed" not in r:
+            r["ort_step_ms"] = timed[r["name"]]
+            r["ort_speedup"] = timed["original"] / timed[r["name"]]
     return results
 
 
@@ -125,6 +134,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['name']} | failed: {r['failed']} |" + " |" * 8)
+            continue
         agree, fd = r.get("class_agreement_candidate"), r.get("fd_candidate_to_data")
         lines.append(
             f"| {r['name']} | {r['parameters'] / base['parameters']:.3f} | "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -578,11 +577,12 @@ def attention_sweep(
     conv and local attention, lowered and timed side by side in ONNX Runtime; attention FLOPs per image."""
     from bench.attention_sweep import check_memory, markdown, sweep
     from core.fileio import write_json
+    from core.limits import available_memory
     from core.outputs import check_out_file
 
     if json_out is not None:
         check_out_file(json_out, [], "--json-out")
-    check_memory(sides, heads, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    check_memory(sides, heads, head_dim, radii, tile, available_memory())
     rows = sweep(sides, heads, head_dim, radii, tile, repeats, _log)
     if json_out is not None:
         write_json(json_out, rows)

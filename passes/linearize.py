@@ -13,9 +13,10 @@ for comparison (`last` is also what `bench --scale` replays: which blocks does n
 
 Under a budget (`min_calibration_psnr_db` > 0): after distillation the loop runs end to end on the
 calibration seeds, and while its PSNR vs the reference's samples is under the budget the most sensitive
-replaced block gets its original attention back, one block at a time, each step measured. A target sets
-the budget a little above its PSNR gate (which is checked on other seeds), so the count of replaced
-blocks is the largest the gates allow, not a guess.
+replaced block (by the one-shot scores) gets its original attention back, one block at a time, each step
+measured. Greedy: the count is one that meets the budget, found by measuring, not the largest any choice
+could reach (the blocks left replaced are not distilled again). A target sets the budget a little above its
+PSNR gate, which is checked on other seeds.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _within_budget(
 ) -> dict[str, object]:
     """Give the most sensitive replaced blocks their original attention back (in place, `replaced`
     shrinks) until the loop's samples on the calibration seeds reach `budget` dB vs the reference's."""
-    trail = [round(replay_psnr(respec(program, student_model), ctx.calibration), 2)]
+    trail = [replay_psnr(respec(program, student_model), ctx.calibration)]
     reverted = []
     while trail[-1] < budget and len(replaced) > 1:
         block = max(replaced, key=lambda b: scores[b])
@@ -197,13 +198,13 @@ def _within_budget(
         student_model.transformer_blocks[block].attn1 = original
         replaced.remove(block)
         reverted.append(block)
-        trail.append(round(replay_psnr(respec(program, student_model), ctx.calibration), 2))
+        trail.append(replay_psnr(respec(program, student_model), ctx.calibration))
     if trail[-1] < budget:
         raise ConfigError(
-            f"linearize: with only block {replaced[0]} replaced the loop reaches {trail[-1]} dB on the calibration "
+            f"linearize: with only block {replaced[0]} replaced the loop reaches {trail[-1]:.2f} dB on the calibration "
             f"seeds, under min_calibration_psnr_db {budget}: lower the budget or distill longer (steps)"
         )
-    return {"reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": trail}
+    return {"reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": [round(p, 2) for p in trail]}
 
 
 def _describe(processor: nn.Module) -> str:

@@ -4,7 +4,7 @@ FLOPs counted (the sweep's numbers at 256-4096 tokens are in BENCHMARKS.md)."""
 import pytest
 from click.testing import CliRunner
 
-from bench.attention_sweep import check_memory, markdown, sweep
+from bench.attention_sweep import check_memory, markdown, memory_needed, sweep
 from core.errors import ConfigError
 from optimizer.cli import main
 
@@ -24,8 +24,14 @@ def test_the_sweep_times_the_layer_and_the_block_of_each_variant():
 
 
 def test_a_sweep_that_cannot_fit_in_memory_is_refused_before_any_work():
-    check_memory((16, 64), heads=12, available=24 * 2**30)  # 4096 tokens: about 9 GiB
-    with pytest.raises(ConfigError, match="16384 tokens with 12 heads need about 144 GiB"):
-        check_memory((16, 128), heads=12, available=24 * 2**30)
+    gib = 2**30
+    default = {"heads": 12, "head_dim": 64, "radii": (4.0, 8.0, 16.0), "tile": 8}
+    assert 8 * gib < memory_needed(64, **default) < 12 * gib  # measured: about 10 GB at 4096 tokens
+    check_memory((16, 64), **default, available=24 * gib)
+    with pytest.raises(ConfigError, match="16384 tokens with 12 heads and local radii 4, 8, 16 need about"):
+        check_memory((16, 128), **default, available=24 * gib)
+    # A wide window costs more than softmax: 4096 tokens, radius 64 -> 136^2 keys per query.
+    with pytest.raises(ConfigError, match="4096 tokens"):
+        check_memory((64,), **{**default, "radii": (64.0,)}, available=24 * gib)
     result = CliRunner().invoke(main, ["attention-sweep", "--tokens", "128", "--heads", "64"])
-    assert result.exit_code == 2 and "use smaller --tokens or fewer --heads" in result.output
+    assert result.exit_code == 2 and "use smaller --tokens, --radius or fewer --heads" in result.output

@@ -191,12 +191,18 @@ def test_recovery_is_reproducible_and_keeps_labels(dit_program, calibrations):
 def test_prune_compare_lowers_and_times_every_row(tiny_digits_program):
     from bench.prune_compare import markdown_table
 
-    rows = [("MLP -25%, magnitude", [{"pass": "prune", "config": {"mlp": 0.25, "criterion": "magnitude"}}])]
+    rows = [
+        ("MLP -25%, magnitude", [{"pass": "prune", "config": {"mlp": 0.25, "criterion": "magnitude"}}]),
+        ("over budget", [{"pass": "linearize", "config": {"steps": 0, "min_calibration_psnr_db": 199.0}}]),
+    ]
     results = compare_pruning(
         tiny_digits_program, 4, 2, lambda it, **_: it, lambda _: None, rows=rows, latency_repeats=2
     )
-    original, pruned = results
+    original, pruned, failed = results
     assert original["name"] == "original" and original["ort_speedup"] == 1.0
     assert pruned["parameters"] < original["parameters"] and pruned["onnx_bytes"] < original["onnx_bytes"]
     assert pruned["flops_per_image"] < original["flops_per_image"] and pruned["ort_step_ms"] > 0
-    assert "MLP -25%, magnitude" in markdown_table(results)
+    # A row whose budget this model cannot meet fails alone; the comparison goes on.
+    assert "under min_calibration_psnr_db 199.0" in failed["failed"] and "ort_step_ms" not in failed
+    table = markdown_table(results)
+    assert "MLP -25%, magnitude" in table and "| over budget | failed: linearize: with only block" in table
