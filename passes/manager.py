@@ -81,10 +81,17 @@ def build_config(p: Pass, values: dict[str, Any]) -> Any:
             (not isinstance(value, origin) and not (origin is float and isinstance(value, int)))
             or (isinstance(value, bool) and origin is not bool)
         ):
-            raise ConfigError(f"pass '{p.name}': {key} must be {expected}, got {value!r}")
+            raise ConfigError(f"pass '{p.name}': {key} must be {_type_name(origin)}, got {value!r}")
         if origin in (int, float):
             number(value, f"pass '{p.name}': {key}", -MAX_CONFIG_INT, MAX_CONFIG_INT)
     return cls(**values)
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _type_name(kind: type) -> str:
+    return TYPE_NAMES.get(kind, f"a {kind.__name__}")
 
 
 def plan_passes(

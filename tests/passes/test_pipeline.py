@@ -84,8 +84,8 @@ def test_recipes_are_ordered_by_phase_with_typed_configs():
     [
         ([{"pass": "nope"}], "unknown pass 'nope'"),
         ([{"pass": "structure", "config": {"sclae": 1.0}}], r"unknown config key\(s\) \['sclae'\]"),
-        ([{"pass": "structure", "config": {"scale": "big"}}], "scale must be"),
-        ([{"pass": "structure", "config": {"scale": True}}], "scale must be"),
+        ([{"pass": "structure", "config": {"scale": "big"}}], "scale must be a number, got 'big'"),
+        ([{"pass": "structure", "config": {"scale": True}}], "scale must be a number, got True"),
         ([{"pass": "recovery"}], "needs a structure pass before it"),
         ([{"pass": "structure"}, {"pass": "structure"}], "appears twice"),
         ([{"pass": "numerics"}], r"needs target capabilities \['int8'\]"),
