@@ -40,7 +40,7 @@ def memory_needed(side: int, heads: int, head_dim: int, radii: Sequence[float], 
     total = 2 * heads * tokens * tokens * 4
     for radius in radii:
         t = math.gcd(side, tile)
-        keys = (t + 2 * math.floor(radius)) ** 2
+        keys = (t + 2 * min(math.floor(radius), side - t)) ** 2  # as LocalAttention clamps its halo
         total += 2 * heads * tokens * keys * 4 + 2 * 2 * heads * (tokens // (t * t)) * keys * head_dim * 4
     return 2 * total
 

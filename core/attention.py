@@ -112,7 +112,8 @@ class LocalAttention(GridAttention):
             raise ConfigError(f"local attention radius {radius} < 1")
         self.radius = float(radius)
         self.tile = math.gcd(math.gcd(rows, cols), tile)  # tiles cover the grid exactly
-        order, keys, mask = _tiles(rows, cols, self.tile, math.floor(radius), self.radius)
+        reach = min(math.floor(radius), max(rows, cols) - self.tile)  # a wider halo would only hold padding
+        order, keys, mask = _tiles(rows, cols, self.tile, reach, self.radius)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
         self.register_buffer("keys", keys, persistent=False)

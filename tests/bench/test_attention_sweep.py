@@ -30,7 +30,7 @@ def test_a_sweep_that_cannot_fit_in_memory_is_refused_before_any_work():
     check_memory((16, 64), **default, available=24 * gib)
     with pytest.raises(ConfigError, match="16384 tokens with 12 heads and local radii 4, 8, 16 need about"):
         check_memory((16, 128), **default, available=24 * gib)
-    # A wide window costs more than softmax: 4096 tokens, radius 64 -> 136^2 keys per query.
+    # A wide window costs more than softmax: 4096 tokens, radius 64 -> (8 + 2 * 56)^2 keys per query.
     with pytest.raises(ConfigError, match="4096 tokens"):
         check_memory((64,), **{**default, "radii": (64.0,)}, available=24 * gib)
     result = CliRunner().invoke(main, ["attention-sweep", "--tokens", "128", "--heads", "64"])

@@ -44,8 +44,9 @@ def test_local_attention_is_softmax_within_the_window():
     expected = torch.softmax(scores.masked_fill(~inside, float("-inf")), -1) @ v
     torch.testing.assert_close(local.mix(q, k, v), expected, rtol=1e-4, atol=1e-5)
     # A window over the whole grid is softmax attention itself.
-    whole = LocalAttention((8, 8), radius=12.0, tile=8)
+    whole = LocalAttention((8, 8), radius=12.0, tile=4)
     torch.testing.assert_close(whole.mix(q, k, v), GridAttention((8, 8)).mix(q, k, v), rtol=1e-4, atol=1e-5)
+    assert whole.keys_per_query == 12**2  # the halo stops where it could only add padding: 4 + 2 * (8 - 4)
     assert local.keys_per_query == (4 + 2 * 2) ** 2  # a 4x4 tile's halo
     with pytest.raises(ConfigError, match="radius"):
         LocalAttention((8, 8), radius=0.5)
