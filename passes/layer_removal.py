@@ -9,13 +9,15 @@ of them, a `fraction` of the stack, or as many as keep the summed score under `m
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from calibration import selection
+from calibration.sensitivity import output_distortions
 from core.adapters import denoiser_module, parameter_count, respec
 from core.caching import BLOCK_FAMILIES, LEVEL_FAMILIES, reuses_blocks
 from core.errors import ConfigError
@@ -139,22 +141,20 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
 
 def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ctx: Context) -> list[float]:
     """One-shot output distortion of removing each block alone."""
-    inputs = selection.select(ctx.calibration, "timestep", config.samples, ctx.rng)
-    batches = list(inputs.batches(config.batch))
-    module = denoiser_module(program.replace(denoiser=model))
     blocks = model.transformer_blocks
-    with torch.no_grad():
-        reference = [module.apply(x, t, y) for x, t, y in batches]
-        scores = []
-        for b in ctx.progress(range(len(blocks)), desc="layer_removal: scoring blocks", leave=False):
-            model.transformer_blocks = nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b)
-            error = sum(
-                float((module.apply(x, t, y) - r).square().sum())
-                for (x, t, y), r in zip(batches, reference, strict=True)
-            )
-            scores.append(error / sum(float(r.square().sum()) for r in reference))
-        model.transformer_blocks = blocks
-    return scores
+
+    @contextlib.contextmanager
+    def without(b: int) -> Iterator[None]:
+        model.transformer_blocks = nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b)
+        try:
+            yield
+        finally:
+            model.transformer_blocks = blocks
+
+    module = denoiser_module(program.replace(denoiser=model))
+    edits = [functools.partial(without, b) for b in range(len(blocks))]
+    desc = "layer_removal: scoring blocks"
+    return output_distortions(module, ctx.calibration, config.samples, config.batch, ctx.rng, edits, ctx.progress, desc)
 
 
 PASS = Pass(
