@@ -21,14 +21,16 @@ PSNR gate, which is checked on other seeds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from calibration import selection
 from calibration.distill_data import distill
+from calibration.sensitivity import output_distortions
 from core.adapters import denoiser_module, respec
 from core.attention import FEATURE_MAPS, LinearAttention, LocalAttention
 from core.caching import BLOCK_FAMILIES
@@ -154,10 +156,11 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     student_model = copy.deepcopy(program.denoiser).eval().requires_grad_(False)
     blocks = student_model.transformer_blocks
     count = _count(config, len(blocks))
+    by_sensitivity = config.selection == "sensitivity" and count < len(blocks)
     scores = None
-    if (config.selection == "sensitivity" and count < len(blocks)) or config.min_calibration_psnr_db:
+    if by_sensitivity or config.min_calibration_psnr_db:
         scores = _sensitivities(program, student_model, config, grid, ctx)
-    if config.selection == "sensitivity" and count < len(blocks):
+    if by_sensitivity:
         replaced = sorted(sorted(range(len(blocks)), key=lambda b: scores[b])[:count])
     else:
         replaced = list(range(len(blocks) - count, len(blocks)))
@@ -176,7 +179,6 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         decision.update(steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last)
     if config.min_calibration_psnr_db:
         decision.update(_within_budget(program, student_model, replaced, scores, config.min_calibration_psnr_db, ctx))
-        decision["replaced"] = replaced
     return PassResult(respec(program, student_model), LinearizeDecision(**decision))
 
 
@@ -188,8 +190,9 @@ def _within_budget(
     budget: float,
     ctx: Context,
 ) -> dict[str, object]:
-    """Give the most sensitive replaced blocks their original attention back (in place, `replaced`
-    shrinks) until the loop's samples on the calibration seeds reach `budget` dB vs the reference's."""
+    """Give the most sensitive replaced blocks their original attention back until the loop's samples on
+    the calibration seeds reach `budget` dB vs the reference's; the decision's fields, `replaced` updated."""
+    replaced = list(replaced)
     trail = [replay_psnr(respec(program, student_model), ctx.calibration)]
     reverted = []
     while trail[-1] < budget and len(replaced) > 1:
@@ -204,7 +207,8 @@ def _within_budget(
             f"linearize: with only block {replaced[0]} replaced the loop reaches {trail[-1]:.2f} dB on the calibration "
             f"seeds, under min_calibration_psnr_db {budget}: lower the budget or distill longer (steps)"
         )
-    return {"reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": [round(p, 2) for p in trail]}
+    trail = [round(p, 2) for p in trail]
+    return {"replaced": replaced, "reverted": reverted, "psnr_budget_db": budget, "calibration_psnr_db": trail}
 
 
 def _describe(processor: nn.Module) -> str:
@@ -218,24 +222,20 @@ def _sensitivities(
     program: DiffusionProgram, model: nn.Module, config: Config, grid: tuple[int, int], ctx: Context
 ) -> list[float]:
     """One-shot output distortion of replacing each block's attention alone (undistilled)."""
-    inputs = selection.select(ctx.calibration, "timestep", config.scoring_samples, ctx.rng)
-    batches = list(inputs.batches(64))
-    module = denoiser_module(program.replace(denoiser=model))
-    scores = []
-    with torch.no_grad():
-        reference = [module.apply(x, t, y) for x, t, y in batches]
-        energy = sum(float(r.square().sum()) for r in reference)
-        for b in ctx.progress(range(len(model.transformer_blocks)), desc="linearize: scoring blocks", leave=False):
-            attn = model.transformer_blocks[b].attn1
-            original = attn.processor
-            attn.set_processor(_processor(config, grid, attn))
-            error = sum(
-                float((module.apply(x, t, y) - r).square().sum())
-                for (x, t, y), r in zip(batches, reference, strict=True)
-            )
+
+    @contextlib.contextmanager
+    def replaced(attn: nn.Module) -> Iterator[None]:
+        original = attn.processor
+        attn.set_processor(_processor(config, grid, attn))
+        try:
+            yield
+        finally:
             attn.set_processor(original)
-            scores.append(error / energy)
-    return scores
+
+    module = denoiser_module(program.replace(denoiser=model))
+    edits = [functools.partial(replaced, block.attn1) for block in model.transformer_blocks]
+    desc = "linearize: scoring blocks"
+    return output_distortions(module, ctx.calibration, config.scoring_samples, 64, ctx.rng, edits, ctx.progress, desc)
 
 
 def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list[int], config: Config, ctx: Context):
