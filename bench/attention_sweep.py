@@ -10,7 +10,6 @@ report it slower than softmax at 512 px: this measures where each one starts pay
 from __future__ import annotations
 
 import copy
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from backends.onnx_export import export_graph, export_onnx
 from backends.ort import OrtDenoiser
 from bench.scale import dit_config
-from core.attention import GridAttention, LinearAttention, LocalAttention
+from core.attention import GridAttention, LinearAttention, LocalAttention, local_halo
 from core.errors import ConfigError
 from core.flops import count_flops
 from core.ir import Conditioning
@@ -39,8 +38,8 @@ def memory_needed(side: int, heads: int, head_dim: int, radii: Sequence[float], 
     tokens = side * side
     total = 2 * heads * tokens * tokens * 4
     for radius in radii:
-        t = math.gcd(side, tile)
-        keys = (t + 2 * min(math.floor(radius), side - t)) ** 2  # as LocalAttention clamps its halo
+        t, reach = local_halo((side, side), radius, tile)
+        keys = (t + 2 * reach) ** 2
         total += 2 * heads * tokens * keys * 4 + 2 * 2 * heads * (tokens // (t * t)) * keys * head_dim * 4
     return 2 * total
 
@@ -48,8 +47,7 @@ def memory_needed(side: int, heads: int, head_dim: int, radii: Sequence[float], 
 def check_memory(
     sides: Sequence[int], heads: int, head_dim: int, radii: Sequence[float], tile: int, available: int
 ) -> None:
-    side = max(sides, key=lambda s: memory_needed(s, heads, head_dim, radii, tile))
-    needed = memory_needed(side, heads, head_dim, radii, tile)
+    needed, side = max((memory_needed(s, heads, head_dim, radii, tile), s) for s in sides)
     if needed > 0.8 * available:
         raise ConfigError(
             f"attention-sweep: {side * side} tokens with {heads} heads and local radii "

@@ -111,8 +111,7 @@ class LocalAttention(GridAttention):
         if radius < 1:
             raise ConfigError(f"local attention radius {radius} < 1")
         self.radius = float(radius)
-        self.tile = math.gcd(math.gcd(rows, cols), tile)  # tiles cover the grid exactly
-        reach = min(math.floor(radius), max(rows, cols) - self.tile)  # a wider halo would only hold padding
+        self.tile, reach = local_halo(self.grid, radius, tile)
         order, keys, mask = _tiles(rows, cols, self.tile, reach, self.radius)
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
@@ -133,6 +132,14 @@ class LocalAttention(GridAttention):
         scores = (qt @ kt.transpose(-2, -1)) * (d**-0.5) + self.mask
         out = torch.softmax(scores, dim=-1) @ vt
         return out.reshape(b, h, n, d).index_select(2, self.inverse)
+
+
+def local_halo(grid: tuple[int, int], radius: float, tile: int) -> tuple[int, int]:
+    """LocalAttention's query tile (tiles cover the grid exactly) and the halo's reach around a tile
+    (the radius, but no wider than what could hold tokens): (tile + 2 reach)^2 keys per query."""
+    rows, cols = grid
+    tile = math.gcd(math.gcd(rows, cols), tile)
+    return tile, min(math.floor(radius), max(rows, cols) - tile)
 
 
 def _tiles(rows: int, cols: int, tile: int, reach: int, radius: float) -> tuple[torch.Tensor, ...]:
