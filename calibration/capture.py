@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from core import seeds
 from core.conditions import condition_set, encode
 from core.errors import ConfigError, LoadError
 from core.fileio import write_atomic
@@ -22,7 +23,7 @@ from core.ir import DiffusionProgram
 from core.sampling import sample, uses_guidance
 from core.variants import torch_loop
 
-CALIBRATION_SEED = 10_000  # calibration seeds start here; evaluation seeds at 0: the two sets are disjoint
+CALIBRATION_SEED = seeds.CALIBRATION  # calibration seeds start here, evaluation seeds at 0 (core.seeds)
 COND_PREFIX = "cond."  # condition tensors are stored as cond.<name>
 
 

@@ -15,12 +15,13 @@ from torch import nn
 from calibration import capture as calib
 from calibration import selection
 from calibration.capture import Trajectories, evaluation_set
+from core import seeds
 from core.adapters import denoiser_module
 from core.ir import DiffusionProgram
 from core.sampling import add_noise, build_scheduler
 from core.training import FeatureHooks, Trainer, TrainLog, distillation_loss
 
-TEACHER_SEED = 20_000  # fresh trajectories: disjoint from evaluation (0..) and calibration (10 000..)
+TEACHER_SEED = seeds.TEACHER  # fresh trajectories, + the run's --seed (core.seeds)
 
 Batch = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]
 
@@ -41,6 +42,7 @@ class DistillationData:
         samples: int,
         teacher_samples: int,
         rng: torch.Generator,
+        seed: int = 0,
     ) -> DistillationData:
         """`samples` loop inputs (timestep-stratified, shared by the trajectories in proportion to their
         seeds) and every trajectory's final samples."""
@@ -48,7 +50,7 @@ class DistillationData:
         train_steps = scheduler.config.num_train_timesteps
         trajectories = [calibration]
         if teacher_samples:
-            seeds, conditions = evaluation_set(reference, teacher_samples, TEACHER_SEED)
+            seeds, conditions = evaluation_set(reference, teacher_samples, TEACHER_SEED + seed)
             trajectories.append(calib.capture(reference, seeds, conditions))
         total = sum(len(t.seeds) for t in trajectories)
         num_classes = reference.spec.conditioning.num_classes
@@ -97,12 +99,13 @@ def distill(
     rng: torch.Generator,
     progress: Callable[..., Iterable],
     desc: str,
+    seed: int = 0,
 ) -> TrainLog:
     """Train `trainable`'s parameters so that `student` matches the reference's network on
     DistillationData batches: output loss plus `config.feature_weight` x the (student, teacher) module
-    pairs' output loss (core.training.distillation_loss)."""
+    pairs' output loss (core.training.distillation_loss). `seed`: the run's --seed (teacher samples' family)."""
     teacher = denoiser_module(reference)
-    data = DistillationData.build(reference, calibration, config.samples, config.teacher_samples, rng)
+    data = DistillationData.build(reference, calibration, config.samples, config.teacher_samples, rng, seed)
     trainer = Trainer(trainable, config.lr, config.steps, config.max_seconds)
     with FeatureHooks(pairs, trainer.normalized_mse) as features:
 

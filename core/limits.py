@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import LimitError, LoadError, one_line
+from core.seeds import MAX_FAMILY, MAX_SEED  # noqa: F401 (MAX_SEED: the bound every seed option uses)
 from core.validate import is_int
 
 MAX_TRAIN_TIMESTEPS = 100_000
 MAX_STEPS = 1_000
-MAX_SAMPLES = 100_000
-MAX_SEED = 2**62  # torch generators take 64-bit seeds; seed + sample index must stay in range
+MAX_SAMPLES = MAX_FAMILY  # a seed family's size: the sets a run draws must not overlap (core.seeds)
 MAX_REPEATS = 10_000
 MAX_WORKERS = 64  # --workers: search trial processes on one machine
 MAX_INPUTS = 65_536  # calibration inputs / samples a pass may hold at once

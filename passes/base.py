@@ -61,6 +61,7 @@ class Context:
     capabilities: frozenset[str]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rng: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    seed: int = 0  # the run's --seed: offsets the passes' own seed families (core.seeds)
     progress: Callable[..., Iterable] = lambda it, **_: it
     origin: DiffusionProgram | None = None  # the reference before any pass changed the loop (set by the manager)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core import seeds
 from core.adapters import denoiser_module
 from core.distill import FirstOrder, call, grid, teacher_data
 from core.errors import ConfigError
@@ -25,7 +26,7 @@ from core.sampling import uses_guidance
 from core.training import Trainer
 from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
 
-DATA_SEED = 30_000  # the teacher's samples: disjoint from evaluation (0..) and calibration (10 000..)
+DATA_SEED = seeds.GUIDANCE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     teacher = denoiser_module(program)
     student_model = copy.deepcopy(program.denoiser).eval()
     student = denoiser_module(program.replace(denoiser=student_model))
-    data = teacher_data(program, config.samples, DATA_SEED, ctx.progress)
+    data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
     steps = FirstOrder(program.plan, program.spec.prediction_type)
     timesteps = torch.tensor(grid(program.plan))
     trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)

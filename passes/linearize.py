@@ -256,6 +256,7 @@ def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list
         ctx.rng,
         ctx.progress,
         "linearize: distilling the replaced layers",
+        seed=ctx.seed,
     )
 
 

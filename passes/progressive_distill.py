@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core import seeds
 from core.adapters import denoiser_module
 from core.distill import FirstOrder, TeacherData, call, grid, teacher_data
 from core.errors import ConfigError
@@ -31,7 +32,7 @@ from core.sampling import check_plan, on_grid
 from core.training import Trainer
 from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
 
-DATA_SEED = 40_000  # the teacher's samples: disjoint from evaluation, calibration and other passes' seeds
+DATA_SEED = seeds.PROGRESSIVE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def rounds(start: int, end: int) -> list[list[int]]:
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     solver = "euler" if program.spec.prediction_type == "flow" else "ddim"
-    data = teacher_data(program, config.samples, DATA_SEED, ctx.progress)
+    data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
     teacher_grid = grid(program.plan)
     teacher_model, records, start = program.denoiser, [], time.perf_counter()
     schedule = rounds(len(teacher_grid), config.steps)

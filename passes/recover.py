@@ -81,6 +81,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         ctx.rng,
         ctx.progress,
         "recover: distilling",
+        seed=ctx.seed,
     )
     first, last = log.first_last()
     decision = RecoverDecision(
