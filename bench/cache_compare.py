@@ -30,6 +30,7 @@ from core.sampling import ConditionBatch, DenoiseFn, Variants, sample, uses_guid
 from core.variants import torch_loop
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.timing import paired_median_ms
+from verify.verdict import floor_cell
 
 WIDE = (-1, 1000)  # every timestep of a 1000-step training schedule
 DEFAULT_PEERS = (
@@ -174,6 +175,7 @@ def _summary(row: Row, base_flops: float, ms: float, original_ms: float) -> dict
         "class_agreement_candidate",
         "fd_reference_to_data",
         "fd_candidate_to_data",
+        *(f"fd_self_{k}" for k in ("ratio", "candidate", "floor")),
     )
     return {
         "name": row.name,
@@ -228,8 +230,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "Every row (FLOPs per image as a fraction of the original loop's; torch wall clock per image, side by side):",
         "",
         "| row | budget | FLOPs | torch ms/image (speedup) | PSNR mean / min dB | SSIM | class agreement | "
-        "FD to data | calibration PSNR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "FD to data | FD / floor, denoiser features | calibration PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     budgets: dict[str, list[str]] = {}
     first: dict[str, dict] = {}
@@ -242,6 +244,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {', '.join(budgets[r['name']])} | {r['flops_fraction']:.3f} | "
             f"{r['torch_ms_per_image']:.1f} ({r['speedup']:.2f}x) | {r['psnr_db_mean']:.2f} / {r['psnr_db_min']:.2f} | "
             f"{r['ssim_mean']:.3f} | {'n/a' if agree is None else f'{agree:.2f}'} | "
-            f"{'n/a' if fd is None else f'{fd:.2f}'} | {'-' if cal is None else f'{cal:.2f}'} |"
+            f"{'n/a' if fd is None else f'{fd:.2f}'} | {floor_cell(r, 'fd_self')} | "
+            f"{'-' if cal is None else f'{cal:.2f}'} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """What every side-by-side command (quant-, cache-, prune-compare) starts from: calibration
 trajectories, the evaluation seeds with the original's samples on them, and the verdict: a candidate's
-metrics against those samples (the digits classifier judging them where it applies)."""
+metrics against those samples and the original's floor set (every judge that applies to the model)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,5 @@ def comparison_set(
     seeds, conditions = evaluation_set(program, samples, 0)
     log(f"reference: {samples} samples")
     reference = calib.capture(program, seeds, conditions)
+    log(f"floor set: the original on {samples} other seeds")
     return ComparisonSet(calibration, seeds, conditions, reference, Verdict.for_program(program, reference))

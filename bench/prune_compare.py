@@ -26,6 +26,7 @@ from core.sampling import sample
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.fidelity import per_step_error
 from verify.timing import paired_median_ms
+from verify.verdict import floor_cell
 
 RECOVER = {"pass": "recover", "config": {"steps": 600}}  # as the cpu-prune target
 
@@ -130,12 +131,12 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     base = results[0]
     lines = [
         "| row | parameters | FLOPs/image | ONNX MB | ORT ms/step (speedup) | eps rel. error | PSNR mean / min dB | "
-        "SSIM | class agreement | FD to data |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "SSIM | class agreement | FD to data | FD / floor, denoiser features |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['name']} | failed: {r['failed']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | failed: {r['failed']} |" + " |" * 9)
             continue
         agree, fd = r.get("class_agreement_candidate"), r.get("fd_candidate_to_data")
         lines.append(
@@ -143,7 +144,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"{r['flops_per_image'] / base['flops_per_image']:.3f} | {r['onnx_bytes'] / 1e6:.2f} | "
             f"{r['ort_step_ms']:.2f} ({r['ort_speedup']:.2f}x) | {r['eps_rel_error_mean']:.4f} | "
             f"{r['psnr_db_mean']:.2f} / {r['psnr_db_min']:.2f} | {r['ssim_mean']:.3f} | "
-            f"{'n/a' if agree is None else f'{agree:.2f}'} | {'n/a' if fd is None else f'{fd:.2f}'} |"
+            f"{'n/a' if agree is None else f'{agree:.2f}'} | {'n/a' if fd is None else f'{fd:.2f}'} | "
+            f"{floor_cell(r, 'fd_self')} |"
         )
     lines.append("\nParameters and FLOPs are fractions of the original's; latency: batch 2 (a guided step), median.")
     return "\n".join(lines)

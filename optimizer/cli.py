@@ -140,6 +140,46 @@ PROMPTS = click.option(
 )
 
 
+JUDGE_OPTIONS_LIST = (
+    click.option(
+        "--clip",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="A transformers CLIP model folder: CLIP score and CLIP-feature FD gates (max_clip_score_drop,"
+        " max_fd_clip_ratio).",
+    ),
+    click.option(
+        "--inception",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="pytorch-fid's Inception-v3 FID weights (pt_inception-2015-12-05-*.pth or .safetensors): FID gate"
+        " (max_fid_ratio).",
+    ),
+)
+
+
+def judge_options(fn: Any) -> Any:
+    """--clip and --inception, the user-supplied feature models of the judges that need them."""
+    for option in reversed(JUDGE_OPTIONS_LIST):
+        fn = option(fn)
+    return fn
+
+
+def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
+    """--gate NAME=BOUND values (names and bounds are checked with the rest of the options)."""
+    gates: dict[str, float] = {}
+    for item in items:
+        name, sep, bound = item.partition("=")
+        try:
+            value = float(bound)
+        except ValueError:
+            value = None
+        if not sep or value is None:
+            raise click.BadParameter(f"{item!r}: expected NAME=BOUND, e.g. max_fd_self_ratio=1.5", param_hint="--gate")
+        gates[name.strip()] = value
+    return gates
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="cpu-fp32", show_default=True, help="Target name or target JSON file.")
@@ -166,8 +206,20 @@ PROMPTS = click.option(
 @click.option("--min-ssim", type=float, default=None, help="Gate: minimum mean SSIM vs the original.")
 @click.option("--max-eps-error", type=float, default=None, help="Gate: maximum per-step model-output relative error.")
 @click.option("--max-agreement-drop", type=float, default=None, help="Gate: maximum class-agreement drop.")
-@click.option("--max-fd-increase", type=float, default=None, help="Gate: maximum Fréchet-distance increase.")
-@click.option("--max-fd-to-reference", type=float, default=None, help="Gate: maximum FD candidate vs reference.")
+@click.option(
+    "--max-fd-ratio",
+    type=float,
+    default=None,
+    help="Gate: maximum FD to the original's floor set over the floor, in the denoiser's own features.",
+)
+@click.option(
+    "--gate",
+    "extra_gates",
+    multiple=True,
+    metavar="NAME=BOUND",
+    help="Gate by name (any of `optimize gates`), e.g. max_fid_ratio=1.2; repeatable.",
+)
+@judge_options
 @click.option("--overwrite", is_flag=True, help="Replace --out when it is an earlier `optimize` output folder.")
 @click.option(
     "--latency-repeats",
@@ -208,8 +260,10 @@ def run(
     min_ssim: float | None,
     max_eps_error: float | None,
     max_agreement_drop: float | None,
-    max_fd_increase: float | None,
-    max_fd_to_reference: float | None,
+    max_fd_ratio: float | None,
+    extra_gates: tuple[str, ...],
+    clip: Path | None,
+    inception: Path | None,
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
@@ -223,15 +277,16 @@ def run(
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
     130/143: interrupted."""
     from optimizer.job import JobOptions, run_job
-    from verify.gates import gates_table
+    from verify.gates import gates_table, verdict_line
+    from verify.judges import JudgeOptions
 
     overrides = {
         "min_psnr_db": min_psnr,
         "min_ssim": min_ssim,
         "max_eps_rel_error": max_eps_error,
         "max_class_agreement_drop": max_agreement_drop,
-        "max_fd_increase": max_fd_increase,
-        "max_fd_to_reference": max_fd_to_reference,
+        "max_fd_self_ratio": max_fd_ratio,
+        **_named_gates(extra_gates),
     }
     stem = model.name.split(".")[0] or "model"
     opts = JobOptions(
@@ -253,6 +308,7 @@ def run(
         workers=workers,
         storage=storage,
         trials_only=trials_only,
+        judges=JudgeOptions(clip=clip, inception=inception),
     )
     result = run_job(model, opts, _progress, _log)
     if not result.report:  # a torchrun worker (rank > 0): rank 0 writes and reports
@@ -264,7 +320,7 @@ def run(
 
         click.echo(json.dumps(json_safe(result.report["verification"]), indent=2, allow_nan=False))
     click.echo(gates_table(result.gates))
-    click.echo("PASS" if result.passed else "FAIL: a quality gate failed (see the table above)")
+    click.echo(verdict_line(result.gates))
     sys.exit(EXIT_PASS if result.passed else EXIT_GATE_FAILED)
 
 
@@ -290,6 +346,21 @@ def inspect(model: Path, allow_large: bool) -> None:
         "stages": stage_summary(program),
     }
     click.echo(json.dumps(info, indent=2))
+
+
+@main.command()
+def gates() -> None:
+    """List the gates, the metric each bounds, and the judges that compute them (and what they apply to)."""
+    from verify.gates import GATES
+    from verify.judges import judges, source_of
+
+    for g in GATES.values():
+        judge = source_of(g.metric)
+        op = ">=" if g.kind == "min" else "<="
+        click.echo(f"{g.name:<26} {g.metric} {op} bound; judge {judge.name if judge else '-'}\n{'':<27}{g.description}")
+    click.echo("")
+    for j in judges().values():
+        click.echo(f"judge {j.name}: applies to {j.applies_to}")
 
 
 @main.command()
@@ -694,6 +765,44 @@ def prune_compare(
         return compare_pruning(program, samples, calibration_samples, _progress, _log)
 
     _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
+
+
+@main.command("judge-compare")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--samples", type=click.IntRange(2, MAX_SAMPLES), default=100, show_default=True)
+@click.option("--nulls", type=click.IntRange(0, 64), default=8, show_default=True, help="Fresh draws of the original.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+@judge_options
+@PROMPTS
+@ALLOW_LARGE
+def judge_compare(
+    model: Path,
+    samples: int,
+    nulls: int,
+    json_out: Path | None,
+    clip: Path | None,
+    inception: Path | None,
+    prompts: Path | None,
+    allow_large: bool,
+) -> None:
+    """Every judge that applies to MODEL on graded candidates (fresh draws of the original, INT8 weights,
+    weights + 5% and + 20% noise, INT4 weights, half the steps): distribution ratios and their order."""
+    from bench.judge_compare import compare_judges, markdown_table
+    from core.fileio import write_json
+    from core.outputs import check_out_file, input_paths
+    from optimizer.job import check_job_memory, load_for_job
+    from verify.judges import JudgeOptions, plan_judges
+
+    if json_out is not None:
+        check_out_file(json_out, input_paths(model), "--json-out")
+    options = JudgeOptions(clip=clip, inception=inception)
+    program = load_for_job(model, allow_large, prompts)
+    plan_judges(program, options)  # a bad feature model: one line before any work
+    check_job_memory(program, samples, allow_large)
+    rows = compare_judges(program, samples, nulls, options, _log)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(markdown_table(rows))
 
 
 if __name__ == "__main__":

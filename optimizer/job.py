@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,7 +27,8 @@ from core.validate import integer, number
 from optimizer.targets import Target, get_target, require_available, target_file
 from passes.base import CALIBRATION, Context
 from passes.manager import Analyses, PlannedPass, plan_passes, quick_fidelity, run_alternatives
-from verify.gates import GateResult, check_gate_names, evaluate_gates
+from verify.gates import GatePlan, GateResult, check_gate_names, evaluate_gates, passed, plan_gates
+from verify.judges import JudgeOptions, JudgePlan, plan_judges
 
 Progress = Callable[..., Iterable]
 
@@ -54,6 +55,7 @@ class JobOptions:
     workers: int = 1
     storage: str | None = None
     trials_only: bool = False
+    judges: JudgeOptions = field(default_factory=JudgeOptions)  # user-supplied feature models (--clip, --inception)
 
 
 @dataclass
@@ -64,7 +66,18 @@ class JobResult:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed is not False for r in self.gates)
+        return passed(self.gates)
+
+
+class Loaded(NamedTuple):
+    """What the job checked before any work: the program, its recipes, the --calibration trajectories,
+    the judges that apply to the model and, from them, the gates that can be measured."""
+
+    program: DiffusionProgram
+    recipes: list[list[PlannedPass]]
+    given: Trajectories | None
+    judges: JudgePlan
+    gates: GatePlan
 
 
 def check_options(opts: JobOptions) -> None:
@@ -149,11 +162,16 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     if opts.trials_only:
         return _run_trials_only(model_path, target, opts, progress, log)
     out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
-    program, recipes, given = _load_checked(model_path, target, opts)
+    loaded = _load_checked(model_path, target, opts)
+    program = loaded.program
     log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
+    judges = ", ".join(j.name for j in loaded.judges.active)
+    log(f"judges: {judges}; gates to measure: {', '.join(loaded.gates.applicable)}")
+    for gate, why in loaded.gates.skipped.items():
+        log(f"gate {gate} does not apply to this model ({why})")
     staging = create_staging(out, log)
     try:
-        result = _run_stages(model_path, program, target, recipes, opts, staging, progress, log, given)
+        result = _run_stages(model_path, loaded, target, opts, staging, progress, log)
         publish(staging, out)
     except BaseException as exc:
         if target.search is not None and not opts.storage:
@@ -172,12 +190,10 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
     return dataclasses.replace(result, out=opts.out)
 
 
-def _load_checked(
-    model_path: Path, target: Target, opts: JobOptions
-) -> tuple[DiffusionProgram, list[list[PlannedPass]], Trajectories | None]:
+def _load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     """The program with the command line's sampling options, its recipes (or search space) checked
-    against it, the memory estimate checked, and the --calibration trajectories if given (every rank
-    and search worker the same)."""
+    against it, the judges and gates that apply to it, the memory estimate checked, and the --calibration
+    trajectories if given (every rank and search worker the same)."""
     program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
     if target.search is not None:
         from optimizer.search_job import check_space
@@ -186,8 +202,10 @@ def _load_checked(
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
     # The largest batch is the verification set or the calibration set, each sampled at once.
     check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
+    judges = plan_judges(program, opts.judges)
+    gates = plan_gates({**target.gates, **opts.gates}, judges, explicit=opts.gates)
     given = calib.load(opts.calibration, program) if opts.calibration is not None else None
-    return program, recipes, given
+    return Loaded(program, recipes, given, judges, gates)
 
 
 def _run_trials_only(
@@ -207,10 +225,11 @@ def contribute_trials(
     from optimizer.search_job import run_trials_only, study_name
     from optimizer.stages import calibrate
 
-    program, _, given = _load_checked(model_path, target, opts)
-    calibration = calibrate(program, opts, None, progress, given)
-    ctx = pass_context(program, target, opts, calibration, progress, log)
-    return run_trials_only(program, target, opts, ctx, study_name(program, target, opts), index, log)
+    loaded = _load_checked(model_path, target, opts)
+    calibration = calibrate(loaded.program, opts, None, progress, loaded.given)
+    ctx = pass_context(loaded.program, target, opts, calibration, progress, log)
+    name = study_name(loaded.program, target, opts)
+    return run_trials_only(loaded, target, opts, ctx, name, index, log)
 
 
 def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
@@ -218,10 +237,10 @@ def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult
     share of their training (core.training); it writes nothing and prints nothing, rank 0 does."""
     from optimizer.stages import calibrate
 
-    program, recipes, given = _load_checked(model_path, target, opts)
+    loaded = _load_checked(model_path, target, opts)
     quiet: Progress = lambda it, **_: it  # noqa: E731
-    calibration = calibrate(program, opts, None, quiet, given)
-    _optimize(program, target, recipes, opts, calibration, quiet, lambda _: None)
+    calibration = calibrate(loaded.program, opts, None, quiet, loaded.given)
+    _optimize(loaded.program, target, loaded.recipes, opts, calibration, quiet, lambda _: None)
     return JobResult(opts.out, {}, [])
 
 
@@ -266,26 +285,25 @@ def pass_context(
         capabilities=target.capabilities,
         progress=progress,
         rng=torch.Generator().manual_seed(opts.seed),
+        seed=opts.seed,
     )
 
 
 def _run_stages(
     model_path: Path,
-    program: DiffusionProgram,
+    loaded: Loaded,
     target: Target,
-    recipes: list[list[PlannedPass]],
     opts: JobOptions,
     staging: Path,
     progress: Progress,
     log: Callable[[str], None],
-    given: Trajectories | None,
 ) -> JobResult:
     from optimizer.report import GRID_FILE, decision_sections, save_grid, write_report
     from optimizer.stages import CALIBRATION_FILE, calibrate, make_report, verify_lowered
     from verify.latency import measure_latency
 
+    program, recipes, given = loaded.program, loaded.recipes, loaded.given
     backend = get_backend(target.backend)
-    gates = {**target.gates, **opts.gates}
     source = (
         "using --calibration" if given is not None else f"capturing {opts.calibration_samples} reference trajectories"
     )
@@ -298,12 +316,12 @@ def _run_stages(
             artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
         with timed(log, f"verifying on {opts.samples} samples"):
             runner = backend.runner(staging)
-            verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress)
+            verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress, loaded.judges)
     else:
         from optimizer.search_job import run_search_stage
 
         ctx = pass_context(program, target, opts, calibration, progress, log)
-        outcome = run_search_stage(model_path, program, target, opts, ctx, backend, staging, progress, log)
+        outcome = run_search_stage(model_path, loaded, target, opts, ctx, backend, staging, progress, log)
         candidate, choice, analyses = outcome.candidate, None, ctx.analyses
         _, files, verification, ref_images, cand_images = outcome.verified
         runner = backend.runner(staging)
@@ -322,12 +340,14 @@ def _run_stages(
     if baseline is not None:
         del baseline
         shutil.rmtree(staging / ".reference")
-    results = evaluate_gates(gates, verification)
+    results = evaluate_gates(loaded.gates, verification)
     # The runner's description is the backend's plus what its runtime chose (e.g. providers).
     # FLOPs from the analyses cache: the passes counted them already (and once when nothing changed).
     flops = {"original": analyses.flops(program), "candidate": analyses.flops(candidate)}
     description = runner.describe()
-    report = make_report(program, candidate, target, description, flops, artifacts, verification, latency, opts, gates)
+    report = make_report(
+        program, candidate, target, description, flops, artifacts, verification, latency, opts, loaded.gates
+    )
     sections = decision_sections(candidate)
     if choice is not None:
         report["recipe_selection"] = choice.to_dict()

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from core.fileio import write_atomic, write_json
 from core.ir import DiffusionProgram
-from verify.gates import GateResult, gates_table
+from verify.gates import GateResult, gates_table, verdict_line
 
 GRID_FILE = "grid.png"
 
@@ -68,12 +68,12 @@ def decision_sections(program: DiffusionProgram) -> list[str]:
 
 def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()) -> str:
     m, v, lat = report["model"], report["verification"], report["latency"]
-    passed = all(r.passed is not False for r in gate_results)
     lines = [
         f"# Optimization report: {Path(m['source']['path']).name} -> {report['target']['name']}",
         "",
-        f"**Result: {'PASS' if passed else 'FAIL'}** (gates of target `{report['target']['name']}`"
-        f"{' with CLI overrides' if report['gate_overrides'] else ''})",
+        f"**Result: {_result(gate_results)} (gates of target `{report['target']['name']}`"
+        f"{' with CLI overrides' if report['gate_overrides'] else ''}; a run passes only when every gate that"
+        " applies to the model was measured and held)",
         "",
         "## Model",
         f"- source: `{m['source']['path']}` ({m['source']['format']}, digest {m['source']['digest']})",
@@ -116,7 +116,13 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         "",
         f"## Verification ({v['samples']} samples, same seeds/{_conditions(m)}/{_loop_words(report)}, on"
         f" {v.get('space', 'model output')};"
-        f" reference = original in torch, candidate = lowered artifact on {report['backend']})",
+        f" reference = original in torch, candidate = lowered artifact on {report['backend']};"
+        f" floor set = the original on seeds {v.get('floor_seeds', '?')}, same {_conditions(m)})",
+        "",
+        f"Judges: {', '.join(v.get('judges', []))}. Distribution metrics (`*_ratio`) are the candidate's Fréchet"
+        " distance to the floor set over the reference's own distance to it: about 1 for a candidate whose"
+        " samples are the original's within its seed-to-seed noise.",
+        "",
         "| metric | value |",
         "|---|---|",
     ]
@@ -150,6 +156,12 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         lines += _latency_table(lat, report["target"]["hardware"].get("device", "cpu"))
     lines += ["", "## Samples", f"![reference vs candidate]({GRID_FILE})", ""]
     return "\n".join(lines)
+
+
+def _result(results: list[GateResult]) -> str:
+    """**PASS**, or **FAIL** with the gates that failed or went unmeasured."""
+    line = verdict_line(results)
+    return "PASS**" if line == "PASS" else f"FAIL** ({line.removeprefix('FAIL: ')})"
 
 
 def _loop_changed(report: dict[str, Any]) -> bool:

@@ -29,10 +29,10 @@ from search.driver import Outcome, search
 from search.space import SearchSpace
 from search.study import evaluated, open_study, requeue_stale, run_trials
 from search.trials import TrialRunner
-from verify.gates import GATES, evaluate_gates
+from verify.gates import GATES, evaluate_gates, passed
 
 if TYPE_CHECKING:
-    from optimizer.job import JobOptions
+    from optimizer.job import JobOptions, Loaded
     from optimizer.targets import Target
 
 STUDY_FILE = "study.sqlite3"
@@ -59,7 +59,7 @@ def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> s
     """What the trials depend on: the model, the target's space and gates, the options that shape the loop."""
     what = {
         "model": program.source.digest,
-        "target": [target.name, target.search_data, target.gates, opts.gates],
+        "target": [target.name, target.search_data, target.gates, opts.gates, str(opts.judges)],
         "options": [opts.calibration_samples, opts.seed, opts.scheduler, opts.steps, opts.guidance, str(opts.prompts)],
     }
     return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -122,7 +122,7 @@ def worker_main(model_path: Path, opts: JobOptions, index: int) -> None:
 
 
 def run_trials_only(
-    program: DiffusionProgram,
+    loaded: Loaded,
     target: Target,
     opts: JobOptions,
     ctx: Context,
@@ -135,7 +135,8 @@ def run_trials_only(
 
     assert target.search is not None and opts.storage
     study = open_study(opts.storage, name, target.search, opts.seed, index)
-    runner = TrialRunner(program, ctx, target.search, {**target.gates, **opts.gates}, get_backend(target.backend), log)
+    backend = get_backend(target.backend)
+    runner = TrialRunner(loaded.program, ctx, target.search, loaded.gates.applicable, backend, log, loaded.judges)
     try:
         requeue_stale(study, log)
         run_trials(study, target.search, runner.evaluate, log)
@@ -146,7 +147,7 @@ def run_trials_only(
 
 def run_search_stage(
     model_path: Path,
-    program: DiffusionProgram,
+    loaded: Loaded,
     target: Target,
     opts: JobOptions,
     ctx: Context,
@@ -162,14 +163,14 @@ def run_search_stage(
 
     space = target.search
     assert space is not None
-    gates = {**target.gates, **opts.gates}
+    program, gates = loaded.program, loaded.gates.applicable
     name = study_name(program, target, opts)
     url = storage_url(opts, opts.out, name, log)
     study = open_study(url, name, space, opts.seed)
     procs = spawn_workers(model_path, opts, url) if opts.workers > 1 else []
     if procs:
         log(f"{len(procs)} worker process(es) started beside this one")
-    runner = TrialRunner(program, ctx, space, gates, backend, log)
+    runner = TrialRunner(program, ctx, space, gates, backend, log, loaded.judges)
     finalist = itertools.count(1)
 
     def verify(candidate: DiffusionProgram) -> tuple[bool, Any]:
@@ -177,9 +178,9 @@ def run_search_stage(
         folder.mkdir()
         files = backend.lower(candidate, folder)
         lowered = backend.runner(folder)
-        verification, ref_images, cand_images = verify_lowered(program, lowered, opts, progress)
-        passed = all(r.passed is not False for r in evaluate_gates(gates, verification))
-        return passed, (folder, files, verification, ref_images, cand_images)
+        verification, ref_images, cand_images = verify_lowered(program, lowered, opts, progress, loaded.judges)
+        held = passed(evaluate_gates(loaded.gates, verification))
+        return held, (folder, files, verification, ref_images, cand_images)
 
     def wait() -> None:
         for proc in procs:

@@ -15,9 +15,11 @@ from calibration import capture as calib
 from core.adapters import parameter_count
 from core.ir import DiffusionProgram
 from core.sampling import to_images
-from core.stages import decode
 from optimizer.targets import Target
-from verify.fidelity import DigitsJudge, compare, step_errors
+from verify.fidelity import step_errors
+from verify.gates import GatePlan
+from verify.judges import JudgePlan
+from verify.verdict import Verdict, sample_floor
 
 if TYPE_CHECKING:
     from optimizer.job import JobOptions
@@ -51,8 +53,10 @@ def verify_lowered(
     runner: Runner,
     opts: JobOptions,
     progress: Callable,
+    judges: JudgePlan | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Reference (original, torch) vs the lowered artifact run by its backend's runner; returns images too.
+    """Reference (original, torch) vs the lowered artifact run by its backend's runner, judged with the
+    original's floor set beside them (the original on disjoint seeds); returns images too.
 
     End-to-end metrics compare with the original loop. When the candidate's loop has other timesteps
     (a sampler pass), the per-step errors compare its network with the original network on its loop."""
@@ -60,8 +64,9 @@ def verify_lowered(
     reference = calib.capture(
         program, seeds, conditions, progress=lambda it: progress(it, desc="reference", leave=False)
     )
+    floor = sample_floor(program, reference, lambda it: progress(it, desc="floor (original, other seeds)", leave=False))
+    verdict = Verdict(program, reference, floor, opts.judges, judges)
     candidate = runner.sample(seeds, conditions, progress=lambda it: progress(it, desc="candidate", leave=False))
-    judge = DigitsJudge.load() if DigitsJudge.applies(program) else None
     on_loop = reference
     if [float(t) for t in reference.t] != runner.plan.document["timesteps"]:
         replanned = program.replace(plan=runner.plan.sampling.without_loop_policy())
@@ -69,12 +74,11 @@ def verify_lowered(
             replanned, seeds, conditions, progress=lambda it: progress(it, desc="reference (new loop)")
         )
     errors = step_errors(on_loop, runner.plan.sampling, runner.plan.conditioning, runner.loop)
-    images = None
-    if program.stages.vae is not None:  # a latent pipeline: judged on decoded images (the artifact's decoder)
-        images = (decode(program.stages, reference.final), runner.decode(candidate))
-    summary = compare(reference, candidate, errors, judge, timesteps=on_loop.t.tolist(), images=images)
-    ref_x, cand_x = images if images is not None else (reference.final, candidate)
-    return summary, to_images(ref_x), to_images(cand_x)
+    # A latent pipeline is judged on decoded images: the candidate's by the artifact's own decoder.
+    images = runner.decode(candidate) if program.stages.vae is not None else None
+    summary = verdict(candidate, errors, on_loop.t.tolist(), images)
+    ref_x = verdict.reference_images if verdict.reference_images is not None else reference.final
+    return summary, to_images(ref_x), to_images(candidate if images is None else images)
 
 
 def make_report(
@@ -87,7 +91,7 @@ def make_report(
     verification: dict[str, Any],
     latency: dict[str, Any],
     opts: JobOptions,
-    gates: dict[str, float],
+    gates: GatePlan,
 ) -> dict[str, Any]:
     source = Path(program.source.path)
     files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
@@ -119,8 +123,10 @@ def make_report(
         "artifacts": artifacts,
         "evaluation": {"samples": opts.samples, "base_seed": opts.seed},
         "verification": verification,
-        "gates": gates,
+        "gates": gates.bounds,
+        "gates_not_applicable": gates.skipped,
         "gate_overrides": opts.gates,
+        "judge_options": {k: None if v is None else str(v) for k, v in dataclasses.asdict(opts.judges).items()},
         "latency": latency,
     }
 

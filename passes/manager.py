@@ -213,6 +213,9 @@ class RecipeChoice(Decision):
             "|---|---|---|---|",
         ]
         for i, row in enumerate(self.tried):
+            if row.get("refused"):
+                lines.append(f"| {row['passes']} | does not apply: {row['refused']} | - | |")
+                continue
             flops = row["flops_per_image"] / 1e9
             kept = "yes" if i == self.chosen else ""
             lines.append(f"| {row['passes']} | {row['calibration_psnr_db']:.2f} | {flops:.3f} | {kept} |")
@@ -230,11 +233,18 @@ def run_alternatives(
     (`evaluate` after its last pass). One recipe: just run it (no choice to report)."""
     if len(recipes) == 1:
         return run_passes(program, recipes[0], ctx, evaluate, log), None
-    candidates, tried = [], []
+    candidates, tried, refusals = [], [], []
     for i, planned in enumerate(recipes):
         names = " + ".join(q.name for q in planned) or "no passes"
         log(f"recipe {i + 1}/{len(recipes)}: {names}")
-        candidate = run_passes(program, planned, ctx, evaluate, log)
+        try:
+            candidate = run_passes(program, planned, ctx, evaluate, log)
+        except ConfigError as exc:  # this model cannot meet this recipe (e.g. its budget): the others compete
+            log(f"recipe {i + 1} does not apply: {exc}")
+            refusals.append(exc)
+            candidates.append(None)
+            tried.append({"passes": names, "refused": str(exc), "calibration_psnr_db": None, "flops_per_image": None})
+            continue
         fidelity = candidate.provenance[-1].fidelity if candidate.provenance else evaluate(candidate, ctx)
         candidates.append(candidate)
         tried.append(
@@ -244,8 +254,13 @@ def run_alternatives(
                 "flops_per_image": fidelity["flops_per_image"],
             }
         )
+    if len(refusals) == len(recipes):
+        raise refusals[0]
     scores = [row["calibration_psnr_db"] for row in tried]
-    best = max(range(len(scores)), key=lambda i: scores[i] if scores[i] == scores[i] else float("-inf"))
+    best = max(
+        (i for i in range(len(scores)) if candidates[i] is not None),
+        key=lambda i: scores[i] if scores[i] == scores[i] else float("-inf"),
+    )
     log(f"kept recipe {best + 1} ({tried[best]['passes']}): calibration PSNR {scores[best]:.2f} dB")
     return candidates[best], RecipeChoice(tried, best)
 

@@ -1,32 +1,35 @@
 """Cheap proxies for a search trial, all against the original: the target's gates measured on a small
 seed set of its own (disjoint from the calibration and verification seeds), as constraints.
 
-Paired PSNR, agreement and the Fréchet distance to the reference come from the same
-`verify.fidelity.compare` the final verification uses; the teacher-forced error from the pass manager's
-quick fidelity (on the calibration trajectories). A gate whose metric a candidate does not have (the
-teacher-forced error of a distilled student) is no constraint for it.
+Paired PSNR and the judges' metrics (distribution against a floor set of the proxies' own, adherence)
+come from the same `verify.verdict.Verdict` the final verification uses; the teacher-forced error from the
+pass manager's quick fidelity (on the calibration trajectories). A gate whose metric a candidate lacks (the
+teacher-forced error of a distilled student) was not measured: the candidate is infeasible for it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from calibration.capture import capture, evaluation_set
+from core import seeds
 from core.conditions import encode
 from core.ir import DiffusionProgram
 from core.sampling import sample
 from core.variants import torch_loop
 from verify.gates import GATES
-from verify.verdict import Verdict
+from verify.judges import JudgePlan
+from verify.verdict import Verdict, sample_floor
 
-PROXY_SEED = 20_000  # proxy seeds start here: calibration seeds start at 10,000, verification seeds at 0
+PROXY_SEED = seeds.PROXY  # + the run's --seed; disjoint from every other family (core.seeds)
 
 
 class ProxySet:
-    def __init__(self, program: DiffusionProgram, samples: int, seed: int = 0) -> None:
+    def __init__(self, program: DiffusionProgram, samples: int, seed: int = 0, plan: JudgePlan | None = None) -> None:
         self.seeds, self.conditions = evaluation_set(program, samples, PROXY_SEED + seed)
         self.reference = capture(program, self.seeds, self.conditions)
-        self.verdict = Verdict.for_program(program, self.reference)
+        self.verdict = Verdict(program, self.reference, sample_floor(program, self.reference), plan=plan)
 
     def measure(self, candidate: DiffusionProgram) -> dict[str, Any]:
         """The candidate's loop (torch) on the proxy seeds, judged against the original's samples."""
@@ -38,14 +41,13 @@ class ProxySet:
 
 def constraints(metrics: dict[str, Any], gates: dict[str, float]) -> dict[str, float]:
     """Per gate, how far the measured value is past its bound, relative to the bound's scale: <= 0 is
-    feasible (Optuna's constraint convention). A metric that is missing or None is no constraint."""
+    feasible (Optuna's constraint convention). A metric that is missing or None was not measured, and a
+    NaN or infinite one diverged: either is infeasible."""
     values = {}
     for name, bound in sorted(gates.items()):
         gate = GATES[name]
         value = metrics.get(gate.metric)
-        if value is None:
-            continue
-        if value != value:  # NaN: a diverged candidate
+        if value is None or not math.isfinite(value):
             values[name] = 1.0
             continue
         excess = value - bound if gate.kind == "max" else bound - value

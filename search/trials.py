@@ -21,6 +21,7 @@ from passes.base import Context
 from passes.manager import PlannedPass, PrefixCache, plan_passes, prefix_key, quick_fidelity, run_passes
 from search.proxy import ProxySet, constraints
 from search.space import SearchSpace
+from verify.judges import JudgePlan
 from verify.timing import paired_median_ms
 
 
@@ -36,7 +37,10 @@ class TrialRunner:
         gates: dict[str, float],
         backend: Any,
         log: Callable[[str], None],
+        judges: JudgePlan | None = None,
     ) -> None:
+        """`gates`: the applicable ones (see verify.gates.plan_gates); `judges`: the model's (default: those
+        that apply without user-supplied feature models)."""
         self.program, self.ctx, self.space, self.gates, self.backend, self.log = (
             program,
             ctx,
@@ -48,7 +52,7 @@ class TrialRunner:
         self.cache: PrefixCache = {}
         self._lowered: dict[int, tuple[DiffusionProgram, Any]] = {}  # id(program) -> (program, its runner)
         self.folder = Path(tempfile.mkdtemp(prefix="search-"))
-        self.proxy = ProxySet(program, space.proxy_samples)
+        self.proxy = ProxySet(program, space.proxy_samples, plan=judges)
         self.baseline = self._lower(program)
         self.seeds, self.conditions = (
             self.proxy.seeds[:1],

@@ -73,6 +73,14 @@ def text_folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def user_models(tmp_path_factory):
+    """A tiny RGB SD-style pipeline and a 3x32x32 DiT: models no shipped judge knows (mechanics only)."""
+    from helpers import tiny_user_models
+
+    return tiny_user_models(tmp_path_factory.mktemp("user-models"))
+
+
+@pytest.fixture(scope="session")
 def flow_folders(tmp_path_factory):
     """Tiny random SD3 and Flux pipeline folders (mechanics only)."""
     from helpers import tiny_flux_pipeline, tiny_sd3_pipeline

@@ -311,3 +311,85 @@ def tiny_flux_pipeline(root):
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_size": 8}))
     (root / "flux" / "prompts.txt").write_text("a thick seven\na thin one\n")
     return root / "flux"
+
+
+def tiny_user_models(root):
+    """Models no shipped judge knows everything about, saved exactly as diffusers' save_pretrained lays
+    them out: an SD-style pipeline with an RGB VAE (3x32x32 images from 4x8x8 latents, prompts that name
+    no digit) and a class-conditional pixel DiT over 3x32x32 samples (1000 classes) as a model folder.
+    Random weights: mechanics only, never fidelity."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=_tiny_clip(tok),
+        tokenizer=tok,
+        unet=_tiny_sd_unet(cross_attention_dim=32),
+        scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(root / "sd-rgb")
+    (root / "sd-rgb" / "prompts.txt").write_text("a thick digit\na thin digit\n")
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,  # a quarter of the stack is one block (the structure recipes' layer removal)
+        sample_size=32,
+        patch_size=4,
+        num_embeds_ada_norm=1000,
+    ).save_pretrained(root / "dit-rgb")
+    return {"sd": root / "sd-rgb", "dit": root / "dit-rgb"}
+
+
+def verdict_from_report(report):
+    """(exit code, failed gates, unmeasured gates) recomputed from report.json alone: its verification
+    values against its gates, the ones that do not apply to the model left out, nothing measured a FAIL."""
+    import math
+
+    from verify.gates import GATES
+
+    failed, unmeasured, held = [], [], []
+    for name, bound in report["gates"].items():
+        if name in report["gates_not_applicable"]:
+            continue
+        gate = GATES[name]
+        value = report["verification"].get(gate.metric)
+        if value is None:
+            unmeasured.append(name)
+        elif math.isfinite(value) and (value >= bound if gate.kind == "min" else value <= bound):
+            held.append(name)
+        else:
+            failed.append(name)
+    return (0 if held and not failed and not unmeasured else 1), failed, unmeasured
+
+
+def assert_exit_matches_report(result, out):
+    """The exit code and the verdict line are what the written report's own numbers say."""
+    import json
+
+    assert (out / "report.json").is_file(), result.output
+    report = json.loads((out / "report.json").read_text())
+    code, failed, unmeasured = verdict_from_report(report)
+    assert result.exit_code == code, result.output
+    verdict = result.output.strip().splitlines()[-1]
+    if code == 0:
+        assert verdict == "PASS"
+    else:
+        assert verdict.startswith("FAIL: ") and all(g in verdict for g in failed + unmeasured), verdict
+    return report

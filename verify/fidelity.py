@@ -1,15 +1,13 @@
-"""Candidate vs reference on identical seeds, classes, scheduler and steps."""
+"""Candidate vs reference on identical seeds and conditions: per-step model-output errors on the reference's
+trajectories, and free-running replays of a program on them (the checks passes run on calibration)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from core.ir import DENOISER, Conditioning, DiffusionProgram, SamplingPlan
+from core.ir import DENOISER, Conditioning, SamplingPlan
 from core.sampling import (
     ConditionBatch,
     DenoiseFn,
@@ -21,7 +19,7 @@ from core.sampling import (
     to_images,
     uses_guidance,
 )
-from verify.metrics import frechet_distance, psnr, relative_error, ssim
+from verify.metrics import psnr, relative_error
 
 
 def per_step_error(trajectories: Any, denoise: DenoiseFn) -> list[float]:
@@ -88,107 +86,3 @@ def replay_error(
     """Relative error of `program`'s samples vs the captured finals, same seeds and conditions: errors that
     compound along the loop count, which a teacher-forced per-step error does not see."""
     return relative_error(trajectories.final, replay(program, trajectories, variants, batch))
-
-
-@dataclass
-class DigitsJudge:
-    """Agreement with the requested digit (the class, or the digit a prompt names) and Fréchet distance
-    with the shipped digits classifier; for prompts also the measured attributes (zoo.attributes).
-    Digits-shaped images (decoded, for a latent pipeline) only."""
-
-    classifier: torch.nn.Module
-    data_features: np.ndarray
-
-    @staticmethod
-    def applies(program: DiffusionProgram) -> bool:
-        from core.stages import image_shape
-        from zoo.attributes import parse_prompt
-        from zoo.data import IMAGE_SIZE, NUM_CLASSES
-
-        if image_shape(program) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            return False
-        conditioning = program.spec.conditioning
-        if conditioning.text:
-            return any(parse_prompt(p)[0] is not None for p in program.stages.prompts)
-        return conditioning.num_classes == NUM_CLASSES
-
-    @classmethod
-    def load(cls) -> DigitsJudge:
-        from zoo import load_classifier
-        from zoo.data import load_digits16
-
-        classifier = load_classifier()
-        images, _ = load_digits16()
-        with torch.inference_mode():
-            features = classifier.features(images).numpy()
-        return cls(classifier, features)
-
-    def judge(self, x: torch.Tensor, conditions: Sequence[Any]) -> tuple[float, np.ndarray, dict[str, float]]:
-        """(agreement with the requested digits, features, prompted-attribute rates) for images in [-1, 1]."""
-        x = torch.nan_to_num(x, nan=0.0).clamp(-1, 1)  # a diverged sample is judged, not a crash
-        with torch.inference_mode():
-            features = self.classifier.features(x).numpy()
-        if all(isinstance(c, int) for c in conditions):
-            with torch.inference_mode():
-                predicted = self.classifier(x).argmax(1)
-            hits = float((predicted == torch.tensor(list(conditions))).double().mean())
-            attributes: dict[str, float] = {}
-        else:
-            from zoo.attributes import adherence
-
-            rates = adherence(x, list(conditions), self.classifier)
-            hits = rates.pop("digit")["rate"] or 0.0
-            attributes = {name: r["rate"] for name, r in rates.items() if r["rate"] is not None}
-        # Rounded so that "2 of 100" compares equal to a 0.02 bound after subtraction.
-        return round(hits, 9), features, attributes
-
-
-def compare(
-    reference: Any,
-    candidate_final: torch.Tensor,
-    errors: list[float],
-    judge: DigitsJudge | None,
-    timesteps: Sequence[float] | None = None,
-    images: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """All paired and distribution metrics; keys are what gates refer to (see gates.GATES).
-    `errors`: the candidate's per-step error on reference trajectories (see step_errors), at `timesteps`
-    (default: the reference's own; another loop's when the candidate's loop differs). `images`: the
-    (reference, candidate) finals decoded to images in [-1, 1] (a latent pipeline); default: the finals."""
-    ref_x, cand_x = images if images is not None else (reference.final, candidate_final)
-    ref_img, cand_img = to_images(ref_x), to_images(cand_x)
-    p, s = psnr(ref_img, cand_img), ssim(ref_img, cand_img)
-    summary: dict[str, Any] = {
-        "samples": len(reference.seeds),
-        "space": "decoded images" if images is not None else "model output",
-        "psnr_db_mean": float(p.mean()),
-        "psnr_db_min": float(p.min()),
-        "ssim_mean": float(s.mean()),
-        "ssim_min": float(s.min()),
-        "eps_rel_error_mean": float(np.mean(errors)),
-        "eps_rel_error_max": float(np.max(errors)),
-        "eps_rel_error_per_step": errors,
-        "timesteps": [float(t) for t in (reference.t if timesteps is None else timesteps)],
-    }
-    if judge is not None and reference.conditions is not None:
-        ref_agree, ref_feat, ref_attr = judge.judge(ref_x, reference.conditions)
-        cand_agree, cand_feat, cand_attr = judge.judge(cand_x, reference.conditions)
-        for name in ref_attr:
-            summary[f"attribute_{name}_reference"] = ref_attr[name]
-            summary[f"attribute_{name}_candidate"] = cand_attr.get(name)
-        fd_ref, fd_cand = (
-            frechet_distance(ref_feat, judge.data_features),
-            frechet_distance(cand_feat, judge.data_features),
-        )
-        summary.update(
-            {
-                "class_agreement_reference": ref_agree,
-                "class_agreement_candidate": cand_agree,
-                "class_agreement_drop": round(ref_agree - cand_agree, 9),
-                "fd_reference_to_data": fd_ref,
-                "fd_candidate_to_data": fd_cand,
-                "fd_increase": fd_cand - fd_ref,
-                "fd_candidate_to_reference": frechet_distance(cand_feat, ref_feat),
-            }
-        )
-    return summary

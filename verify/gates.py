@@ -1,9 +1,16 @@
-"""Quality gates: bounds on verification metrics; a failed gate makes `optimize` exit 1."""
+"""Quality gates: bounds on verification metrics. A gate applies to a model when one of its judges
+computes the metric (decided before any work); an applicable gate whose metric is missing was not
+measured and fails, as a failed bound does (`optimize` exits 1); a run passes only when every
+applicable gate was measured and held."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -12,56 +19,50 @@ class Gate:
     metric: str  # key in the verification summary
     kind: str  # "min" or "max"
     description: str
+    # A distribution gate's candidate and floor keys, shown beside the ratio.
+    detail: tuple[str, str] | None = None
+
+
+def _floor_gate(name: str, prefix: str, space: str) -> Gate:
+    return Gate(
+        name,
+        f"{prefix}_ratio",
+        "max",
+        f"Fréchet distance of the candidate's samples to a disjoint draw of the original (other seeds, same"
+        f" conditions) over the original's own distance to it (the floor), {space}",
+        (f"{prefix}_candidate", f"{prefix}_floor"),
+    )
 
 
 GATES = {
     g.name: g
     for g in (
-        Gate("min_psnr_db", "psnr_db_mean", "min", "mean paired PSNR of final samples vs reference (dB)"),
-        Gate("min_ssim", "ssim_mean", "min", "mean paired SSIM of final samples vs reference"),
+        Gate("min_psnr_db", "psnr_db_mean", "min", "mean paired PSNR of the final outputs vs the reference (dB)"),
+        Gate("min_ssim", "ssim_mean", "min", "mean paired SSIM of the final outputs vs the reference"),
         Gate(
             "max_eps_rel_error",
             "eps_rel_error_max",
             "max",
             "worst per-step relative error of the model output on the reference trajectory",
         ),
+        _floor_gate("max_fd_self_ratio", "fd_self", "in the original denoiser's own features (any model)"),
         Gate(
             "max_class_agreement_drop",
             "class_agreement_drop",
             "max",
-            "drop of the classifier's agreement with the requested class (fraction)",
+            "drop of the digits classifier's agreement with the requested digit (fraction; the zoo's models)",
         ),
-        Gate(
-            "max_fd_increase",
-            "fd_increase",
-            "max",
-            "increase of the Fréchet distance to the data, in classifier feature space",
-        ),
-        Gate(
-            "max_fd_to_reference",
-            "fd_candidate_to_reference",
-            "max",
-            "Fréchet distance between candidate and reference samples (same seeds), classifier feature space",
-        ),
+        _floor_gate("max_fd_digits_ratio", "fd_digits", "in the digits classifier's features (the zoo's models)"),
+        Gate("max_clip_score_drop", "clip_score_drop", "max", "drop of the mean CLIP score (--clip; prompts)"),
+        _floor_gate("max_fd_clip_ratio", "fd_clip", "in CLIP image features (--clip)"),
+        _floor_gate("max_fid_ratio", "fid", "in Inception-v3 pool features, FID (--inception)"),
     )
 }
 
-
-@dataclass(frozen=True)
-class GateResult:
-    gate: Gate
-    bound: float
-    value: float | None  # None: the metric does not apply to this model
-
-    @property
-    def passed(self) -> bool | None:
-        if self.value is None:
-            return None
-        return self.value >= self.bound if self.gate.kind == "min" else self.value <= self.bound
+PASS, FAIL, NOT_MEASURED, NOT_APPLICABLE = "pass", "FAIL", "not measured", "not applicable"
 
 
 def check_gate_names(gates: dict[str, Any], where: str) -> None:
-    from core.errors import ConfigError
     from core.validate import number
 
     unknown = sorted(set(gates) - set(GATES))
@@ -71,17 +72,99 @@ def check_gate_names(gates: dict[str, Any], where: str) -> None:
         number(value, f"{where}: gate {name}")
 
 
-def evaluate_gates(gates: dict[str, float], summary: dict[str, Any]) -> list[GateResult]:
-    return [GateResult(GATES[name], float(bound), summary.get(GATES[name].metric)) for name, bound in gates.items()]
+@dataclass(frozen=True)
+class GatePlan:
+    """The gates asked for (the target's, then the command line's) and, of those, the ones no judge of
+    this model computes (gate -> why): shown, not counted."""
+
+    bounds: dict[str, float]
+    skipped: dict[str, str]
+
+    @property
+    def applicable(self) -> dict[str, float]:
+        return {g: b for g, b in self.bounds.items() if g not in self.skipped}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"applicable": self.applicable, "not_applicable": self.skipped}
+
+
+def plan_gates(bounds: dict[str, float], judges: Any, explicit: Collection[str] = ()) -> GatePlan:
+    """Which gates `judges` (a verify.judges.JudgePlan) can measure. Refused (ConfigError, before any
+    work): a gate given on the command line that no judge of this model computes, and a set of gates none
+    of which applies (nothing would be measured)."""
+    skipped = {g: judges.why_not(GATES[g].metric) for g in bounds if not judges.measures(GATES[g].metric)}
+    for name in explicit:
+        if name in skipped:
+            raise ConfigError(f"gate {name} cannot be measured on this model ({skipped[name]})")
+    if len(skipped) == len(bounds):
+        listed = "; ".join(f"{g} ({why})" for g, why in skipped.items()) or "the target has no gates"
+        raise ConfigError(
+            f"none of the gates can be measured on this model: {listed}; add one its judges compute, e.g."
+            " --gate max_fd_self_ratio=1.5"
+        )
+    return GatePlan(dict(bounds), skipped)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: Gate
+    bound: float
+    value: float | None
+    status: str  # PASS, FAIL, NOT_MEASURED or NOT_APPLICABLE
+    reason: str = ""  # why a gate does not apply, or what was measured beside it (a floor)
+
+    @property
+    def passed(self) -> bool | None:
+        """True: measured and held; False: failed or not measured; None: not applicable to this model."""
+        return None if self.status == NOT_APPLICABLE else self.status == PASS
+
+
+def evaluate_gates(plan: GatePlan, summary: dict[str, Any]) -> list[GateResult]:
+    results = []
+    for name, bound in plan.bounds.items():
+        gate = GATES[name]
+        if name in plan.skipped:
+            results.append(GateResult(gate, float(bound), None, NOT_APPLICABLE, plan.skipped[name]))
+            continue
+        value = summary.get(gate.metric)
+        if value is None:
+            results.append(GateResult(gate, float(bound), None, NOT_MEASURED, "the verification has no value for it"))
+            continue
+        value = float(value)
+        held = value >= bound if gate.kind == "min" else value <= bound  # NaN holds no bound
+        detail = ""
+        if gate.detail and summary.get(gate.detail[0]) is not None:
+            detail = f"FD {_num(summary[gate.detail[0]])} vs floor {_num(summary[gate.detail[1]])}"
+        results.append(GateResult(gate, float(bound), value, PASS if held else FAIL, detail))
+    return results
+
+
+def passed(results: list[GateResult]) -> bool:
+    """Every applicable gate measured and held, and at least one was: a run that measured nothing fails."""
+    return all(r.passed is not False for r in results) and any(r.passed for r in results)
+
+
+def verdict_line(results: list[GateResult]) -> str:
+    """The one-line verdict the CLI prints under the table."""
+    if passed(results):
+        return "PASS"
+    failed = [r.gate.name for r in results if r.status == FAIL]
+    unmeasured = [r.gate.name for r in results if r.status == NOT_MEASURED]
+    parts = [
+        f"{what}: {', '.join(names)}" for what, names in (("failed", failed), ("not measured", unmeasured)) if names
+    ]
+    return "FAIL: " + ("; ".join(parts) if parts else "no gate was measured")
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.4g}" if math.isfinite(float(value)) else str(float(value))
 
 
 def gates_table(results: list[GateResult]) -> str:
     """A plain-text table for the terminal and the report."""
-    rows = [("gate", "bound", "measured", "result")]
+    rows = [("gate", "bound", "measured", "result", "")]
     for r in results:
         op = ">=" if r.gate.kind == "min" else "<="
-        value = "n/a" if r.value is None else f"{r.value:.6g}"
-        verdict = {True: "pass", False: "FAIL", None: "skipped (n/a)"}[r.passed]
-        rows.append((r.gate.name, f"{op} {r.bound:g}", value, verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+        rows.append((r.gate.name, f"{op} {r.bound:g}", "n/a" if r.value is None else _num(r.value), r.status, r.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

@@ -1,4 +1,4 @@
-"""Fidelity metrics on images in [0, 1] ([N, C, H, W]) and on classifier features."""
+"""Fidelity metrics on outputs in [0, 1] ([N, C, ...]: images, video, 1-D signals) and on feature sets."""
 
 from __future__ import annotations
 
@@ -16,21 +16,33 @@ def psnr(reference: torch.Tensor, candidate: torch.Tensor, max_db: float = 200.0
     return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-max_db / 10)))).float()
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+    return g / g.sum()
 
 
-def ssim(reference: torch.Tensor, candidate: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Per-sample SSIM (Wang et al. 2004) with a Gaussian window, valid region, data range 1."""
-    channels = reference.shape[1]
-    w = _gaussian_window(window, sigma).expand(channels, 1, window, window)
-    a, b = reference.double(), candidate.double()
+def ssim_per_channel(
+    reference: torch.Tensor, candidate: torch.Tensor, window: int = 7, sigma: float = 1.5
+) -> torch.Tensor:
+    """SSIM (Wang et al. 2004) per sample and channel, [N, C]: a Gaussian window over the last two axes
+    (an image's H x W; any axes between the channel and them, e.g. video frames, are averaged over), or
+    over the last axis for 1-D signals ([N, C, T]); valid region, data range 1. The window shrinks to
+    the signal where it is smaller than `window`."""
+    if reference.shape != candidate.shape or reference.dim() < 3:
+        raise ValueError(f"SSIM needs two [N, C, ...] tensors of one shape, got {tuple(reference.shape)}")
+    n, c = reference.shape[:2]
+    spatial = reference.shape[2:] if reference.dim() == 3 else reference.shape[-2:]
+    size = min(window, *spatial)
+    size -= 1 - size % 2  # odd
+    g = _gaussian(size, sigma)
+    a = reference.double().reshape(-1, 1, *spatial)
+    b = candidate.double().reshape(-1, 1, *spatial)
 
     def blur(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(z, w, groups=channels)
+        if len(spatial) == 1:
+            return F.conv1d(z, g.view(1, 1, -1))
+        return F.conv2d(z, torch.outer(g, g).view(1, 1, size, size))
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2
@@ -38,7 +50,19 @@ def ssim(reference: torch.Tensor, candidate: torch.Tensor, window: int = 7, sigm
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).float()
+    return s.reshape(n, c, -1).mean(2).float()
+
+
+def ssim(reference: torch.Tensor, candidate: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Per-sample SSIM, the mean of its channels' (see ssim_per_channel)."""
+    return ssim_per_channel(reference, candidate, window, sigma).mean(1)
+
+
+def psnr_per_frame(reference: torch.Tensor, candidate: torch.Tensor, max_db: float = 200.0) -> torch.Tensor:
+    """Per-sample PSNR of video ([N, C, F, H, W]): each frame's, averaged over the frames (data range 1)."""
+    frames = reference.shape[2]
+    per = psnr(reference.transpose(1, 2).flatten(0, 1), candidate.transpose(1, 2).flatten(0, 1), max_db)
+    return per.view(-1, frames).mean(1)
 
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -48,14 +72,23 @@ def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (as FID, in any feature space)."""
-    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a = np.cov(features_a, rowvar=False)
-    cov_b = np.cov(features_b, rowvar=False)
-    # Few samples in a wide feature space give singular covariances: regularize slightly.
-    eps = 1e-6 * np.eye(cov_a.shape[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps)).real
-    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
+    """Fréchet distance between Gaussians fitted to two feature sets (as FID, in any feature space).
+
+    With fewer samples than dimensions (100 images in Inception's 2048), the covariances have rank < d
+    and tr sqrt(C_a C_b) is the sum of the singular values of the centered cross-product X_a X_b^T over
+    sqrt((n_a - 1)(n_b - 1)): exact, and an n x n problem instead of a d x d matrix square root."""
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    xa, xb = a - mu_a, b - mu_b
+    na, nb = len(a) - 1, len(b) - 1
+    trace_a, trace_b = (xa * xa).sum() / na, (xb * xb).sum() / nb
+    if min(len(a), len(b)) <= a.shape[1]:
+        cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    else:
+        cov_a, cov_b = xa.T @ xa / na, xb.T @ xb / nb
+        eps = 1e-9 * np.eye(cov_a.shape[0])  # round-off on singular covariances
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cross = np.trace(linalg.sqrtm((cov_a + eps) @ (cov_b + eps)).real)
+    distance = ((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * cross
     return max(0.0, float(distance))  # tiny negatives are round-off

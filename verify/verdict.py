@@ -1,30 +1,111 @@
-"""A candidate's final samples judged against the original's on the same seeds and conditions."""
+"""A candidate's final samples judged against the original's: the reference (the original on the same
+seeds and conditions) and the floor set (the original on disjoint seeds, same conditions), by every judge
+that applies to the model. For a latent pipeline the judges read decoded images: the original's VAE
+decodes the reference and floor sets, and a candidate's (unless its own decoder's images are given)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from core import seeds
+from core.conditions import encode
 from core.ir import DiffusionProgram
+from core.sampling import sample
 from core.stages import decode
-from verify.fidelity import DigitsJudge, compare
+from core.variants import torch_loop
+from verify.judges import JudgeOptions, JudgePlan, Outputs, plan_judges
+
+FLOOR_OFFSET = seeds.FLOOR  # the floor set's seed for evaluation seed s is s + FLOOR_OFFSET (core.seeds)
+
+
+def floor_seeds(seeds: Sequence[int]) -> list[int]:
+    return [FLOOR_OFFSET + s for s in seeds]
+
+
+def null_seeds(draw: int, n: int) -> list[int]:
+    """Seeds of the `draw`-th fresh draw of the original: disjoint from every other set and draw."""
+    start = seeds.NULL + draw * seeds.NULL_STRIDE
+    return list(range(start, start + n))
+
+
+def floor_cell(row: dict[str, Any], prefix: str) -> str:
+    """A distribution metric for a table: the ratio, with the candidate's FD and the floor."""
+    ratio = row.get(f"{prefix}_ratio")
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.2f} ({row[f'{prefix}_candidate']:.3g} / {row[f'{prefix}_floor']:.3g})"
+
+
+def outputs(
+    program: DiffusionProgram, final: torch.Tensor, conditions: Sequence[Any] | None, images: torch.Tensor | None = None
+) -> Outputs:
+    """A set of finals as judges read it: decoded by the pipeline's VAE (or `images`, already decoded)."""
+    conditions = None if conditions is None else tuple(conditions)
+    if program.stages.vae is not None:
+        return Outputs(final, decode(program.stages, final) if images is None else images, conditions, decoded=True)
+    return Outputs(final, final if final.dim() in (4, 5) else None, conditions)
 
 
 class Verdict:
-    """verify.fidelity.compare of a candidate's finals against the original's, on decoded images for a
-    latent pipeline: the original's VAE decodes every candidate (so candidates differ by their denoising
-    loop alone) and the reference once."""
-
-    def __init__(self, program: DiffusionProgram, reference: Any, judge: DigitsJudge | None) -> None:
-        self.reference, self.judge, self.stages = reference, judge, program.stages
-        self.reference_images = None if program.stages.vae is None else decode(program.stages, reference.final)
+    def __init__(
+        self,
+        program: DiffusionProgram,
+        reference: Any,
+        floor_final: torch.Tensor,
+        options: JudgeOptions | None = None,
+        plan: JudgePlan | None = None,
+    ) -> None:
+        """`reference`: the original's trajectories (calibration.capture.Trajectories) on the evaluation
+        seeds; `floor_final`: the original's finals on their floor seeds (see `sample_floor`); `plan`: the
+        judges that apply (default: planned here from `options`)."""
+        self.program, self.reference = program, reference
+        self.plan = plan or plan_judges(program, options or JudgeOptions())
+        self.reference_outputs = outputs(program, reference.final, reference.conditions)
+        floor = outputs(program, floor_final, reference.conditions)
+        self.evaluators = [
+            j.prepare(program, self.plan.options, self.reference_outputs, floor) for j in self.plan.active
+        ]
 
     @classmethod
-    def for_program(cls, program: DiffusionProgram, reference: Any) -> Verdict:
-        """With the digits judge where it applies to `program`."""
-        return cls(program, reference, DigitsJudge.load() if DigitsJudge.applies(program) else None)
+    def for_program(
+        cls, program: DiffusionProgram, reference: Any, options: JudgeOptions | None = None, progress: Any = None
+    ) -> Verdict:
+        """The verdict with the floor set sampled here (the original, in torch)."""
+        return cls(program, reference, sample_floor(program, reference, progress), options)
 
-    def __call__(self, final: torch.Tensor, errors: list[float]) -> dict[str, Any]:
-        images = None if self.reference_images is None else (self.reference_images, decode(self.stages, final))
-        return compare(self.reference, final, errors, self.judge, images=images)
+    def __call__(
+        self,
+        final: torch.Tensor,
+        errors: Sequence[float] | None = None,
+        timesteps: Sequence[float] | None = None,
+        images: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Every applicable judge's metrics of a candidate's finals (`images`: decoded by the artifact's
+        own decoder); `errors`: its per-step errors at `timesteps` (default: the reference's)."""
+        reference = self.reference
+        candidate = outputs(self.program, final, reference.conditions, images)
+        steps = [float(t) for t in (reference.t if timesteps is None else timesteps)]
+        candidate = Outputs(candidate.samples, candidate.images, candidate.conditions, candidate.decoded, errors, steps)
+        summary: dict[str, Any] = {
+            "samples": len(reference.seeds),
+            "floor_seeds": f"{FLOOR_OFFSET + reference.seeds[0]}..{FLOOR_OFFSET + reference.seeds[-1]}",
+            "judges": [j.name for j in self.plan.active],
+        }
+        for evaluate in self.evaluators:
+            summary.update(evaluate(candidate))
+        return summary
+
+    @property
+    def reference_images(self) -> torch.Tensor | None:
+        return self.reference_outputs.images
+
+
+def sample_floor(program: DiffusionProgram, reference: Any, progress: Any = None) -> torch.Tensor:
+    """The original's finals on the floor seeds of `reference`'s seeds, with its conditions."""
+    seeds = floor_seeds(reference.seeds)
+    batch = encode(program, reference.conditions, len(seeds))
+    kwargs = {} if progress is None else {"progress": progress}
+    return sample(program.plan, program.spec.sample_shape, torch_loop(program), seeds, batch, **kwargs)

@@ -21,6 +21,21 @@ class Adapter:
     model_class: str
     # Config counts and sizes capped before anything is built (see limits.check_caps).
     CAPS: ClassVar[dict[str, int]] = {}
+    # The layout of a block's sample stream: "tokens" ([B, N, D]) or "channels" ([B, C, *spatial]).
+    block_layout: ClassVar[str] = "tokens"
+
+    def block_stream(self, output: Any) -> torch.Tensor:
+        """The sample stream of a block's output (a UNet level also returns its skip features; a joint
+        block returns the text stream first, see the MMDiT adapters)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def pooled(self, output: Any) -> torch.Tensor:
+        """A block's output as one vector per sample ([B, D]): its sample stream averaged over tokens
+        or positions."""
+        stream = self.block_stream(output)
+        if self.block_layout == "channels":
+            return stream.flatten(2).mean(2)
+        return stream.mean(1)
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         import diffusers

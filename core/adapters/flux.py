@@ -121,6 +121,10 @@ class FluxAdapter(TextAdapter):
         mu = flow_shift((h // 2) * (w // 2), full_config(plan))
         return dataclasses.replace(plan, mu=mu, linear_sigmas=True)
 
+    def block_stream(self, output: Any) -> torch.Tensor:
+        """Joint blocks return (text stream, image stream); single blocks the image stream."""
+        return output[-1] if isinstance(output, tuple) else output
+
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         double = (f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
         single = (f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks)))

@@ -92,6 +92,10 @@ class SD3Adapter(TextAdapter):
         patch = int(config.get("patch_size", 2))
         return dataclasses.replace(plan, mu=flow_shift((h // patch) * (w // patch), scheduler))
 
+    def block_stream(self, output: Any) -> torch.Tensor:
+        """Joint blocks return (text stream, image stream); single blocks the image stream."""
+        return output[-1] if isinstance(output, tuple) else output
+
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         blocks = tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)))
         return blocks, ("time_text_embed",)

@@ -61,6 +61,7 @@ class SDUNetAdapter(TextAdapter):
         "projection_class_embeddings_input_dim": 1 << 20,
     }
     VAE_SCALE: ClassVar[int] = 8  # every SD/SDXL VAE; our own pipelines pass theirs via the stages
+    block_layout: ClassVar[str] = "channels"
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if "time_ids" in cond else None

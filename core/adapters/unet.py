@@ -22,6 +22,7 @@ class UNetAdapter(Adapter):
         "num_class_embeds": 1_000_000,
         "num_train_timesteps": 100_000,
     }
+    block_layout: ClassVar[str] = "channels"
 
     def conditioning(self, model: nn.Module) -> Conditioning:
         # A plain UNet2DModel does not say which label (if any) is the unconditional one.

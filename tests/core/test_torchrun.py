@@ -31,7 +31,9 @@ def test_two_processes_train_like_one(tmp_path):
     assert one.keys() == two.keys()
     trained = 0
     for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6)
+        # Gradients all-reduced across 2 processes add in another order than 1 process's batch sum: a few
+        # weights (3 of 55,296 on this machine) end up to 2e-6 apart after training, float32 round-off.
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5)
     reference = load_file(str(Path(__file__).resolve().parents[2] / "zoo/weights/dit-digits.safetensors"))
     for key, value in one.items():
         original = reference.get(key.split(".", 1)[1])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import snapshot
+from helpers import assert_exit_matches_report
 from PIL import Image
 
 from bench.scale import Geometry, compare_at_scale, dit_config
@@ -164,7 +165,8 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
     scaled = compare_at_scale(report, {"name": "onnxruntime"}, SMALL_DIT, 1, lambda _: None)
     assert scaled["replayed"] == ["quantize"] and scaled["artifact"]["nfe"] == scaled["original"]["nfe"] == 40
     assert scaled["original"]["quantized_layers"] == 0 and scaled["artifact"]["quantized_layers"] > 20
-    assert scaled["artifact"]["onnx_bytes"] < scaled["original"]["onnx_bytes"] and scaled["speedup"] > 0
+    assert scaled["artifact"]["onnx_bytes"] < scaled["original"]["onnx_bytes"]
+    assert scaled["speedup"] == scaled["original"]["loop_ms"] / scaled["artifact"]["loop_ms"]  # both loops timed
 
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
@@ -177,9 +179,12 @@ def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_ga
     flops = report["flops"]
     assert flops["candidate"]["per_image"] * 2 <= flops["original"]["per_image"]
     assert report["artifacts"]["onnx"] == ["denoiser_full.onnx", "denoiser_cached.onnx"]
-    assert set(report["decisions"]) == {"guidance", "cache"}  # on this DiT, guidance + cache beats caching alone
     choice = report["recipe_selection"]
-    assert [row["passes"] for row in choice["tried"]] == ["guidance + cache", "cache"] and choice["chosen"] == 0
+    tried = choice["tried"]
+    assert [row["passes"] for row in tried] == ["guidance + cache", "cache"]
+    # The kept recipe is the one closer to the original on the calibration seeds, and it is what ran.
+    assert choice["chosen"] == max(range(len(tried)), key=lambda i: tried[i]["calibration_psnr_db"])
+    assert " + ".join(report["decisions"]) == tried[choice["chosen"]]["passes"]
     text = (out / "report.md").read_text()
     assert "## Cache schedule" in text and "## Guidance policy" in text and "fewer)" in text
     assert "## Recipe selection" in text
@@ -197,8 +202,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     out = tmp_path / "out"
     args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "0", "--json"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
-    assert result.exit_code in (0, 1), result.output
-    report = json.loads((out / "report.json").read_text())
+    report = assert_exit_matches_report(result, out)
     assert [p["name"] for p in report["passes"]] == ["layer_removal", "prune", "recover"]
     fidelity = [p["fidelity"]["calibration_psnr_db"] for p in report["passes"]]
     assert fidelity[2] > fidelity[1]  # recovery measurably helps, even this short
@@ -206,12 +210,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     # The original's fp32 graph is 1.18x its weights file; the pruned graph is smaller than that file.
     assert report["artifacts"]["onnx_bytes"] < report["model"]["input_bytes"]
     assert report["flops"]["candidate"]["per_image"] < 0.7 * report["flops"]["original"]["per_image"]
-    assert {g for g in report["gates"]} == {
-        "min_psnr_db",
-        "min_ssim",
-        "max_class_agreement_drop",
-        "max_fd_to_reference",
-    }
+    assert report["gates"] == get_target("cpu-prune").gates
     text = (out / "report.md").read_text()
     assert "## Layer removal" in text and "## Width pruning" in text and "## Recovery distillation" in text
 
@@ -235,7 +234,7 @@ def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_cop
     assert result.exit_code == 1
     assert "min_psnr_db" in result.output and "FAIL" in result.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["gates"]) == {"max_class_agreement_drop", "max_fd_to_reference", "min_psnr_db"}
+    assert report["gates"] == {**get_target("cpu-steps").gates, "min_psnr_db": 60}
     assert [p["name"] for p in report["passes"]] == ["guidance_distill", "progressive_distill"]
     assert report["passes"][1]["config"]["round_steps"] == 5
     assert report["passes"][1]["fidelity"]["eps_rel_error_max"] is None  # the student is its own reference
@@ -268,9 +267,8 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     out = tmp_path / "out"
     args = ["--samples", "4", "--calibration-samples", "3", "--latency-repeats", "0"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
-    assert result.exit_code in (0, 1), result.output
+    report = assert_exit_matches_report(result, out)
     assert re.search(r"recapturing calibration: the loop changed \(\w+, 10 steps\)", result.output)
-    report = json.loads((out / "report.json").read_text())
     assert [(p["name"], p["phase"]) for p in report["passes"]] == [
         ("sampler", "plan"),
         ("guidance", "guidance_policy"),

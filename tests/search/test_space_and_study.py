@@ -64,12 +64,12 @@ def scripted(results):
     def evaluate(params):
         calls.append(dict(params))
         speed, fd = results[params["a"], params["b"]]
-        constraints = {"max_fd_to_reference": fd - 8.0}
+        constraints = {"max_fd_self_ratio": fd - 8.0}
         return {
             "speedup": speed,
-            "fd_candidate_to_reference": fd,
+            "fd_self_ratio": fd,
             "constraints": constraints,
-            "feasible": constraints["max_fd_to_reference"] <= 0,
+            "feasible": constraints["max_fd_self_ratio"] <= 0,
             "loop_ms": 10 / speed,
             "original_loop_ms": 10.0,
             "nfe": 4,
@@ -91,9 +91,7 @@ def test_trials_record_metrics_and_constraints_and_never_evaluate_a_recipe_twice
     done = evaluated(study)
     assert len(done) == 4 and all(t.user_attrs["worker"] == WORKER for t in done)
     infeasible = next(t for t in done if t.params == {"a": "y", "b": "q"})
-    assert (
-        infeasible.constraints == {"max_fd_to_reference": 1.0} and infeasible.user_attrs[METRICS]["feasible"] is False
-    )
+    assert infeasible.constraints == {"max_fd_self_ratio": 1.0} and infeasible.user_attrs[METRICS]["feasible"] is False
     rows = [{"number": t.number, "params": t.params, "metrics": t.user_attrs[METRICS]} for t in done]
     front = {(rows[i]["params"]["a"], rows[i]["params"]["b"]) for i in pareto.front(rows)}
     assert front == {("x", "p"), ("x", "q"), ("y", "q")}  # (1.5x, FD 5) is beaten by (2x, FD 3)
@@ -135,18 +133,18 @@ def test_each_pass_gets_its_share_of_the_log_speedup_and_of_the_fidelity_change(
         [{"pass": "sampler", "config": {"steps": 10}}, {"pass": "guidance", "config": {}}], frozenset({"fp32"})
     )
     programs = [object(), object()]
-    loop_ms, fd = {id(programs[0]): 50.0, id(programs[1]): 25.0}, {id(programs[0]): 3.0, id(programs[1]): 4.0}
+    loop_ms, fd = {id(programs[0]): 50.0, id(programs[1]): 25.0}, {id(programs[0]): 2.5, id(programs[1]): 3.0}
     runner = SimpleNamespace(
         cache={prefix_key(planned[: i + 1]): (p, None) for i, p in enumerate(programs)},
         time=lambda ps: [{"loop_ms": loop_ms[id(p)], "original_loop_ms": 100.0} for p in ps],
-        proxy=SimpleNamespace(measure=lambda p: {"fd_candidate_to_reference": fd[id(p)]}),
+        proxy=SimpleNamespace(measure=lambda p: {"fd_self_ratio": fd[id(p)]}),
     )
     rows = attribution.attribute(runner, planned)
     assert [r["pass"] for r in rows] == ["sampler", "guidance"]
     assert [r["speedup_so_far"] for r in rows] == [2.0, 4.0]
     assert [r["speed_share"] for r in rows] == pytest.approx([0.5, 0.5])  # 2x then 2x: half each
-    assert [r["fidelity_share"] for r in rows] == pytest.approx([0.75, 0.25])  # FD 0 -> 3 -> 4
-    assert "| sampler | 50.0 | 2.00x | 50% | 3.00 | +3.00 | 75% |" in "\n".join(attribution.markdown(rows))
+    assert [r["fidelity_share"] for r in rows] == pytest.approx([0.75, 0.25])  # FD / floor 1 (the original) -> 2.5 -> 3
+    assert "| sampler | 50.0 | 2.00x | 50% | 2.50 | +1.50 | 75% |" in "\n".join(attribution.markdown(rows))
 
 
 def test_a_journal_file_storage_serves_like_sqlite(tmp_path):

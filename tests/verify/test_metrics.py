@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from verify.gates import evaluate_gates, gates_table
-from verify.metrics import frechet_distance, psnr, relative_error, ssim
+from verify.metrics import frechet_distance, psnr, psnr_per_frame, relative_error, ssim, ssim_per_channel
 
 
 def test_psnr_hand_value():
@@ -50,11 +49,38 @@ def test_relative_error():
     assert relative_error(ref, torch.tensor([3.0, 4.5])) == pytest.approx(0.1)
 
 
-def test_gates_pass_fail_and_not_applicable():
-    results = evaluate_gates(
-        {"min_psnr_db": 60, "max_eps_rel_error": 1e-3, "max_fd_increase": 1.0},
-        {"psnr_db_mean": 59.0, "eps_rel_error_max": 1e-4},
-    )
-    assert [r.passed for r in results] == [False, True, None]
-    table = gates_table(results)
-    assert "FAIL" in table and "pass" in table and "skipped (n/a)" in table
+def test_ssim_reads_video_per_frame_and_1d_signals_with_a_window_that_fits():
+    torch.manual_seed(0)
+    frames = torch.rand(2, 3, 4, 12, 12)
+    noisy = (frames + 0.1 * torch.randn_like(frames)).clamp(0, 1)
+    per_frame = torch.stack([ssim_per_channel(frames[:, :, f], noisy[:, :, f]) for f in range(4)]).mean(0)
+    torch.testing.assert_close(ssim_per_channel(frames, noisy), per_frame)  # video: the frames' mean
+    tiny = torch.rand(1, 1, 4, 4)  # smaller than the 7-wide window: it shrinks to 3
+    assert ssim(tiny, tiny).item() == pytest.approx(1.0) and ssim(tiny, 1 - tiny).item() < 0.5
+    signal = torch.rand(2, 2, 32)
+    assert torch.allclose(ssim(signal, signal), torch.ones(2))
+    assert (ssim(signal, (signal + 0.2 * torch.randn_like(signal)).clamp(0, 1)) < 0.95).all()
+
+
+def test_psnr_per_frame_is_the_mean_of_the_frames():
+    a = torch.zeros(1, 1, 2, 4, 4)
+    b = a.clone()
+    b[:, :, 0] += 0.1  # frame 0: 20 dB; frame 1 identical: capped at 200
+    assert psnr_per_frame(a, b).item() == pytest.approx((20.0 + 200.0) / 2)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_equals_the_matrix_square_root():
+    """The low-rank path (singular values of the cross-product) against scipy's sqrtm of C_a C_b."""
+    import warnings
+
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((300, 300))
+    a, b = 0.1 * rng.standard_normal((40, 300)) @ mix, 0.1 * rng.standard_normal((60, 300)) @ mix + 0.05
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(ca @ cb).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
