@@ -142,7 +142,7 @@ def load_for_job(model_path: Path, allow_large: bool, prompts: Path | None) -> D
 
 def job_inputs(model_path: Path, opts: JobOptions) -> list[Path]:
     """Everything the job reads, which --out must never touch."""
-    given = [target_file(opts.target), opts.calibration, opts.prompts]
+    given = [target_file(opts.target), opts.calibration, opts.prompts, opts.judges.clip, opts.judges.inception]
     return [*input_paths(model_path), *(p for p in given if p is not None)]
 
 

@@ -162,7 +162,7 @@ def _num(value: Any) -> str:
 
 def gates_table(results: list[GateResult]) -> str:
     """A plain-text table for the terminal and the report."""
-    rows = [("gate", "bound", "measured", "result", "")]
+    rows = [("gate", "bound", "measured", "result", "detail")]
     for r in results:
         op = ">=" if r.gate.kind == "min" else "<="
         rows.append((r.gate.name, f"{op} {r.bound:g}", "n/a" if r.value is None else _num(r.value), r.status, r.reason))
