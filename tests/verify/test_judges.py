@@ -3,13 +3,15 @@ feature models' mechanics (tiny random CLIP and Inception weights: mechanics onl
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bench.judge_compare import noisy, rounded
 from calibration.capture import capture, evaluation_set
-from core.errors import ConfigError
+from core.errors import EXIT_BAD_INPUT, ConfigError
 from core.loading import load_program
 from core.variants import sample_program
 from verify.judges import JudgeOptions, plan_judges
@@ -169,3 +171,16 @@ def test_fid_features_of_the_shipped_architecture_on_random_weights(tmp_path, us
         verdict = Verdict(program, reference, floor, JudgeOptions(inception=path))
         same, noise = verdict(reference.final), verdict(torch.randn_like(reference.final))
         assert same["fid_ratio"] == 1.0 and same["fid_floor"] > 0 and noise["fid_ratio"] > 1
+
+
+def test_a_bad_clip_folder_is_one_line_on_stderr_and_exit_2(tmp_path, user_models):
+    """The whole stderr, in a process of its own (a library warning on the way would add lines)."""
+    not_clip = tmp_path / "not-clip"
+    not_clip.mkdir()
+    (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    out = tmp_path / "out"
+    model = str(user_models["dit"])
+    command = [sys.executable, "-m", "optimizer.cli", model, "--clip", str(not_clip), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT and not out.exists()
+    assert proc.stderr == f"error: --clip {not_clip}: config.json is not a CLIP model's (model_type 'bert')\n"

@@ -32,7 +32,11 @@ class Clip:
         from transformers import AutoTokenizer, CLIPModel
 
         # transformers >= 5 names the PIL-based processor apart (the default one needs torchvision).
-        processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+        # (Not getattr's default: touching transformers.CLIPImageProcessor without torchvision warns.)
+        if hasattr(transformers, "CLIPImageProcessorPil"):
+            processor = transformers.CLIPImageProcessorPil
+        else:
+            processor = transformers.CLIPImageProcessor
 
         config = folder / "config.json"
         if not config.is_file():
