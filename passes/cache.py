@@ -12,8 +12,11 @@ steps instead (FORA), `first-block` refreshes when the accumulated relative chan
 block's residual crosses a threshold (TeaCache / first-block cache, decided on the calibration mean).
 The summed per-step error is only a proxy (an error's effect on the final sample depends on the
 step), so every region's schedule from each criterion is run end to end on the calibration seeds and
-the one closest to the original loop wins. The schedule is static: it is stored in the SamplingPlan and lowered to graph
-variants ("full" writes the cache tensor, "cached" reads it).
+the one closest to the original loop wins. With `min_psnr_db` the budget is a ceiling on quality's
+terms: when no schedule under it keeps that end-to-end PSNR on the calibration seeds, the budget is
+relaxed in steps of BUDGET_STEP toward the original's FLOPs and the search repeats; the budget
+reached is reported (a pass that cannot keep it at any saving refuses). The schedule is static: it is
+stored in the SamplingPlan and lowered to graph variants ("full" writes the cache tensor, "cached" reads it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from passes.base import FLOPS, Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
 
 CRITERIA = ("all", "similarity", "uniform", "first-block")
+BUDGET_STEP = 0.05  # relaxation of flops_budget when min_psnr_db is not met
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Config:
     criterion: str = "all"  # "similarity" (BAC-style), "uniform" (FORA), "first-block" (TeaCache) or all of them
     regions: list = field(default_factory=list)  # [[first, stop], ...] to consider; [] = every admissible one
     probe_samples: int = 8  # calibration samples whose features score the reuse errors
+    min_psnr_db: float = 0.0  # end-to-end PSNR on the calibration seeds the schedule must keep (0: none)
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
@@ -52,6 +57,8 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError("cache: flops_budget is a fraction of the original FLOPs, in (0, 1]")
     if config.criterion not in CRITERIA:
         raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
+    if not 0.0 <= config.min_psnr_db <= 200.0:
+        raise ConfigError("cache: min_psnr_db must be in [0, 200] dB")
     if not 1 <= config.probe_samples <= MAX_INPUTS:
         raise ConfigError(f"cache: probe_samples must be in [1, {MAX_INPUTS}]")
     if not all(isinstance(r, list | tuple) and len(r) == 2 and all(is_int(i) for i in r) for r in config.regions):
@@ -70,9 +77,18 @@ class CacheDecision(Decision):
     flops_per_image_after: int
     flops_vs_original: float
     flops_budget: float
+    min_psnr_db: float
+    flops_budget_reached: float  # flops_budget, relaxed until min_psnr_db held
     candidates: list[dict[str, Any]]  # best first: each region's schedule per criterion, run end to end
 
     title = "Cache schedule"
+
+    def _relaxed(self) -> str:
+        if not self.min_psnr_db:
+            return ""
+        if self.flops_budget_reached == self.flops_budget:
+            return f", which kept the {self.min_psnr_db:g} dB floor"
+        return f", relaxed to {self.flops_budget_reached:g} to keep the {self.min_psnr_db:g} dB floor"
 
     def markdown(self) -> list[str]:
         first, stop = self.region
@@ -85,7 +101,7 @@ class CacheDecision(Decision):
             f" (tried: {', '.join(self.criteria_tried)})",
             f"- refresh (full) steps: {self.refresh_steps}; every other step reuses the cached tensor",
             f"- FLOPs: {self.flops_vs_original:.3f} of the original network's on this loop, per image (budget"
-            f" {self.flops_budget});"
+            f" {self.flops_budget}{self._relaxed()});"
             f" end-to-end PSNR on the calibration seeds {self.calibration_psnr_db} dB",
             "",
             "Best candidates (each region's schedule per criterion under the budget, run end to end on the"
@@ -131,33 +147,39 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     if ctx.calibration.steps != steps:
         raise ConfigError("cache: the calibration trajectories do not match the plan's step count")
     reference_flops = ctx.flops(ctx.reference)["per_image"]
-    budget = config.flops_budget * reference_flops
     before = ctx.flops(program)
     guided = uses_guidance(plan, program.spec.conditioning)
     weights = [2 if guided and plan.guided(i) else 1 for i in range(steps)]
     full_flops = before["per_variant"][DENOISER]
     traces = _traces(program, ctx, config.probe_samples)
     change = _first_block_change(traces, plan, guided, config.probe_samples) if "first-block" in criteria else []
-    candidates: dict[tuple, Candidate] = {}
-    for region in ctx.progress(regions, desc="cache search", leave=False):
-        cached_flops = variant_flops(program, region)[CACHED]
-        cost = _reuse_costs(traces, program.spec.family, region, plan, guided, config.probe_samples)
-        for criterion in criteria:
-            refresh = _schedule(criterion, cost, weights, full_flops, cached_flops, budget, change)
-            if refresh is None or (region, refresh) in candidates:
-                continue
-            flops = sum(w * (full_flops if i in refresh else cached_flops) for i, w in enumerate(weights))
-            error = sum(cost[_last(refresh, i)][i] for i in range(steps) if i not in refresh)
-            candidates[region, refresh] = Candidate(criterion, region, refresh, error, flops)
-    if not candidates:
-        raise ConfigError(
-            f"cache: no schedule fits flops_budget {config.flops_budget} (the loop alone needs "
-            f"{before['per_image'] / reference_flops:.3f} of the original FLOPs before caching)"
+    costs = {}
+    for region in ctx.progress(regions, desc="cache costs", leave=False):
+        costs[region] = (
+            variant_flops(program, region)[CACHED],
+            _reuse_costs(traces, program.spec.family, region, plan, guided, config.probe_samples),
         )
-    scored = []
-    for c in ctx.progress(list(candidates.values()), desc="cache end-to-end", leave=False):
-        scored.append((replay_psnr(program.replace(plan=_with_cache(plan, program, c)), ctx.calibration), c))
-    best_psnr, best = max(scored, key=lambda s: (s[0], -s[1].flops))
+    scored: list[tuple[float, Candidate]] = []
+    fraction = config.flops_budget
+    while True:
+        fresh = _candidates(costs, criteria, weights, full_flops, fraction * reference_flops, change, scored)
+        for c in ctx.progress(fresh, desc=f"cache end-to-end (budget {fraction:.2f})", leave=False):
+            scored.append((replay_psnr(program.replace(plan=_with_cache(plan, program, c)), ctx.calibration), c))
+        within = [sc for sc in scored if sc[1].flops <= fraction * reference_flops]
+        if within and (config.min_psnr_db <= 0 or max(p for p, _ in within) >= config.min_psnr_db):
+            break
+        if not scored and (config.min_psnr_db <= 0 or fraction >= 1.0):
+            raise ConfigError(
+                f"cache: no schedule fits flops_budget {config.flops_budget} (the loop alone needs "
+                f"{before['per_image'] / reference_flops:.3f} of the original FLOPs before caching)"
+            )
+        if fraction >= 1.0:
+            raise ConfigError(
+                f"cache: no schedule keeps min_psnr_db {config.min_psnr_db:g} dB on the calibration seeds below the"
+                f" original's FLOPs (best {max(p for p, _ in scored):.2f} dB)"
+            )
+        fraction = min(1.0, round(fraction + BUDGET_STEP, 6))
+    best_psnr, best = max(within, key=lambda s: (s[0], -s[1].flops))
     decision = CacheDecision(
         criterion=best.criterion,
         criteria_tried=criteria,
@@ -169,6 +191,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         flops_per_image_after=best.flops,
         flops_vs_original=round(best.flops / reference_flops, 4),
         flops_budget=config.flops_budget,
+        min_psnr_db=config.min_psnr_db,
+        flops_budget_reached=fraction,
         candidates=[
             {
                 "criterion": c.criterion,
@@ -182,6 +206,31 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         ],
     )
     return PassResult(program.replace(plan=_with_cache(plan, program, best)), decision)
+
+
+def _candidates(
+    costs: dict[tuple[int, int], tuple[int, list[list[float]]]],
+    criteria: list[str],
+    weights: list[int],
+    full_flops: int,
+    budget: float,
+    change: list[float],
+    scored: list[tuple[float, Candidate]],
+) -> list[Candidate]:
+    """Each region's schedule per criterion under `budget` (FLOPs per image) that reuses at least one step,
+    less those already scored."""
+    seen = {(c.region, c.refresh) for _, c in scored}
+    found: dict[tuple, Candidate] = {}
+    steps = len(weights)
+    for region, (cached_flops, cost) in costs.items():
+        for criterion in criteria:
+            refresh = _schedule(criterion, cost, weights, full_flops, cached_flops, budget, change)
+            if refresh is None or len(refresh) == steps or (region, refresh) in seen or (region, refresh) in found:
+                continue
+            flops = sum(w * (full_flops if i in refresh else cached_flops) for i, w in enumerate(weights))
+            error = sum(cost[_last(refresh, i)][i] for i in range(steps) if i not in refresh)
+            found[region, refresh] = Candidate(criterion, region, refresh, error, flops)
+    return list(found.values())
 
 
 def admissible_regions(program: DiffusionProgram) -> list[tuple[int, int]]:

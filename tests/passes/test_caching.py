@@ -20,7 +20,7 @@ from core.flops import count_flops, plan_flops, variant_flops
 from core.ir import CacheSchedule, SamplingPlan
 from core.sampling import to_images
 from core.variants import sample_program, torch_loop
-from passes.cache import best_refresh
+from passes.cache import BUDGET_STEP, best_refresh
 from passes.manager import plan_passes
 from verify.fidelity import replay_psnr, step_errors
 from verify.metrics import psnr
@@ -166,6 +166,7 @@ def test_bad_guidance_configs(config, message):
     [
         ([{"pass": "cache", "config": {"flops_budget": 0.0}}], "flops_budget"),
         ([{"pass": "cache", "config": {"criterion": "vibes"}}], "unknown criterion"),
+        ([{"pass": "cache", "config": {"min_psnr_db": -1.0}}], "min_psnr_db"),
     ],
 )
 def test_bad_cache_configs(recipe, message):
@@ -210,6 +211,23 @@ def test_cache_pass_errors(dit_program, unet_program, calibrations):
         [{"pass": "cache", "config": {"criterion": "first-block", "regions": [[1, 8]]}}],
     )
     assert plan_flops(first_block)["per_image"] <= 0.5 * plan_flops(dit_program)["per_image"]
+
+
+def test_a_psnr_floor_relaxes_the_budget_until_the_schedule_keeps_it(dit_program, calibrations):
+    traj, regions = calibrations["dit"], [[0, 8], [1, 8], [2, 8]]
+    tight = run(dit_program, traj, [{"pass": "cache", "config": {"flops_budget": 0.3, "regions": regions}}])
+    at_budget = tight.decision("cache").to_dict()["calibration_psnr_db"]
+    floor = at_budget + 3.0  # more than any schedule under 0.3 keeps
+    config = {"flops_budget": 0.3, "regions": regions, "min_psnr_db": floor}
+    relaxed = run(dit_program, traj, [{"pass": "cache", "config": config}]).decision("cache").to_dict()
+    reached = relaxed["flops_budget_reached"]
+    assert reached > 0.3 and relaxed["calibration_psnr_db"] >= floor
+    assert relaxed["flops_vs_original"] <= reached + 1e-9
+    # The budget one step lower had no schedule that kept the floor (every one was run end to end).
+    below = [c for c in relaxed["candidates"] if c["flops_vs_original"] <= reached - BUDGET_STEP + 1e-9]
+    assert below and max(c["calibration_psnr_db"] for c in below) < floor
+    with pytest.raises(ConfigError, match="no schedule keeps min_psnr_db 200 dB"):
+        run(dit_program, traj, [{"pass": "cache", "config": {"regions": regions, "min_psnr_db": 200.0}}])
 
 
 def test_loop_step_errors_see_the_cache(dit_program, calibrations):
