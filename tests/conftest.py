@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import torch
 
 from core.loading import load_program
 from zoo import SHIPPED
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

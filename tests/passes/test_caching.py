@@ -214,7 +214,7 @@ def test_cache_pass_errors(dit_program, unet_program, calibrations):
 
 
 def test_a_psnr_floor_relaxes_the_budget_until_the_schedule_keeps_it(dit_program, calibrations):
-    traj, regions = calibrations["dit"], [[0, 8], [1, 8], [2, 8]]
+    traj, regions = calibrations["dit"], [[0, 8], [2, 8]]  # a subset, for test time
     tight = run(dit_program, traj, [{"pass": "cache", "config": {"flops_budget": 0.3, "regions": regions}}])
     at_budget = tight.decision("cache").to_dict()["calibration_psnr_db"]
     floor = at_budget + 3.0  # more than any schedule under 0.3 keeps
@@ -227,7 +227,8 @@ def test_a_psnr_floor_relaxes_the_budget_until_the_schedule_keeps_it(dit_program
     below = [c for c in relaxed["candidates"] if c["flops_vs_original"] <= reached - BUDGET_STEP + 1e-9]
     assert below and max(c["calibration_psnr_db"] for c in below) < floor
     with pytest.raises(ConfigError, match="no schedule keeps min_psnr_db 200 dB"):
-        run(dit_program, traj, [{"pass": "cache", "config": {"regions": regions, "min_psnr_db": 200.0}}])
+        config = {"regions": [[0, 8]], "criterion": "uniform", "min_psnr_db": 200.0}  # one schedule per budget
+        run(dit_program, traj, [{"pass": "cache", "config": config}])
 
 
 def test_loop_step_errors_see_the_cache(dit_program, calibrations):
