@@ -105,13 +105,19 @@ def test_clip_score_and_clip_feature_fd_on_a_tiny_random_clip(tmp_path, user_mod
     assert clip.score(images[:1], (prompts[0],)) == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
+def not_clip_folder(tmp_path):
+    """A transformers model folder that is not CLIP's (a BERT config)."""
+    folder = tmp_path / "not-clip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return folder
+
+
 def test_bad_feature_models_are_refused_in_one_line(tmp_path, user_models):
     from verify.judges import clip, inception
 
     program = load_program(user_models["dit"])
-    not_clip = tmp_path / "not-clip"
-    not_clip.mkdir()
-    (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    not_clip = not_clip_folder(tmp_path)
     cases = [
         (JudgeOptions(clip=tmp_path / "missing"), "--clip .*missing: no such folder"),
         (JudgeOptions(clip=not_clip), "config.json is not a CLIP model's \\(model_type 'bert'\\)"),
@@ -175,9 +181,7 @@ def test_fid_features_of_the_shipped_architecture_on_random_weights(tmp_path, us
 
 def test_a_bad_clip_folder_is_one_line_on_stderr_and_exit_2(tmp_path, user_models):
     """The whole stderr, in a process of its own (a library warning on the way would add lines)."""
-    not_clip = tmp_path / "not-clip"
-    not_clip.mkdir()
-    (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    not_clip = not_clip_folder(tmp_path)
     out = tmp_path / "out"
     model = str(user_models["dit"])
     command = [sys.executable, "-m", "optimizer.cli", model, "--clip", str(not_clip), "--out", str(out)]
