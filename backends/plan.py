@@ -10,7 +10,7 @@ from core.errors import ConfigError, LoadError, one_line
 from core.fileio import sha256_files, write_json
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan
 from core.limits import MAX_STEPS
-from core.outputs import PLAN_FILE, PLAN_FORMAT, resolve
+from core.outputs import PLAN_FILE, PLAN_FORMAT, PLAN_VERSIONS, resolve
 from core.sampling import build_scheduler, uses_guidance
 from core.validate import get, integer, is_int, of_type, read_json_object, string_list
 
@@ -18,7 +18,7 @@ from .onnx_export import LOOP_INPUTS, data_file
 from .pipeline_stages import read_stages
 
 FORMAT = PLAN_FORMAT
-VERSION = 2  # 2: per-step graph variants with carried tensors (v1 files still load)
+VERSION = PLAN_VERSIONS[-1]  # 2: per-step graph variants with carried tensors (v1 files still load)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
         raise LoadError(f"{folder}: no {PLAN_FILE} (is this an `optimize` output folder?)")
     doc = read_json_object(path, LoadError, PLAN_FILE)
     where = str(path)
-    if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
+    if doc.get("format") != FORMAT or doc.get("version") not in PLAN_VERSIONS:
         raise LoadError(f"{path}: not a {FORMAT} v1 or v{VERSION} file")
     backend = get(doc, "backend", dict, where, {"name": "onnxruntime"}, error=LoadError)
     get(backend, "name", str, f"{where}: backend", error=LoadError)

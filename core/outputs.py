@@ -1,12 +1,16 @@
 """Where outputs may go: never onto, into or over an input, never over something we did not create.
 
-A job writes into a hidden staging folder beside `--out` named after this host and process, and renames
-it into place when complete. Staging folders of processes that died (SIGKILL, power loss) are removed by
-the next run into the same parent folder.
+A job claims `--out` first (an exclusive lock beside it, so a second job on the same `--out` is refused,
+and a record of what was there), writes into a hidden staging folder beside it named after this host and
+process, and renames it into place when complete, only if `--out` is still what the claim recorded.
+Staging folders of processes that died (SIGKILL, power loss) are removed by the next run into the same
+parent folder; their locks die with them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -15,7 +19,8 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.checkpoint import WEIGHT_SUFFIXES, sidecar_path
@@ -25,6 +30,7 @@ from core.validate import read_json_object
 
 PLAN_FILE = "plan.json"  # every published artifact has one; backends write it
 PLAN_FORMAT = "diffusion-plan"
+PLAN_VERSIONS = (1, 2)  # backends.plan reads these
 ERROR_LOG = "error.log"
 STALE_AFTER_S = 7 * 24 * 3600  # staging of another host (or of a reused pid) is stale after a week
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -58,17 +64,66 @@ def _clashes(out: Path, inputs: Iterable[Path]) -> Path | None:
     return None
 
 
-def is_optimize_output(folder: Path) -> bool:
-    """A folder `optimize` published: it holds our plan.json."""
+def not_ours(folder: Path, own: Iterable[str], side_suffixes: Iterable[str] = ()) -> str | None:
+    """Why `folder` is not an output `optimize` published, or None when it is: a complete plan.json of
+    ours (format, version, the graphs it records), and nothing in the folder but the files the plan
+    records (graphs, their weights and `side_suffixes` files, tokenizer folders of plain files) and the
+    `own` names a job writes beside them (reports, grid, calibration)."""
     try:
-        return read_json_object(folder / PLAN_FILE).get("format") == PLAN_FORMAT
-    except OptimizerError:
-        return False
+        if (folder / PLAN_FILE).is_symlink():
+            raise OptimizerError("a symlink")
+        names = _plan_names(read_json_object(folder / PLAN_FILE), tuple(side_suffixes))
+    except (OptimizerError, OSError, KeyError, TypeError, AttributeError) as exc:
+        return f"no complete {PLAN_FILE} of ours ({one_line(exc, 80)})"
+    files, folders = names
+    files |= set(own) | {PLAN_FILE}
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in folders and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir()) if not _plain_file(e)]
+        elif entry.name not in files or not _plain_file(entry):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return f"it holds {', '.join(foreign[:3])}{more}, which optimize never writes"
+    return None
 
 
-def check_out_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _plan_names(doc: dict, side_suffixes: tuple[str, ...]) -> tuple[set[str], set[str]]:
+    """The files and tokenizer folders plan.json records (KeyError/TypeError when it is not complete)."""
+    if doc.get("format") != PLAN_FORMAT or doc.get("version") not in PLAN_VERSIONS:
+        raise OptimizerError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
+    graphs = list(doc["graphs"].values())
+    if not graphs:
+        raise OptimizerError("no graphs")
+    stages = doc.get("stages") or {}
+    graphs += [stages[k] for k in ("prompt_encoder", "decoder") if k in stages]
+    files, folders = set(), set()
+    for graph in graphs:
+        for entry in (graph, graph.get("data")):
+            if entry is None:
+                continue
+            name, digest = entry["file"], entry["sha256"]
+            if not isinstance(name, str) or Path(name).name != name or not isinstance(digest, str) or len(digest) != 64:
+                raise OptimizerError(f"a graph entry {name!r}")
+            files |= {name, *(str(Path(name).with_suffix(s)) for s in side_suffixes)}
+    for tokenizer in stages.get("prompt_encoder", {}).get("tokenizers", []):
+        name = tokenizer["folder"]
+        if not isinstance(name, str) or Path(name).name != name:
+            raise OptimizerError(f"a tokenizer folder {name!r}")
+        folders.add(name)
+    return files, folders
+
+
+def check_out_dir(
+    out: Path, inputs: Iterable[Path], overwrite: bool, own: Iterable[str] = (), side_suffixes: Iterable[str] = ()
+) -> Path:
     """Resolve `--out` and refuse anything but a new folder, an empty one, or (with --overwrite) an
-    earlier output of ours that holds none of the inputs."""
+    earlier output of ours (not_ours) that holds none of the inputs."""
     resolved = resolve(out, "--out")
     clash = _clashes(resolved, inputs)
     if clash is not None:
@@ -79,10 +134,10 @@ def check_out_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
         if any(resolved.iterdir()):
             if not overwrite:
                 raise ConfigError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
-            if not is_optimize_output(resolved):
+            why = not_ours(resolved, own, side_suffixes)
+            if why is not None:
                 raise ConfigError(
-                    f"--out {out} is not an `optimize` output folder (no {PLAN_FILE} of ours); "
-                    "--overwrite replaces only those"
+                    f"--out {out} is not an `optimize` output folder: {why}; --overwrite replaces only those"
                 )
     _check_writable_parent(resolved, "--out")
     return resolved
@@ -150,8 +205,82 @@ def create_staging(out: Path, log: Callable[[str], None] = lambda _: None) -> Pa
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{_HOST}-{os.getpid()}-", dir=out.parent))
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap the finished staging folder into place; an old `out` (checked to be ours) goes only afterwards."""
+@dataclass(frozen=True)
+class Claim:
+    """`--out` held by this job: the lock file's descriptor, and what was at `--out` when it was taken."""
+
+    out: Path
+    lock: Path
+    fd: int
+    state: tuple | None
+
+
+@contextlib.contextmanager
+def claim(out: Path) -> Iterator[Claim]:
+    """Lock `out` (resolved) for this job until it ends: a second job on the same `--out` is refused
+    (exit 2) before any work. The lock is the kernel's (flock), so it dies with its process."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    fd = _lock(lock, out)
+    try:
+        yield Claim(out, lock, fd, _state(out))
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _lock(lock: Path, out: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"--out {out}: another optimize run (pid {holder}) is writing it; wait for it or choose another folder"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its last holder unlinked between our open and our flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _state(out: Path) -> tuple | None:
+    """What is at `out`: its identity and, for a folder, each entry's name, kind, size and mtime."""
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return None
+    entries = ()
+    if out.is_dir() and not out.is_symlink():
+        entries = tuple(sorted((e.name, *_stamp(e)) for e in out.iterdir()))
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, entries)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return (st.st_mode, st.st_size, st.st_mtime_ns)
+
+
+def publish(staging: Path, held: Claim) -> None:
+    """Swap the finished staging folder into place if `--out` is still what the claim found (nothing, an
+    empty folder, or the earlier output --overwrite replaces, which goes only afterwards). When something
+    else is there now, nothing is replaced: the result is kept beside it and the job says where (exit 2)."""
+    out = held.out
+    if _state(out) != held.state:
+        kept = out.with_name(f"{out.name}.unpublished-{os.getpid()}")
+        staging.rename(kept)
+        raise ConfigError(
+            f"--out {out} changed during the run (something else was written there); it was left as it is and "
+            f"the result is in {kept}"
+        )
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{_HOST}-{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}")

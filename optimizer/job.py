@@ -19,7 +19,7 @@ from core.adapters import parameter_count
 from core.errors import ConfigError, InternalError, OptimizerError, is_environment_error
 from core.ir import DiffusionProgram
 from core.loading import MAX_GUIDANCE, load_program
-from core.outputs import check_out_dir, create_staging, input_paths, keep_error_log, publish
+from core.outputs import check_out_dir, claim, create_staging, input_paths, keep_error_log, publish
 from core.progress import timed
 from core.sampling import check_plan, uses_guidance, with_scheduler
 from core.training import world
@@ -161,33 +161,46 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         return _run_worker(model_path, target, opts)
     if opts.trials_only:
         return _run_trials_only(model_path, target, opts, progress, log)
-    out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite)
-    loaded = _load_checked(model_path, target, opts)
-    program = loaded.program
-    log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
-    judges = ", ".join(j.name for j in loaded.judges.active)
-    log(f"judges: {judges}; gates to measure: {', '.join(loaded.gates.applicable)}")
-    for gate, why in loaded.gates.skipped.items():
-        log(f"gate {gate} does not apply to this model ({why})")
-    staging = create_staging(out, log)
-    try:
-        result = _run_stages(model_path, loaded, target, opts, staging, progress, log)
-        publish(staging, out)
-    except BaseException as exc:
-        if target.search is not None and not opts.storage:
-            from optimizer.search_job import state_dir
+    out = check_out_dir(opts.out, job_inputs(model_path, opts), opts.overwrite, *output_names())
+    with claim(out) as held:
+        loaded = _load_checked(model_path, target, opts)
+        program = loaded.program
+        log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
+        judges = ", ".join(j.name for j in loaded.judges.active)
+        log(f"judges: {judges}; gates to measure: {', '.join(loaded.gates.applicable)}")
+        for gate, why in loaded.gates.skipped.items():
+            log(f"gate {gate} does not apply to this model ({why})")
+        staging = create_staging(out, log)
+        try:
+            result = _run_stages(model_path, loaded, target, opts, staging, progress, log)
+            publish(staging, held)
+        except BaseException as exc:
+            if target.search is not None and not opts.storage:
+                from optimizer.search_job import state_dir
 
-            if state_dir(opts.out).exists():
-                log(f"the search's trials are kept in {state_dir(opts.out)}: rerun with --resume to continue")
-        if isinstance(exc, Exception) and not isinstance(exc, OptimizerError) and not is_environment_error(exc):
-            raise InternalError(exc, keep_error_log(staging, exc)) from exc
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.search is not None:
-        from optimizer.search_job import finish
+                if state_dir(opts.out).exists():
+                    log(f"the search's trials are kept in {state_dir(opts.out)}: rerun with --resume to continue")
+            if isinstance(exc, Exception) and not isinstance(exc, OptimizerError) and not is_environment_error(exc):
+                raise InternalError(exc, keep_error_log(staging, exc)) from exc
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if target.search is not None:
+            from optimizer.search_job import finish
 
-        finish(opts)
+            finish(opts)
     return dataclasses.replace(result, out=opts.out)
+
+
+def output_names() -> tuple[frozenset[str], tuple[str, ...]]:
+    """The names a job writes beside the graphs plan.json records, and the suffixes of files it derives
+    from a graph's name (TensorRT engines): what --overwrite may replace (core.outputs.not_ours)."""
+    from backends.trt import ENGINE_SUFFIX, TIMING_CACHE
+    from optimizer.report import GRID_FILE, REPORT_FILES
+    from optimizer.search_job import COPY_FILE
+    from optimizer.stages import CALIBRATION_FILE
+    from search.pareto import PLOT_FILE
+
+    return frozenset({*REPORT_FILES, GRID_FILE, CALIBRATION_FILE, COPY_FILE, PLOT_FILE, TIMING_CACHE}), (ENGINE_SUFFIX,)
 
 
 def _load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:

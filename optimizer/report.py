@@ -16,6 +16,7 @@ from core.ir import DiffusionProgram
 from verify.gates import GateResult, gates_table, verdict_line
 
 GRID_FILE = "grid.png"
+REPORT_FILES = ("report.json", "report.md")
 
 
 def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, columns: int = 20, scale: int = 4) -> None:
@@ -268,9 +269,10 @@ def _flops(report: dict[str, Any]) -> list[str]:
 def write_report(
     folder: Path, report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()
 ) -> None:
-    write_json(folder / "report.json", json_safe(report))
+    as_json, as_markdown = REPORT_FILES
+    write_json(folder / as_json, json_safe(report))
     text = markdown(report, gate_results, list(sections))
-    write_atomic(folder / "report.md", lambda tmp: tmp.write_text(text))
+    write_atomic(folder / as_markdown, lambda tmp: tmp.write_text(text))
 
 
 def _conditioning(model: dict[str, Any]) -> str:

@@ -237,6 +237,30 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         "the input",
     ),
     ("out-not-empty", lambda ws, a: [ws.model, "--out", ws.artifact(a)], 2, "use --overwrite"),
+    (
+        "overwrite-an-output-holding-a-file-we-never-write",
+        lambda ws, a: [ws.model, "--out", _file(ws.artifact(a) / "notes.txt").parent, "--overwrite"],
+        2,
+        "it holds notes.txt, which optimize never writes",
+    ),
+    (
+        "overwrite-an-output-with-a-folder-in-its-tokenizer",
+        lambda ws, a: [ws.model, "--out", _with_tokenizer(ws.artifact(a), "photos/"), "--overwrite"],
+        2,
+        "it holds tokenizer/photos, which optimize never writes",
+    ),
+    (
+        "overwrite-a-folder-with-a-one-line-plan",
+        lambda ws, a: [ws.model, "--out", _one_line_plan(ws.outs / "mine"), "--overwrite"],
+        2,
+        "no complete plan.json of ours",
+    ),
+    (
+        "overwrite-an-output-whose-plan-is-a-symlink",
+        lambda ws, a: [ws.model, "--out", _plan_symlink(ws.artifact(a)), "--overwrite"],
+        2,
+        "no complete plan.json of ours",
+    ),
     ("calibrate-onto-the-model", lambda ws, a: ["calibrate", ws.model, "--out", ws.model], 2, "over the input"),
     ("calibrate-onto-a-device", lambda ws, a: ["calibrate", ws.model, "--out", "/dev/null"], 2, "not a regular file"),
     (
@@ -549,6 +573,30 @@ def _file(path: Path) -> Path:
     return path
 
 
+def _one_line_plan(folder: Path) -> Path:
+    """A user's folder with a one-line plan.json beside their own files."""
+    _file(folder / "photos" / "holiday.jpg")
+    (folder / "plan.json").write_text('{"format": "diffusion-plan"}')
+    return folder
+
+
+def _with_tokenizer(artifact: Path, extra: str) -> Path:
+    """The artifact as a text-to-image output records it: a tokenizer folder in plan.json; plus `extra`."""
+    encoder = {"file": "prompt_encoder.onnx", "sha256": "0" * 64, "tokenizers": [{"folder": "tokenizer"}]}
+    edit_plan(artifact, lambda plan: plan["stages"].update(prompt_encoder=encoder))
+    _file(artifact / "prompt_encoder.onnx")
+    _file(artifact / "tokenizer" / "tokenizer.json")
+    (artifact / "tokenizer" / extra).mkdir() if extra.endswith("/") else _file(artifact / "tokenizer" / extra)
+    return artifact
+
+
+def _plan_symlink(artifact: Path) -> Path:
+    outside = artifact.parent / "plan-outside.json"
+    shutil.move(artifact / "plan.json", outside)
+    (artifact / "plan.json").symlink_to(outside)
+    return artifact
+
+
 def _dir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -583,11 +631,62 @@ def test_overwrite_replaces_only_an_earlier_output(tmp_path, monkeypatch, built_
     """--overwrite over an output of ours works, and the old folder is gone afterwards."""
     ws = Workspace(tmp_path, monkeypatch)
     out = ws.artifact(built_artifact)
-    (out / "old-marker").write_text("x")
+    (out / "report.md").write_text("the earlier run's report")
     result = CliRunner().invoke(main, [str(ws.model), "--out", str(out), "--overwrite", *FAST])
     assert result.exit_code == 0, result.output  # the lowering alone: every gate holds
-    assert (out / "plan.json").is_file() and not (out / "old-marker").exists()
+    assert (out / "plan.json").is_file() and (out / "report.md").read_text().startswith("# ")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".artifact.")]
+
+
+def test_not_ours_accepts_every_file_a_text_to_image_output_records(tmp_path, built_artifact):
+    artifact = _with_tokenizer(shutil.copytree(built_artifact, tmp_path / "a"), "vocab.json")
+    (artifact / "denoiser.plan").write_text("an engine")  # TensorRT's, named after its graph
+    own = ("report.md", "report.json", "grid.png", "calibration.safetensors")
+    for name in own:
+        (artifact / name).write_text("ours")
+    assert outputs.not_ours(artifact, own, (".plan",)) is None
+    never = "which optimize never writes"
+    assert outputs.not_ours(artifact, own[:3], (".plan",)) == f"it holds calibration.safetensors, {never}"
+    assert outputs.not_ours(artifact, own, ()) == f"it holds denoiser.plan, {never}"
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path, monkeypatch)
+    with outputs.claim(ws.out.resolve()):  # the first run's
+        result = CliRunner().invoke(main, [str(ws.model), "--out", str(ws.out), *FAST])
+        assert [p.name for p in ws.outs.iterdir()] == [".result.lock"]  # the refused run leaves it alone
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: --out {ws.out}: another optimize run (pid {os.getpid()}) is writing it; wait for it or choose another"
+        " folder"
+    )
+    assert list(ws.outs.iterdir()) == []  # the first run's lock goes with it
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new-out", "overwrite"])
+def test_a_folder_written_at_out_during_the_run_is_left_as_it_is(tmp_path, monkeypatch, built_artifact, earlier):
+    """What appears at (or changes in) --out while the job runs is never replaced: the result is kept beside it."""
+    from optimizer import report
+
+    ws = Workspace(tmp_path, monkeypatch)
+    out = shutil.copytree(built_artifact, ws.out) if earlier else ws.out
+    save_grid = report.save_grid
+
+    def user_writes_at_out(*args, **kwargs):
+        _file(out / "notes.txt")
+        return save_grid(*args, **kwargs)
+
+    monkeypatch.setattr(report, "save_grid", user_writes_at_out)
+    result = CliRunner().invoke(main, [str(ws.model), "--out", str(out), *FAST, *(["--overwrite"] * earlier)])
+    kept = ws.outs / f"result.unpublished-{os.getpid()}"
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --out {out} changed during the run (something else was written there); it was left as it is and the"
+        f" result is in {kept}"
+    )
+    assert (out / "notes.txt").read_text() == "user data" and (out / "plan.json").exists() == earlier
+    assert (kept / "plan.json").is_file() and (kept / "report.md").is_file()
+    assert sorted(p.name for p in ws.outs.iterdir()) == ["result", kept.name]  # no staging, no lock
 
 
 def test_internal_error_is_exit_3_with_the_traceback_in_the_staging_folder(tmp_path, monkeypatch):
