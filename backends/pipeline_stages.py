@@ -7,6 +7,7 @@ decoder.onnx. Neither stage is optimized unless a pass says so; both are verifie
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.errors import LoadError
+from core.fileio import sha256_files
 from core.ir import DiffusionProgram, Stages
 from core.stages import TOKENIZER_CLASSES, TOKENIZERS, decoder
 from core.validate import get, of_type
@@ -23,6 +25,7 @@ from core.validate import get, of_type
 from .onnx_export import export_graph
 
 PROMPT_ENCODER_FILE, DECODER_FILE = "prompt_encoder.onnx", "decoder.onnx"
+MAX_TOKENIZER_FILE_BYTES = 256 << 20  # vocabularies are a few MB
 LATENTS, IMAGE = "latents", "image"
 
 
@@ -40,7 +43,8 @@ def lower_stages(program: DiffusionProgram, folder: Path, files: Callable[[Path]
         tokenizers = []
         for name, tokenizer, length in zip(TOKENIZERS, stages.tokenizers, adapter.lengths(stages), strict=False):
             tokenizer.save_pretrained(str(folder / name))
-            tokenizers.append({"folder": name, "class": type(tokenizer).__name__, "max_length": length})
+            hashes = {p.name: sha256_files([p]) for p in sorted((folder / name).iterdir())}
+            tokenizers.append({"folder": name, "class": type(tokenizer).__name__, "max_length": length, "files": hashes})
         section["prompt_encoder"] = {
             **files(path),
             "inputs": list(tokens),
@@ -58,7 +62,8 @@ def lower_stages(program: DiffusionProgram, folder: Path, files: Callable[[Path]
 
 def read_stages(doc: dict[str, Any], folder: Path, where: str, check_graph: Callable[..., None]) -> dict[str, Any]:
     """Check plan.json's "stages" section: graphs as the denoiser's are checked, tokenizer folders
-    named directly inside the artifact with a known class."""
+    named directly inside the artifact with a known class, holding exactly the files recorded (regular
+    files, no links, each with its recorded sha256), so a tokenizer loads nothing else."""
     stages = get(doc, "stages", dict, where, {}, error=LoadError)
     for name in stages:
         if name not in ("prompt_encoder", "decoder"):
@@ -75,7 +80,25 @@ def read_stages(doc: dict[str, Any], folder: Path, where: str, check_graph: Call
                 raise LoadError(
                     f"{where}: tokenizer class {tok['class']!r} is not one of {', '.join(TOKENIZER_CLASSES)}"
                 )
+            _check_tokenizer_files(folder / name, get(tok, "files", dict, f"{where}: tokenizers[{i}]", error=LoadError))
     return stages
+
+
+def _check_tokenizer_files(folder: Path, files: dict[str, Any]) -> None:
+    where = f"tokenizer folder {folder}"
+    present = {entry.name for entry in folder.iterdir()}
+    if not files or present != set(files):
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        raise LoadError(f"{where}: holds {extra or 'nothing'} not recorded in plan.json, lacks {missing or 'nothing'}")
+    for name, digest in files.items():
+        path = folder / name
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            raise LoadError(f"{where}: {name} is a link or not a regular file; refusing to read it")
+        if info.st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise LoadError(f"{where}: {name} is {info.st_size:,} bytes (at most {MAX_TOKENIZER_FILE_BYTES:,})")
+        if sha256_files([path]) != digest:
+            raise LoadError(f"{where}: {name} does not match its recorded sha256; refusing to read it")
 
 
 class StageRunner:

@@ -135,6 +135,8 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     path = folder / PLAN_FILE
     if not path.is_file():
         raise LoadError(f"{folder}: no {PLAN_FILE} (is this an `optimize` output folder?)")
+    if path.is_symlink():
+        raise LoadError(f"{path} is a link; an artifact's files are read only from inside its folder")
     doc = read_json_object(path, LoadError, PLAN_FILE)
     where = str(path)
     if doc.get("format") != FORMAT or doc.get("version") not in PLAN_VERSIONS:

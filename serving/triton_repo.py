@@ -133,7 +133,10 @@ def export_repository(
         (version / "artifact").mkdir(parents=True)
         shutil.copy2(plan.folder / "plan.json", version / "artifact" / "plan.json")
         for tokenizer in plan.stages.get("prompt_encoder", {}).get("tokenizers", []):
-            shutil.copytree(plan.folder / tokenizer["folder"], version / "artifact" / tokenizer["folder"])
+            (version / "artifact" / tokenizer["folder"]).mkdir()
+            for file in tokenizer["files"]:  # read_plan checked them: regular files, their recorded sha256
+                name = Path(tokenizer["folder"]) / file
+                shutil.copyfile(plan.folder / name, version / "artifact" / name, follow_symlinks=False)
         (version / "artifact" / "models.json").write_text(json.dumps(models, indent=1))
         shutil.copy2(MODELS / "pipeline_model.py", version / "model.py")
         (tmp / PIPELINE / "config.pbtxt").write_text(_pipeline_config(plan, max_batch, instances, delay_us))

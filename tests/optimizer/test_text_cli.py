@@ -2,6 +2,7 @@
 stages, report and artifact) and every bad prompt or folder input refused with one line, exit 2."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -111,3 +112,55 @@ def test_cpu_int8_on_the_trained_sd_pipeline_keeps_prompt_adherence(tmp_path):
     assert v["class_agreement_drop"] <= 0.02 and v["psnr_db_mean"] >= 35 and v["ssim_mean"] >= 0.99
     kept = report["decisions"]["quantize"]["kept_fp32"]
     assert any(name.endswith("attn2.to_k") for name in kept)  # cross-attention K/V of the prompt: fp32 by default
+
+
+def _tokenizer(artifact):
+    """The artifact's tokenizer folder and the first file plan.json records in it."""
+    (tokenizer,) = json.loads((artifact / "plan.json").read_text())["stages"]["prompt_encoder"]["tokenizers"]
+    return artifact / tokenizer["folder"], sorted(tokenizer["files"])[0]
+
+
+def _tamper(how):
+    def build(artifact, outside):
+        folder, name = _tokenizer(artifact)
+        path = folder / name
+        if how == "plan-link":
+            shutil.move(artifact / "plan.json", outside)
+            (artifact / "plan.json").symlink_to(outside)
+            return
+        path.unlink()
+        if how == "swapped":
+            path.write_text("{}")
+        elif how == "fifo":
+            os.mkfifo(path)
+        elif how == "dev-zero-link":
+            path.symlink_to("/dev/zero")
+        elif how == "moved":
+            (folder / "elsewhere").write_text("x")
+
+    return build
+
+
+TAMPERED = [
+    ("deleted", "not recorded in plan.json, lacks ['"),
+    ("swapped", "does not match its recorded sha256; refusing to read it"),
+    ("fifo", "is a link or not a regular file; refusing to read it"),
+    ("dev-zero-link", "is a link or not a regular file; refusing to read it"),
+    ("moved", "holds ['elsewhere'] not recorded in plan.json"),
+    ("plan-link", "is a link; an artifact's files are read only from inside its folder"),
+]
+
+
+@pytest.mark.parametrize(("how", "fragment"), TAMPERED, ids=[t[0] for t in TAMPERED])
+def test_sample_refuses_a_tampered_tokenizer_or_plan(cached_sd_artifact, tmp_path, how, fragment):
+    """Every file an artifact reads is recorded with its sha256 and read only from inside its folder:
+    a changed, missing, special or linked tokenizer file (or plan.json) is one line, exit 2, in seconds."""
+    _, artifact = cached_sd_artifact
+    folder = shutil.copytree(artifact, tmp_path / "artifact")
+    _tamper(how)(folder, tmp_path / "outside.json")
+    args = ["sample", str(folder), "--seed", "0", "--prompt", "a thin one", "--out", str(tmp_path / "x.png")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "x.png").exists()

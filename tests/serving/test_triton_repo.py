@@ -1,7 +1,9 @@
 """`optimize export-triton`: the repository's layout and configs (no server; tests/serving/test_triton.py
 serves one)."""
 
+import hashlib
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -69,3 +71,23 @@ def test_bench_serving_without_a_server_is_one_clear_line(tiny_digits_program, t
     assert result.exit_code == 2 and "no Triton server answers at 127.0.0.1:1" in result.output
     result = invoke("bench-serving", tmp_path / "artifact", "--env", tmp_path / "none")
     assert result.exit_code == 2 and "optimize serving-env" in result.output
+
+
+def test_a_text_to_image_export_copies_exactly_the_recorded_tokenizer_files(cached_sd_artifact, tmp_path):
+    _, artifact = cached_sd_artifact
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the artifact's")
+    folder = shutil.copytree(artifact, tmp_path / "artifact")
+    result = invoke("export-triton", folder, "--repo", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((folder / "plan.json").read_text())
+    (tokenizer,) = plan["stages"]["prompt_encoder"]["tokenizers"]
+    copied = tmp_path / "repo" / "pipeline" / "1" / "artifact" / tokenizer["folder"]
+    assert sorted(p.name for p in copied.iterdir()) == sorted(tokenizer["files"])
+    for name, digest in tokenizer["files"].items():
+        assert hashlib.sha256((copied / name).read_bytes()).hexdigest() == digest
+    (folder / tokenizer["folder"] / "extra.txt").symlink_to(outside)  # a link to a file outside
+    refused = invoke("export-triton", folder, "--repo", tmp_path / "repo2")
+    assert refused.exit_code == 2 and not (tmp_path / "repo2").exists()
+    line = refused.stderr.strip()
+    assert line.endswith("holds ['extra.txt'] not recorded in plan.json, lacks nothing"), line
