@@ -44,7 +44,8 @@ def lower_stages(program: DiffusionProgram, folder: Path, files: Callable[[Path]
         for name, tokenizer, length in zip(TOKENIZERS, stages.tokenizers, adapter.lengths(stages), strict=False):
             tokenizer.save_pretrained(str(folder / name))
             hashes = {p.name: sha256_files([p]) for p in sorted((folder / name).iterdir())}
-            tokenizers.append({"folder": name, "class": type(tokenizer).__name__, "max_length": length, "files": hashes})
+            kind = type(tokenizer).__name__
+            tokenizers.append({"folder": name, "class": kind, "max_length": length, "files": hashes})
         section["prompt_encoder"] = {
             **files(path),
             "inputs": list(tokens),
