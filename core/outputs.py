@@ -45,12 +45,24 @@ def resolve(path: Path, what: str) -> Path:
         raise ConfigError(f"{what} {path}: cannot be resolved ({one_line(str(exc))})") from None
 
 
+MAX_FOLDER_ENTRIES = 10_000  # entries of an input folder resolved one by one (a pipeline has a handful)
+
+
 def input_paths(model: Path) -> list[Path]:
-    """Every path a job reads for `model`: the file, its sidecar or weights, or the whole folder."""
+    """Every path a job reads for `model`: the file, its sidecar or weights, or the whole folder and
+    each of its entries (a component folder that is a link resolves elsewhere)."""
     paths = [model]
     if model.suffix == ".json":
         paths += [model.with_suffix(s) for s in WEIGHT_SUFFIXES]
-    elif not model.is_dir():
+    elif model.is_dir():
+        try:
+            entries = [entry for _, entry in zip(range(MAX_FOLDER_ENTRIES + 1), model.iterdir(), strict=False)]
+        except OSError as exc:
+            raise ConfigError(f"{model}: cannot list the folder ({one_line(exc)})") from None
+        if len(entries) > MAX_FOLDER_ENTRIES:
+            raise ConfigError(f"{model}: more than {MAX_FOLDER_ENTRIES:,} entries; is this a model folder?")
+        paths += entries
+    else:
         paths.append(sidecar_path(model))
     return paths
 
@@ -120,14 +132,19 @@ def _plan_names(doc: dict, side_suffixes: tuple[str, ...]) -> tuple[set[str], se
 
 
 def check_out_dir(
-    out: Path, inputs: Iterable[Path], overwrite: bool, own: Iterable[str] = (), side_suffixes: Iterable[str] = ()
+    out: Path,
+    inputs: Iterable[Path],
+    overwrite: bool,
+    own: Iterable[str] = (),
+    side_suffixes: Iterable[str] = (),
+    flag: str = "--out",
 ) -> Path:
     """Resolve `--out` and refuse anything but a new folder, an empty one, or (with --overwrite) an
     earlier output of ours (not_ours) that holds none of the inputs."""
-    resolved = resolve(out, "--out")
+    resolved = resolve(out, flag)
     clash = _clashes(resolved, inputs)
     if clash is not None:
-        raise ConfigError(f"--out {out} would write onto, into or over the input {clash}; choose another folder")
+        raise ConfigError(f"{flag} {out} would write onto, into or over the input {clash}; choose another folder")
     if resolved.exists() or resolved.is_symlink():
         if not resolved.is_dir():
             raise ConfigError(f"--out {out} exists and is not a folder; refusing to replace it")

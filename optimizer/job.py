@@ -19,7 +19,7 @@ from core.adapters import parameter_count
 from core.errors import ConfigError, InternalError, OptimizerError, is_environment_error
 from core.ir import DiffusionProgram
 from core.loading import MAX_GUIDANCE, load_program
-from core.outputs import check_out_dir, claim, create_staging, input_paths, keep_error_log, publish
+from core.outputs import check_out_dir, claim, create_staging, input_paths, keep_error_log, publish, resolve
 from core.progress import timed
 from core.sampling import check_plan, uses_guidance, with_scheduler
 from core.training import world
@@ -155,6 +155,10 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         raise ConfigError(
             f"--resume, --workers, --storage and --trials-only are for search targets; {target.name} has no search"
         )
+    if target.search is not None:
+        from optimizer.search_job import check_storage
+
+        check_storage(opts, None if opts.trials_only else resolve(opts.out, "--out"), job_inputs(model_path, opts))
     if target.search is not None and world().size > 1:
         raise ConfigError("a search runs its trials in processes of its own (--workers), not under torchrun")
     if not world().is_main:

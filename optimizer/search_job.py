@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
+from core.outputs import check_out_file
 from passes.base import Context
 from passes.manager import plan_passes
 from search import pareto
@@ -65,6 +66,37 @@ def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> s
     return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def check_storage(opts: JobOptions, out: Path | None, inputs: list[Path]) -> None:
+    """Before any work: a --storage file is no input and a regular file of its kind; the local state
+    beside --out is a folder of its own (not a link), and one that exists needs --resume or --overwrite."""
+    from search.study import SQLITE_HEADER, check_storage_file, storage_file
+
+    if opts.storage:
+        local = storage_file(opts.storage)
+        if local is not None:
+            check_out_file(local[0], inputs, "--storage")
+            check_storage_file(*local, opts.storage)
+        return
+    if out is None:
+        return
+    folder = state_dir(out)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ConfigError(f"{folder} (the search's state beside --out) is a link or not a folder; move it away")
+    db = folder / STUDY_FILE
+    if not (db.exists() or db.is_symlink()):
+        return
+    if db.is_symlink() or not db.is_file():
+        raise ConfigError(f"{db} (the search's state) is a link or not a regular file; move it away")
+    if not (opts.resume or opts.overwrite):
+        raise ConfigError(
+            f"an interrupted search for {out} is kept in {folder}: --resume continues it, --overwrite starts over"
+        )
+    if opts.resume:
+        with db.open("rb") as f:
+            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise ConfigError(f"{db} (the search's state) is not an SQLite database; --overwrite starts over")
+
+
 def storage_url(opts: JobOptions, out: Path, name: str, log: Callable[[str], None]) -> str:
     """The study's storage; the local one is checked against --resume / --overwrite."""
     if opts.storage:
@@ -72,12 +104,8 @@ def storage_url(opts: JobOptions, out: Path, name: str, log: Callable[[str], Non
     folder = state_dir(out)
     db = folder / STUDY_FILE
     if db.exists():
-        if opts.overwrite and not opts.resume:
+        if not opts.resume:  # check_storage refused it without --overwrite
             shutil.rmtree(folder)
-        elif not opts.resume:
-            raise ConfigError(
-                f"an interrupted search for {out} is kept in {folder}: --resume continues it, --overwrite starts over"
-            )
         else:
             names = _study_names(db)
             if names and name not in names:

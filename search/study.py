@@ -14,16 +14,60 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from core.errors import OptimizerError, one_line
+from core.errors import ConfigError, OptimizerError, one_line
 from search.space import SearchSpace
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 METRICS = "metrics"  # user attribute holding a trial's measured dict
+
+
+JOURNAL_SUFFIXES = (".log", ".journal")
+SERVER_SCHEMES = ("postgresql", "mysql")
+SQLITE_HEADER = b"SQLite format 3\x00"
+MAX_JOURNAL_BYTES = 1 << 30  # a study of thousands of trials is a few MB
+
+
+def storage_file(url: str) -> tuple[Path, str] | None:
+    """The local file a --storage URL names and its kind ("journal" or "sqlite"), None for a database
+    server's URL. Refused (one line): an unknown scheme, a server URL whose driver is not installed."""
+    if "://" not in url:
+        if not url.endswith(JOURNAL_SUFFIXES):
+            raise ConfigError(f"--storage {url}: a journal file ends in .log or .journal, or give a URL")
+        return Path(url), "journal"
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")), "sqlite"
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in SERVER_SCHEMES:
+        known = "sqlite:///FILE, postgresql://, mysql://, FILE.log"
+        raise ConfigError(f"--storage: unknown scheme {scheme!r} (known: {known})")
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url)  # imports the driver; connects only when used
+    except Exception as exc:  # sqlalchemy raises several kinds for a bad URL or a missing driver
+        raise ConfigError(f"--storage: {scheme} cannot be used here ({one_line(exc, 160)})") from None
+    return None
+
+
+def check_storage_file(path: Path, kind: str, url: str) -> None:
+    """A storage file's folder exists; an existing file is a regular file and a database or journal."""
+    if not path.parent.is_dir():
+        raise ConfigError(f"--storage {url}: the folder {path.parent} does not exist")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ConfigError(f"--storage {url}: {path} is a link or not a regular file")
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if kind == "sqlite" and head != SQLITE_HEADER:
+            raise ConfigError(f"--storage {url}: {path} is not an SQLite database")
+        if kind == "journal" and (not head.startswith(b"{") or path.stat().st_size > MAX_JOURNAL_BYTES):
+            raise ConfigError(f"--storage {url}: {path} is not an Optuna journal (or over 1 GiB)")
 
 
 def storage(url: str) -> optuna.storages.BaseStorage | str:

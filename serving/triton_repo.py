@@ -24,6 +24,7 @@ from backends.onnx_export import data_file
 from backends.plan import read_plan
 from backends.trt import engine_path
 from core.errors import ConfigError
+from core.outputs import check_out_dir, input_paths
 
 MODELS = Path(__file__).parent / "triton_models"
 TYPES = {
@@ -91,16 +92,18 @@ def export_repository(
     instances: int = 1,
     delay_us: int = 2000,
 ) -> dict[str, Any]:
-    """Write the repository into `repo` (which must not exist; written beside it, then renamed)."""
+    """Write the repository into `repo` (which must not exist, nor be in or over the artifact; written
+    beside it, then renamed)."""
     if graphs not in GRAPHS:
         raise ConfigError(f"graphs must be one of {', '.join(GRAPHS)}, not {graphs!r}")
     if not 1 <= max_batch <= 1024 or not 1 <= instances <= 64:
         raise ConfigError("max_batch must be in 1..1024 and instances in 1..64")
+    if repo.exists() or repo.is_symlink():
+        raise ConfigError(f"{repo} exists; choose a new folder for the repository")
+    check_out_dir(repo, input_paths(Path(artifact)), overwrite=False, flag="--repo")
     plan = read_plan(artifact)
     if plan.backend.get("name") not in ("onnxruntime", "tensorrt"):
         raise ConfigError(f"{artifact}: built for backend {plan.backend.get('name')!r}; export needs its ONNX graphs")
-    if repo.exists():
-        raise ConfigError(f"{repo} exists; choose a new folder for the repository")
     entries = {**plan.document["graphs"], **plan.stages}
     models = {entry["file"]: Path(entry["file"]).stem for entry in entries.values()}
     engines = {g["file"]: engine_path(plan.folder / g["file"]) for g in plan.document["graphs"].values()}

@@ -261,6 +261,63 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         2,
         "no complete plan.json of ours",
     ),
+    (
+        "out-inside-a-linked-entry-of-the-model-folder",
+        lambda ws, a: [_linked_entry(ws), "--out", ws.root / "dit-diffusers" / "sub" / "o"],
+        2,
+        "would write onto, into or over the input",
+    ),
+    (
+        "export-triton-repo-inside-the-artifact",
+        lambda ws, a: ["export-triton", (d := ws.artifact(a)), "--repo", d / "repo"],
+        2,
+        "--repo",
+    ),
+    ("storage-unknown-scheme", lambda ws, a: _search(ws, "redis://localhost/0"), 2, "unknown scheme 'redis'"),
+    (
+        "storage-missing-driver",
+        lambda ws, a: _search(ws, "postgresql+nosuchdriver://u@localhost/db"),
+        2,
+        "--storage: postgresql cannot be used here",
+    ),
+    ("storage-missing-folder", lambda ws, a: _search(ws, str(ws.root / "nope" / "j.log")), 2, "does not exist"),
+    (
+        "storage-garbage-journal",
+        lambda ws, a: _search(ws, str(_file(ws.root / "j.log"))),
+        2,
+        "is not an Optuna journal",
+    ),
+    (
+        "storage-not-a-database",
+        lambda ws, a: _search(ws, f"sqlite:///{_file(ws.root / 's.db')}"),
+        2,
+        "is not an SQLite database",
+    ),
+    ("storage-is-the-weights", lambda ws, a: _search(ws, f"sqlite:///{ws.model}"), 2, "over the input"),
+    (
+        "storage-journal-is-a-fifo",
+        lambda ws, a: _search(ws, str(_fifo(ws.root / "j.log"))),
+        2,
+        "not a regular file",
+    ),
+    (
+        "search-state-is-a-link",
+        lambda ws, a: _search(ws, None, _link(ws.outs / ".result.search", _dir(ws.root / "elsewhere"))),
+        2,
+        "is a link or not a folder",
+    ),
+    (
+        "search-state-without-resume",
+        lambda ws, a: _search(ws, None, _file(ws.outs / ".result.search" / "study.sqlite3")),
+        2,
+        "--resume continues it, --overwrite starts over",
+    ),
+    (
+        "search-state-not-a-database-on-resume",
+        lambda ws, a: [*_search(ws, None, _file(ws.outs / ".result.search" / "study.sqlite3")), "--resume"],
+        2,
+        "is not an SQLite database",
+    ),
     ("calibrate-onto-the-model", lambda ws, a: ["calibrate", ws.model, "--out", ws.model], 2, "over the input"),
     ("calibrate-onto-a-device", lambda ws, a: ["calibrate", ws.model, "--out", "/dev/null"], 2, "not a regular file"),
     (
@@ -571,6 +628,23 @@ def _file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("user data")
     return path
+
+
+def _search(ws: Workspace, storage: str | None, *_made: object) -> list:
+    """A search target's command line, with --storage when given (`_made`: what the case built first)."""
+    return [ws.model, "--target", "cpu-auto", "--out", ws.out, *(["--storage", storage] if storage else [])]
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _linked_entry(ws: Workspace) -> Path:
+    """The DiT as a diffusers folder with an entry that links to a folder elsewhere."""
+    folder = ws.diffusers_folder()
+    (folder / "sub").symlink_to(_dir(ws.root / "elsewhere"))
+    return folder
 
 
 def _one_line_plan(folder: Path) -> Path:
