@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from core import seeds
 from core.conditions import condition_set, encode
 from core.errors import ConfigError, LoadError
-from core.fileio import write_atomic
+from core.fileio import require_regular_file, write_atomic
 from core.ir import DiffusionProgram
 from core.sampling import sample, uses_guidance
 from core.variants import torch_loop
@@ -111,6 +111,7 @@ def save(traj: Trajectories, path: Path) -> None:
 
 def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
     """Read a capture; with `program`, refuse one captured from a different model or loop."""
+    require_regular_file(path, "calibration file", LoadError)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,19 @@ def write_json(path: Path, data: Any) -> None:
     """Strict JSON: a NaN or Infinity anywhere is a bug upstream and raises instead of writing invalid JSON."""
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def require_regular_file(path: Path, what: str, error: type[Exception] = ConfigError) -> os.stat_result:
+    """`path` is (or links to) a regular file: opening a FIFO would block, a device never ends."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: the {what} is not a regular file (a folder, FIFO or device)")
+    return info
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -23,7 +23,7 @@ from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
 from core.errors import ConfigError, LoadError
-from core.fileio import sha256_files
+from core.fileio import require_regular_file, sha256_files
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
 from core.sampling import check_plan, is_flow, with_scheduler
@@ -105,6 +105,21 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+# What diffusers and transformers read from a component folder: configs, safetensors weights, vocabularies.
+READ_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+
+
+def read_files(folder: Path) -> list[Path]:
+    """The files of a component folder its library reads, each checked to be a regular file (a FIFO
+    would block, a device never end); sub-folders and unrelated files are neither read nor hashed."""
+    files = []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix in READ_SUFFIXES:
+            require_regular_file(entry, "component file", LoadError)
+            files.append(entry)
+    return files
+
+
 def file_digest(paths: list[Path]) -> str:
     return sha256_files(paths)[:16]
 
@@ -161,10 +176,10 @@ def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | 
             }
         steps, guidance = PIPELINE_SAMPLING.get(str(index.get("_class_name")), (20, 2.0))
         sampling = {"scheduler": scheduler["class"], "num_inference_steps": steps, "guidance_scale": guidance}
-        stages = load_stages(folder, index, allow_large, prompts)
-        digested = sorted(
-            f for n in (*TEXT_ENCODERS, *TOKENIZERS, "vae") if (folder / n).is_dir() for f in (folder / n).iterdir()
-        ) + ([folder / PROMPTS_FILE] if (folder / PROMPTS_FILE).is_file() else [])
+        digested = [
+            f for n in (*TEXT_ENCODERS, *TOKENIZERS, "vae") if (folder / n).is_dir() for f in read_files(folder / n)
+        ] + ([folder / PROMPTS_FILE] if (folder / PROMPTS_FILE).is_file() else [])
+        stages = load_stages(folder, index, allow_large, prompts)  # after read_files checked what they read
     elif not (model_dir / "config.json").is_file():
         raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
     config = read_json(model_dir / "config.json")

@@ -15,6 +15,7 @@ from torch import nn
 
 from core import limits
 from core.errors import ConfigError, LoadError, one_line
+from core.fileio import require_regular_file
 from core.ir import Stages
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -115,9 +116,7 @@ def _checked(model: nn.Module, path: Path) -> nn.Module:
 def read_prompts(path: Path) -> tuple[str, ...]:
     """A prompt set: one prompt per line (UTF-8, blank lines and '#' comments skipped)."""
     try:
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such prompts file")
-        if path.stat().st_size > MAX_PROMPTS * MAX_PROMPT_CHARS:
+        if require_regular_file(path, "prompts file").st_size > MAX_PROMPTS * MAX_PROMPT_CHARS:
             raise ConfigError(f"{path}: too large for a prompts file")
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

@@ -17,6 +17,7 @@ from calibration.capture import Trajectories
 from core import limits
 from core.adapters import parameter_count
 from core.errors import ConfigError, InternalError, OptimizerError, is_environment_error
+from core.fileio import require_regular_file
 from core.ir import DiffusionProgram
 from core.loading import MAX_GUIDANCE, load_program
 from core.outputs import check_out_dir, claim, create_staging, input_paths, keep_error_log, publish, resolve
@@ -92,6 +93,9 @@ def check_options(opts: JobOptions) -> None:
         number(opts.guidance, "--guidance", 0.0, MAX_GUIDANCE)
     check_gate_names(opts.gates, "command line")
     integer(opts.workers, "--workers", 1, limits.MAX_WORKERS)
+    for path, what in ((opts.calibration, "calibration file"), (opts.prompts, "prompts file")):
+        if path is not None:
+            require_regular_file(path, what)
     if opts.trials_only and not opts.storage:
         raise ConfigError("--trials-only contributes to a shared study: give its --storage URL")
 

@@ -318,6 +318,12 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         2,
         "is not an SQLite database",
     ),
+    (
+        "calibration-is-a-fifo",
+        lambda ws, a: [ws.model, "--out", ws.out, "--calibration", _fifo(ws.root / "c.safetensors")],
+        2,
+        "the calibration file is not a regular file",
+    ),
     ("calibrate-onto-the-model", lambda ws, a: ["calibrate", ws.model, "--out", ws.model], 2, "over the input"),
     ("calibrate-onto-a-device", lambda ws, a: ["calibrate", ws.model, "--out", "/dev/null"], 2, "not a regular file"),
     (

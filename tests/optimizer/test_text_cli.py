@@ -55,6 +55,17 @@ CASES = [
         lambda f, t: [SHIPPED["dit"], "--prompts", _write(t / "p.txt", "a one")],
         "is not text-conditioned",
     ),
+    ("prompts-is-a-folder", lambda f, t: [f["sd"], "--prompts", t], "the prompts file is not a regular file"),
+    (
+        "fifo-in-a-component",
+        lambda f, t: [_special(_copy(f, t), lambda p: os.mkfifo(p))],
+        "the component file is not a regular file",
+    ),
+    (
+        "dev-zero-link-in-a-component",
+        lambda f, t: [_special(_copy(f, t), lambda p: p.symlink_to("/dev/zero"))],
+        "the component file is not a regular file",
+    ),
     ("no-denoiser", lambda f, t: [_without(_copy(f, t), "unet")], "names no 'transformer' or 'unet' component"),
     ("unsupported-family", lambda f, t: [_renamed(_copy(f, t))], "unsupported architecture 'UVit2DModel' (supported:"),
     (
@@ -63,6 +74,14 @@ CASES = [
         "unsupported text_encoder class 'BertModel'",
     ),
 ]
+
+
+def _special(folder, make):
+    """The pipeline with its tokenizer's first JSON file replaced by a special file (`make(path)`)."""
+    path = sorted((folder / "tokenizer").glob("*.json"))[0]
+    path.unlink()
+    make(path)
+    return folder
 
 
 def _write(path, text):
