@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from core.ir import DiffusionProgram
+from core.validate import integer, string_list
 
 from .runner import LoopGraph, PlanRunner
 
@@ -68,8 +70,9 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self.providers = tuple(options.get("providers", DEFAULT_PROVIDERS))
-        self.threads = int(options.get("threads", 0))
+        self.providers = tuple(string_list(options.get("providers", list(DEFAULT_PROVIDERS)), "backend.providers"))
+        # More intra-op threads than cores only slows a run down (1500: 16x) or deadlocks under a pid limit.
+        self.threads = integer(options.get("threads", 0), "backend.threads", 0, os.cpu_count() or 1)
 
     def options(self) -> dict[str, Any]:
         return {"name": self.name, "providers": list(self.providers)}

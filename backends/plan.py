@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError, LoadError, one_line
 from core.fileio import sha256_files, write_json
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan
-from core.limits import MAX_STEPS
+from core.limits import MAX_SAMPLE_ELEMENTS, MAX_STEPS
 from core.outputs import PLAN_FILE, PLAN_FORMAT, PLAN_VERSIONS, resolve
 from core.sampling import build_scheduler, uses_guidance
 from core.validate import get, integer, is_int, of_type, read_json_object, string_list
@@ -160,6 +161,8 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     shape = get(doc, "sample_shape", list, where, error=LoadError)
     if len(shape) != 3 or not all(is_int(d) and 0 < d <= 65536 for d in shape):
         raise LoadError(f"{where}: sample_shape must be three positive integers, got {shape!r}")
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise LoadError(f"{where}: sample_shape {shape} has over {MAX_SAMPLE_ELEMENTS:,} elements per sample")
     if resolved != doc.get("timesteps"):
         raise LoadError(f"{where}: this diffusers version resolves different timesteps than the plan records")
     steps = get(doc, "steps", list, where, error=LoadError)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from core.errors import ExportError
 from core.ir import DiffusionProgram
+from core.validate import integer
 
 from .ort import OrtBackend
 from .plan import read_plan
@@ -24,6 +24,7 @@ from .runner import PlanRunner
 from .trt_lint import lint_file
 
 ENGINE_SUFFIX = ".plan"
+MAX_ENGINE_BATCH = 1024  # the profile's largest batch (export-triton's max_batch bound)
 
 
 class EngineError(RuntimeError):
@@ -55,9 +56,8 @@ class TensorrtBackend:
     name = "tensorrt"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self.max_batch = int(options.get("max_batch", 16))
-        if self.max_batch < 2:
-            raise ExportError(f"tensorrt: max_batch {self.max_batch} < 2 (a guided step evaluates a batch of 2)")
+        # At least 2: a guided step evaluates a batch of 2.
+        self.max_batch = integer(options.get("max_batch", 16), "tensorrt: max_batch", 2, MAX_ENGINE_BATCH)
         self.fallback_providers = list(options.get("fallback_providers", ["CPUExecutionProvider"]))
         self.fallback = OrtBackend({"providers": self.fallback_providers})
 

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.errors import LimitError, LoadError, one_line
@@ -22,6 +23,7 @@ from core.validate import is_int
 
 MAX_TRAIN_TIMESTEPS = 100_000
 MAX_STEPS = 1_000
+MAX_SAMPLE_ELEMENTS = 1 << 26  # one sample's elements (a 121-frame 720p video latent is ~2.2M)
 MAX_SAMPLES = MAX_FAMILY  # a seed family's size: the sets a run draws must not overlap (core.seeds)
 MAX_REPEATS = 10_000
 MAX_WORKERS = 64  # --workers: search trial processes on one machine
@@ -111,15 +113,49 @@ def _footprint(model_class: str, config_json: str) -> Footprint:
 
 
 def available_memory() -> int:
-    """Bytes the kernel says a new allocation can get now (MemAvailable), else physical memory."""
+    """Bytes a new allocation can get now: the kernel's MemAvailable (else physical memory), and no
+    more than this process's cgroup (a container's limit) has left."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    have = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    headroom = cgroup_headroom()
+    return have if headroom is None else min(have, headroom)
+
+
+NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Limit minus usage of the memory cgroup this process is in (v2 `memory.max` / `memory.current`, v1
+    `memory.limit_in_bytes` / `memory.usage_in_bytes`), or None when there is no limit or no cgroup."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        rel = path.lstrip("/")
+        if controllers == "":  # v2: one unified hierarchy
+            candidates += [(root / rel, "memory.max", "memory.current"), (root, "memory.max", "memory.current")]
+        elif "memory" in controllers.split(","):
+            v1 = root / "memory"
+            candidates += [(v1 / rel, "memory.limit_in_bytes", "memory.usage_in_bytes")]
+            candidates += [(v1, "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    for folder, limit_file, usage_file in candidates:
+        try:
+            limit, usage = (folder / limit_file).read_text().strip(), (folder / usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= NO_LIMIT:
+            return None
+        return max(0, int(limit) - int(usage)) if usage.isdigit() else int(limit)
+    return None
 
 
 def require_memory(need: int, what: str, advice: str, allow_large: bool) -> None:

@@ -115,8 +115,9 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
     return program.replace(plan=plan)
 
 
-def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool) -> None:
-    """Refuse a run whose largest batch, `samples` seeds sampled at once, would not fit in memory."""
+def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool, processes: int = 1) -> None:
+    """Refuse a run whose largest batch, `samples` seeds sampled at once, would not fit in memory, in
+    each of `processes` (a search's --workers each hold the model and run trials)."""
     spec, plan = program.spec, program.plan
     footprint = limits.footprint(spec.model_class, spec.model_config)
     need = limits.job_memory(
@@ -126,7 +127,8 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool)
         uses_guidance(plan, spec.conditioning),
         samples,
     )
-    limits.require_memory(need, "this run", "use fewer --samples / --calibration-samples", allow_large)
+    advice = "use fewer --samples / --calibration-samples" + (" or --workers" if processes > 1 else "")
+    limits.require_memory(need * processes, "this run", advice, allow_large)
 
 
 def load_for_job(model_path: Path, allow_large: bool, prompts: Path | None) -> DiffusionProgram:
@@ -222,7 +224,8 @@ def _load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
         check_space(target.search, program, target.capabilities)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
     # The largest batch is the verification set or the calibration set, each sampled at once.
-    check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large)
+    workers = opts.workers if target.search is not None else 1
+    check_job_memory(program, max(opts.samples, opts.calibration_samples), opts.allow_large, workers)
     judges = plan_judges(program, opts.judges)
     gates = plan_gates({**target.gates, **opts.gates}, judges, explicit=opts.gates)
     given = calib.load(opts.calibration, program) if opts.calibration is not None else None

@@ -14,7 +14,9 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import shutil
+import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -130,15 +132,19 @@ def spawn_workers(model_path: Path, opts: JobOptions, url: str) -> list[multipro
     procs = []
     for index in range(1, opts.workers):
         worker_opts = dataclasses.replace(opts, storage=url, trials_only=True, workers=1)
-        proc = context.Process(target=worker_main, args=(model_path, worker_opts, index), daemon=False)
+        proc = context.Process(target=worker_main, args=(model_path, worker_opts, index, os.getpid()), daemon=False)
         proc.start()
         procs.append(proc)
     return procs
 
 
-def worker_main(model_path: Path, opts: JobOptions, index: int) -> None:
-    """A spawned worker (--trials-only on the job's study): its own trials, its own log prefix."""
+def worker_main(model_path: Path, opts: JobOptions, index: int, parent: int | None = None) -> None:
+    """A spawned worker (--trials-only on the job's study): its own trials, its own log prefix; it dies
+    with the job that spawned it (`parent`), even a SIGKILLed one."""
     import sys
+
+    if parent is not None:
+        die_with_parent(parent)
 
     from optimizer.job import contribute_trials
     from optimizer.targets import get_target
@@ -147,6 +153,18 @@ def worker_main(model_path: Path, opts: JobOptions, index: int) -> None:
         print(f"[optimize worker {index}] {message}", file=sys.stderr, flush=True)
 
     contribute_trials(model_path, get_target(opts.target), opts, lambda it, **_: it, log, index)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG); exit now if it already has."""
+    import contextlib
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent-pid check below still runs
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGTERM)
 
 
 def run_trials_only(

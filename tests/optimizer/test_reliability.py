@@ -339,6 +339,30 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         "over the input",
     ),
     ("sample-onto-a-device", lambda ws, a: ["sample", ws.artifact(a), "--out", "/dev/null"], 2, "not a regular file"),
+    (
+        "plan-backend-threads-over-the-cores",
+        lambda ws, a: _sample(edit_plan(ws.artifact(a), lambda plan: plan["backend"].update(threads=4000)), ws),
+        2,
+        "backend.threads must be <= ",
+    ),
+    (
+        "plan-backend-threads-a-string",
+        lambda ws, a: _sample(edit_plan(ws.artifact(a), lambda plan: plan["backend"].update(threads="8")), ws),
+        2,
+        "backend.threads must be an integer",
+    ),
+    (
+        "plan-tensorrt-max-batch-a-string",
+        lambda ws, a: _sample(edit_plan(ws.artifact(a), lambda plan: plan.update(backend=_trt("16"))), ws),
+        2,
+        "tensorrt: max_batch must be an integer",
+    ),
+    (
+        "plan-sample-shape-huge-in-product",
+        lambda ws, a: _sample(edit_plan(ws.artifact(a), lambda plan: plan.update(sample_shape=[1, 65536, 65536])), ws),
+        2,
+        "elements per sample",
+    ),
     # 2. a runner reads nothing outside its folder and runs only the graphs the plan recorded
     (
         "graph-path-escapes",
@@ -641,6 +665,14 @@ def _search(ws: Workspace, storage: str | None, *_made: object) -> list:
     return [ws.model, "--target", "cpu-auto", "--out", ws.out, *(["--storage", storage] if storage else [])]
 
 
+def _sample(artifact: Path, ws: Workspace) -> list:
+    return ["sample", artifact, "--seed", "0", "--out", ws.outs / "s.png"]
+
+
+def _trt(max_batch: object) -> dict:
+    return {"name": "tensorrt", "max_batch": max_batch, "fallback_providers": ["CPUExecutionProvider"]}
+
+
 def _fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
@@ -817,6 +849,70 @@ def test_memory_estimate_scales_and_allow_large_skips_it(monkeypatch, dit_progra
     with pytest.raises(limits.LimitError, match="--allow-large"):
         limits.require_memory(large, "this run", "use fewer --samples", allow_large=False)
     limits.require_memory(large, "this run", "use fewer --samples", allow_large=True)
+
+
+def test_the_memory_estimate_counts_every_search_worker(monkeypatch, dit_program):
+    from optimizer.job import check_job_memory
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 3 << 30)
+    check_job_memory(dit_program, 100, allow_large=False, processes=1)
+    with pytest.raises(limits.LimitError, match="use fewer --samples / --calibration-samples or --workers"):
+        check_job_memory(dit_program, 100, allow_large=False, processes=24)
+
+
+@pytest.mark.parametrize(
+    "version,limit,usage,expected",
+    [
+        ("v2", "1073741824", "268435456", 805306368),
+        ("v2", "max", "268435456", None),
+        ("v1", "1073741824", "1073741999", 0),
+        ("v1", "9223372036854771712", "1", None),  # v1's "no limit"
+    ],
+)
+def test_the_memory_check_reads_the_cgroup_limit(tmp_path, version, limit, usage, expected):
+    """A 10.4 GiB job in a 6 GiB container was OOM-killed: the headroom is the cgroup's limit minus usage."""
+    membership = tmp_path / "cgroup"
+    if version == "v2":
+        membership.write_text("0::/job\n")
+        folder, files = tmp_path / "fs" / "job", ("memory.max", "memory.current")
+    else:
+        membership.write_text("4:memory:/job\n1:cpu:/\n")
+        folder, files = tmp_path / "fs" / "memory" / "job", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    folder.mkdir(parents=True)
+    (folder / files[0]).write_text(limit + "\n")
+    (folder / files[1]).write_text(usage + "\n")
+    assert limits.cgroup_headroom(tmp_path / "fs", membership) == expected
+    assert limits.cgroup_headroom(tmp_path / "fs", tmp_path / "none") is None
+
+
+def test_a_search_worker_dies_with_its_parent_even_a_sigkilled_one(tmp_path):
+    """Spawned trial workers call die_with_parent: SIGKILL the parent and the worker is gone in seconds."""
+    child = (
+        "import sys, time; from optimizer.search_job import die_with_parent; "
+        "die_with_parent(int(sys.argv[1])); print('ready', flush=True); time.sleep(120)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"c = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())], stdout=-1, text=True); "
+        "assert c.stdout.readline() == 'ready\\n'; print(c.pid, flush=True); time.sleep(120)"
+    )
+    repo = Path(__file__).parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=repo)
+    worker = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _running(worker):
+        time.sleep(0.1)
+    assert not _running(worker)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
