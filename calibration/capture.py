@@ -5,6 +5,7 @@ Stored as safetensors with a fingerprint of the program, so a later run can reus
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,7 +107,19 @@ def save(traj: Trajectories, path: Path) -> None:
         "conditions": json.dumps(traj.conditions),
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_atomic(path, lambda tmp: _save(tensors, tmp, meta))
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """safetensors reports a full disk as its own error: raised as the OSError it is (exit 2)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except SafetensorError as exc:
+        if "os error 28" in str(exc) or "No space left" in str(exc):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise
 
 
 def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:

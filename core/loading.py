@@ -22,7 +22,7 @@ from core import sampling as sampling_scheduler
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
-from core.errors import ConfigError, LoadError
+from core.errors import ConfigError, LoadError, one_line
 from core.fileio import require_regular_file, sha256_files
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
@@ -89,9 +89,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
         raise LoadError(
-            f"{path}: refused, the pickle holds objects other than tensors ({first}); "
+            f"{path}: refused, the pickle holds objects other than tensors ({_unpickler_reason(exc)}); "
             "convert it to safetensors from a trusted environment"
         ) from None
     except Exception as exc:  # zip/EOF/stream errors from a damaged file
@@ -317,8 +316,22 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
-    """NaN/Inf weights make every later number meaningless (and crash the Fréchet distance): refuse now."""
+    """NaN/Inf weights make every later number meaningless (and crash the Fréchet distance): refuse now;
+    float64 weights beyond float32's range too (the model runs in float32, where they become Inf)."""
+    top = torch.finfo(torch.float32).max
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise LoadError(f"{path}: weight '{key}' holds {bad:,} NaN/Inf values; refusing a broken model")
+        if value.dtype == torch.float64 and value.numel() and float(value.abs().max()) > top:
+            bad = int((value.abs() > top).sum())
+            raise LoadError(f"{path}: weight '{key}' holds {bad:,} values beyond float32's range; refusing it")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """What the safe unpickler refused (e.g. 'Unsupported global: GLOBAL os.system'), without torch's
+    advice to load the file unsafely, which we never give."""
+    for line in str(exc).splitlines():
+        if "Unsupported" in line or "WeightsUnpickler error" in line:
+            return one_line(line.split("WeightsUnpickler error:")[-1].split(". ")[0], 160)
+    return "a global the safe loader does not allow"

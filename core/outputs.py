@@ -141,10 +141,14 @@ def check_out_dir(
 ) -> Path:
     """Resolve `--out` and refuse anything but a new folder, an empty one, or (with --overwrite) an
     earlier output of ours (not_ours) that holds none of the inputs."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(out)):
+        raise ConfigError(f"{flag} {str(out)!r}: a path with a newline or control character; choose another")
     resolved = resolve(out, flag)
     clash = _clashes(resolved, inputs)
     if clash is not None:
         raise ConfigError(f"{flag} {out} would write onto, into or over the input {clash}; choose another folder")
+    if resolved.is_dir() and os.path.ismount(resolved):
+        raise ConfigError(f"{flag} {out} is a mount point; the output is renamed into place, so choose a folder in it")
     if resolved.exists() or resolved.is_symlink():
         if not resolved.is_dir():
             raise ConfigError(f"--out {out} exists and is not a folder; refusing to replace it")

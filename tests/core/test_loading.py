@@ -124,9 +124,11 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Exploit(marker)}, ckpt)
     shutil.copy(SHIPPED["dit"].with_suffix(".json"), ckpt.with_suffix(".json"))
-    with pytest.raises(LoadError, match="refused"):
+    with pytest.raises(LoadError, match="refused") as refused:
         load_program(ckpt)
     assert not marker.exists()
+    message = str(refused.value)  # what was refused, and never torch's advice to load it unsafely
+    assert "Unsupported global: GLOBAL" in message and "weights_only" not in message and "safe_globals" not in message
 
 
 def test_unknown_architecture(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -158,9 +159,11 @@ def forged_calibration(ws: Workspace) -> Path:
     return path
 
 
-def poisoned_weights(value: float) -> Callable[[Workspace], list]:
+def poisoned_weights(value: float, dtype: torch.dtype | None = None) -> Callable[[Workspace], list]:
     def build(ws: Workspace) -> list:
         state = load_file(str(ws.model))
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
         key = next(k for k in state if k.endswith("weight"))
         state[key].view(-1)[3] = value
         save_file(state, str(ws.model))
@@ -482,6 +485,20 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
     ),
     # 4. NaN/Inf weights
     ("nan-weights", lambda ws, a: poisoned_weights(float("nan"))(ws), 2, "NaN/Inf"),
+    (
+        "float64-weights-beyond-float32",
+        lambda ws, a: poisoned_weights(1e300, torch.float64)(ws),
+        2,
+        "values beyond float32's range; refusing it",
+    ),
+    ("out-with-a-newline", lambda ws, a: [ws.model, "--out", ws.outs / "r\nerror: x"], 2, "a newline or control"),
+    ("out-is-a-mount-point", lambda ws, a: [ws.model, "--out", "/proc", "--overwrite"], 2, "is a mount point"),
+    (
+        "calibrate-disk-full-inside-safetensors",
+        lambda ws, a: [_safetensors_disk_full(ws), "calibrate", ws.model, "--out", ws.outs / "c.safetensors"][1:],
+        2,
+        "No space left on device",
+    ),
     ("inf-weights", lambda ws, a: poisoned_weights(float("inf"))(ws), 2, "NaN/Inf"),
     # 5. malformed sidecars, targets and options: one line, exit 2
     (
@@ -646,7 +663,7 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
 ]
 
 
-FAILS_DURING_WORK = {"read-only-out", "disk-full-writing-grid"}
+FAILS_DURING_WORK = {"read-only-out", "disk-full-writing-grid", "calibrate-disk-full-inside-safetensors"}
 
 
 def _link(path: Path, target: Path) -> Path:
@@ -663,6 +680,21 @@ def _file(path: Path) -> Path:
 def _search(ws: Workspace, storage: str | None, *_made: object) -> list:
     """A search target's command line, with --storage when given (`_made`: what the case built first)."""
     return [ws.model, "--target", "cpu-auto", "--out", ws.out, *(["--storage", storage] if storage else [])]
+
+
+def _safetensors_disk_full(ws: Workspace) -> None:
+    """safetensors' own error for a full disk, as it raises it."""
+    from safetensors import SafetensorError
+
+    from calibration import capture
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+            '"No space left on device" }) (os error 28)'
+        )
+
+    ws.monkeypatch.setattr(capture, "save_file", full)
 
 
 def _sample(artifact: Path, ws: Workspace) -> list:
