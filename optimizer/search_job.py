@@ -71,13 +71,15 @@ def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> s
 def check_storage(opts: JobOptions, out: Path | None, inputs: list[Path]) -> None:
     """Before any work: a --storage file is no input and a regular file of its kind; the local state
     beside --out is a folder of its own (not a link), and one that exists needs --resume or --overwrite."""
-    from search.study import SQLITE_HEADER, check_storage_file, storage_file
+    from search.study import check_sqlite_state, check_storage_file, storage_file
 
     if opts.storage:
         local = storage_file(opts.storage)
         if local is not None:
             check_out_file(local[0], inputs, "--storage")
             check_storage_file(*local, opts.storage)
+            if local[1] == "sqlite" and local[0].is_file() and local[0].stat().st_size:
+                check_sqlite_state(local[0])
         return
     if out is None:
         return
@@ -94,9 +96,7 @@ def check_storage(opts: JobOptions, out: Path | None, inputs: list[Path]) -> Non
             f"an interrupted search for {out} is kept in {folder}: --resume continues it, --overwrite starts over"
         )
     if opts.resume:
-        with db.open("rb") as f:
-            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                raise ConfigError(f"{db} (the search's state) is not an SQLite database; --overwrite starts over")
+        check_sqlite_state(db)
 
 
 def storage_url(opts: JobOptions, out: Path, name: str, log: Callable[[str], None]) -> str:

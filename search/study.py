@@ -11,7 +11,11 @@ storage that survives the process, so a killed search resumes and several proces
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +74,55 @@ def check_storage_file(path: Path, kind: str, url: str) -> None:
             raise ConfigError(f"--storage {url}: {path} is not an Optuna journal (or over 1 GiB)")
 
 
+MAX_UNFINISHED = 10_000  # RUNNING trials a resumed study may hold (a few per worker are real)
+
+
+def check_sqlite_state(db: Path) -> None:
+    """An SQLite study file a search resumes, read-only: a database, intact, with no triggers or views
+    (SQL that would run on our writes), a schema this Optuna knows, and a bounded number of unfinished
+    trials (a million made --resume spin for minutes)."""
+    import sqlite3
+
+    with db.open("rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise ConfigError(f"{db} is not an SQLite database; --overwrite starts over")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            if con.execute("PRAGMA quick_check").fetchone() != ("ok",):
+                raise ConfigError(f"{db} is damaged (SQLite's quick_check failed); --overwrite starts over")
+            kinds = {k for (k,) in con.execute("SELECT type FROM sqlite_master WHERE type IN ('trigger', 'view')")}
+            if kinds:
+                raise ConfigError(f"{db} holds {' and '.join(sorted(kinds))}s, which a study never has; refusing it")
+            (version,) = con.execute("SELECT version_num FROM alembic_version").fetchone() or ("?",)
+            if version not in _schema_versions():
+                raise ConfigError(f"{db}: study schema {version!r} is unknown to this Optuna; --overwrite starts over")
+            (running,) = con.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{db} is not a readable study ({one_line(exc, 120)}); --overwrite starts over") from None
+    if running > MAX_UNFINISHED:
+        raise ConfigError(f"{db} holds {running:,} unfinished trials (at most {MAX_UNFINISHED:,}); refusing it")
+
+
+@functools.cache
+def _schema_versions() -> frozenset[str]:
+    """The study schema revisions this Optuna's migrations know (alembic's version_num)."""
+    folder = Path(optuna.__file__).parent / "storages" / "_rdb" / "alembic" / "versions"
+    found = (re.search(r'^revision = "([^"]+)"', p.read_text(), re.M) for p in folder.glob("*.py"))
+    return frozenset(m[1] for m in found if m)
+
+
+def valid_metrics(metrics: Any) -> bool:
+    """A trial's recorded metrics as run_trials writes them (a forged trial's are not evaluated)."""
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("feasible"), bool):
+        return False
+    numbers = [metrics.get(k) for k in ("speedup", "loop_ms", "original_loop_ms", "nfe", "seconds")]
+    constraints = metrics.get("constraints")
+    if not isinstance(constraints, dict):
+        return False
+    numbers += list(constraints.values())
+    return all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
+
+
 def storage(url: str) -> optuna.storages.BaseStorage | str:
     """An Optuna storage URL, or a journal file (a path ending in .log / .journal)."""
     if url.endswith((".log", ".journal")) and "://" not in url:
@@ -101,7 +154,7 @@ def evaluated(study: optuna.Study) -> list[FrozenTrial]:
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "repeat_of" not in t.user_attrs and METRICS in t.user_attrs
+        if "repeat_of" not in t.user_attrs and valid_metrics(t.user_attrs.get(METRICS))
     ]
 
 

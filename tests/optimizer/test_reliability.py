@@ -316,6 +316,36 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         "--resume continues it, --overwrite starts over",
     ),
     (
+        "search-state-with-a-trigger-on-resume",
+        lambda ws, a: [
+            *_search(ws, None, _state_db(ws, "CREATE TRIGGER t AFTER INSERT ON trials BEGIN SELECT 1; END")),
+            "--resume",
+        ],
+        2,
+        "holds triggers, which a study never has",
+    ),
+    (
+        "search-state-of-a-future-schema-on-resume",
+        lambda ws, a: [
+            *_search(ws, None, _state_db(ws, "UPDATE alembic_version SET version_num = 'v9.9.9'")),
+            "--resume",
+        ],
+        2,
+        "study schema 'v9.9.9' is unknown to this Optuna",
+    ),
+    (
+        "search-state-with-a-million-running-trials-on-resume",
+        lambda ws, a: [*_search(ws, None, _state_db(ws, RUNNING_TRIALS)), "--resume"],
+        2,
+        "holds 1,000,000 unfinished trials (at most 10,000)",
+    ),
+    (
+        "search-state-truncated-on-resume",
+        lambda ws, a: [*_search(ws, None, _truncated(_state_db(ws, None))), "--resume"],
+        2,
+        "is not a readable study",
+    ),
+    (
         "search-state-not-a-database-on-resume",
         lambda ws, a: [*_search(ws, None, _file(ws.outs / ".result.search" / "study.sqlite3")), "--resume"],
         2,
@@ -703,6 +733,33 @@ def _sample(artifact: Path, ws: Workspace) -> list:
 
 def _trt(max_batch: object) -> dict:
     return {"name": "tensorrt", "max_batch": max_batch, "fallback_providers": ["CPUExecutionProvider"]}
+
+
+RUNNING_TRIALS = (
+    "INSERT INTO trials (number, study_id, state, datetime_start) WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL "
+    "SELECT i + 1 FROM n WHERE i < 999999) SELECT i, 1, 'RUNNING', '2026-01-01 00:00:00' FROM n"
+)
+
+
+def _state_db(ws: Workspace, sql: str | None) -> Path:
+    """The local search state beside --out: a real Optuna study file, then `sql` run on it."""
+    import sqlite3
+
+    import optuna
+
+    db = ws.outs / ".result.search" / "study.sqlite3"
+    db.parent.mkdir()
+    optuna.create_study(storage=f"sqlite:///{db}", study_name="s")
+    if sql:
+        with sqlite3.connect(db) as con:
+            con.execute(sql)
+    return db
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def _fifo(path: Path) -> Path:

@@ -201,3 +201,15 @@ def test_a_knob_choice_that_changes_nothing_is_found():
     cache[prefix_key(planned[:2])] = (same, None)
     assert idle_knobs(space, params, planned, start, cache) == ["steps=same", "loop=half"]
     assert idle_knobs(space, {"steps": "20", "loop": "none"}, [], start, {}) == []
+
+
+def test_a_forged_trial_is_not_counted_as_evaluated():
+    from search.study import valid_metrics
+
+    good = {"feasible": True, "speedup": 2.0, "loop_ms": 5.0, "original_loop_ms": 10.0, "nfe": 4, "seconds": 3.0}
+    assert valid_metrics({**good, "constraints": {"max_fd_self_ratio": -0.1}})
+    assert not valid_metrics({**good, "constraints": {"max_fd_self_ratio": "low"}})
+    assert not valid_metrics({**good, "speedup": "fast", "constraints": {}})
+    assert not valid_metrics({**good, "speedup": float("nan"), "constraints": {}})
+    assert not valid_metrics({**good, "feasible": "yes", "constraints": {}})
+    assert not valid_metrics("metrics")
