@@ -104,6 +104,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+SCHEDULER_FILE = "scheduler_config.json"
 # What diffusers and transformers read from a component folder: configs, safetensors weights, vocabularies.
 READ_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 
@@ -140,7 +141,7 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
         scheduler=get(meta, "scheduler", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SCHEDULER,
         sampling=get(meta, "sampling", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SAMPLING,
         conditioning=None if cond is None else _conditioning(cond, f"{where}: conditioning"),
-        source=Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
+        source=lambda: Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
         where=where,
         allow_large=allow_large,
     )
@@ -167,10 +168,10 @@ def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | 
         model_dir = folder / component
         if not (model_dir / "config.json").is_file():
             raise LoadError(f"{folder}: model_index.json names '{component}', but {component}/config.json is missing")
-        if (folder / "scheduler" / "scheduler_config.json").exists():
-            sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        if (folder / "scheduler" / SCHEDULER_FILE).exists():
+            sched = read_json(folder / "scheduler" / SCHEDULER_FILE)
             scheduler = {
-                "class": get(sched, "_class_name", str, "scheduler_config.json", "DDPMScheduler", LoadError),
+                "class": get(sched, "_class_name", str, SCHEDULER_FILE, "DDPMScheduler", LoadError),
                 "config": sched,
             }
         steps, guidance = PIPELINE_SAMPLING.get(str(index.get("_class_name")), (20, 2.0))
@@ -192,8 +193,9 @@ def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | 
         scheduler=scheduler,
         sampling=sampling,
         conditioning=None,
-        source=Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights, *digested])),
+        source=lambda: Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights, *digested])),
         where=str(model_dir / "config.json"),
+        scheduler_where=None if scheduler is DEFAULT_SCHEDULER else str(folder / "scheduler" / SCHEDULER_FILE),
         allow_large=allow_large,
         stages=stages,
     )
@@ -206,20 +208,27 @@ def _assemble(
     scheduler: dict[str, Any],
     sampling: dict[str, Any],
     conditioning: Conditioning | None,
-    source: Source,
+    source: Callable[[], Source],
     where: str,
     allow_large: bool,
     stages: Stages | None = None,
+    scheduler_where: str | None = None,
 ) -> DiffusionProgram:
-    """Check everything that is cheap to check, estimate the cost, then build and load."""
+    """Check everything that is cheap to check, estimate the cost, then hash (`source()`), build and load.
+    `scheduler_where`: the file the scheduler came from (a pipeline's scheduler_config.json)."""
     adapter = adapter_for(model_class)
     finite_tree(config, f"{where}: config", LoadError)
     limits.check_caps(config, adapter.CAPS, f"{where}: config")
     timesteps = partial(adapter.timestep_plan, config) if isinstance(adapter, TextAdapter) else None
-    plan = _plan(scheduler, sampling, where, timesteps)
+    plan = _plan(scheduler, sampling, scheduler_where or where, timesteps)
     footprint = limits.footprint(model_class, config)
-    need = 2 * max(footprint.weight_bytes, weights.stat().st_size)  # the file's tensors + the model
-    limits.require_memory(need, f"loading {footprint.parameters:,} parameters", LARGE_ADVICE, allow_large)
+    size = weights.stat().st_size
+    need = 2 * max(footprint.weight_bytes, size)  # the file's tensors + the model
+    what = (
+        f"loading {weights.name} ({size / limits.GIB:.1f} GiB on disk, {footprint.parameters:,} parameters by config)"
+    )
+    limits.require_memory(need, what, LARGE_ADVICE, allow_large)
+    source = source()  # hashed only once the memory check let it load
     model = adapter.build(config)
     state = read_weights(weights)
     _check_shapes(model, state, source)

@@ -1041,3 +1041,32 @@ def test_exit_codes_are_documented():
     assert "measured and held" in rows[str(EXIT_PASS)] and "not measured" in rows[str(EXIT_GATE_FAILED)]
     assert "bad input" in rows[str(EXIT_BAD_INPUT)] and "internal error" in rows[str(EXIT_INTERNAL)]
     assert signal_codes == [(str(EXIT_SIGNAL_BASE + signals.SIGINT), str(EXIT_SIGNAL_BASE + signals.SIGTERM))]
+
+
+def test_a_huge_weights_file_is_refused_by_size_before_it_is_hashed(tmp_path, monkeypatch):
+    """A 64 GiB sparse weights file: the memory check refuses it from its size alone, naming the file's
+    size and the config's parameter count, without reading a byte of it."""
+    from core import loading
+
+    model = tmp_path / SHIPPED["dit"].name
+    shutil.copy(SHIPPED["dit"].with_suffix(".json"), model.with_suffix(".json"))
+    with model.open("wb") as f:
+        f.truncate(64 << 30)
+    monkeypatch.setattr(limits, "available_memory", lambda: DOCUMENTED_MACHINE)
+
+    def never(paths):
+        raise AssertionError(f"hashed {paths}")
+
+    monkeypatch.setattr(loading, "file_digest", never)
+    result = CliRunner().invoke(main, [str(model), "--out", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    parameters = f"{limits.footprint('DiTTransformer2DModel', _dit_config()).parameters:,}"
+    assert result.stderr.strip() == (
+        f"error: loading {model.name} (64.0 GiB on disk, {parameters} parameters by config) needs about 128.0 GiB"
+        " of memory and 24.0 GiB is available; this machine cannot hold the model (or pass --allow-large to try"
+        " anyway)"
+    )
+
+
+def _dit_config() -> dict:
+    return json.loads(SHIPPED["dit"].with_suffix(".json").read_text())["model"]["config"]

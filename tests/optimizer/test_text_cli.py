@@ -66,6 +66,11 @@ CASES = [
         lambda f, t: [_special(_copy(f, t), lambda p: p.symlink_to("/dev/zero"))],
         "the component file is not a regular file",
     ),
+    (
+        "unknown-scheduler-class",
+        lambda f, t: [_scheduler(_copy(f, t), _class_name="NoSuchScheduler")],
+        "scheduler/scheduler_config.json: scheduler.class",
+    ),
     ("no-denoiser", lambda f, t: [_without(_copy(f, t), "unet")], "names no 'transformer' or 'unet' component"),
     ("unsupported-family", lambda f, t: [_renamed(_copy(f, t))], "unsupported architecture 'UVit2DModel' (supported:"),
     (
@@ -81,6 +86,12 @@ def _special(folder, make):
     path = sorted((folder / "tokenizer").glob("*.json"))[0]
     path.unlink()
     make(path)
+    return folder
+
+
+def _scheduler(folder, **changes):
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     return folder
 
 
