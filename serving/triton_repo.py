@@ -12,6 +12,7 @@ The pipeline model needs this package, torch and diffusers in the server's Pytho
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tempfile
@@ -144,6 +145,11 @@ def export_repository(
         shutil.copy2(MODELS / "pipeline_model.py", version / "model.py")
         (tmp / PIPELINE / "config.pbtxt").write_text(_pipeline_config(plan, max_batch, instances, delay_us))
         tmp.rename(repo)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # shutil names the source file; the full disk is the repo's
+            raise OSError(exc.errno, exc.strerror, str(repo)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

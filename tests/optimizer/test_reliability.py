@@ -316,6 +316,24 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         "--resume continues it, --overwrite starts over",
     ),
     (
+        "search-state-a-fifo",
+        lambda ws, a: _search(ws, None, _fifo(_dir(ws.outs / ".result.search") / "study.sqlite3")),
+        2,
+        "is a link or not a regular file",
+    ),
+    (
+        "search-state-a-folder",
+        lambda ws, a: _search(ws, None, _dir(_dir(ws.outs / ".result.search") / "study.sqlite3")),
+        2,
+        "is a link or not a regular file",
+    ),
+    (
+        "search-state-a-file-where-its-folder-goes",
+        lambda ws, a: _search(ws, None, _file(ws.outs / ".result.search")),
+        2,
+        "is a link or not a folder",
+    ),
+    (
         "search-state-with-a-trigger-on-resume",
         lambda ws, a: [
             *_search(ws, None, _state_db(ws, "CREATE TRIGGER t AFTER INSERT ON trials BEGIN SELECT 1; END")),

@@ -91,3 +91,20 @@ def test_a_text_to_image_export_copies_exactly_the_recorded_tokenizer_files(cach
     assert refused.exit_code == 2 and not (tmp_path / "repo2").exists()
     line = refused.stderr.strip()
     assert line.endswith("holds ['extra.txt'] not recorded in plan.json, lacks nothing"), line
+
+
+def test_a_full_disk_during_export_names_the_repository_not_the_artifact(tiny_digits_program, tmp_path, monkeypatch):
+    import errno
+
+    from serving import triton_repo
+
+    lower(tiny_digits_program, tmp_path / "artifact")
+
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(triton_repo.shutil, "copy2", full)
+    result = invoke("export-triton", tmp_path / "artifact", "--repo", tmp_path / "repo")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: No space left on device: {tmp_path / 'repo'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
