@@ -41,15 +41,18 @@ def required_opset(layers: Mapping[str, QuantizedLayer]) -> int:
 
 
 def insert_qdq(
-    model: onnx.ModelProto, layers: Mapping[str, QuantizedLayer], prefix: str = "model.", allow_missing: bool = False
+    model: onnx.ModelProto,
+    layers: Mapping[str, QuantizedLayer],
+    scopes: Mapping[str, str],
+    allow_missing: bool = False,
 ) -> int:
-    """Rewrite `model` in place; returns the number of layers quantized. Every layer must be found
-    unless `allow_missing`."""
+    """Rewrite `model` in place; returns the number of layers quantized. `scopes`: the exported module's
+    path of each quantized layer -> the layer's name. Every layer must be found unless `allow_missing`."""
     inits = {i.name: i for i in model.graph.initializer}
     found: dict[str, int] = {}  # layer -> node index
     for index, node in enumerate(model.graph.node):
         if node.op_type in LINEAR_OPS and len(node.input) > 1 and node.input[1] in inits:
-            layer = _layer_of(node, layers, prefix)
+            layer = _layer_of(node, scopes)
             if layer is not None:
                 if layer in found:
                     raise ExportError(f"layer '{layer}' maps to more than one graph node")
@@ -92,22 +95,25 @@ def export_quantized(
     A cached variant (`carried_in`) skips some layers, so only the layers it runs must be found."""
     layers = quantized_layers(denoiser.model)
     opset = required_opset(layers)
+    # A layer runs under whichever path the exported module reaches it by (a cache variant's shell and
+    # wrappers), so graph scopes are matched by module identity, not by a fixed prefix.
+    names = {id(module): name for name, module in denoiser.model.named_modules() if name in layers}
+    scopes = {path: names[id(m)] for path, m in denoiser.named_modules(remove_duplicate=False) if id(m) in names}
     with export_mode(denoiser):
         export_onnx(denoiser, spec, path, opset=opset, carried_in=carried_in, carried_out=carried_out)
     model = onnx.load(str(path))  # with its weights, wherever they are
-    insert_qdq(model, layers, allow_missing=bool(carried_in))
+    insert_qdq(model, layers, scopes, allow_missing=bool(carried_in))
     save_model(model, path)
     check_graph_file(path)
     return path
 
 
-def _layer_of(node: onnx.NodeProto, layers: Mapping[str, QuantizedLayer], prefix: str) -> str | None:
+def _layer_of(node: onnx.NodeProto, scopes: Mapping[str, str]) -> str | None:
+    """The quantized layer whose inner module (`<layer path>.inner`) the node was exported in."""
     meta = {p.key: p.value for p in node.metadata_props}
-    scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-    for scope in reversed(scopes):
-        if scope.startswith(prefix) and scope.endswith(".inner"):
-            name = scope[len(prefix) : -len(".inner")]
-            return name if name in layers else None
+    for scope in reversed(ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))):
+        if scope.endswith(".inner"):
+            return scopes.get(scope.removesuffix(".inner"))
     return None
 
 

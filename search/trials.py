@@ -113,8 +113,9 @@ class TrialRunner:
         """The program lowered on the backend, once per program (an empty recipe is the original itself;
         the attribution's prefixes were often trials already)."""
         if id(program) not in self._lowered:
-            folder = self.folder / f"g{len(self._lowered)}"
-            folder.mkdir()
+            # A folder of its own per attempt: a lowering that failed (a trial found not applicable) left
+            # its folder, and the next program must not reuse that name (it did: FileExistsError, exit 3).
+            folder = Path(tempfile.mkdtemp(prefix=f"g{len(self._lowered)}-", dir=self.folder))
             self.backend.lower(program, folder)
             self._lowered[id(program)] = (program, self.backend.runner(folder))  # the program keeps its id
         return self._lowered[id(program)][1]

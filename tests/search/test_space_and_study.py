@@ -213,3 +213,32 @@ def test_a_forged_trial_is_not_counted_as_evaluated():
     assert not valid_metrics({**good, "speedup": float("nan"), "constraints": {}})
     assert not valid_metrics({**good, "feasible": "yes", "constraints": {}})
     assert not valid_metrics("metrics")
+
+
+def test_a_lowering_that_failed_leaves_no_name_for_the_next_program_to_collide_with(tmp_path):
+    """A trial found not applicable while lowering left its folder; the next program lowered (exit 3 before:
+    FileExistsError on the same folder name) gets a folder of its own."""
+    from types import SimpleNamespace
+
+    from core.errors import ExportError
+    from search.trials import TrialRunner
+
+    class Backend:
+        def __init__(self):
+            self.attempts = []
+
+        def lower(self, program, folder):
+            self.attempts.append(folder)
+            if program == "fails":
+                raise ExportError("quantized layers not found in the exported graph")
+            (folder / "plan.json").write_text("{}")
+
+        def runner(self, folder):
+            return folder
+
+    backend = Backend()
+    runner = SimpleNamespace(folder=tmp_path, _lowered={}, backend=backend)
+    with pytest.raises(ExportError):
+        TrialRunner._lower(runner, "fails")
+    lowered = TrialRunner._lower(runner, "works")
+    assert (lowered / "plan.json").is_file() and len(set(backend.attempts)) == 2
