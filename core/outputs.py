@@ -151,16 +151,16 @@ def check_out_dir(
         raise ConfigError(f"{flag} {out} is a mount point; the output is renamed into place, so choose a folder in it")
     if resolved.exists() or resolved.is_symlink():
         if not resolved.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a folder; refusing to replace it")
+            raise ConfigError(f"{flag} {out} exists and is not a folder; refusing to replace it")
         if any(resolved.iterdir()):
             if not overwrite:
-                raise ConfigError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
+                raise ConfigError(f"{flag} {out} exists and is not empty (use --overwrite to replace it)")
             why = not_ours(resolved, own, side_suffixes)
             if why is not None:
                 raise ConfigError(
-                    f"--out {out} is not an `optimize` output folder: {why}; --overwrite replaces only those"
+                    f"{flag} {out} is not an `optimize` output folder: {why}; --overwrite replaces only those"
                 )
-    _check_writable_parent(resolved, "--out")
+    _check_writable_parent(resolved, flag)
     return resolved
 
 

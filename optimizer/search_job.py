@@ -78,8 +78,6 @@ def check_storage(opts: JobOptions, out: Path | None, inputs: list[Path]) -> Non
         if local is not None:
             check_out_file(local[0], inputs, "--storage")
             check_storage_file(*local, opts.storage)
-            if local[1] == "sqlite" and local[0].is_file() and local[0].stat().st_size:
-                check_sqlite_state(local[0])
         return
     if out is None:
         return

@@ -60,47 +60,50 @@ def storage_file(url: str) -> tuple[Path, str] | None:
 
 
 def check_storage_file(path: Path, kind: str, url: str) -> None:
-    """A storage file's folder exists; an existing file is a regular file and a database or journal."""
+    """A storage file's folder exists; an existing file is a regular file and a journal, or an SQLite
+    study as check_sqlite_state reads it."""
     if not path.parent.is_dir():
         raise ConfigError(f"--storage {url}: the folder {path.parent} does not exist")
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise ConfigError(f"--storage {url}: {path} is a link or not a regular file")
-    if path.exists() and path.stat().st_size:
-        with path.open("rb") as f:
-            head = f.read(len(SQLITE_HEADER))
-        if kind == "sqlite" and head != SQLITE_HEADER:
-            raise ConfigError(f"--storage {url}: {path} is not an SQLite database")
-        if kind == "journal" and (not head.startswith(b"{") or path.stat().st_size > MAX_JOURNAL_BYTES):
-            raise ConfigError(f"--storage {url}: {path} is not an Optuna journal (or over 1 GiB)")
+    if not (path.exists() and path.stat().st_size):
+        return
+    if kind == "sqlite":
+        check_sqlite_state(path, "choose another --storage file")
+        return
+    with path.open("rb") as f:
+        head = f.read(1)
+    if head != b"{" or path.stat().st_size > MAX_JOURNAL_BYTES:
+        raise ConfigError(f"--storage {url}: {path} is not an Optuna journal (or over 1 GiB)")
 
 
 MAX_UNFINISHED = 10_000  # RUNNING trials a resumed study may hold (a few per worker are real)
 
 
-def check_sqlite_state(db: Path) -> None:
+def check_sqlite_state(db: Path, advice: str = "--overwrite starts over") -> None:
     """An SQLite study file a search resumes, read-only: a database, intact, with no triggers or views
     (SQL that would run on our writes), a schema this Optuna knows, and a bounded number of unfinished
-    trials (a million made --resume spin for minutes)."""
+    trials (a million made --resume spin for minutes). `advice` ends each refusal."""
     import sqlite3
 
     with db.open("rb") as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise ConfigError(f"{db} is not an SQLite database; --overwrite starts over")
+            raise ConfigError(f"{db} is not an SQLite database; {advice}")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
             if con.execute("PRAGMA quick_check").fetchone() != ("ok",):
-                raise ConfigError(f"{db} is damaged (SQLite's quick_check failed); --overwrite starts over")
+                raise ConfigError(f"{db} is damaged (SQLite's quick_check failed); {advice}")
             kinds = {k for (k,) in con.execute("SELECT type FROM sqlite_master WHERE type IN ('trigger', 'view')")}
             if kinds:
-                raise ConfigError(f"{db} holds {' and '.join(sorted(kinds))}s, which a study never has; refusing it")
+                raise ConfigError(f"{db} holds {' and '.join(sorted(kinds))}s, which a study never has; {advice}")
             (version,) = con.execute("SELECT version_num FROM alembic_version").fetchone() or ("?",)
             if version not in _schema_versions():
-                raise ConfigError(f"{db}: study schema {version!r} is unknown to this Optuna; --overwrite starts over")
+                raise ConfigError(f"{db}: study schema {version!r} is unknown to this Optuna; {advice}")
             (running,) = con.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()
     except sqlite3.Error as exc:
-        raise ConfigError(f"{db} is not a readable study ({one_line(exc, 120)}); --overwrite starts over") from None
+        raise ConfigError(f"{db} is not a readable study ({one_line(exc, 120)}); {advice}") from None
     if running > MAX_UNFINISHED:
-        raise ConfigError(f"{db} holds {running:,} unfinished trials (at most {MAX_UNFINISHED:,}); refusing it")
+        raise ConfigError(f"{db} holds {running:,} unfinished trials (at most {MAX_UNFINISHED:,}); {advice}")
 
 
 @functools.cache
