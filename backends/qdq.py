@@ -11,6 +11,7 @@ layer's own before it is replaced.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -113,8 +114,23 @@ def _layer_of(node: onnx.NodeProto, scopes: Mapping[str, str]) -> str | None:
     meta = {p.key: p.value for p in node.metadata_props}
     for scope in reversed(ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))):
         if scope.endswith(".inner"):
-            return scopes.get(scope.removesuffix(".inner"))
+            return scopes.get(module_path(scope.removesuffix(".inner")))
     return None
+
+
+_SLICE = re.compile(r"\.slice\((\d+|None), (\d+|None), (\d+|None)\)\.(\d+)")
+
+
+def module_path(scope: str) -> str:
+    """An exporter scope as the module's path: a layer reached through a sliced ModuleList
+    (`resnets.slice(1, None, None).0`, as diffusers' UNet mid block iterates `self.resnets[1:]`) is
+    `resnets.1`."""
+
+    def index(m: re.Match) -> str:
+        start, step = int(m[1]) if m[1] != "None" else 0, int(m[3]) if m[3] != "None" else 1
+        return f".{start + step * int(m[4])}"
+
+    return _SLICE.sub(index, scope)
 
 
 def _layout(node: onnx.NodeProto) -> str:

@@ -270,3 +270,36 @@ def test_formats_per_layer_by_sensitivity_and_integer_programming(dit_program, t
         plan_passes([{"pass": "quantize", "config": {"fallback_formats": ["int2"]}}], ALL)
     with pytest.raises(ConfigError, match="fp8 needs the 'fp8' capability"):
         plan_passes([{"pass": "quantize", "config": {"layer_weights": {"proj_out_2": "fp8"}}}], ALL - {"fp8"})
+
+
+def test_a_layer_reached_through_a_sliced_module_list_is_matched_by_its_module_path():
+    from backends.qdq import module_path
+
+    # diffusers' UNet mid block iterates self.resnets[1:]: the exporter names that path with the slice.
+    assert module_path("shell.mid_block.resnets.slice(1, None, None).0.conv1") == "shell.mid_block.resnets.1.conv1"
+    assert module_path("m.blocks.slice(None, None, 2).3.proj") == "m.blocks.6.proj"
+    assert module_path("model.mid_block.resnets.1.conv2") == "model.mid_block.resnets.1.conv2"
+
+
+def test_int8_with_a_cache_schedule_lowers_every_layer_of_the_sd_unet_full_step(text_folders, tmp_path):
+    """Found by re-measuring cpu-auto: the full step of a cached SD UNet reaches the mid block's second
+    resnet through a sliced ModuleList, and its two convolutions were reported missing (ExportError)."""
+    from helpers import lower
+
+    from calibration.capture import capture_calibration
+    from core.loading import load_program
+
+    program = load_program(text_folders["sd"])
+    program = program.replace(plan=dataclasses.replace(program.plan, num_inference_steps=6))
+    recipe = [
+        {"pass": "quantize", "config": {"weights": "int8", "activations": "uint8", "calibration": "timestep"}},
+        {"pass": "cache", "config": {"flops_budget": 0.9}},
+    ]
+    quantized = run_recipe(program, capture_calibration(program, 2), recipe, frozenset({"fp32", "int8"}))
+    assert quantized.plan.cache is not None
+    lower(quantized, tmp_path / "artifact")
+    full = onnx.load(str(tmp_path / "artifact" / "denoiser_full.onnx"), load_external_data=False)
+    dequantized = [n.name for n in full.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {name.removesuffix(".weight_DequantizeLinear") for name in dequantized}
+    assert set(quantized_layers(denoiser_module(quantized).model)) <= weights
+    assert {"mid_block.resnets.1.conv1", "mid_block.resnets.1.conv2"} <= weights
