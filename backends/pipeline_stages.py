@@ -7,7 +7,6 @@ decoder.onnx. Neither stage is optimized unless a pass says so; both are verifie
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.errors import LoadError
-from core.fileio import sha256_files
+from core.fileio import recorded_file, sha256_files
 from core.ir import DiffusionProgram, Stages
 from core.stages import TOKENIZER_CLASSES, TOKENIZERS, decoder
 from core.validate import get, of_type
@@ -92,14 +91,7 @@ def _check_tokenizer_files(folder: Path, files: dict[str, Any]) -> None:
         extra, missing = sorted(present - set(files)), sorted(set(files) - present)
         raise LoadError(f"{where}: holds {extra or 'nothing'} not recorded in plan.json, lacks {missing or 'nothing'}")
     for name, digest in files.items():
-        path = folder / name
-        info = path.lstat()
-        if not stat.S_ISREG(info.st_mode):
-            raise LoadError(f"{where}: {name} is a link or not a regular file; refusing to read it")
-        if info.st_size > MAX_TOKENIZER_FILE_BYTES:
-            raise LoadError(f"{where}: {name} is {info.st_size:,} bytes (at most {MAX_TOKENIZER_FILE_BYTES:,})")
-        if sha256_files([path]) != digest:
-            raise LoadError(f"{where}: {name} does not match its recorded sha256; refusing to read it")
+        recorded_file(folder, name, digest, where, MAX_TOKENIZER_FILE_BYTES)
 
 
 class StageRunner:

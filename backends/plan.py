@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError, LoadError, one_line
-from core.fileio import sha256_files, write_json
+from core.fileio import recorded_file, sha256_files, write_json
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan
 from core.limits import MAX_SAMPLE_ELEMENTS, MAX_STEPS
 from core.outputs import PLAN_FILE, PLAN_FORMAT, PLAN_VERSIONS, resolve
@@ -112,6 +112,28 @@ def write_plan(folder: Path, document: dict[str, Any]) -> Path:
     return path
 
 
+def record_files(folder: Path, names: list[str]) -> None:
+    """List more of the artifact's files (TensorRT engines, the calibration set) with their sha256 under
+    plan.json's `files`: every file we write is recorded; a reader checks one before it loads it."""
+    path = folder / PLAN_FILE
+    doc = read_json_object(path, LoadError, PLAN_FILE)
+    doc["files"] = {**doc.get("files", {}), **{name: sha256(folder / name) for name in names}}
+    write_plan(folder, doc)
+
+
+def recorded_files(doc: dict[str, Any], where: str) -> dict[str, str]:
+    """plan.json's `files` ({name: sha256}), its shape checked (the files are hashed where they are loaded)."""
+    files = get(doc, "files", dict, where, {}, error=LoadError)
+    for name, digest in files.items():
+        if Path(name).name != name or name in ("", ".", "..") or not _is_sha256(digest):
+            raise LoadError(f"{where}: files lists {name!r}, which is not a file name with its sha256")
+    return files
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedPlan:
     folder: Path
@@ -172,6 +194,7 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
         graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:
             raise LoadError(f"{where}: step {i} names graph {graph!r}, which the plan does not provide")
+    recorded_files(doc, where)
     stages = read_stages(doc, folder, where, check)
     if conditioning.text and "prompt_encoder" not in stages:
         raise LoadError(f"{where}: a text-conditioned plan needs its prompt encoder stage")
@@ -214,17 +237,7 @@ def _check_io(folder: Path, name: str, graph: dict[str, Any], where: str) -> Non
 
 def _checked_file(folder: Path, name: str, entry: dict[str, Any], where: str) -> Path:
     file = get(entry, "file", str, f"{where}: graphs.{name}", error=LoadError)
-    if Path(file).name != file or file in ("", ".", ".."):
-        raise LoadError(f"{where}: graph '{name}' file {file!r} is not a file name inside the artifact folder")
-    path = folder / file
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise LoadError(f"{where}: graph '{name}' file {file} is a link or not a regular file; refusing to run it")
-    if not path.exists():
-        raise LoadError(f"{where}: graph '{name}' file {file} is missing")
-    recorded = get(entry, "sha256", str, f"{where}: graphs.{name}", error=LoadError)
-    if sha256(path) != recorded:
-        raise LoadError(f"{where}: graph '{name}' file {file} does not match its recorded sha256; refusing to run it")
-    return path
+    return recorded_file(folder, file, entry.get("sha256"), f"{where}: graph '{name}'")
 
 
 def _check_external_data(path: Path, allowed: str | None) -> None:

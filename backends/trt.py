@@ -19,7 +19,7 @@ from core.ir import DiffusionProgram
 from core.validate import integer
 
 from .ort import OrtBackend
-from .plan import read_plan
+from .plan import read_plan, record_files
 from .runner import PlanRunner
 from .trt_lint import lint_file
 
@@ -76,6 +76,7 @@ class TensorrtBackend:
 
             cache = folder / TIMING_CACHE
             built = [build_engine(folder / g, engine_path(folder / g), cache, self.max_batch) for g in written["onnx"]]
+            record_files(folder, [p.name for p in built])
             status = {"built": [p.name for p in built]}
         else:
             status = {"built": [], "reason": reason or "the TensorRT lint found errors (see the lint)"}

@@ -16,9 +16,10 @@ import tensorrt as trt
 import torch
 
 from core.errors import ExportError, LoadError
-from core.fileio import write_bytes
+from core.fileio import recorded_file, write_bytes
+from core.outputs import PLAN_FILE
 
-from .plan import read_plan
+from .plan import read_plan, recorded_files
 from .runner import LoopGraph, PlanRunner
 from .trt import EngineError, engine_path
 
@@ -119,9 +120,13 @@ def open_engine_runner(folder: Path, describe: dict[str, Any]) -> PlanRunner:
     plan = read_plan(Path(folder), files=False)  # PlanRunner checks the graph files (sha256)
     recorded = {plan.graph_path(name): graph for name, graph in plan.document["graphs"].items()}
 
+    files = recorded_files(plan.document, str(plan.folder / PLAN_FILE))
+
     def open_graph(path: Path, condition_names: tuple[str, ...]) -> EngineGraph:
         order = [*recorded[path]["inputs"], *recorded[path]["outputs"]]
-        return EngineGraph(engine_path(path), condition_names, order)
+        name = engine_path(path).name  # deserializing runs the engine's code: only the engine we built
+        engine = recorded_file(plan.folder, name, files.get(name), f"{plan.folder / PLAN_FILE}: engine")
+        return EngineGraph(engine, condition_names, order)
 
     def open_stage(path: Path):
         return OrtDenoiser(path, ("CUDAExecutionProvider", "CPUExecutionProvider"), 0, ()).session_fn()

@@ -57,6 +57,37 @@ def require_regular_file(path: Path, what: str, error: type[Exception] = ConfigE
     return info
 
 
+def is_plain_file(path: Path) -> bool:
+    """A regular file itself, not a link to one (an artifact's files are read from inside its folder)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def recorded_file(folder: Path, name: Any, digest: Any, where: str, max_bytes: int | None = None) -> Path:
+    """The file `name` of an artifact folder, checked against what the artifact recorded for it: a plain
+    name inside the folder, a regular file and not a link, at most `max_bytes`, with the recorded sha256."""
+    from core.errors import LoadError
+
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise LoadError(f"{where}: {name!r} is not a file name inside the artifact folder")
+    if not isinstance(digest, str):
+        raise LoadError(f"{where}: {name} has no recorded sha256")
+    path = folder / name
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        raise LoadError(f"{where}: {name} is missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LoadError(f"{where}: {name} is a link or not a regular file; refusing to read it")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise LoadError(f"{where}: {name} is {info.st_size:,} bytes (at most {max_bytes:,})")
+    if sha256_files([path]) != digest:
+        raise LoadError(f"{where}: {name} does not match its recorded sha256; refusing to read it")
+    return path
+
+
 def sha256_files(paths: list[Path]) -> str:
     """Hex sha256 of the files' bytes in order, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from core.checkpoint import WEIGHT_SUFFIXES, sidecar_path
 from core.errors import ConfigError, OptimizerError, one_line
-from core.fileio import umask
+from core.fileio import is_plain_file, umask
 from core.validate import read_json_object
 
 PLAN_FILE = "plan.json"  # every published artifact has one; backends write it
@@ -92,17 +92,13 @@ def not_ours(folder: Path, own: Iterable[str], side_suffixes: Iterable[str] = ()
     foreign = []
     for entry in sorted(folder.iterdir()):
         if entry.name in folders and entry.is_dir() and not entry.is_symlink():
-            foreign += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir()) if not _plain_file(e)]
-        elif entry.name not in files or not _plain_file(entry):
+            foreign += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir()) if not is_plain_file(e)]
+        elif entry.name not in files or not is_plain_file(entry):
             foreign.append(entry.name + ("/" if entry.is_dir() else ""))
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         return f"it holds {', '.join(foreign[:3])}{more}, which optimize never writes"
     return None
-
-
-def _plain_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink()
 
 
 def _plan_names(doc: dict, side_suffixes: tuple[str, ...]) -> tuple[set[str], set[str]]:
@@ -123,6 +119,7 @@ def _plan_names(doc: dict, side_suffixes: tuple[str, ...]) -> tuple[set[str], se
             if not isinstance(name, str) or Path(name).name != name or not isinstance(digest, str) or len(digest) != 64:
                 raise OptimizerError(f"a graph entry {name!r}")
             files |= {name, *(str(Path(name).with_suffix(s)) for s in side_suffixes)}
+    files |= set(doc.get("files", {}))  # what backends.plan.record_files added (only matched against entries)
     for tokenizer in stages.get("prompt_encoder", {}).get("tokenizers", []):
         name = tokenizer["folder"]
         if not isinstance(name, str) or Path(name).name != name:

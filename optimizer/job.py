@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from backends.plan import record_files
 from backends.registry import get_backend
 from calibration import capture as calib
 from calibration.capture import Trajectories
@@ -350,6 +351,7 @@ def _run_stages(
         _, files, verification, ref_images, cand_images = outcome.verified
         runner = backend.runner(staging)
         artifacts = {**files, "calibration": CALIBRATION_FILE}
+    record_files(staging, [CALIBRATION_FILE])
     baseline, timed_run = None, opts.latency_repeats > 0
     if candidate.provenance and timed_run:  # the network or loop changed: time the unoptimized graph beside it
         with timed(log, "lowering the original as the fp32 baseline"):

@@ -12,6 +12,7 @@ from helpers import assert_exit_matches_report
 from PIL import Image
 
 from bench.scale import Geometry, compare_at_scale, dit_config
+from core.fileio import sha256_files
 from optimizer.cli import main
 from optimizer.targets import TARGETS_DIR, get_target
 from zoo import SHIPPED
@@ -42,6 +43,8 @@ def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
     assert "PASS" in result.output
     for name in ("denoiser.onnx", "plan.json", "report.json", "report.md", "grid.png", "calibration.safetensors"):
         assert (out / name).is_file(), name
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["files"] == {"calibration.safetensors": sha256_files([out / "calibration.safetensors"])}
     report = json.loads((out / "report.json").read_text())
     v = report["verification"]
     assert v["psnr_db_min"] >= 60 and v["eps_rel_error_max"] < 1e-3 and v["class_agreement_drop"] == 0

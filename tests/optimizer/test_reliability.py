@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from core import limits, outputs
-from core.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
+from core.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LoadError
 from optimizer.cli import main
 from zoo import SHIPPED
 
@@ -437,6 +437,17 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         ],
         2,
         "not a file name inside the artifact folder",
+    ),
+    (
+        "plan-files-entry-escapes",
+        lambda ws, a: [
+            "sample",
+            edit_plan(ws.artifact(a), lambda plan: plan.update(files={"../calibration.safetensors": "0" * 64})),
+            "--out",
+            ws.outs / "s.png",
+        ],
+        2,
+        "files lists '../calibration.safetensors', which is not a file name with its sha256",
     ),
     (
         "graph-swapped",
@@ -1088,3 +1099,27 @@ def test_a_huge_weights_file_is_refused_by_size_before_it_is_hashed(tmp_path, mo
 
 def _dit_config() -> dict:
     return json.loads(SHIPPED["dit"].with_suffix(".json").read_text())["model"]["config"]
+
+
+def test_every_file_we_add_after_lowering_is_recorded_and_checked_before_it_is_loaded(tmp_path, built_artifact):
+    """Engines and the calibration set are listed in plan.json's `files` with their sha256; a reader
+    (the TensorRT runner for an engine) opens one only as a regular file inside the folder with that digest."""
+    from backends.plan import read_plan, record_files, recorded_files, sha256
+    from core.fileio import recorded_file
+
+    artifact = shutil.copytree(built_artifact, tmp_path / "a")
+    (artifact / "denoiser.engine").write_bytes(b"engine bytes")
+    record_files(artifact, ["denoiser.engine"])
+    files = recorded_files(read_plan(artifact).document, "plan.json")
+    assert files == {"denoiser.engine": sha256(artifact / "denoiser.engine")}
+    engine = recorded_file(artifact, "denoiser.engine", files["denoiser.engine"], "engine")
+    assert engine == artifact / "denoiser.engine"
+    (artifact / "denoiser.engine").write_bytes(b"another engine")
+    with pytest.raises(LoadError, match=r"engine: denoiser\.engine does not match its recorded sha256"):
+        recorded_file(artifact, "denoiser.engine", files["denoiser.engine"], "engine")
+    (artifact / "denoiser.engine").unlink()
+    (artifact / "denoiser.engine").symlink_to(tmp_path / "elsewhere.engine")
+    with pytest.raises(LoadError, match=r"engine: denoiser\.engine is a link or not a regular file"):
+        recorded_file(artifact, "denoiser.engine", files["denoiser.engine"], "engine")
+    with pytest.raises(LoadError, match=r"engine: other\.engine is missing"):
+        recorded_file(artifact, "other.engine", files["denoiser.engine"], "engine")
