@@ -7,7 +7,11 @@ is exactly the original's, but whose samples do not track the reference's seeds,
 bound must leave room for it), then model-agnostic degradations of the original's weights: a good
 candidate (INT8 round-to-nearest weights, per output channel), a mildly degraded one (every weight
 tensor + 5% of its standard deviation in Gaussian noise) and a broken one (+ 20%); and, not graded, INT4
-round-to-nearest weights and half the sampling steps (the loop changed, same network)."""
+round-to-nearest weights and half the sampling steps (the loop changed, same network).
+
+With several seed sets (`seed_sets`), the candidates are judged again on disjoint evaluation sets
+(seeds k x samples.., each with its own floor set): how far one candidate's ratio moves with the set
+alone, which is what a single set's gate decides by chance."""
 
 from __future__ import annotations
 
@@ -70,25 +74,32 @@ def candidates(program: DiffusionProgram) -> list[tuple[str, str, DiffusionProgr
 
 
 def compare_judges(
-    program: DiffusionProgram, samples: int, nulls: int, options: JudgeOptions, log: Callable[[str], None]
+    program: DiffusionProgram,
+    samples: int,
+    nulls: int,
+    options: JudgeOptions,
+    log: Callable[[str], None],
+    seed_sets: int = 1,
 ) -> list[dict[str, Any]]:
-    seeds, conditions = evaluation_set(program, samples, 0)
-    log(f"reference and floor set: the original on {samples} seeds each")
-    reference = capture(program, seeds, conditions)
-    verdict = Verdict.for_program(program, reference, options)
-    rows = []
-    for draw in range(nulls):
-        log(f"null draw {draw + 1} of {nulls}")
-        final = sample_program(program, null_seeds(draw, samples), conditions)
-        rows.append(_row("null", f"the original, other seeds ({draw + 1})", verdict(final)))
-    for kind, name, candidate in candidates(program):
-        log(name)
-        rows.append(_row(kind, name, verdict(sample_program(candidate, seeds, conditions))))
+    graded, rows = candidates(program), []
+    for k in range(seed_sets):
+        seeds, conditions = evaluation_set(program, samples, k * samples)
+        log(f"seed set {k + 1} of {seed_sets}: reference and floor set, the original on {samples} seeds each")
+        reference = capture(program, seeds, conditions)
+        verdict = Verdict.for_program(program, reference, options)
+        for draw in range(nulls if k == 0 else 0):
+            log(f"null draw {draw + 1} of {nulls}")
+            final = sample_program(program, null_seeds(draw, samples), conditions)
+            rows.append(_row("null", f"the original, other seeds ({draw + 1})", verdict(final), k))
+        for kind, name, candidate in graded:
+            log(name)
+            rows.append(_row(kind, name, verdict(sample_program(candidate, seeds, conditions)), k))
     return rows
 
 
-def _row(kind: str, name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "name": name, **{k: v for k, v in summary.items() if not isinstance(v, list)}}
+def _row(kind: str, name: str, summary: dict[str, Any], seed_set: int) -> dict[str, Any]:
+    values = {k: v for k, v in summary.items() if not isinstance(v, list)}
+    return {"kind": kind, "name": name, "seed_set": seed_set, **values}
 
 
 def ordered(rows: list[dict[str, Any]], prefix: str) -> bool | None:
@@ -101,6 +112,8 @@ def ordered(rows: list[dict[str, Any]], prefix: str) -> bool | None:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     present = [p for p in PREFIXES if rows[0].get(f"{p}_ratio") is not None]
+    over_sets = _spread_table([r for r in rows if r["kind"] != "null"], present)
+    rows = [r for r in rows if r["seed_set"] == 0]
     head = ["row", "kind", "PSNR mean (dB)", *(f"{p}: ratio (FD / floor)" for p in present), "agreement drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -113,4 +126,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         null = sorted(r[f"{p}_ratio"] for r in rows if r["kind"] == "null")
         spread = f"null ratios {null[0]:.2f} to {null[-1]:.2f} (median {statistics.median(null):.2f})" if null else ""
         lines.append(f"- {p}: good < mild < broken: {'yes' if ordered(rows, p) else 'NO'}; {spread}")
-    return "\n".join(lines)
+    return "\n".join(lines + over_sets)
+
+
+def _spread_table(rows: list[dict[str, Any]], present: list[str]) -> list[str]:
+    """Per candidate and metric, its ratio over the seed sets: min to max (median); none for one set."""
+    sets = 1 + max(r["seed_set"] for r in rows)
+    if sets == 1:
+        return []
+    head = ["row", *(f"{p}: ratio over {sets} seed sets, min to max (median)" for p in present)]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        cells = [name]
+        for p in present:
+            values = sorted(r[f"{p}_ratio"] for r in rows if r["name"] == name)
+            cells.append(f"{values[0]:.2f} to {values[-1]:.2f} ({statistics.median(values):.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -15,7 +15,8 @@ TEACHER = 20_000  # recover / linearize: fresh trajectories of the reference (ca
 GUIDANCE_DISTILL = 30_000  # the teacher's samples of guidance distillation
 PROGRESSIVE_DISTILL = 40_000  # ... and of progressive distillation
 PROXY = 50_000  # the search's proxy seeds
-LAST_FAMILY_END = PROXY + MAX_FAMILY
+DISTRIBUTION_CHECK = 60_000  # the loop-changing passes' distribution check (verify.floor_check)
+LAST_FAMILY_END = DISTRIBUTION_CHECK + MAX_FAMILY
 
 FLOOR = 1 << 30  # a set's floor set: FLOOR + each of its seeds (verify.verdict)
 NULL = 1 << 31  # fresh draws of the original judged as candidates (bench): NULL + draw * NULL_STRIDE + i

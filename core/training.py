@@ -144,6 +144,48 @@ class Trainer:
         return bool(over)
 
 
+@dataclass(frozen=True)
+class CheckedLog:
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    checks: list[dict]  # per chunk: training steps so far, the judge's ratio
+
+    @property
+    def ratio(self) -> float | None:
+        return self.checks[-1]["fd_ratio"] if self.checks else None
+
+
+def train_checked(
+    train: Callable[[int, float, str], TrainLog],
+    chunk: int,
+    total: int,
+    max_seconds: float,
+    judge: Callable[[], float] | None = None,
+    bound: float = 0.0,
+) -> CheckedLog:
+    """`train(steps, seconds, label)` in chunks of `chunk` steps, each a fresh cosine schedule (a warm
+    restart, SGDR: Loshchilov & Hutter 2017), while `judge()` (a distribution ratio, checked after each
+    chunk) is over `bound`, up to `total` steps or `max_seconds`; without a judge, one chunk. `label`
+    names the chunk for progress lines (its steps, and the ratio that made it run)."""
+    total = max(chunk, total) if judge is not None else chunk
+    trained, seconds, first, last, checks = 0, 0.0, 0.0, 0.0, []
+    while trained < total and seconds < max_seconds:
+        n = min(chunk, total - trained)
+        why = f" (distribution ratio {checks[-1]['fd_ratio']:.3g}, bound {bound:g})" if checks else ""
+        log = train(n, max_seconds - seconds, f"{trained}..{trained + n}{why}")
+        chunk_first, last = log.first_last()
+        first = chunk_first if trained == 0 else first
+        trained, seconds = trained + log.steps, seconds + log.seconds
+        if judge is None:
+            break
+        checks.append({"steps": trained, "fd_ratio": judge()})
+        if checks[-1]["fd_ratio"] <= bound:
+            break
+    return CheckedLog(trained, round(seconds, 1), first, last, checks)
+
+
 class FeatureHooks:
     """Forward hooks recording the output of each (student module, teacher module) pair, teacher's then
     student's (`capture` says whose call runs); `loss()` averages `mse` over the pairs."""

@@ -771,6 +771,13 @@ def prune_compare(
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--samples", type=click.IntRange(2, MAX_SAMPLES), default=100, show_default=True)
 @click.option("--nulls", type=click.IntRange(0, 64), default=8, show_default=True, help="Fresh draws of the original.")
+@click.option(
+    "--seed-sets",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Judge the candidates on this many disjoint evaluation sets (the spread one set's gate decides by chance).",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
 @judge_options
 @PROMPTS
@@ -779,6 +786,7 @@ def judge_compare(
     model: Path,
     samples: int,
     nulls: int,
+    seed_sets: int,
     json_out: Path | None,
     clip: Path | None,
     inception: Path | None,
@@ -798,8 +806,10 @@ def judge_compare(
     options = JudgeOptions(clip=clip, inception=inception)
     program = load_for_job(model, allow_large, prompts)
     plan_judges(program, options)  # a bad feature model: one line before any work
+    if seed_sets * samples > MAX_SAMPLES:
+        raise ConfigError(f"judge-compare: --seed-sets x --samples must be at most {MAX_SAMPLES}")
     check_job_memory(program, samples, allow_large)
-    rows = compare_judges(program, samples, nulls, options, _log)
+    rows = compare_judges(program, samples, nulls, options, _log, seed_sets)
     if json_out is not None:
         write_json(json_out, rows)
     click.echo(markdown_table(rows))

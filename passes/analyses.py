@@ -6,6 +6,8 @@ keyed by what it depends on, kept while no pass invalidates it, recomputed when 
   calibration, the manager re-plans the reference and the next read recaptures.
 - flops: denoiser FLOPs per image, keyed by the program's fingerprint (weights, plan and every applied
   pass with its config); carried over to a pass's output unless the pass declares it invalidates FLOPs.
+- distribution check: the original's reference and floor sets of verify.floor_check (sampled once per
+  original, sample count and seed; a recipe's loop-changing passes and its alternatives share them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from core.errors import ConfigError
 from core.flops import plan_flops
 from core.ir import DiffusionProgram
 from passes.base import CALIBRATION, FLOPS
+from verify.floor_check import FloorCheck
 
 Capture = Callable[[DiffusionProgram], Trajectories]
 
@@ -51,6 +54,14 @@ class Analyses:
         if key not in self._cache:
             self._cache[key] = plan_flops(program)
             self.computed[FLOPS] += 1
+        return self._cache[key]
+
+    def distribution_check(
+        self, original: DiffusionProgram, samples: int, seed: int, progress: Callable[..., Any]
+    ) -> FloorCheck:
+        key = ("distribution", f"{original.fingerprint()}:{samples}:{seed}")
+        if key not in self._cache:
+            self._cache[key] = FloorCheck(original, samples, seed, progress)
         return self._cache[key]
 
     def carry_over(self, kind: str, before: DiffusionProgram, after: DiffusionProgram) -> None:

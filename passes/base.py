@@ -23,6 +23,7 @@ from core.ir import Decision, DiffusionProgram
 if TYPE_CHECKING:
     from calibration.capture import Trajectories
     from passes.analyses import Analyses
+    from verify.floor_check import FloorCheck
 
 
 class Phase(IntEnum):
@@ -72,6 +73,10 @@ class Context:
 
     def flops(self, program: DiffusionProgram) -> dict[str, Any]:
         return self.analyses.flops(program)
+
+    def distribution_check(self, samples: int) -> FloorCheck:
+        """The original's distribution check (verify.floor_check), before any pass changed the loop."""
+        return self.analyses.distribution_check(self.origin or self.reference, samples, self.seed, self.progress)
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,27 @@ def test_unsupported_file_type(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(LoadError, match="unsupported file type"):
         load_program(path)
+
+
+def test_files_the_loaders_never_read_are_never_hashed_or_opened(tmp_path, text_folders, monkeypatch):
+    """A pipeline folder as a user's disk holds it: a 200 GiB sparse file, a FIFO and a /dev/zero link
+    beside the component files. The source digest covers what the loaders read, nothing else (reading
+    the sparse file took about 250 s, the FIFO and the link never end)."""
+    import os
+
+    from core import loading
+
+    folder = tmp_path / "sd"
+    shutil.copytree(text_folders["sd"], folder)
+    with (folder / "vae" / "notes.bin").open("wb") as f:
+        f.truncate(200 << 30)
+    os.mkfifo(folder / "text_encoder" / "stray")
+    (folder / "unet" / "zero").symlink_to("/dev/zero")
+    hashed = []
+    real = loading.sha256_files
+    monkeypatch.setattr(loading, "sha256_files", lambda paths: hashed.extend(paths) or real(paths))
+    program = load_program(folder)
+    assert program.source.format == "diffusers" and len(program.source.digest) == 16
+    names = {p.relative_to(folder).as_posix() for p in hashed}
+    assert "unet/diffusion_pytorch_model.safetensors" in names and "vae/config.json" in names
+    assert not names & {"vae/notes.bin", "text_encoder/stray", "unet/zero"}

@@ -228,7 +228,9 @@ def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_cop
     data["name"] = "cpu-steps-short"
     for step in data["recipe"]:
         step["config"].update(batch=8, samples=16, **({"steps": 10} if step["pass"] == "guidance_distill" else {}))
-    data["recipe"][-1]["config"].update(round_steps=5)
+    checked = {"max_fd_ratio": 100.0, "check_samples": 4}  # the distribution checks run and keep any student
+    data["recipe"][0]["config"].update(max_steps=20, **checked)
+    data["recipe"][-1]["config"].update(round_steps=5, **checked)
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
@@ -240,6 +242,11 @@ def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_cop
     assert report["gates"] == {**get_target("cpu-steps").gates, "min_psnr_db": 60}
     assert [p["name"] for p in report["passes"]] == ["guidance_distill", "progressive_distill"]
     assert report["passes"][1]["config"]["round_steps"] == 5
+    (check,) = report["decisions"]["guidance_distill"]["checks"]  # within the bound after one chunk: no more
+    assert check["steps"] == 10 and report["decisions"]["guidance_distill"]["steps"] == 10
+    rounds = report["decisions"]["progressive_distill"]["rounds"]
+    assert [len(r["checks"]) for r in rounds] == [1, 1, 1] and all(r["kept"] for r in rounds)
+    assert all(0 < r["fd_ratio"] < 100 for r in rounds)
     assert report["passes"][1]["fidelity"]["eps_rel_error_max"] is None  # the student is its own reference
     assert report["verification"]["psnr_db_mean"] < 60
     plan = json.loads((out / "plan.json").read_text())["sampling"]
@@ -286,3 +293,20 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     assert 15 < psnr[0] < 100 and psnr[2] > 15
     text = (out / "report.md").read_text()
     assert "## Sampler" in text and "## Guidance policy" in text and "## Cache schedule" in text
+
+
+def test_judge_compare_judges_each_candidate_on_every_seed_set_and_shows_the_spread(tmp_path, dit_copy):
+    rows_file = tmp_path / "rows.json"
+    args = ["--samples", 4, "--nulls", 1, "--seed-sets", 2, "--json-out", rows_file]
+    result = invoke("judge-compare", dit_copy, *args)
+    assert result.exit_code == 0
+    rows = json.loads(rows_file.read_text())
+    graded = [r for r in rows if r["kind"] != "null"]
+    assert [r["seed_set"] for r in rows if r["kind"] == "null"] == [0]
+    assert [r["seed_set"] for r in graded] == [0] * 5 + [1] * 5
+    mild = [r["fd_self_ratio"] for r in graded if r["name"] == "weights + 5% noise"]
+    assert len(mild) == 2 and mild[0] != mild[1]  # the same candidate, judged on disjoint sets
+    lo, hi = sorted(mild)
+    assert f"| weights + 5% noise | {lo:.2f} to {hi:.2f} (" in result.output
+    too_many = CliRunner().invoke(main, ["judge-compare", str(dit_copy), "--samples", "1000", "--seed-sets", "16"])
+    assert too_many.exit_code == 2 and too_many.stderr.strip().startswith("error: judge-compare: --seed-sets x")

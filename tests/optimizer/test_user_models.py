@@ -16,8 +16,10 @@ from optimizer.targets import list_targets
 
 SHORT = {  # training budgets of the shipped recipes, cut for mechanics
     "recover": {"steps": 2, "teacher_samples": 2, "samples": 64, "batch": 8},
-    "guidance_distill": {"steps": 2, "samples": 4, "batch": 4},
-    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4},
+    # The distribution checks run, on 4 samples; the loop changes keep any ratio (random weights).
+    "guidance_distill": {"steps": 2, "max_steps": 4, "samples": 4, "batch": 4, "check_samples": 4},
+    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_ratio": 100.0, "check_samples": 4},
+    "cache": {"max_fd_ratio": 100.0, "check_samples": 4},
     "linearize": {"steps": 2, "samples": 64, "batch": 8, "min_calibration_psnr_db": 0.0},
 }
 SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}

@@ -266,3 +266,33 @@ def test_ort_runner_reproduces_the_torch_cached_sampler(family, region, request,
     (tmp_path / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(LoadError, match="step 1 names graph 'full'"):
         read_plan(tmp_path)
+
+
+class ScriptedCheck:
+    """A stand-in for verify.floor_check.FloorCheck: the ratio falls as the schedule's FLOPs rise."""
+
+    floor = 0.5
+
+    def __init__(self, original, *_, **__):
+        self.original = original
+
+    def ratio(self, candidate):
+        return 2.0 - plan_flops(candidate)["per_image"] / plan_flops(self.original)["per_image"]
+
+
+def test_a_distribution_bound_relaxes_the_budget_until_the_best_schedule_keeps_it(
+    dit_program, calibrations, monkeypatch
+):
+    monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
+    traj = calibrations["dit"]
+    config = {"flops_budget": 0.4, "regions": [[0, 8]], "criterion": "similarity", "max_fd_ratio": 1.45}
+    decision = run(dit_program, traj, [{"pass": "cache", "config": config}]).decision("cache").to_dict()
+    rows = decision["distribution"]
+    # One check per budget, 0.4 upward, until the best schedule's ratio (2 - its FLOPs fraction) held.
+    assert [r["budget"] for r in rows] == [round(0.4 + BUDGET_STEP * i, 6) for i in range(len(rows))]
+    assert all(r["fd_ratio"] > 1.45 for r in rows[:-1]) and rows[-1]["fd_ratio"] <= 1.45
+    assert decision["flops_budget_reached"] == rows[-1]["budget"] > 0.4
+    assert decision["flops_vs_original"] >= 0.55 - 1e-9  # 2 - ratio, ratio <= 1.45
+    assert rows[-1]["refresh_steps"] == decision["refresh_steps"]
+    with pytest.raises(ConfigError, match=r"no schedule keeps the distribution \(ratio <= 0.5\)"):
+        run(dit_program, traj, [{"pass": "cache", "config": {**config, "flops_budget": 0.9, "max_fd_ratio": 0.5}}])
