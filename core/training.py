@@ -61,10 +61,15 @@ class Trainer:
     """Trains `model`'s parameters in place; `loss(batch)` sees this rank's shard of each global batch."""
 
     def __init__(self, model: nn.Module, lr: float, steps: int, max_seconds: float) -> None:
-        self.model, self.steps, self.max_seconds = model, steps, max_seconds
+        self.model, self.lr = model, lr
         self.world = world()
         self.params = [p for p in model.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.restart(steps, max_seconds)
+
+    def restart(self, steps: int, max_seconds: float) -> None:
+        """A fresh optimizer and cosine schedule over `steps` (a warm restart, SGDR: Loshchilov & Hutter 2017)."""
+        self.steps, self.max_seconds = steps, max_seconds
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, steps)
 
     def shard(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -158,23 +163,27 @@ class CheckedLog:
 
 
 def train_checked(
-    train: Callable[[int, float, str], TrainLog],
+    trainer: Trainer,
+    loss: Callable[[int], torch.Tensor],
+    progress: Callable[..., Iterable],
+    desc: str,
     chunk: int,
     total: int,
     max_seconds: float,
     judge: Callable[[], float] | None = None,
     bound: float = 0.0,
 ) -> CheckedLog:
-    """`train(steps, seconds, label)` in chunks of `chunk` steps, each a fresh cosine schedule (a warm
-    restart, SGDR: Loshchilov & Hutter 2017), while `judge()` (a distribution ratio, checked after each
-    chunk) is over `bound`, up to `total` steps or `max_seconds`; without a judge, one chunk. `label`
-    names the chunk for progress lines (its steps, and the ratio that made it run)."""
+    """`trainer` run on `loss` in chunks of `chunk` steps, each restarted (Trainer.restart), while
+    `judge()` (a distribution ratio, checked after each chunk) is over `bound`, up to `total` steps or
+    `max_seconds`; without a judge, one chunk. Each chunk's progress lines name its steps and the ratio
+    that made it run."""
     total = max(chunk, total) if judge is not None else chunk
     trained, seconds, first, last, checks = 0, 0.0, 0.0, 0.0, []
     while trained < total and seconds < max_seconds:
         n = min(chunk, total - trained)
         why = f" (distribution ratio {checks[-1]['fd_ratio']:.3g}, bound {bound:g})" if checks else ""
-        log = train(n, max_seconds - seconds, f"{trained}..{trained + n}{why}")
+        trainer.restart(n, max_seconds - seconds)
+        log = trainer.run(loss, progress, f"{desc} {trained}..{trained + n}{why}")
         chunk_first, last = log.first_last()
         first = chunk_first if trained == 0 else first
         trained, seconds = trained + log.steps, seconds + log.seconds

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import torch
 
+from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
+from core.limits import MAX_INPUTS
 
 if TYPE_CHECKING:
     from calibration.capture import Trajectories
@@ -102,3 +104,11 @@ class Pass(Generic[C]):
         unknown = set(self.invalidates) - set(ANALYSES)
         if unknown:
             raise ValueError(f"pass '{self.name}' invalidates unknown analyses {sorted(unknown)}")
+
+
+def check_distribution_options(name: str, max_fd_ratio: float, check_samples: int) -> None:
+    """The options of a pass's distribution check (Context.distribution_check): a bound, its sample count."""
+    if not 0.0 <= max_fd_ratio <= 100.0:
+        raise ConfigError(f"{name}: max_fd_ratio must be in [0, 100] (0: no distribution check)")
+    if not 4 <= check_samples <= MAX_INPUTS:
+        raise ConfigError(f"{name}: check_samples must be in [4, {MAX_INPUTS}]")

@@ -39,7 +39,7 @@ from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram,
 from core.limits import MAX_INPUTS
 from core.sampling import take, uses_guidance
 from core.validate import is_int
-from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from passes.base import FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
 from verify.fidelity import replay_psnr
 
 if TYPE_CHECKING:
@@ -67,10 +67,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
     if not 0.0 <= config.min_psnr_db <= 200.0:
         raise ConfigError("cache: min_psnr_db must be in [0, 200] dB")
-    if not 0.0 <= config.max_fd_ratio <= 100.0:
-        raise ConfigError("cache: max_fd_ratio must be in [0, 100] (0: no distribution check)")
-    if not 4 <= config.check_samples <= MAX_INPUTS:
-        raise ConfigError(f"cache: check_samples must be in [4, {MAX_INPUTS}]")
+    check_distribution_options("cache", config.max_fd_ratio, config.check_samples)
     if not 1 <= config.probe_samples <= MAX_INPUTS:
         raise ConfigError(f"cache: probe_samples must be in [1, {MAX_INPUTS}]")
     if not all(isinstance(r, list | tuple) and len(r) == 2 and all(is_int(i) for i in r) for r in config.regions):
@@ -216,7 +213,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         if (config.min_psnr_db <= 0 and check is None) or fraction >= 1.0:  # nothing to relax toward, or left
             _refuse(config, scored, checked, before["per_image"] / reference_flops)
         fraction = min(1.0, round(fraction + BUDGET_STEP, 6))
-    best_psnr, best = max(within, key=lambda s: (s[0], -s[1].flops))
+    best_psnr, best = _best(within)
     decision = CacheDecision(
         criterion=best.criterion,
         criteria_tried=criteria,
@@ -248,6 +245,11 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     return PassResult(program.replace(plan=_with_cache(plan, program, best)), decision)
 
 
+def _best(within: list[tuple[float, Candidate]]) -> tuple[float, Candidate]:
+    """The schedule closest to the original end to end (the cheaper one on a tie)."""
+    return max(within, key=lambda s: (s[0], -s[1].flops))
+
+
 def _distribution_held(
     program: DiffusionProgram,
     within: list[tuple[float, Candidate]],
@@ -256,14 +258,18 @@ def _distribution_held(
     config: Config,
     checked: list[dict[str, Any]],
 ) -> bool:
-    """Whether the best schedule under the budget keeps the original's distribution (recorded in `checked`)."""
-    psnr_db, best = max(within, key=lambda s: (s[0], -s[1].flops))
-    ratio = check.ratio(program.replace(plan=_with_cache(program.plan, program, best)))
+    """Whether the best schedule under the budget keeps the original's distribution (recorded in `checked`;
+    a schedule already checked at a tighter budget is not sampled again)."""
+    psnr_db, best = _best(within)
+    region, refresh = list(best.region), list(best.refresh)
+    ratio = next((r["fd_ratio"] for r in checked if (r["region"], r["refresh_steps"]) == (region, refresh)), None)
+    if ratio is None:
+        ratio = check.ratio(program.replace(plan=_with_cache(program.plan, program, best)))
     checked.append(
         {
             "budget": fraction,
-            "region": list(best.region),
-            "refresh_steps": list(best.refresh),
+            "region": region,
+            "refresh_steps": refresh,
             "calibration_psnr_db": round(psnr_db, 2),
             "fd_ratio": ratio,
         }

@@ -30,8 +30,8 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import uses_guidance
-from core.training import Trainer, TrainLog, train_checked
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from core.training import Trainer, train_checked
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
 
 DATA_SEED = seeds.GUIDANCE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 
@@ -87,10 +87,9 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"guidance_distill: steps >= 1, batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
     if config.lr <= 0 or config.max_seconds <= 0:
         raise ConfigError("guidance_distill: lr and max_seconds must be > 0")
-    if not 0.0 <= config.max_fd_ratio <= 100.0 or not 0 <= config.max_steps <= 1_000_000:
-        raise ConfigError("guidance_distill: max_fd_ratio must be in [0, 100] and max_steps in [0, 1000000]")
-    if not 4 <= config.check_samples <= MAX_INPUTS:
-        raise ConfigError(f"guidance_distill: check_samples must be in [4, {MAX_INPUTS}]")
+    check_distribution_options("guidance_distill", config.max_fd_ratio, config.check_samples)
+    if not 0 <= config.max_steps <= 1_000_000:
+        raise ConfigError("guidance_distill: max_steps must be in [0, 1000000] (0: steps)")
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
@@ -109,6 +108,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
     steps = FirstOrder(program.plan, program.spec.prediction_type)
     timesteps = torch.tensor(grid(program.plan))
+    trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
     check = None
     if config.max_fd_ratio:  # the original's distribution, sampled once
         check = ctx.distribution_check(config.check_samples)
@@ -127,15 +127,11 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
 
     plan = dataclasses.replace(program.plan, guidance_scale=1.0, guided_steps=None)
     result = program.replace(denoiser=student_model, plan=plan)
-    trainer = Trainer(student_model, config.lr, 1, 1.0)  # its world and sharding; each chunk has its own
-
-    def train(chunk: int, seconds: float, label: str) -> TrainLog:
-        nonlocal trainer
-        trainer = Trainer(student_model, config.lr, chunk, seconds)
-        return trainer.run(loss, ctx.progress, f"guidance_distill: training {label}")
-
     log = train_checked(
-        train,
+        trainer,
+        loss,
+        ctx.progress,
+        "guidance_distill: training",
         config.steps,
         config.max_steps,
         config.max_seconds,

@@ -39,8 +39,8 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import check_plan, on_grid
-from core.training import Trainer, TrainLog, train_checked
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from core.training import CheckedLog, Trainer, train_checked
+from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
 
 DATA_SEED = seeds.PROGRESSIVE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 
@@ -97,10 +97,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"progressive_distill: batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
     if config.lr <= 0 or config.max_seconds <= 0:
         raise ConfigError("progressive_distill: lr and max_seconds must be > 0")
-    if not 0.0 <= config.max_fd_ratio <= 100.0:
-        raise ConfigError("progressive_distill: max_fd_ratio must be in [0, 100] (0: no distribution check)")
-    if not 4 <= config.check_samples <= MAX_INPUTS:
-        raise ConfigError(f"progressive_distill: check_samples must be in [4, {MAX_INPUTS}]")
+    check_distribution_options("progressive_distill", config.max_fd_ratio, config.check_samples)
     if not 0 <= config.max_round_steps <= 1_000_000:
         raise ConfigError("progressive_distill: max_round_steps must be in [0, 1000000] (0: round_steps)")
 
@@ -139,8 +136,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         budget = max(1.0, left / (len(schedule) - i))
         student_model, train, student_grid = _round(program, teacher_model, teacher_grid, groups, config, ctx, data)
         judged = _student(program, student_model, student_grid)  # its network is trained in place
-        log = train_checked(
-            train,
+        log = train(
             config.round_steps,
             config.max_round_steps,
             budget,
@@ -190,9 +186,9 @@ def _round(
     config: Config,
     ctx: Context,
     data: TeacherData,
-) -> tuple[nn.Module, Callable[[int, float, str], TrainLog], list[float]]:
-    """One round: a copy of the teacher, and the training that teaches it to take each group of its
-    teacher's steps at once (called per chunk: steps, seconds, its label)."""
+) -> tuple[nn.Module, Callable[..., CheckedLog], list[float]]:
+    """One round: a copy of the teacher, and its training (core.training.train_checked, given the chunk,
+    the total steps, the seconds, the judge and the bound) to take each group of its teacher's steps at once."""
     starts = [sum(groups[:j]) for j in range(len(groups))]
     ends = [s + g for s, g in zip(starts, groups, strict=True)]
     full = [*teacher_grid, None]  # None: the end of sampling
@@ -202,7 +198,7 @@ def _round(
     student = denoiser_module(program.replace(denoiser=student_model))
     steps = FirstOrder(program.plan, program.spec.prediction_type)
     scale = program.plan.guidance_scale
-    trainer = Trainer(student_model, config.lr, 1, 1.0)  # its world and sharding; each chunk has its own
+    trainer = Trainer(student_model, config.lr, config.round_steps, 1.0)  # restarted per chunk (train_checked)
 
     def loss(_step: int) -> torch.Tensor:
         rows = torch.randint(len(data.finals), (config.batch,), generator=ctx.rng)
@@ -228,14 +224,8 @@ def _round(
         landed = steps.step(call(student, z, t, batch, scale), z, t.tolist(), end, clip=False)
         return trainer.normalized_mse(landed, landing)
 
-    desc = f"progressive_distill: {len(teacher_grid)} -> {len(groups)} steps"
-
-    def train(chunk: int, seconds: float, label: str) -> TrainLog:  # a fresh cosine schedule (SGDR) per chunk
-        nonlocal trainer
-        trainer = Trainer(student_model, config.lr, chunk, seconds)
-        return trainer.run(loss, ctx.progress, f"{desc}, training {label}")
-
-    return student_model, train, student_grid
+    desc = f"progressive_distill: {len(teacher_grid)} -> {len(groups)} steps, training"
+    return student_model, partial(train_checked, trainer, loss, ctx.progress, desc), student_grid
 
 
 PASS = Pass(

@@ -273,10 +273,13 @@ class ScriptedCheck:
 
     floor = 0.5
 
+    sampled: tuple = ()  # the schedules judged, in order (a list set per test)
+
     def __init__(self, original, *_, **__):
         self.original = original
 
     def ratio(self, candidate):
+        self.sampled.append(candidate.plan.cache.refresh)
         return 2.0 - plan_flops(candidate)["per_image"] / plan_flops(self.original)["per_image"]
 
 
@@ -284,6 +287,7 @@ def test_a_distribution_bound_relaxes_the_budget_until_the_best_schedule_keeps_i
     dit_program, calibrations, monkeypatch
 ):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
+    monkeypatch.setattr(ScriptedCheck, "sampled", [])
     traj = calibrations["dit"]
     config = {"flops_budget": 0.4, "regions": [[0, 8]], "criterion": "similarity", "max_fd_ratio": 1.45}
     decision = run(dit_program, traj, [{"pass": "cache", "config": config}]).decision("cache").to_dict()
@@ -294,5 +298,8 @@ def test_a_distribution_bound_relaxes_the_budget_until_the_best_schedule_keeps_i
     assert decision["flops_budget_reached"] == rows[-1]["budget"] > 0.4
     assert decision["flops_vs_original"] >= 0.55 - 1e-9  # 2 - ratio, ratio <= 1.45
     assert rows[-1]["refresh_steps"] == decision["refresh_steps"]
+    # A schedule that stays the best as the budget relaxes is sampled once.
+    distinct = list(dict.fromkeys(tuple(r["refresh_steps"]) for r in rows))
+    assert len(ScriptedCheck.sampled) == len(distinct) <= len(rows)
     with pytest.raises(ConfigError, match=r"no schedule keeps the distribution \(ratio <= 0.5\)"):
         run(dit_program, traj, [{"pass": "cache", "config": {**config, "flops_budget": 0.9, "max_fd_ratio": 0.5}}])

@@ -166,3 +166,17 @@ def test_a_progressive_round_trains_on_while_its_student_is_over_the_bound(dit_p
     assert [[c["fd_ratio"] for c in r["checks"]] for r in rounds] == [[1.4, 1.3, 1.2], [1.0], [1.5, 1.6, 1.7]]
     assert [r["steps"] for r in rounds] == [3, 1, 3] and [r["kept"] for r in rounds] == [True, True, False]
     assert result.plan.num_inference_steps == 5
+
+
+@pytest.mark.parametrize("name", ["cache", "guidance_distill", "progressive_distill"])
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"max_fd_ratio": -1.0}, "max_fd_ratio must be in [0, 100] (0: no distribution check)"),
+        ({"check_samples": 3}, "check_samples must be in [4, "),
+    ],
+)
+def test_the_distribution_check_options_are_checked_before_any_work(name, option, message):
+    with pytest.raises(ConfigError) as refused:
+        plan_passes([{"pass": name, "config": option}], FP32)
+    assert str(refused.value).startswith(f"{name}: {message}")
