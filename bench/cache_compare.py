@@ -230,7 +230,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "Every row (FLOPs per image as a fraction of the original loop's; torch wall clock per image, side by side):",
         "",
         "| row | budget | FLOPs | torch ms/image (speedup) | PSNR mean / min dB | SSIM | class agreement | "
-        "FD to data | FD / floor, denoiser features | calibration PSNR |",
+        "FD to data | shift (FD / floor), denoiser features | calibration PSNR |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     budgets: dict[str, list[str]] = {}

@@ -1,6 +1,6 @@
 """The judges on graded candidates: are their distribution metrics ordered as the damage is, and how far
-from 1 does a perfect candidate land by chance? Every row's samples are judged against the original's
-(same seeds) and its floor set (other seeds), as verification does.
+from 0 (the shift; 1 for the ratio) does a perfect candidate land by chance? Every row's samples are
+judged against the original's (same seeds) and its floor set (other seeds), as verification does.
 
 Rows: fresh draws of the original on seeds of their own (the null: what a candidate whose distribution
 is exactly the original's, but whose samples do not track the reference's seeds, gets; a distribution
@@ -103,18 +103,18 @@ def _row(kind: str, name: str, summary: dict[str, Any], seed_set: int) -> dict[s
 
 
 def ordered(rows: list[dict[str, Any]], prefix: str) -> bool | None:
-    """Whether good < mild < broken on `prefix`'s ratio (None: the metric was not measured)."""
-    values = [next(r.get(f"{prefix}_ratio") for r in rows if r["kind"] == kind) for kind in GRADED]
+    """Whether good < mild < broken on `prefix`'s shift (None: the metric was not measured)."""
+    values = [next(r.get(f"{prefix}_shift") for r in rows if r["kind"] == kind) for kind in GRADED]
     if any(v is None for v in values):
         return None
     return values[0] < values[1] < values[2]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    present = [p for p in PREFIXES if rows[0].get(f"{p}_ratio") is not None]
+    present = [p for p in PREFIXES if rows[0].get(f"{p}_shift") is not None]
     over_sets = _spread_table([r for r in rows if r["kind"] != "null"], present)
     rows = [r for r in rows if r["seed_set"] == 0]
-    head = ["row", "kind", "PSNR mean (dB)", *(f"{p}: ratio (FD / floor)" for p in present), "agreement drop"]
+    head = ["row", "kind", "PSNR mean (dB)", *(f"{p}: shift (ratio: FD / floor)" for p in present), "agreement drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         psnr = "n/a" if r["kind"] == "null" else f"{r['psnr_db_mean']:.2f}"
@@ -123,23 +123,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([*cells, "n/a" if drop is None else f"{drop:.2f}"]) + " |")
     lines.append("")
     for p in present:
-        null = sorted(r[f"{p}_ratio"] for r in rows if r["kind"] == "null")
-        spread = f"null ratios {null[0]:.2f} to {null[-1]:.2f} (median {statistics.median(null):.2f})" if null else ""
+        null = sorted(r[f"{p}_shift"] for r in rows if r["kind"] == "null")
+        spread = f"null shifts {null[0]:.3g} to {null[-1]:.3g} (median {statistics.median(null):.3g})" if null else ""
         lines.append(f"- {p}: good < mild < broken: {'yes' if ordered(rows, p) else 'NO'}; {spread}")
     return "\n".join(lines + over_sets)
 
 
 def _spread_table(rows: list[dict[str, Any]], present: list[str]) -> list[str]:
-    """Per candidate and metric, its ratio over the seed sets: min to max (median); none for one set."""
+    """Per candidate and metric, its shift and ratio over the seed sets: min to max (median); none for one set."""
     sets = 1 + max(r["seed_set"] for r in rows)
     if sets == 1:
         return []
-    head = ["row", *(f"{p}: ratio over {sets} seed sets, min to max (median)" for p in present)]
+    head = ["row"]
+    for p in present:
+        head += [f"{p}: shift over {sets} seed sets, min to max (median)", f"{p}: ratio, min to max (median)"]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in dict.fromkeys(r["name"] for r in rows):
         cells = [name]
         for p in present:
-            values = sorted(r[f"{p}_ratio"] for r in rows if r["name"] == name)
-            cells.append(f"{values[0]:.2f} to {values[-1]:.2f} ({statistics.median(values):.2f})")
+            shifts = sorted(r[f"{p}_shift"] for r in rows if r["name"] == name)
+            cells.append(f"{shifts[0]:.3g} to {shifts[-1]:.3g} ({statistics.median(shifts):.3g})")
+            ratios = sorted(r[f"{p}_ratio"] for r in rows if r["name"] == name)
+            cells.append(f"{ratios[0]:.2f} to {ratios[-1]:.2f} ({statistics.median(ratios):.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -131,7 +131,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     base = results[0]
     lines = [
         "| row | parameters | FLOPs/image | ONNX MB | ORT ms/step (speedup) | eps rel. error | PSNR mean / min dB | "
-        "SSIM | class agreement | FD to data | FD / floor, denoiser features |",
+        "SSIM | class agreement | FD to data | shift (FD / floor), denoiser features |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -206,7 +206,7 @@ def _ort_quantize_static(fp32: Path, out: Path, inputs: selection.CalibrationInp
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| configuration | runs in | PSNR mean / min (dB) | SSIM mean | eps rel. error | class agreement | "
-        "FD to data | FD / floor, denoiser features | ONNX MB | fp32 layers kept by fallback |",
+        "FD to data | shift (FD / floor), denoiser features | ONNX MB | fp32 layers kept by fallback |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

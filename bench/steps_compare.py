@@ -129,8 +129,8 @@ def _seed_floor(program: DiffusionProgram, conditions: Any, verdict: Any, n: int
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| row | NFE/image | PSNR mean / min (dB) | agreement ref / cand | FD / floor, denoiser features | "
-        "FD / floor, digits classifier | ORT loop ms (speedup) | pass seconds |",
+        "| row | NFE/image | PSNR mean / min (dB) | agreement ref / cand | shift (FD / floor), denoiser features | "
+        "shift (FD / floor), digits classifier | ORT loop ms (speedup) | pass seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -155,11 +155,11 @@ class CheckedLog:
     seconds: float
     loss_first: float
     loss_last: float
-    checks: list[dict]  # per chunk: training steps so far, the judge's ratio
+    checks: list[dict]  # per chunk: training steps so far, the judge's value
 
     @property
-    def ratio(self) -> float | None:
-        return self.checks[-1]["fd_ratio"] if self.checks else None
+    def shift(self) -> float | None:
+        return self.checks[-1]["fd_shift"] if self.checks else None
 
 
 def train_checked(
@@ -174,14 +174,14 @@ def train_checked(
     bound: float = 0.0,
 ) -> CheckedLog:
     """`trainer` run on `loss` in chunks of `chunk` steps, each restarted (Trainer.restart), while
-    `judge()` (a distribution ratio, checked after each chunk) is over `bound`, up to `total` steps or
-    `max_seconds`; without a judge, one chunk. Each chunk's progress lines name its steps and the ratio
+    `judge()` (a distribution shift, checked after each chunk) is over `bound`, up to `total` steps or
+    `max_seconds`; without a judge, one chunk. Each chunk's progress lines name its steps and the shift
     that made it run."""
     total = max(chunk, total) if judge is not None else chunk
     trained, seconds, first, last, checks = 0, 0.0, 0.0, 0.0, []
     while trained < total and seconds < max_seconds:
         n = min(chunk, total - trained)
-        why = f" (distribution ratio {checks[-1]['fd_ratio']:.3g}, bound {bound:g})" if checks else ""
+        why = f" (distribution shift {checks[-1]['fd_shift']:.3g}, bound {bound:g})" if checks else ""
         trainer.restart(n, max_seconds - seconds)
         log = trainer.run(loss, progress, f"{desc} {trained}..{trained + n}{why}")
         chunk_first, last = log.first_last()
@@ -189,8 +189,8 @@ def train_checked(
         trained, seconds = trained + log.steps, seconds + log.seconds
         if judge is None:
             break
-        checks.append({"steps": trained, "fd_ratio": judge()})
-        if checks[-1]["fd_ratio"] <= bound:
+        checks.append({"steps": trained, "fd_shift": judge()})
+        if checks[-1]["fd_shift"] <= bound:
             break
     return CheckedLog(trained, round(seconds, 1), first, last, checks)
 

@@ -146,14 +146,14 @@ JUDGE_OPTIONS_LIST = (
         type=click.Path(path_type=Path),
         default=None,
         help="A transformers CLIP model folder: CLIP score and CLIP-feature FD gates (max_clip_score_drop,"
-        " max_fd_clip_ratio).",
+        " max_fd_clip_shift).",
     ),
     click.option(
         "--inception",
         type=click.Path(path_type=Path),
         default=None,
         help="pytorch-fid's Inception-v3 FID weights (pt_inception-2015-12-05-*.pth or .safetensors): FID gate"
-        " (max_fid_ratio).",
+        " (max_fid_shift).",
     ),
 )
 
@@ -175,7 +175,7 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             value = None
         if not sep or value is None:
-            raise click.BadParameter(f"{item!r}: expected NAME=BOUND, e.g. max_fd_self_ratio=1.5", param_hint="--gate")
+            raise click.BadParameter(f"{item!r}: expected NAME=BOUND, e.g. max_fd_self_shift=1.5", param_hint="--gate")
         gates[name.strip()] = value
     return gates
 
@@ -207,17 +207,17 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--max-eps-error", type=float, default=None, help="Gate: maximum per-step model-output relative error.")
 @click.option("--max-agreement-drop", type=float, default=None, help="Gate: maximum class-agreement drop.")
 @click.option(
-    "--max-fd-ratio",
+    "--max-fd-shift",
     type=float,
     default=None,
-    help="Gate: maximum FD to the original's floor set over the floor, in the denoiser's own features.",
+    help="Gate: maximum distribution shift (FD beyond the original's floor, per feature), denoiser features.",
 )
 @click.option(
     "--gate",
     "extra_gates",
     multiple=True,
     metavar="NAME=BOUND",
-    help="Gate by name (any of `optimize gates`), e.g. max_fid_ratio=1.2; repeatable.",
+    help="Gate by name (any of `optimize gates`), e.g. max_fid_shift=1.2; repeatable.",
 )
 @judge_options
 @click.option("--overwrite", is_flag=True, help="Replace --out when it is an earlier `optimize` output folder.")
@@ -260,7 +260,7 @@ def run(
     min_ssim: float | None,
     max_eps_error: float | None,
     max_agreement_drop: float | None,
-    max_fd_ratio: float | None,
+    max_fd_shift: float | None,
     extra_gates: tuple[str, ...],
     clip: Path | None,
     inception: Path | None,
@@ -285,7 +285,7 @@ def run(
         "min_ssim": min_ssim,
         "max_eps_rel_error": max_eps_error,
         "max_class_agreement_drop": max_agreement_drop,
-        "max_fd_self_ratio": max_fd_ratio,
+        "max_fd_self_shift": max_fd_shift,
         **_named_gates(extra_gates),
     }
     stem = model.name.split(".")[0] or "model"

@@ -120,9 +120,11 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         f" reference = original in torch, candidate = lowered artifact on {report['backend']};"
         f" floor set = the original on seeds {v.get('floor_seeds', '?')}, same {_conditions(m)})",
         "",
-        f"Judges: {', '.join(v.get('judges', []))}. Distribution metrics (`*_ratio`) are the candidate's Fréchet"
-        " distance to the floor set over the reference's own distance to it: about 1 for a candidate whose"
-        " samples are the original's within its seed-to-seed noise.",
+        f"Judges: {', '.join(v.get('judges', []))}. Distribution shifts (`*_shift`, the gated values) are the"
+        " candidate's Fréchet distance to the floor set beyond the reference's own distance to it, per"
+        " standardized feature, the mean term unbiased from the paired seeds: about 0 for a candidate whose"
+        " samples are the original's within its seed-to-seed noise, at any sample count (`*_ratio`: the two"
+        " distances' ratio, about 1).",
         "",
         "| metric | value |",
         "|---|---|",

@@ -15,10 +15,10 @@ step), so every region's schedule from each criterion is run end to end on the c
 the one closest to the original loop wins. With `min_psnr_db` the budget is a ceiling on quality's
 terms: when no schedule under it keeps that end-to-end PSNR on the calibration seeds, the budget is
 relaxed in steps of BUDGET_STEP toward the original's FLOPs and the search repeats; the budget
-reached is reported (a pass that cannot keep it at any saving refuses). `max_fd_ratio` relaxes the budget
-the same way until the best schedule's samples keep the original's distribution (verify.floor_check: a
-20-step pixel DiT at half the FLOPs kept 31 dB per seed, and its distribution moved to 1.63 of the
-floor at verification). The schedule is static: it is
+reached is reported (a pass that cannot keep it at any saving refuses). `max_fd_shift` relaxes the budget
+the same way until the best schedule's samples keep the original's distribution (verify.floor_check, the
+verification's distribution shift: a 20-step pixel DiT at half the FLOPs kept 31 dB per seed, and its
+distribution moved to 1.63 of the floor at verification, under the former FD ratio). The schedule is static: it is
 stored in the SamplingPlan and lowered to graph variants ("full" writes the cache tensor, "cached" reads it).
 """
 
@@ -56,7 +56,7 @@ class Config:
     regions: list = field(default_factory=list)  # [[first, stop], ...] to consider; [] = every admissible one
     probe_samples: int = 8  # calibration samples whose features score the reuse errors
     min_psnr_db: float = 0.0  # end-to-end PSNR on the calibration seeds the schedule must keep (0: none)
-    max_fd_ratio: float = 0.0  # distribution ratio the schedule's samples must keep (0: not checked)
+    max_fd_shift: float = 0.0  # distribution shift the schedule's samples must keep (0: not checked)
     check_samples: int = 100  # samples of the distribution check (its seed-to-seed noise shrinks with more)
 
 
@@ -67,7 +67,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"cache: unknown criterion '{config.criterion}' (known: {', '.join(CRITERIA)})")
     if not 0.0 <= config.min_psnr_db <= 200.0:
         raise ConfigError("cache: min_psnr_db must be in [0, 200] dB")
-    check_distribution_options("cache", config.max_fd_ratio, config.check_samples)
+    check_distribution_options("cache", config.max_fd_shift, config.check_samples)
     if not 1 <= config.probe_samples <= MAX_INPUTS:
         raise ConfigError(f"cache: probe_samples must be in [1, {MAX_INPUTS}]")
     if not all(isinstance(r, list | tuple) and len(r) == 2 and all(is_int(i) for i in r) for r in config.regions):
@@ -87,18 +87,18 @@ class CacheDecision(Decision):
     flops_vs_original: float
     flops_budget: float
     min_psnr_db: float
-    flops_budget_reached: float  # flops_budget, relaxed until min_psnr_db (and max_fd_ratio) held
+    flops_budget_reached: float  # flops_budget, relaxed until min_psnr_db (and max_fd_shift) held
     candidates: list[dict[str, Any]]  # best first: each region's schedule per criterion, run end to end
-    max_fd_ratio: float = 0.0
-    distribution: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per budget: best, its ratio
+    max_fd_shift: float = 0.0
+    distribution: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per budget: best, its shift
     floor_fd: float | None = None
 
     title = "Cache schedule"
 
     def _relaxed(self) -> str:
         kept = [f"the {self.min_psnr_db:g} dB floor"] if self.min_psnr_db else []
-        if self.max_fd_ratio:
-            kept.append(f"distribution ratio {self.max_fd_ratio:g}")
+        if self.max_fd_shift:
+            kept.append(f"distribution shift {self.max_fd_shift:g}")
         if not kept:
             return ""
         if self.flops_budget_reached == self.flops_budget:
@@ -110,15 +110,15 @@ class CacheDecision(Decision):
             return []
         lines = [
             "",
-            f"Distribution check (FD to the floor set over the original's own, {self.floor_fd:.4g}; bound"
-            f" {self.max_fd_ratio:g}), the best schedule at each budget:",
+            f"Distribution check (the distribution shift, verify.metrics.distribution_shift; the original's own FD"
+            f" to the floor set {self.floor_fd:.4g}; bound {self.max_fd_shift:g}), the best schedule at each budget:",
             "",
-            "| budget | region | refresh steps | calibration PSNR (dB) | distribution ratio |",
+            "| budget | region | refresh steps | calibration PSNR (dB) | distribution shift |",
             "|---|---|---|---|---|",
         ]
         return lines + [
             f"| {r['budget']:g} | {r['region']} | {r['refresh_steps']} | {r['calibration_psnr_db']} |"
-            f" {r['fd_ratio']:.3g} |"
+            f" {r['fd_shift']:.3g} |"
             for r in self.distribution
         ]
 
@@ -197,13 +197,13 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         )
     scored: list[tuple[float, Candidate]] = []
     check = None
-    if config.max_fd_ratio:  # the original's distribution, sampled once
+    if config.max_fd_shift:  # the original's distribution, sampled once
         check = ctx.distribution_check(config.check_samples)
     checked: list[dict[str, Any]] = []
     fraction = config.flops_budget
     while True:
         fresh = _candidates(costs, criteria, weights, full_flops, fraction * reference_flops, change, scored)
-        why = f", distribution ratio {checked[-1]['fd_ratio']:.3g} at {checked[-1]['budget']:.2f}" if checked else ""
+        why = f", distribution shift {checked[-1]['fd_shift']:.3g} at {checked[-1]['budget']:.2f}" if checked else ""
         for c in ctx.progress(fresh, desc=f"cache end-to-end (budget {fraction:.2f}{why})", leave=False):
             scored.append((replay_psnr(program.replace(plan=_with_cache(plan, program, c)), ctx.calibration), c))
         within = [sc for sc in scored if sc[1].flops <= fraction * reference_flops]
@@ -227,7 +227,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         flops_budget=config.flops_budget,
         min_psnr_db=config.min_psnr_db,
         flops_budget_reached=fraction,
-        max_fd_ratio=config.max_fd_ratio,
+        max_fd_shift=config.max_fd_shift,
         distribution=checked,
         floor_fd=None if check is None else check.floor,
         candidates=[
@@ -262,19 +262,19 @@ def _distribution_held(
     a schedule already checked at a tighter budget is not sampled again)."""
     psnr_db, best = _best(within)
     region, refresh = list(best.region), list(best.refresh)
-    ratio = next((r["fd_ratio"] for r in checked if (r["region"], r["refresh_steps"]) == (region, refresh)), None)
-    if ratio is None:
-        ratio = check.ratio(program.replace(plan=_with_cache(program.plan, program, best)))
+    shift = next((r["fd_shift"] for r in checked if (r["region"], r["refresh_steps"]) == (region, refresh)), None)
+    if shift is None:
+        shift = check.shift(program.replace(plan=_with_cache(program.plan, program, best)))
     checked.append(
         {
             "budget": fraction,
             "region": region,
             "refresh_steps": refresh,
             "calibration_psnr_db": round(psnr_db, 2),
-            "fd_ratio": ratio,
+            "fd_shift": shift,
         }
     )
-    return ratio <= config.max_fd_ratio
+    return shift <= config.max_fd_shift
 
 
 def _refuse(config: Config, scored: list, checked: list[dict[str, Any]], loop_fraction: float) -> None:
@@ -285,8 +285,8 @@ def _refuse(config: Config, scored: list, checked: list[dict[str, Any]], loop_fr
         )
     if checked and checked[-1]["budget"] >= 1.0:  # the quality floor held, the distribution did not
         raise ConfigError(
-            f"cache: no schedule keeps the distribution (ratio <= {config.max_fd_ratio:g}) below the original's"
-            f" FLOPs (best {min(r['fd_ratio'] for r in checked):.3g})"
+            f"cache: no schedule keeps the distribution (shift <= {config.max_fd_shift:g}) below the original's"
+            f" FLOPs (best {min(r['fd_shift'] for r in checked):.3g})"
         )
     raise ConfigError(
         f"cache: no schedule keeps min_psnr_db {config.min_psnr_db:g} dB on the calibration seeds below the"

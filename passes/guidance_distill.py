@@ -7,11 +7,11 @@ final samples re-noised at the plan's timesteps (or any training timestep, half 
 their conditions. The loop then runs without the unconditional branch: half the network evaluations
 at the same step count. The student becomes the reference of later passes.
 
-With `max_fd_ratio`, the student is judged as the verification judges the result (verify.floor_check:
-its samples' distance to a floor set of the original over the original's own, in the original
-denoiser's features) after every `steps`, and trains on (a cosine warm restart each time, SGDR) while it
-is over the bound, up to `max_steps`; the report shows every check. Per-step loss does not see this:
-dit-digits' student at loss 0.0014 after 400 steps was at 1.60 of the floor, 1.40 after 1200.
+With `max_fd_shift`, the student is judged as the verification judges the result (verify.floor_check: its
+samples' distribution shift from the original, in the original denoiser's features) after every `steps`, and
+trains on (a cosine warm restart each time, SGDR) while it is over the bound, up to `max_steps`; the report
+shows every check. Per-step loss does not see this: dit-digits' student at loss 0.0014 after 400 steps was at
+1.60 of the floor, 1.40 after 1200 (the former FD ratio).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class Config:
     lr: float = 2e-4
     samples: int = 256  # teacher samples re-noised as training inputs
     max_seconds: float = 900.0  # for all of the training
-    max_fd_ratio: float = 0.0  # the student's distribution ratio to reach (0: not checked)
+    max_fd_shift: float = 0.0  # the student's distribution shift to reach (0: not checked)
     check_samples: int = 100  # samples of the distribution check (its seed-to-seed noise shrinks with more)
-    max_steps: int = 0  # with max_fd_ratio: train on in chunks of `steps` up to this many (0: `steps`)
+    max_steps: int = 0  # with max_fd_shift: train on in chunks of `steps` up to this many (0: `steps`)
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class GuidanceDistillDecision(Decision):
     seconds: float
     loss_first: float
     loss_last: float
-    max_fd_ratio: float = 0.0
-    checks: list[dict] = dataclasses.field(default_factory=list)  # per chunk: steps so far, distribution ratio
+    max_fd_shift: float = 0.0
+    checks: list[dict] = dataclasses.field(default_factory=list)  # per chunk: steps so far, distribution shift
     floor_fd: float | None = None
 
     title = "Guidance distillation"
@@ -68,11 +68,11 @@ class GuidanceDistillDecision(Decision):
             f" {self.loss_first} -> {self.loss_last}",
         ]
         if self.checks:
-            held = self.checks[-1]["fd_ratio"] <= self.max_fd_ratio
+            held = self.checks[-1]["fd_shift"] <= self.max_fd_shift
             lines.append(
-                f"- distribution check (FD to the floor set over the original's own, {self.floor_fd:.4g}; bound"
-                f" {self.max_fd_ratio:g}) after "
-                + ", ".join(f"{c['steps']} steps: {c['fd_ratio']:.3g}" for c in self.checks)
+                f"- distribution check (the distribution shift, verify.metrics.distribution_shift; the original's own"
+                f" FD to the floor set {self.floor_fd:.4g}; bound {self.max_fd_shift:g}) after "
+                + ", ".join(f"{c['steps']} steps: {c['fd_shift']:.3g}" for c in self.checks)
                 + ("" if held else " -- not reached within max_steps; the verification judges the result")
             )
         return lines
@@ -87,7 +87,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"guidance_distill: steps >= 1, batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
     if config.lr <= 0 or config.max_seconds <= 0:
         raise ConfigError("guidance_distill: lr and max_seconds must be > 0")
-    check_distribution_options("guidance_distill", config.max_fd_ratio, config.check_samples)
+    check_distribution_options("guidance_distill", config.max_fd_shift, config.check_samples)
     if not 0 <= config.max_steps <= 1_000_000:
         raise ConfigError("guidance_distill: max_steps must be in [0, 1000000] (0: steps)")
 
@@ -110,7 +110,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     timesteps = torch.tensor(grid(program.plan))
     trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
     check = None
-    if config.max_fd_ratio:  # the original's distribution, sampled once
+    if config.max_fd_shift:  # the original's distribution, sampled once
         check = ctx.distribution_check(config.check_samples)
 
     def loss(_step: int) -> torch.Tensor:
@@ -135,8 +135,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         config.steps,
         config.max_steps,
         config.max_seconds,
-        check and partial(check.ratio, result),
-        config.max_fd_ratio,
+        check and partial(check.shift, result),
+        config.max_fd_shift,
     )
     decision = GuidanceDistillDecision(
         scale,
@@ -144,7 +144,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         log.seconds,
         log.loss_first,
         log.loss_last,
-        config.max_fd_ratio,
+        config.max_fd_shift,
         log.checks,
         check and check.floor,
     )

@@ -11,13 +11,13 @@ teacher of the next. Under classifier-free guidance both run guided at the plan'
 run guidance_distill first, as Meng et al. 2023 do). The result runs DDIM on the final grid
 (core.grid_ddim) and becomes the reference of later passes.
 
-With `max_fd_ratio`, every round's student is judged as the verification judges the result
-(verify.floor_check: its samples' distance to a floor set of the original, over the original's own, in
-the original denoiser's features): rounds stop at the first student over the bound and the last one
+With `max_fd_shift`, every round's student is judged as the verification judges the result
+(verify.floor_check: its samples' distribution shift from the original, in the original denoiser's
+features): rounds stop at the first student over the bound and the last one
 within it is kept (none: the pass refuses). With `max_round_steps` a round over the bound trains on
 first, in chunks of `round_steps` (each a cosine warm restart, core.training.train_checked), checked
-after each. Measured on dit-digits (BENCHMARKS.md): its rounds add little (1.63 to 1.65 of the floor),
-the guidance-distilled network they started from was at 1.60.
+after each. Measured on dit-digits (BENCHMARKS.md): its rounds add little (1.63 to 1.65 of the floor,
+the former FD ratio), the guidance-distilled network they started from was at 1.60.
 """
 
 from __future__ import annotations
@@ -53,27 +53,27 @@ class Config:
     lr: float = 2e-4
     samples: int = 256  # teacher samples re-noised as training inputs
     max_seconds: float = 1800.0  # for all rounds; each round gets an equal share of what is left
-    max_fd_ratio: float = 0.0  # a round's student must keep this distribution ratio (0: not checked)
+    max_fd_shift: float = 0.0  # a round's student must keep this distribution shift (0: not checked)
     check_samples: int = 100  # samples of the distribution check (its seed-to-seed noise shrinks with more)
-    max_round_steps: int = 0  # with max_fd_ratio: a round trains on in chunks of round_steps up to this (0: one)
+    max_round_steps: int = 0  # with max_fd_shift: a round trains on in chunks of round_steps up to this (0: one)
 
 
 @dataclass(frozen=True)
 class ProgressiveDecision(Decision):
-    rounds: list[dict]  # per round: steps before -> after, training steps, seconds, loss first/last, fd ratio
+    rounds: list[dict]  # per round: steps before -> after, training steps, seconds, loss first/last, distribution shift
     timesteps: list[float]
-    max_fd_ratio: float = 0.0
+    max_fd_shift: float = 0.0
     floor_fd: float | None = None  # the original's own distance to the check's floor set
 
     title = "Progressive distillation"
 
     def markdown(self) -> list[str]:
         lines = [f"Final grid: {len(self.timesteps)} DDIM steps at timesteps {[round(t) for t in self.timesteps]}."]
-        if self.max_fd_ratio:
+        if self.max_fd_shift:
             kept = sum(1 for r in self.rounds if r.get("kept", True))
             lines.append(
-                f"Each round's student judged on the distribution check's seeds (FD to the floor set over the"
-                f" original's own, {self.floor_fd:.4g}; bound {self.max_fd_ratio:g}): {kept} of"
+                f"Each round's student judged on the distribution check's seeds (the distribution shift;"
+                f" the original's own FD to the floor set {self.floor_fd:.4g}; bound {self.max_fd_shift:g}): {kept} of"
                 f" {len(self.rounds)} rounds kept."
             )
         lines += [
@@ -82,10 +82,10 @@ class ProgressiveDecision(Decision):
             "|---|---|---|---|---|---|---|",
         ]
         for i, r in enumerate(self.rounds):
-            ratio = "-" if r.get("fd_ratio") is None else f"{r['fd_ratio']:.3g}"
+            shift = "-" if r.get("fd_shift") is None else f"{r['fd_shift']:.3g}"
             lines.append(
                 f"| {i + 1} | {r['teacher_steps']} -> {r['student_steps']} | {r['steps']} | {r['seconds']} |"
-                f" {r['loss_first']} -> {r['loss_last']} | {ratio} | {'yes' if r.get('kept', True) else 'no'} |"
+                f" {r['loss_first']} -> {r['loss_last']} | {shift} | {'yes' if r.get('kept', True) else 'no'} |"
             )
         return lines
 
@@ -97,7 +97,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         raise ConfigError(f"progressive_distill: batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
     if config.lr <= 0 or config.max_seconds <= 0:
         raise ConfigError("progressive_distill: lr and max_seconds must be > 0")
-    check_distribution_options("progressive_distill", config.max_fd_ratio, config.check_samples)
+    check_distribution_options("progressive_distill", config.max_fd_shift, config.check_samples)
     if not 0 <= config.max_round_steps <= 1_000_000:
         raise ConfigError("progressive_distill: max_round_steps must be in [0, 1000000] (0: round_steps)")
 
@@ -126,7 +126,7 @@ def rounds(start: int, end: int) -> list[list[int]]:
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
     check = None
-    if config.max_fd_ratio:  # the original's distribution, sampled once
+    if config.max_fd_shift:  # the original's distribution, sampled once
         check = ctx.distribution_check(config.check_samples)
     teacher_model, teacher_grid = program.denoiser, grid(program.plan)
     kept_model, kept_grid, records, start = program.denoiser, teacher_grid, [], time.perf_counter()
@@ -140,8 +140,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
             config.round_steps,
             config.max_round_steps,
             budget,
-            check and partial(check.ratio, judged),
-            config.max_fd_ratio,
+            check and partial(check.shift, judged),
+            config.max_fd_shift,
         )
         record = {
             "teacher_steps": len(teacher_grid),
@@ -150,9 +150,9 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
             "seconds": log.seconds,
             "loss_first": log.loss_first,
             "loss_last": log.loss_last,
-            "fd_ratio": log.ratio,
+            "fd_shift": log.shift,
             "checks": log.checks,
-            "kept": log.ratio is None or log.ratio <= config.max_fd_ratio,
+            "kept": log.shift is None or log.shift <= config.max_fd_shift,
         }
         records.append(record)
         if not record["kept"]:
@@ -160,17 +160,17 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         teacher_model, teacher_grid = kept_model, kept_grid = student_model, student_grid
     if kept_model is program.denoiser:
         raise ConfigError(
-            f"progressive_distill: no student kept the distribution (ratio {records[0]['fd_ratio']:.3g} after"
-            f" {records[0]['teacher_steps']} -> {records[0]['student_steps']} steps, bound {config.max_fd_ratio:g})"
+            f"progressive_distill: no student kept the distribution (shift {records[0]['fd_shift']:.3g} after"
+            f" {records[0]['teacher_steps']} -> {records[0]['student_steps']} steps, bound {config.max_fd_shift:g})"
         )
-    decision = ProgressiveDecision(records, kept_grid, config.max_fd_ratio, None if check is None else check.floor)
+    decision = ProgressiveDecision(records, kept_grid, config.max_fd_shift, None if check is None else check.floor)
     return PassResult(_student(program, kept_model, kept_grid), decision)
 
 
 def _student(program: DiffusionProgram, model: nn.Module, timesteps: list[float]) -> DiffusionProgram:
     """The program of a student: its network on its DDIM grid. It learned unclipped steps (it lands where
     the clipping teacher lands): it samples unclipped. (Measured on dit-digits: its 4-step student is at
-    1.66 of the floor sampled with the teacher's clipping, 1.67 without.)"""
+    1.66 of the floor sampled with the teacher's clipping, 1.67 without, the former FD ratio.)"""
     solver = "euler" if program.spec.prediction_type == "flow" else "ddim"
     plan = on_grid(program.plan, solver, timesteps)
     if "clip_sample" in plan.scheduler_config or solver == "ddim":

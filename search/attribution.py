@@ -2,8 +2,8 @@
 the recipe, lowered and timed side by side in one run, and judged on the proxy seeds.
 
 Speed shares are of the log speedup (they add up: 2x then 2x is 4x, half each); fidelity shares are of
-the change in the distribution ratio (FD to the original's floor set over the floor, in the denoiser's own
-features; the original itself is at 1), signed: a pass that restores fidelity (recovery) has a negative
+the change in the distribution shift (the FD beyond the original's seed-to-seed floor, in the denoiser's
+own features; the original itself is at 0), signed: a pass that restores fidelity (recovery) has a negative
 share, and the shares of the others exceed 100%."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def attribute(runner: TrialRunner, planned: list[PlannedPass]) -> list[dict[str,
     fidelity = [runner.proxy.measure(p) for p in programs]
     original_ms = timings[-1]["original_loop_ms"]
     total_log = math.log(original_ms / timings[-1]["loop_ms"]) if timings else 0.0
-    metric = "fd_self_ratio" if fidelity and fidelity[-1].get("fd_self_ratio") is not None else "psnr_db_mean"
-    start = 1.0 if metric == "fd_self_ratio" else None  # the original's own ratio
+    metric = "fd_self_shift" if fidelity and fidelity[-1].get("fd_self_shift") is not None else "psnr_db_mean"
+    start = 0.0 if metric == "fd_self_shift" else None  # the original's own shift
     values = [f.get(metric) for f in fidelity]
     total_change = (values[-1] - (start if start is not None else values[0])) if values else 0.0
     rows, before_ms, before_value = [], original_ms, start
@@ -50,7 +50,7 @@ def attribute(runner: TrialRunner, planned: list[PlannedPass]) -> list[dict[str,
 def markdown(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    metric = "FD / floor" if rows[0]["fidelity_metric"] == "fd_self_ratio" else "PSNR (dB)"
+    metric = "distribution shift" if rows[0]["fidelity_metric"] == "fd_self_shift" else "PSNR (dB)"
     lines = [
         f"| after pass | loop ms | speedup so far | share of the speedup (log) | {metric} so far | {metric} change"
         f" | share of the {metric} change |",
@@ -69,8 +69,8 @@ def _pct(value: float | None) -> str:
 
 
 def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.2f}"
+    return "n/a" if value is None else f"{value:+.3g}"
 
 
 def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.3g}"

@@ -12,10 +12,10 @@ PLOT_FILE = "pareto.png"
 
 
 def fidelity_axis(rows: list[dict[str, Any]]) -> tuple[str, str, bool]:
-    """(metric, label, lower is better): the distribution ratio in the denoiser's own features (every model
+    """(metric, label, lower is better): the distribution shift in the denoiser's own features (every model
     has it), else PSNR."""
-    if rows and all(r["metrics"].get("fd_self_ratio") is not None for r in rows):
-        return "fd_self_ratio", "FD to the original's floor set / floor (proxy seeds; lower is better)", True
+    if rows and all(r["metrics"].get("fd_self_shift") is not None for r in rows):
+        return "fd_self_shift", "distribution shift in the denoiser's features (proxy seeds; lower is better)", True
     return "psnr_db_mean", "PSNR vs the original's samples (proxy seeds, dB; higher is better)", False
 
 
@@ -101,7 +101,7 @@ def table(rows: list[dict[str, Any]], knobs: list[str], chosen: int | None) -> l
         "GFLOPs/image",
         "speedup",
         "PSNR (dB)",
-        "FD / floor",
+        "distribution shift",
         "agreement drop",
         "feasible",
         "front",
@@ -111,7 +111,7 @@ def table(rows: list[dict[str, Any]], knobs: list[str], chosen: int | None) -> l
     for i, r in enumerate(rows):
         m = r["metrics"]
         cells = [*(r["params"][k] for k in knobs), str(m["nfe"]), f"{m['flops_per_image'] / 1e9:.3f}"]
-        cells += [f"{m['speedup']:.2f}x", _num(m.get("psnr_db_mean")), _num(m.get("fd_self_ratio"))]
+        cells += [f"{m['speedup']:.2f}x", _num(m.get("psnr_db_mean")), _num(m.get("fd_self_shift"))]
         cells += [_num(m.get("class_agreement_drop")), "yes" if m["feasible"] else "no"]
         cells += ["yes" if i in on_front else "", f"{m['seconds']:.0f}"]
         mark = " (chosen)" if i == chosen else ""

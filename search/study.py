@@ -247,8 +247,8 @@ def summary(m: dict[str, Any]) -> str:
     parts = [f"{m['speedup']:.2f}x ({m['loop_ms']:.1f} ms vs {m['original_loop_ms']:.1f} ms)", f"NFE {m['nfe']}"]
     if m.get("psnr_db_mean") is not None:
         parts.append(f"PSNR {m['psnr_db_mean']:.1f} dB")
-    if m.get("fd_self_ratio") is not None:
-        parts.append(f"FD / floor {m['fd_self_ratio']:.2f}")
+    if m.get("fd_self_shift") is not None:
+        parts.append(f"distribution shift {m['fd_self_shift']:.3g}")
     if m.get("class_agreement_drop") is not None:
         parts.append(f"agreement drop {m['class_agreement_drop']:.2f}")
     parts.append("feasible" if m["feasible"] else "infeasible")

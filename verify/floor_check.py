@@ -1,9 +1,10 @@
 """The distribution check a loop-changing pass runs on its own seeds before it commits to a saving: the
 verification's denoiser-feature gate (verify.judges.denoiser_features) in small. The original program
 samples a reference set and a floor set (disjoint seeds, same conditions); a candidate is sampled on the
-reference's seeds, and its Fréchet distance to the floor set is stated over the reference's own (about 1
-for a candidate within the original's seed-to-seed noise). A per-seed PSNR cannot see this: a cached or
-distilled loop can stay close to the original on every seed while all of its samples drift the same way."""
+reference's seeds, and its distribution shift is measured as the verification's gate measures it
+(verify.metrics.distribution_shift: about 0 for a candidate within the original's seed-to-seed noise). A
+per-seed PSNR cannot see this: a cached or distilled loop can stay close to the original on every seed
+while all of its samples drift the same way."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from verify.judges.base import FloorFD
 from verify.judges.denoiser_features import PREFIX, DenoiserFeatures
 from verify.verdict import floor_seeds
 
-SAMPLES = 100  # as many as the verification's default set: the ratio's seed-to-seed noise is the gate's
+SAMPLES = 100  # as many as the verification's default set: the shift's seed-to-seed noise is the gate's
 
 
 class FloorCheck:
@@ -38,10 +39,10 @@ class FloorCheck:
     def floor(self) -> float:
         return self.fd.floor_fd
 
-    def ratio(self, candidate: DiffusionProgram) -> float:
-        """The candidate's FD to the floor set over the original's (inf for a diverged candidate)."""
+    def shift(self, candidate: DiffusionProgram) -> float:
+        """The candidate's distribution shift (inf for a diverged candidate)."""
         final = self._sample(candidate, self.seeds, "a candidate")
-        return self.fd(self.features(final, self.conditions))[f"{PREFIX}_ratio"]
+        return self.fd(self.features(final, self.conditions))[f"{PREFIX}_shift"]
 
     def _sample(self, program: DiffusionProgram, seeds: list[int], what: str) -> torch.Tensor:
         desc = f"distribution check: {what}, {len(seeds)} samples"

@@ -19,18 +19,20 @@ class Gate:
     metric: str  # key in the verification summary
     kind: str  # "min" or "max"
     description: str
-    # A distribution gate's candidate and floor keys, shown beside the ratio.
-    detail: tuple[str, str] | None = None
+    # A distribution gate's metric prefix: its terms, FD and floor are shown beside the shift.
+    detail: str | None = None
 
 
-def _floor_gate(name: str, prefix: str, space: str) -> Gate:
+def _shift_gate(name: str, prefix: str, space: str) -> Gate:
     return Gate(
         name,
-        f"{prefix}_ratio",
+        f"{prefix}_shift",
         "max",
-        f"Fréchet distance of the candidate's samples to a disjoint draw of the original (other seeds, same"
-        f" conditions) over the original's own distance to it (the floor), {space}",
-        (f"{prefix}_candidate", f"{prefix}_floor"),
+        f"distribution shift: the Fréchet distance of the candidate's samples to a disjoint draw of the original"
+        f" (other seeds, same conditions) beyond the original's own distance to it (the floor), per standardized"
+        f" feature, its mean term unbiased from the paired seeds (verify.metrics.distribution_shift; 0: the"
+        f" original's distribution, whatever the sample count), {space}",
+        prefix,
     )
 
 
@@ -45,17 +47,17 @@ GATES = {
             "max",
             "worst per-step relative error of the model output on the reference trajectory",
         ),
-        _floor_gate("max_fd_self_ratio", "fd_self", "in the original denoiser's own features (any model)"),
+        _shift_gate("max_fd_self_shift", "fd_self", "in the original denoiser's own features (any model)"),
         Gate(
             "max_class_agreement_drop",
             "class_agreement_drop",
             "max",
             "drop of the digits classifier's agreement with the requested digit (fraction; the zoo's models)",
         ),
-        _floor_gate("max_fd_digits_ratio", "fd_digits", "in the digits classifier's features (the zoo's models)"),
+        _shift_gate("max_fd_digits_shift", "fd_digits", "in the digits classifier's features (the zoo's models)"),
         Gate("max_clip_score_drop", "clip_score_drop", "max", "drop of the mean CLIP score (--clip; prompts)"),
-        _floor_gate("max_fd_clip_ratio", "fd_clip", "in CLIP image features (--clip)"),
-        _floor_gate("max_fid_ratio", "fid", "in Inception-v3 pool features, FID (--inception)"),
+        _shift_gate("max_fd_clip_shift", "fd_clip", "in CLIP image features (--clip)"),
+        _shift_gate("max_fid_shift", "fid", "in Inception-v3 pool features, FID (--inception)"),
     )
 }
 
@@ -100,7 +102,7 @@ def plan_gates(bounds: dict[str, float], judges: Any, explicit: Collection[str] 
         listed = "; ".join(f"{g} ({why})" for g, why in skipped.items()) or "the target has no gates"
         raise ConfigError(
             f"none of the gates can be measured on this model: {listed}; add one its judges compute, e.g."
-            " --gate max_fd_self_ratio=1.5"
+            " --gate max_fd_self_shift=0.03"
         )
     return GatePlan(dict(bounds), skipped)
 
@@ -133,8 +135,12 @@ def evaluate_gates(plan: GatePlan, summary: dict[str, Any]) -> list[GateResult]:
         value = float(value)
         held = value >= bound if gate.kind == "min" else value <= bound  # NaN holds no bound
         detail = ""
-        if gate.detail and summary.get(gate.detail[0]) is not None:
-            detail = f"FD {_num(summary[gate.detail[0]])} vs floor {_num(summary[gate.detail[1]])}"
+        if gate.detail and summary.get(f"{gate.detail}_candidate") is not None:
+            p = gate.detail
+            detail = (
+                f"mean {_num(summary[f'{p}_shift_mean'])} + cov {_num(summary[f'{p}_shift_cov'])};"
+                f" FD {_num(summary[f'{p}_candidate'])} vs floor {_num(summary[f'{p}_floor'])}"
+            )
         results.append(GateResult(gate, float(bound), value, PASS if held else FAIL, detail))
     return results
 

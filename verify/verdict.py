@@ -32,11 +32,13 @@ def null_seeds(draw: int, n: int) -> list[int]:
 
 
 def floor_cell(row: dict[str, Any], prefix: str) -> str:
-    """A distribution metric for a table: the ratio, with the candidate's FD and the floor."""
-    ratio = row.get(f"{prefix}_ratio")
-    if ratio is None:
+    """A distribution metric for a table: the shift (the gated value), with the ratio of the candidate's FD
+    to the floor's and both."""
+    shift = row.get(f"{prefix}_shift")
+    if shift is None:
         return "n/a"
-    return f"{ratio:.2f} ({row[f'{prefix}_candidate']:.3g} / {row[f'{prefix}_floor']:.3g})"
+    fd, floor = row[f"{prefix}_candidate"], row[f"{prefix}_floor"]
+    return f"{shift:.3g} ({row[f'{prefix}_ratio']:.2f}: {fd:.3g} / {floor:.3g})"
 
 
 def outputs(

@@ -50,7 +50,7 @@ def search_target(folder: Path, trials: int, repeats: int = 2) -> Path:
             "latency_repeats": repeats,
             "knobs": {"steps": STEPS, "loop": LOOP},
         },
-        "gates": {"max_class_agreement_drop": 1.0, "max_fd_self_ratio": 1e9},
+        "gates": {"max_class_agreement_drop": 1.0, "max_fd_self_shift": 1e9},
     }
     path = folder / "tiny-auto.json"
     path.write_text(json.dumps(data))

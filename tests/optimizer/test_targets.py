@@ -50,7 +50,7 @@ def test_planned_target_is_refused_clearly():
         assert [step["pass"] for step in target.recipe] == composed
         assert target.recipe[-1]["config"]["weights"] == weights
         assert target.recipe[-1]["config"]["activations"] == activations
-        assert set(target.gates) == {"max_class_agreement_drop", "max_fd_self_ratio", "max_fd_digits_ratio"}
+        assert set(target.gates) == {"max_class_agreement_drop", "max_fd_self_shift", "max_fd_digits_shift"}
         assert target.recipe[-1]["config"].get("fallback_formats", []) == (["fp8"] if weights == "int4" else [])
         assert target.recipe[-1]["config"]["max_sample_error"] == 0.05  # end to end: a few-step loop compounds
         plan_passes(target.recipe, target.capabilities)  # every shipped recipe fits its hardware

@@ -18,12 +18,12 @@ SHORT = {  # training budgets of the shipped recipes, cut for mechanics
     "recover": {"steps": 2, "teacher_samples": 2, "samples": 64, "batch": 8},
     # The distribution checks run, on 4 samples; the loop changes keep any ratio (random weights).
     "guidance_distill": {"steps": 2, "max_steps": 4, "samples": 4, "batch": 4, "check_samples": 4},
-    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_ratio": 100.0, "check_samples": 4},
-    "cache": {"max_fd_ratio": 100.0, "check_samples": 4},
+    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_shift": 100.0, "check_samples": 4},
+    "cache": {"max_fd_shift": 100.0, "check_samples": 4},
     "linearize": {"steps": 2, "samples": 64, "batch": 8, "min_calibration_psnr_db": 0.0},
 }
 SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}
-UNIVERSAL = ("min_psnr_db", "min_ssim", "max_eps_rel_error", "max_fd_self_ratio")
+UNIVERSAL = ("min_psnr_db", "min_ssim", "max_eps_rel_error", "max_fd_self_shift")
 AVAILABLE = [t.name for t in list_targets() if t.status == "available"]
 DISTILLED = {t.name for t in list_targets() if t.search or any(s["pass"] == "progressive_distill" for s in t.recipe)}
 
@@ -67,21 +67,21 @@ def test_every_target_on_a_model_no_judge_knows_passes_only_on_measured_gates(ta
 
 
 GATE_METRICS = {"min_psnr_db": "psnr_db_mean", "min_ssim": "ssim_mean", "max_eps_rel_error": "eps_rel_error_max"}
-GATE_METRICS["max_fd_self_ratio"] = "fd_self_ratio"
+GATE_METRICS["max_fd_self_shift"] = "fd_self_shift"
 
 
 def test_a_target_whose_gates_cannot_be_measured_is_refused_before_any_work(user_models, tmp_path):
     from optimizer.targets import TARGETS_DIR
 
     data = json.loads((TARGETS_DIR / "cpu-steps.json").read_text())
-    data["gates"] = {"max_class_agreement_drop": 0.03, "max_fd_digits_ratio": 1.5}
+    data["gates"] = {"max_class_agreement_drop": 0.03, "max_fd_digits_shift": 0.03}
     target = tmp_path / "digits-only.json"
     target.write_text(json.dumps(data))
     result = CliRunner().invoke(main, [str(user_models["dit"]), "--target", str(target), "--out", str(tmp_path / "o")])
     assert result.exit_code == EXIT_BAD_INPUT
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: none of the gates can be measured on this model: max_class_agreement_drop (digits")
-    assert "--gate max_fd_self_ratio=1.5" in line and not (tmp_path / "o").exists()
+    assert "--gate max_fd_self_shift=0.03" in line and not (tmp_path / "o").exists()
     # A gate asked for on the command line that no judge of the model computes: refused the same way.
     asked = CliRunner().invoke(
         main, [str(user_models["dit"]), "--max-agreement-drop", "0.1", "--out", str(tmp_path / "o")]
@@ -91,6 +91,6 @@ def test_a_target_whose_gates_cannot_be_measured_is_refused_before_any_work(user
         "error: gate max_class_agreement_drop cannot be measured on this model (digits judge: applies to the zoo's"
         " 1x16x16 digit images (classes 0-9, or prompts naming a digit))"
     )
-    for bad, message in (("max_fd_self_ratio", "expected NAME=BOUND"), ("nope=1", "unknown gate(s) ['nope']")):
+    for bad, message in (("max_fd_self_shift", "expected NAME=BOUND"), ("nope=1", "unknown gate(s) ['nope']")):
         r = CliRunner().invoke(main, [str(user_models["dit"]), "--gate", bad, "--out", str(tmp_path / "o")])
         assert r.exit_code == EXIT_BAD_INPUT and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

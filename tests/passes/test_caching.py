@@ -269,7 +269,7 @@ def test_ort_runner_reproduces_the_torch_cached_sampler(family, region, request,
 
 
 class ScriptedCheck:
-    """A stand-in for verify.floor_check.FloorCheck: the ratio falls as the schedule's FLOPs rise."""
+    """A stand-in for verify.floor_check.FloorCheck: the shift falls as the schedule's FLOPs rise."""
 
     floor = 0.5
 
@@ -278,7 +278,7 @@ class ScriptedCheck:
     def __init__(self, original, *_, **__):
         self.original = original
 
-    def ratio(self, candidate):
+    def shift(self, candidate):
         self.sampled.append(candidate.plan.cache.refresh)
         return 2.0 - plan_flops(candidate)["per_image"] / plan_flops(self.original)["per_image"]
 
@@ -289,17 +289,17 @@ def test_a_distribution_bound_relaxes_the_budget_until_the_best_schedule_keeps_i
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
     monkeypatch.setattr(ScriptedCheck, "sampled", [])
     traj = calibrations["dit"]
-    config = {"flops_budget": 0.4, "regions": [[0, 8]], "criterion": "similarity", "max_fd_ratio": 1.45}
+    config = {"flops_budget": 0.4, "regions": [[0, 8]], "criterion": "similarity", "max_fd_shift": 1.45}
     decision = run(dit_program, traj, [{"pass": "cache", "config": config}]).decision("cache").to_dict()
     rows = decision["distribution"]
-    # One check per budget, 0.4 upward, until the best schedule's ratio (2 - its FLOPs fraction) held.
+    # One check per budget, 0.4 upward, until the best schedule's shift (2 - its FLOPs fraction) held.
     assert [r["budget"] for r in rows] == [round(0.4 + BUDGET_STEP * i, 6) for i in range(len(rows))]
-    assert all(r["fd_ratio"] > 1.45 for r in rows[:-1]) and rows[-1]["fd_ratio"] <= 1.45
+    assert all(r["fd_shift"] > 1.45 for r in rows[:-1]) and rows[-1]["fd_shift"] <= 1.45
     assert decision["flops_budget_reached"] == rows[-1]["budget"] > 0.4
-    assert decision["flops_vs_original"] >= 0.55 - 1e-9  # 2 - ratio, ratio <= 1.45
+    assert decision["flops_vs_original"] >= 0.55 - 1e-9  # 2 - shift, shift <= 1.45
     assert rows[-1]["refresh_steps"] == decision["refresh_steps"]
     # A schedule that stays the best as the budget relaxes is sampled once.
     distinct = list(dict.fromkeys(tuple(r["refresh_steps"]) for r in rows))
     assert len(ScriptedCheck.sampled) == len(distinct) <= len(rows)
-    with pytest.raises(ConfigError, match=r"no schedule keeps the distribution \(ratio <= 0.5\)"):
-        run(dit_program, traj, [{"pass": "cache", "config": {**config, "flops_budget": 0.9, "max_fd_ratio": 0.5}}])
+    with pytest.raises(ConfigError, match=r"no schedule keeps the distribution \(shift <= 0.5\)"):
+        run(dit_program, traj, [{"pass": "cache", "config": {**config, "flops_budget": 0.9, "max_fd_shift": 0.5}}])

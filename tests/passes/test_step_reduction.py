@@ -105,65 +105,65 @@ def test_flow_matching_models_distil_and_search_on_euler_grids(flow_folders, nam
 
 
 class ScriptedCheck:
-    """A stand-in for verify.floor_check.FloorCheck: ratios per round, in order."""
+    """A stand-in for verify.floor_check.FloorCheck: shifts per round, in order."""
 
     floor = 0.5
-    ratios: tuple = ()
+    shifts: tuple = ()
 
     def __init__(self, original, *_, **__):
-        self.calls = iter(self.ratios)
+        self.calls = iter(self.shifts)
 
-    def ratio(self, candidate):
+    def shift(self, candidate):
         return next(self.calls)
 
 
-@pytest.mark.parametrize(("ratios", "kept_steps"), [([1.0, 1.1, 1.4], 5), ([1.2, 1.1, 1.0], 4), ([1.3], None)])
+@pytest.mark.parametrize(("shifts", "kept_steps"), [([1.0, 1.1, 1.4], 5), ([1.2, 1.1, 1.0], 4), ([1.3], None)])
 def test_progressive_rounds_stop_at_the_first_student_over_the_distribution_bound(
-    dit_program, dit_calibration, monkeypatch, ratios, kept_steps
+    dit_program, dit_calibration, monkeypatch, shifts, kept_steps
 ):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
-    monkeypatch.setattr(ScriptedCheck, "ratios", ratios)
-    config = {"steps": 4, "round_steps": 1, "batch": 4, "samples": 4, "max_fd_ratio": 1.25}
+    monkeypatch.setattr(ScriptedCheck, "shifts", shifts)
+    config = {"steps": 4, "round_steps": 1, "batch": 4, "samples": 4, "max_fd_shift": 1.25}
     planned = plan_passes([{"pass": "progressive_distill", "config": config}], FP32, program=dit_program)
     if kept_steps is None:
-        with pytest.raises(ConfigError, match=r"no student kept the distribution \(ratio 1.3 after 20 -> 10 steps"):
+        with pytest.raises(ConfigError, match=r"no student kept the distribution \(shift 1.3 after 20 -> 10 steps"):
             run_passes(dit_program, planned, context(dit_program, dit_calibration))
         return
     result = run_passes(dit_program, planned, context(dit_program, dit_calibration))
     rounds = result.decision("progressive_distill").rounds
-    assert [r["fd_ratio"] for r in rounds] == ratios[: len(rounds)]
-    assert [r["kept"] for r in rounds] == [r <= 1.25 for r in ratios[: len(rounds)]]
+    assert [r["fd_shift"] for r in rounds] == shifts[: len(rounds)]
+    assert [r["kept"] for r in rounds] == [r <= 1.25 for r in shifts[: len(rounds)]]
     assert result.plan.num_inference_steps == kept_steps
     assert result.plan.timesteps == tuple(result.decision("progressive_distill").timesteps)
 
 
-@pytest.mark.parametrize(("ratios", "trained", "checks"), [((1.3, 1.2, 1.1), 6, 3), ((1.0,), 2, 1), ((1.5,) * 9, 8, 4)])
+@pytest.mark.parametrize(("shifts", "trained", "checks"), [((1.3, 1.2, 1.1), 6, 3), ((1.0,), 2, 1), ((1.5,) * 9, 8, 4)])
 def test_guidance_distillation_trains_on_while_the_student_is_over_the_distribution_bound(
-    dit_program, dit_calibration, monkeypatch, ratios, trained, checks
+    dit_program, dit_calibration, monkeypatch, shifts, trained, checks
 ):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
-    monkeypatch.setattr(ScriptedCheck, "ratios", ratios)
-    config = {"steps": 2, "max_steps": 8, "batch": 4, "samples": 4, "max_fd_ratio": 1.15}
+    monkeypatch.setattr(ScriptedCheck, "shifts", shifts)
+    config = {"steps": 2, "max_steps": 8, "batch": 4, "samples": 4, "max_fd_shift": 1.15}
     planned = plan_passes([{"pass": "guidance_distill", "config": config}], FP32, program=dit_program)
     result = run_passes(dit_program, planned, context(dit_program, dit_calibration))
     decision = result.decision("guidance_distill")
-    # Checked after every chunk of `steps`; stops at the first ratio within the bound or at max_steps.
+    # Checked after every chunk of `steps`; stops at the first shift within the bound or at max_steps.
     assert [c["steps"] for c in decision.checks] == [2 * (i + 1) for i in range(checks)]
-    assert [c["fd_ratio"] for c in decision.checks] == list(ratios[:checks])
+    assert [c["fd_shift"] for c in decision.checks] == list(shifts[:checks])
     assert decision.steps == trained and result.plan.guidance_scale == 1.0
     held = "not reached within max_steps" not in "\n".join(decision.markdown())
-    assert held == (ratios[checks - 1] <= 1.15)
+    assert held == (shifts[checks - 1] <= 1.15)
 
 
 def test_a_progressive_round_trains_on_while_its_student_is_over_the_bound(dit_program, dit_calibration, monkeypatch):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
-    monkeypatch.setattr(ScriptedCheck, "ratios", (1.4, 1.3, 1.2, 1.0, 1.5, 1.6, 1.7))
-    config = {"steps": 4, "round_steps": 1, "max_round_steps": 3, "batch": 4, "samples": 4, "max_fd_ratio": 1.25}
+    monkeypatch.setattr(ScriptedCheck, "shifts", (1.4, 1.3, 1.2, 1.0, 1.5, 1.6, 1.7))
+    config = {"steps": 4, "round_steps": 1, "max_round_steps": 3, "batch": 4, "samples": 4, "max_fd_shift": 1.25}
     planned = plan_passes([{"pass": "progressive_distill", "config": config}], FP32, program=dit_program)
     result = run_passes(dit_program, planned, context(dit_program, dit_calibration))
     rounds = result.decision("progressive_distill").rounds
     # 20 -> 10 kept on its third chunk, 10 -> 5 on its first, 5 -> 4 over the bound after all three.
-    assert [[c["fd_ratio"] for c in r["checks"]] for r in rounds] == [[1.4, 1.3, 1.2], [1.0], [1.5, 1.6, 1.7]]
+    assert [[c["fd_shift"] for c in r["checks"]] for r in rounds] == [[1.4, 1.3, 1.2], [1.0], [1.5, 1.6, 1.7]]
     assert [r["steps"] for r in rounds] == [3, 1, 3] and [r["kept"] for r in rounds] == [True, True, False]
     assert result.plan.num_inference_steps == 5
 
@@ -172,7 +172,7 @@ def test_a_progressive_round_trains_on_while_its_student_is_over_the_bound(dit_p
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"max_fd_ratio": -1.0}, "max_fd_ratio must be in [0, 100] (0: no distribution check)"),
+        ({"max_fd_shift": -1.0}, "max_fd_shift must be in [0, 100] (0: no distribution check)"),
         ({"check_samples": 3}, "check_samples must be in [4, "),
     ],
 )

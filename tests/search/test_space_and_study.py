@@ -64,12 +64,12 @@ def scripted(results):
     def evaluate(params):
         calls.append(dict(params))
         speed, fd = results[params["a"], params["b"]]
-        constraints = {"max_fd_self_ratio": fd - 8.0}
+        constraints = {"max_fd_self_shift": fd - 8.0}
         return {
             "speedup": speed,
-            "fd_self_ratio": fd,
+            "fd_self_shift": fd,
             "constraints": constraints,
-            "feasible": constraints["max_fd_self_ratio"] <= 0,
+            "feasible": constraints["max_fd_self_shift"] <= 0,
             "loop_ms": 10 / speed,
             "original_loop_ms": 10.0,
             "nfe": 4,
@@ -91,7 +91,7 @@ def test_trials_record_metrics_and_constraints_and_never_evaluate_a_recipe_twice
     done = evaluated(study)
     assert len(done) == 4 and all(t.user_attrs["worker"] == WORKER for t in done)
     infeasible = next(t for t in done if t.params == {"a": "y", "b": "q"})
-    assert infeasible.constraints == {"max_fd_self_ratio": 1.0} and infeasible.user_attrs[METRICS]["feasible"] is False
+    assert infeasible.constraints == {"max_fd_self_shift": 1.0} and infeasible.user_attrs[METRICS]["feasible"] is False
     rows = [{"number": t.number, "params": t.params, "metrics": t.user_attrs[METRICS]} for t in done]
     front = {(rows[i]["params"]["a"], rows[i]["params"]["b"]) for i in pareto.front(rows)}
     assert front == {("x", "p"), ("x", "q"), ("y", "q")}  # (1.5x, FD 5) is beaten by (2x, FD 3)
@@ -133,18 +133,18 @@ def test_each_pass_gets_its_share_of_the_log_speedup_and_of_the_fidelity_change(
         [{"pass": "sampler", "config": {"steps": 10}}, {"pass": "guidance", "config": {}}], frozenset({"fp32"})
     )
     programs = [object(), object()]
-    loop_ms, fd = {id(programs[0]): 50.0, id(programs[1]): 25.0}, {id(programs[0]): 2.5, id(programs[1]): 3.0}
+    loop_ms, fd = {id(programs[0]): 50.0, id(programs[1]): 25.0}, {id(programs[0]): 0.015, id(programs[1]): 0.02}
     runner = SimpleNamespace(
         cache={prefix_key(planned[: i + 1]): (p, None) for i, p in enumerate(programs)},
         time=lambda ps: [{"loop_ms": loop_ms[id(p)], "original_loop_ms": 100.0} for p in ps],
-        proxy=SimpleNamespace(measure=lambda p: {"fd_self_ratio": fd[id(p)]}),
+        proxy=SimpleNamespace(measure=lambda p: {"fd_self_shift": fd[id(p)]}),
     )
     rows = attribution.attribute(runner, planned)
     assert [r["pass"] for r in rows] == ["sampler", "guidance"]
     assert [r["speedup_so_far"] for r in rows] == [2.0, 4.0]
     assert [r["speed_share"] for r in rows] == pytest.approx([0.5, 0.5])  # 2x then 2x: half each
-    assert [r["fidelity_share"] for r in rows] == pytest.approx([0.75, 0.25])  # FD / floor 1 (the original) -> 2.5 -> 3
-    assert "| sampler | 50.0 | 2.00x | 50% | 2.50 | +1.50 | 75% |" in "\n".join(attribution.markdown(rows))
+    assert [r["fidelity_share"] for r in rows] == pytest.approx([0.75, 0.25])  # shift 0 (the original) -> 0.015 -> 0.02
+    assert "| sampler | 50.0 | 2.00x | 50% | 0.015 | +0.015 | 75% |" in "\n".join(attribution.markdown(rows))
 
 
 def test_a_journal_file_storage_serves_like_sqlite(tmp_path):
@@ -207,8 +207,8 @@ def test_a_forged_trial_is_not_counted_as_evaluated():
     from search.study import valid_metrics
 
     good = {"feasible": True, "speedup": 2.0, "loop_ms": 5.0, "original_loop_ms": 10.0, "nfe": 4, "seconds": 3.0}
-    assert valid_metrics({**good, "constraints": {"max_fd_self_ratio": -0.1}})
-    assert not valid_metrics({**good, "constraints": {"max_fd_self_ratio": "low"}})
+    assert valid_metrics({**good, "constraints": {"max_fd_self_shift": -0.1}})
+    assert not valid_metrics({**good, "constraints": {"max_fd_self_shift": "low"}})
     assert not valid_metrics({**good, "speedup": "fast", "constraints": {}})
     assert not valid_metrics({**good, "speedup": float("nan"), "constraints": {}})
     assert not valid_metrics({**good, "feasible": "yes", "constraints": {}})

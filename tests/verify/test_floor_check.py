@@ -1,4 +1,4 @@
-"""verify.floor_check: the passes' distribution check is the verification's denoiser-feature ratio in
+"""verify.floor_check: the passes' distribution check is the verification's denoiser-feature shift in
 small (random weights: mechanics only; how it orders real candidates is measured in BENCHMARKS.md)."""
 
 import torch
@@ -9,11 +9,11 @@ from verify.floor_check import FloorCheck
 def test_the_original_sits_exactly_at_its_own_floor_and_a_broken_candidate_far_above_it(dit_program):
     check = FloorCheck(dit_program, samples=16)
     assert check.floor > 0
-    assert check.ratio(dit_program) == 1.0  # its samples on the reference seeds are the reference set
+    assert check.shift(dit_program) == 0.0  # its samples on the reference seeds are the reference set
     broken = dit_program.replace(denoiser=_scaled(dit_program.denoiser, 0.0))
-    assert check.ratio(broken) > 3.0
+    assert check.shift(broken) > 3.0
     diverged = dit_program.replace(denoiser=_scaled(dit_program.denoiser, float("nan")))
-    assert check.ratio(diverged) == float("inf")
+    assert check.shift(diverged) == float("inf")
 
 
 def test_the_check_draws_seeds_disjoint_from_every_other_family(dit_program):

@@ -39,25 +39,30 @@ def test_the_original_judged_against_itself_is_at_the_floor_and_a_diverged_candi
     reference = capture(program, seeds, classes)
     verdict = Verdict.for_program(program, reference)
     same = verdict(reference.final)
+    assert same["fd_self_shift"] == 0.0 and same["fd_self_shift_mean"] == 0.0 and same["fd_self_shift_cov"] == 0.0
     assert same["fd_self_ratio"] == 1.0 and same["fd_self_paired"] == pytest.approx(0.0, abs=1e-9)
     assert same["fd_self_floor"] > 0 and same["psnr_db_mean"] == 200.0
     assert same["floor_seeds"] == f"{floor_seeds(seeds)[0]}..{floor_seeds(seeds)[-1]}"
     diverged = verdict(torch.full_like(reference.final, math.nan))
-    assert diverged["fd_self_ratio"] == math.inf and diverged["fd_self_floor"] == same["fd_self_floor"]
+    assert diverged["fd_self_shift"] == math.inf and diverged["fd_self_ratio"] == math.inf
+    assert diverged["fd_self_floor"] == same["fd_self_floor"]
     # The floor set is the original on other seeds, same conditions: not the reference again.
     assert not torch.equal(sample_floor(program, reference), reference.final)
 
 
-# Measured with `optimize judge-compare` (100 samples, BENCHMARKS.md): fresh draws of the original land at
-# 0.76-1.16 of the floor on dit/unet-digits, INT8 weights at 1.01-1.02, weights + 20% noise at 7.8-42.
+# Measured with `optimize judge-compare` (100 samples, 4 to 6 disjoint seed sets, BENCHMARKS.md): the
+# distribution shift of INT8 weights is at most 0.0006 on dit- and pixart-digits, of weights + 5% noise
+# 0.040 to 0.070, of weights + 20% noise 1.5 to 1.7; the shipped targets' bound is 0.03.
 @pytest.mark.parametrize("which", ["dit", "pixart-digits"])
-def test_the_denoiser_features_separate_a_good_candidate_from_a_broken_one_on_trained_models(request, which):
+def test_the_denoiser_features_order_good_mild_and_broken_candidates_on_trained_models(request, which):
     program = request.getfixturevalue("dit_program") if which == "dit" else load_program(PIPELINES[which])
     seeds, conditions = evaluation_set(program, 40, 0)
     verdict = Verdict.for_program(program, capture(program, seeds, conditions))
-    good = verdict(sample_program(rounded(program, 8), seeds, conditions))["fd_self_ratio"]
-    broken = verdict(sample_program(noisy(program, 0.2), seeds, conditions))["fd_self_ratio"]
-    assert good < 1.1 < 3 < broken
+    good, mild, broken = (
+        verdict(sample_program(candidate, seeds, conditions))["fd_self_shift"]
+        for candidate in (rounded(program, 8), noisy(program, 0.05), noisy(program, 0.2))
+    )
+    assert good < 0.005 < 0.03 < mild < 0.5 < broken
 
 
 def tiny_clip_folder(folder):

@@ -84,3 +84,41 @@ def test_frechet_distance_with_fewer_samples_than_dimensions_equals_the_matrix_s
         root = linalg.sqrtm(ca @ cb).real
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(root)
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def _gaussian(n: int, dims: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dims))
+
+
+def test_the_distribution_shift_is_zero_for_the_original_and_free_of_the_feature_scale():
+    from verify.metrics import distribution_shift
+
+    reference, floor = _gaussian(200, 16, 0), _gaussian(200, 16, 1)
+    assert distribution_shift(reference, floor, reference) == (0.0, 0.0)
+    candidate = reference + 0.3
+    scaled = distribution_shift(1000 * reference, 1000 * floor, 1000 * candidate)
+    assert scaled == pytest.approx(distribution_shift(reference, floor, candidate), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_a_mean_shift_measures_the_same_at_any_sample_count_where_the_ratio_grows(n):
+    """N(0, I) features, the candidate every sample + 0.3: a true Fréchet distance of 0.09 per feature.
+    The shift measures it at 100 and at 1000 samples; the FD ratio to the floor grows with n (the floor
+    is FD's 1/n bias), which is why it is not the gated value."""
+    from verify.judges.base import FloorFD
+    from verify.metrics import distribution_shift
+
+    reference, floor = _gaussian(n, 16, 2), _gaussian(n, 16, 3)
+    mean_term, cov_term = distribution_shift(reference, floor, reference + 0.3)
+    assert mean_term == pytest.approx(0.09, rel=0.1) and abs(cov_term) < 0.01
+    ratio = FloorFD("x", reference, floor)(reference + 0.3)["x_ratio"]
+    assert (ratio < 2.0) if n == 100 else (ratio > 5.0)  # measured: 1.34 and 9.8
+
+
+def test_an_unpaired_draw_of_the_same_distribution_is_near_zero_and_a_wider_one_shows_in_the_covariance():
+    from verify.metrics import distribution_shift
+
+    reference, floor, fresh = _gaussian(1000, 16, 4), _gaussian(1000, 16, 5), _gaussian(1000, 16, 6)
+    assert abs(sum(distribution_shift(reference, floor, fresh))) < 0.02  # no tracking of the seeds needed
+    mean_term, cov_term = distribution_shift(reference, floor, 1.5 * reference)  # sd 1.5: (1.5 - 1)^2 = 0.25
+    assert abs(mean_term) < 0.01 and 0.15 < cov_term < 0.3

@@ -56,9 +56,10 @@ Evaluate = Callable[[Outputs], dict[str, Any]]
 @dataclass(frozen=True)
 class FloorFD:
     """A Fréchet distance stated against the original's own seed-to-seed noise: the candidate's FD to
-    the floor set vs the reference's FD to the same set (the floor), on the same conditions."""
+    the floor set vs the reference's FD to the same set (the floor), on the same conditions; and the gated
+    measure, the shift (verify.metrics.distribution_shift: the distance beyond the floor, per feature)."""
 
-    prefix: str  # metric keys: {prefix}_candidate, {prefix}_floor, {prefix}_ratio, {prefix}_paired
+    prefix: str  # metric keys: {prefix}_shift (+ _mean, _cov), _candidate, _floor, _ratio, _paired
     reference: np.ndarray
     floor: np.ndarray
     floor_fd: float = field(init=False)
@@ -69,15 +70,18 @@ class FloorFD:
         object.__setattr__(self, "floor_fd", frechet_distance(self.reference, self.floor))
 
     def __call__(self, candidate: np.ndarray) -> dict[str, float]:
-        from verify.metrics import frechet_distance
+        from verify.metrics import distribution_shift, frechet_distance
 
         if not np.isfinite(candidate).all():  # a diverged candidate
             inf = float("inf")
-            return {f"{self.prefix}_{k}": inf for k in ("candidate", "ratio", "paired")} | {
-                f"{self.prefix}_floor": self.floor_fd
-            }
+            keys = ("shift", "shift_mean", "shift_cov", "candidate", "ratio", "paired")
+            return {f"{self.prefix}_{k}": inf for k in keys} | {f"{self.prefix}_floor": self.floor_fd}
         fd = frechet_distance(candidate, self.floor)
+        mean_term, cov_term = distribution_shift(self.reference, self.floor, candidate)
         return {
+            f"{self.prefix}_shift": mean_term + cov_term,
+            f"{self.prefix}_shift_mean": mean_term,
+            f"{self.prefix}_shift_cov": cov_term,
             f"{self.prefix}_candidate": fd,
             f"{self.prefix}_floor": self.floor_fd,
             f"{self.prefix}_ratio": ratio(fd, self.floor_fd),
@@ -94,8 +98,16 @@ def ratio(value: float, floor: float) -> float:
 
 
 def floor_metrics(prefix: str, space: str) -> tuple[Metric, ...]:
-    """The four metrics of a FloorFD in feature space `space` (words)."""
+    """The metrics of a FloorFD in feature space `space` (words)."""
     return (
+        Metric(
+            f"{prefix}_shift",
+            DISTRIBUTION,
+            f"distribution shift: the candidate's Fréchet distance beyond the original's seed-to-seed floor, per"
+            f" standardized feature (0: the original's distribution), {space}",
+        ),
+        Metric(f"{prefix}_shift_mean", DISTRIBUTION, f"the shift's mean term (paired, unbiased), {space}"),
+        Metric(f"{prefix}_shift_cov", DISTRIBUTION, f"the shift's covariance term, {space}"),
         Metric(f"{prefix}_ratio", DISTRIBUTION, f"FD of the candidate to the floor set over the floor, {space}"),
         Metric(f"{prefix}_candidate", DISTRIBUTION, f"FD of the candidate to the floor set, {space}"),
         Metric(f"{prefix}_floor", DISTRIBUTION, f"FD of the reference to the floor set (the floor), {space}"),
