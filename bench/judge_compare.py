@@ -124,8 +124,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     for p in present:
         null = sorted(r[f"{p}_shift"] for r in rows if r["kind"] == "null")
-        spread = f"null shifts {null[0]:.3g} to {null[-1]:.3g} (median {statistics.median(null):.3g})" if null else ""
-        lines.append(f"- {p}: good < mild < broken: {'yes' if ordered(rows, p) else 'NO'}; {spread}")
+        spread = f"; null shifts {null[0]:.3g} to {null[-1]:.3g} (median {statistics.median(null):.3g})" if null else ""
+        lines.append(f"- {p}: good < mild < broken: {'yes' if ordered(rows, p) else 'NO'}{spread}")
     return "\n".join(lines + over_sets)
 
 

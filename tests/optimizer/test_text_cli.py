@@ -56,6 +56,7 @@ CASES = [
         "is not text-conditioned",
     ),
     ("prompts-is-a-folder", lambda f, t: [f["sd"], "--prompts", t], "the prompts file is not a regular file"),
+    ("prompts-is-a-fifo", lambda f, t: [f["sd"], "--prompts", _fifo(t / "p.fifo")], "prompts file is not a regular"),
     (
         "fifo-in-a-component",
         lambda f, t: [_special(_copy(f, t), lambda p: os.mkfifo(p))],
@@ -93,6 +94,11 @@ def _scheduler(folder, **changes):
     path = folder / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     return folder
+
+
+def _fifo(path):
+    os.mkfifo(path)
+    return path
 
 
 def _write(path, text):
