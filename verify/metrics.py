@@ -97,33 +97,45 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 CLIP_SD = 3.0  # standardized features are winsorized here: a few heavy-tailed samples cannot set the covariance
 
 
+class ShiftBasis:
+    """The original's side of the distribution shift (reference and floor sets), prepared once; calling it
+    with a candidate's features (paired with the reference, row for row) gives the shift's (mean term,
+    covariance term) of a Fréchet distance per feature, in units of the original's per-feature variance
+    (independent of the feature space's scale and of the sample count).
+
+    Features are standardized by the original's (reference + floor) mean and spread and clipped at
+    CLIP_SD. The mean term ||mu_c - mu_o||^2 is estimated without bias from the paired differences
+    (||mean d||^2 - tr cov(d) / n): pairing removes the seed-to-seed variance of both sets' means, which
+    dominates a two-sample estimate, and adds no bias (E d = mu_c - mu_o whatever the pairing). The
+    covariance term is the candidate's Fréchet covariance term to the floor set minus the reference's own:
+    their finite-sample biases cancel (Chong & Forsyth 2020 measure FD's 1/N bias; here it is the same for
+    both). A candidate whose distribution is the original's lands at 0 +- noise."""
+
+    def __init__(self, reference: np.ndarray, floor: np.ndarray) -> None:
+        pooled = np.concatenate([reference, floor]).astype(np.float64)
+        self.mu, self.spread = pooled.mean(0), pooled.std(0)
+        self.spread[self.spread == 0] = 1.0  # a constant feature: any change of it still shows
+        self.reference = self._standardized(reference)
+        self.floor = _centred(self._standardized(floor))
+        self.reference_cov_term = frechet_distance(_centred(self.reference), self.floor)
+
+    def _standardized(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((np.asarray(x, dtype=np.float64) - self.mu) / self.spread, -CLIP_SD, CLIP_SD)
+
+    def __call__(self, candidate: np.ndarray) -> tuple[float, float]:
+        c = self._standardized(candidate)
+        n, dims = c.shape
+        d = c - self.reference
+        mean_term = float((d.mean(0) ** 2).sum() - d.var(0, ddof=1).sum() / n) / dims
+        cov_term = (frechet_distance(_centred(c), self.floor) - self.reference_cov_term) / dims
+        return mean_term, float(cov_term)
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+    return x - x.mean(0)
+
+
 def distribution_shift(reference: np.ndarray, floor: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """How far a candidate's feature distribution is from the original's, beyond the original's own
-    seed-to-seed noise, as (mean term, covariance term) of a Fréchet distance per feature, in units of
-    the original's per-feature variance (independent of the feature space's scale and of the sample count).
-
-    `reference` and `candidate` are paired (same seeds and conditions, row for row); `floor` is the
-    original on other seeds. Features are standardized by the original's (reference + floor) mean and
-    spread and clipped at CLIP_SD. The mean term ||mu_c - mu_o||^2 is estimated without bias from the
-    paired differences (||mean d||^2 - tr cov(d) / n): pairing removes the seed-to-seed variance of both
-    sets' means, which dominates a two-sample estimate, and adds no bias (E d = mu_c - mu_o whatever the
-    pairing). The covariance term is the candidate's Fréchet covariance term to the floor set minus the
-    reference's own: their finite-sample biases cancel (Chong & Forsyth 2020 measure FD's 1/N bias; here
-    it is the same for both). A candidate whose distribution is the original's lands at 0 +- noise."""
-    pooled = np.concatenate([reference, floor]).astype(np.float64)
-    mu, spread = pooled.mean(0), pooled.std(0)
-    spread[spread == 0] = 1.0  # a constant feature: any change of it still shows
-
-    def z(x: np.ndarray) -> np.ndarray:
-        return np.clip((np.asarray(x, dtype=np.float64) - mu) / spread, -CLIP_SD, CLIP_SD)
-
-    r, f, c = z(reference), z(floor), z(candidate)
-    n, dims = r.shape
-    d = c - r
-    mean_term = float((d.mean(0) ** 2).sum() - d.var(0, ddof=1).sum() / n) / dims
-
-    def centred(x: np.ndarray) -> np.ndarray:
-        return x - x.mean(0)
-
-    cov_term = (frechet_distance(centred(c), centred(f)) - frechet_distance(centred(r), centred(f))) / dims
-    return mean_term, float(cov_term)
+    """The distribution shift of one candidate (see ShiftBasis): `reference` and `candidate` are paired
+    (same seeds and conditions, row for row); `floor` is the original on other seeds."""
+    return ShiftBasis(reference, floor)(candidate)

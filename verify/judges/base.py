@@ -63,21 +63,23 @@ class FloorFD:
     reference: np.ndarray
     floor: np.ndarray
     floor_fd: float = field(init=False)
+    shift: Any = field(init=False)  # verify.metrics.ShiftBasis of the reference and floor sets
 
     def __post_init__(self) -> None:
-        from verify.metrics import frechet_distance
+        from verify.metrics import ShiftBasis, frechet_distance
 
         object.__setattr__(self, "floor_fd", frechet_distance(self.reference, self.floor))
+        object.__setattr__(self, "shift", ShiftBasis(self.reference, self.floor))
 
     def __call__(self, candidate: np.ndarray) -> dict[str, float]:
-        from verify.metrics import distribution_shift, frechet_distance
+        from verify.metrics import frechet_distance
 
         if not np.isfinite(candidate).all():  # a diverged candidate
             inf = float("inf")
             keys = ("shift", "shift_mean", "shift_cov", "candidate", "ratio", "paired")
             return {f"{self.prefix}_{k}": inf for k in keys} | {f"{self.prefix}_floor": self.floor_fd}
         fd = frechet_distance(candidate, self.floor)
-        mean_term, cov_term = distribution_shift(self.reference, self.floor, candidate)
+        mean_term, cov_term = self.shift(candidate)
         return {
             f"{self.prefix}_shift": mean_term + cov_term,
             f"{self.prefix}_shift_mean": mean_term,
