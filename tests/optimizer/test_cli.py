@@ -174,9 +174,16 @@ def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy
 
 
 def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_gates(tmp_path, dit_copy):
+    # The shipped recipes without the cache pass's in-loop distribution check, which relaxes the budget past
+    # half on the zoo models (BENCHMARKS.md) and samples 200 seeds per budget; tests/passes test the check.
+    data = json.loads((TARGETS_DIR / "cpu-cache.json").read_text())
+    for recipe in [data["recipe"], *data["alternatives"]]:
+        recipe[-1]["config"]["max_fd_shift"] = 0.0
+    target = tmp_path / "cpu-cache.json"
+    target.write_text(json.dumps(data))
     out = tmp_path / "out"
     args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "0"]
-    result = invoke(dit_copy, "--target", "cpu-cache", "--out", out, *args)
+    result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["gates"] == get_target("cpu-cache").gates and not report["gate_overrides"]
@@ -271,7 +278,7 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     data = json.loads((TARGETS_DIR / "cpu-cache.json").read_text())
     data["name"] = "cpu-cache-10"
     del data["alternatives"]  # this test is about recapturing calibration, not the choice of recipe
-    data["recipe"][1]["config"].update(regions=[[0, 8]], criterion="uniform", probe_samples=2)
+    data["recipe"][1]["config"].update(regions=[[0, 8]], criterion="uniform", probe_samples=2, max_fd_shift=0.0)
     data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"steps": 10}}]
     target = tmp_path / "t.json"
     target.write_text(json.dumps(data))
