@@ -87,6 +87,8 @@ def test_user_target_file(tmp_path):
 def test_alternative_recipes_are_checked_like_the_recipe(tmp_path):
     cache = get_target("cpu-cache")
     assert [[s["pass"] for s in r] for r in cache.recipes] == [["guidance", "cache"], ["cache"]]
+    # Both recipes keep the cache pass's distribution check on (the CLI tests turn it off for speed).
+    assert all(r[-1]["config"]["max_fd_shift"] > 0 for r in cache.recipes)
     for recipe in cache.recipes:
         plan_passes(recipe, cache.capabilities)
     path = tmp_path / "mine.json"
