@@ -106,9 +106,9 @@ class Pass(Generic[C]):
             raise ValueError(f"pass '{self.name}' invalidates unknown analyses {sorted(unknown)}")
 
 
-def check_distribution_options(name: str, max_fd_shift: float, check_samples: int) -> None:
+def check_distribution_options(name: str, bound: float, check_samples: int, option: str = "max_fd_shift") -> None:
     """The options of a pass's distribution check (Context.distribution_check): a bound, its sample count."""
-    if not 0.0 <= max_fd_shift <= 100.0:
-        raise ConfigError(f"{name}: max_fd_shift must be in [0, 100] (0: no distribution check)")
+    if not 0.0 <= bound <= 100.0:
+        raise ConfigError(f"{name}: {option} must be in [0, 100] (0: no distribution check)")
     if not 4 <= check_samples <= MAX_INPUTS:
         raise ConfigError(f"{name}: check_samples must be in [4, {MAX_INPUTS}]")

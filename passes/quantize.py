@@ -14,6 +14,11 @@
    With `fallback_formats` (e.g. FP8 for a W4A8 target), each layer's format is chosen instead among
    its own, those and fp32 by sensitivity + integer programming (modelopt's auto_quantize
    formulation): the fewest weight bits within the budget.
+6. `max_fd_shift_added`: the distribution check (verify.floor_check, as the verification's denoiser-feature
+   gate measures it) judges the quantized program against its unquantized input on the same seeds; while
+   quantization adds more than this to the distribution shift, the most sensitive layers still quantized go
+   back to fp32. An error budget on samples does not see this: on dit-digits' 4-step student, INT8 within
+   0.05 relative sample error moved the distribution's mean (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,8 +53,11 @@ from core.quantized import (
 from core.sampling import build_scheduler, take
 from core.surgery import set_module
 from core.variants import torch_loop
-from passes.base import Context, Pass, PassResult, Phase
+from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
 from verify.fidelity import per_step_error, replay_error
+
+if TYPE_CHECKING:
+    from verify.floor_check import FloorCheck
 
 BATCH = 64
 
@@ -82,6 +90,11 @@ class Config:
     # every step: they cost L tokens per call, not H*W, so they stay fp32 by default ("fp32"); "quantize"
     # treats them like every other layer.
     cross_kv: str = "fp32"
+    # The distribution shift quantization may add to its input program's, both measured by the distribution
+    # check on its own seeds (0: not checked); reverting layers to fp32 (most sensitive first, at most
+    # max_fallback in all) until it holds.
+    max_fd_shift_added: float = 0.0
+    check_samples: int = 100
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,7 @@ class QuantizeDecision(Decision):
     formats: dict[str, int]  # layer format -> how many layers
     quantized_layers: int
     kept_fp32: list[str]
-    fallback: list[dict[str, Any]]  # layers reverted to fp32, most sensitive first
+    fallback: list[dict[str, Any]]  # layers reverted to fp32 for the error budget, most sensitive first
     eps_error_before_fallback: float  # of `measure`
     eps_error_after_fallback: float
     calibration: dict[str, Any]
@@ -99,6 +112,9 @@ class QuantizeDecision(Decision):
     notes: list[str] = field(default_factory=list)
     allocation: dict[str, Any] | None = None  # per-layer formats by integer programming (fallback_formats)
     measure: str = "teacher-forced model-output error on calibration trajectories"
+    # The distribution check (max_fd_shift_added): the input's and the quantized program's shifts, the bound,
+    # the original's own FD to the check's floor set, and the shift after each layer reverted for it.
+    distribution: dict[str, Any] | None = None
 
     title = "Quantization"
 
@@ -121,6 +137,8 @@ class QuantizeDecision(Decision):
             lines += [
                 f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in self.fallback
             ]
+        if self.distribution:
+            lines += _distribution_markdown(self.distribution)
         lines += [f"- {note}" for note in self.notes]
         return lines
 
@@ -157,6 +175,7 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
         )
     if min(budgets) > 0:
         raise ConfigError("quantize: set max_eps_error (per step) or max_sample_error (end to end), not both")
+    check_distribution_options("quantize", config.max_fd_shift_added, config.check_samples, "max_fd_shift_added")
     if not 8 <= config.int4_block <= 4096 or config.int4_block & (config.int4_block - 1):
         raise ConfigError("quantize: int4_block must be a power of two in [8, 4096]")
 
@@ -203,12 +222,24 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     reverted: list[dict[str, Any]] = []
     error_after = error_before
     allocation = None
+    ranking: dict[str, float] = {}
     over_budget = bool(error.budget) and error_before > error.budget
     if over_budget and config.fallback_formats:
         options = _options(model, program.denoiser, builders, config, ctx.capabilities)
         error_after, reverted, allocation = _allocate(model, options, error, config, ctx.progress)
     elif over_budget:
-        error_after, reverted = _fallback(model, program.denoiser, error, config, ctx.progress)
+        ranking = _ranking(model, error, ctx.progress)
+        reverted = _fallback(model, program.denoiser, ranking, config.max_fallback, _ErrorJudge(error, error_before))
+        error_after = reverted[-1]["eps_error_after"] if reverted else error_before
+    distribution = None
+    if config.max_fd_shift_added:
+        check = ctx.distribution_check(config.check_samples)
+        judge = _ShiftJudge(check, program.replace(denoiser=model), config.max_fd_shift_added, check.shift(program))
+        limit = max(0, config.max_fallback - len(reverted))
+        ranking = ranking or _ranking(model, error, ctx.progress)
+        distribution = judge.summary(_fallback(model, program.denoiser, ranking, limit, judge))
+        distribution["samples"] = config.check_samples
+        error_after = error.measure(error.rows) if distribution["reverted"] else error_after
 
     layers = quantized_layers(model)
     counts: dict[str, int] = {}
@@ -227,6 +258,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         weight_bits=_weight_bits(model),
         allocation=allocation,
         measure=error.name,
+        distribution=distribution,
     )
     return PassResult(program.replace(denoiser=model), decision)
 
@@ -423,10 +455,8 @@ def _eps_error(denoiser: Denoiser, traj: Any) -> float:
 SENSITIVITY_STEPS = 5  # steps of the loop on which each layer's solo error is measured
 
 
-def _fallback(
-    model: nn.Module, original: nn.Module, measured: _Error, config: Config, progress: Any
-) -> tuple[float, list[dict[str, Any]]]:
-    """Revert the most sensitive layers (each measured alone) to fp32 until the error is within budget."""
+def _ranking(model: nn.Module, measured: _Error, progress: Any) -> dict[str, float]:
+    """Each quantized layer's error when it alone is quantized (on the probe): the fallback's order."""
     layers = quantized_layers(model)
     for layer in layers.values():
         layer.emulate = False
@@ -437,14 +467,76 @@ def _fallback(
         layer.emulate = False
     for layer in layers.values():
         layer.emulate = True
-    reverted, error = [], measured.measure(measured.rows)
-    for name in sorted(solo, key=solo.get, reverse=True)[: config.max_fallback]:
-        if error <= measured.budget:
+    return solo
+
+
+class _ErrorJudge:
+    """The fallback's condition for an error budget: the error on every row over it."""
+
+    def __init__(self, measured: _Error, value: float) -> None:
+        self.measured, self.value = measured, value
+
+    def over(self) -> bool:
+        return self.value > self.measured.budget
+
+    def after_revert(self) -> dict[str, float]:
+        self.value = self.measured.measure(self.measured.rows)
+        return {"eps_error_after": self.value}
+
+
+class _ShiftJudge:
+    """The fallback's condition for the distribution check: the quantized program's shift beyond its input's."""
+
+    def __init__(self, check: FloorCheck, quantized: DiffusionProgram, added: float, before: float) -> None:
+        self.check, self.quantized, self.added, self.before = check, quantized, added, before
+        self.first = self.value = check.shift(quantized)
+
+    def over(self) -> bool:
+        return self.value - self.before > self.added
+
+    def after_revert(self) -> dict[str, float]:
+        self.value = self.check.shift(self.quantized)  # the model is reverted in place
+        return {"fd_shift_after": self.value}
+
+    def summary(self, reverted: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "input_shift": self.before,
+            "quantized_shift": self.first,
+            "final_shift": self.value,
+            "max_added": self.added,
+            "held": not self.over(),
+            "floor_fd": self.check.floor,
+            "reverted": reverted,
+        }
+
+
+def _fallback(
+    model: nn.Module, original: nn.Module, ranking: dict[str, float], limit: int, judge: _ErrorJudge | _ShiftJudge
+) -> list[dict[str, Any]]:
+    """Revert the layers still quantized, most sensitive first (`ranking`), to fp32 while `judge` is over
+    its bound, at most `limit` of them."""
+    quantized = quantized_layers(model)
+    reverted: list[dict[str, Any]] = []
+    for name in sorted((n for n in ranking if n in quantized), key=ranking.get, reverse=True):
+        if len(reverted) >= limit or not judge.over():
             break
         set_module(model, name, copy.deepcopy(original.get_submodule(name)))
-        error = measured.measure(measured.rows)
-        reverted.append({"layer": name, "solo_eps_error": solo[name], "eps_error_after": error})
-    return error, reverted
+        reverted.append({"layer": name, "solo_eps_error": ranking[name], **judge.after_revert()})
+    return reverted
+
+
+def _distribution_markdown(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- distribution check ({d['samples']} samples; the shift as the verification's denoiser-feature gate"
+        f" measures it; the original's own FD to the floor set {d['floor_fd']:.4g}): input {d['input_shift']:.4g},"
+        f" quantized {d['quantized_shift']:.4g}, after fallback {d['final_shift']:.4g}; quantization may add"
+        f" {d['max_added']:g}" + ("" if d["held"] else " -- not reached within max_fallback; the verification judges")
+    ]
+    if d["reverted"]:
+        lines += ["", "| layer reverted for the distribution | error when quantized alone | shift after |"]
+        lines += ["|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['solo_eps_error']:.4g} | {r['fd_shift_after']:.4g} |" for r in d["reverted"]]
+    return lines
 
 
 MAX_SOLVES = 5  # integer programs per allocation (each checked on every step)

@@ -53,7 +53,16 @@ def test_planned_target_is_refused_clearly():
         assert set(target.gates) == {"max_class_agreement_drop", "max_fd_self_shift", "max_fd_digits_shift"}
         assert target.recipe[-1]["config"].get("fallback_formats", []) == (["fp8"] if weights == "int4" else [])
         assert target.recipe[-1]["config"]["max_sample_error"] == 0.05  # end to end: a few-step loop compounds
+        # The distribution checks stay on (the CLI tests turn them off for speed, so nothing else would notice):
+        # quantization may add 0.005 to the student's shift, the guidance student trains on over 0.01.
+        assert target.recipe[-1]["config"]["max_fd_shift_added"] == 0.005
+        assert target.recipe[3]["config"]["max_fd_shift"] == 0.01
         plan_passes(target.recipe, target.capabilities)  # every shipped recipe fits its hardware
+
+
+def test_cpu_steps_keeps_the_guidance_students_distribution_check():
+    (guidance,) = [s for s in get_target("cpu-steps").recipe if s["pass"] == "guidance_distill"]
+    assert guidance["config"]["max_fd_shift"] == 0.01 and guidance["config"]["max_steps"] > guidance["config"]["steps"]
 
 
 def test_unknown_target():

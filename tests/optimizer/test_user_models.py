@@ -21,6 +21,7 @@ SHORT = {  # training budgets of the shipped recipes, cut for mechanics
     "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_shift": 100.0, "check_samples": 4},
     "cache": {"max_fd_shift": 100.0, "check_samples": 4},
     "linearize": {"steps": 2, "samples": 64, "batch": 8, "min_calibration_psnr_db": 0.0},
+    "quantize": {"check_samples": 4},
 }
 SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}
 UNIVERSAL = ("min_psnr_db", "min_ssim", "max_eps_rel_error", "max_fd_self_shift")

@@ -303,3 +303,65 @@ def test_int8_with_a_cache_schedule_lowers_every_layer_of_the_sd_unet_full_step(
     weights = {name.removesuffix(".weight_DequantizeLinear") for name in dequantized}
     assert set(quantized_layers(denoiser_module(quantized).model)) <= weights
     assert {"mid_block.resnets.1.conv1", "mid_block.resnets.1.conv2"} <= weights
+
+
+class CountingCheck:
+    """A stand-in for verify.floor_check.FloorCheck: the shift grows with the layers still quantized."""
+
+    floor = 0.5
+
+    def __init__(self, original, *_, **__):
+        pass
+
+    def shift(self, candidate):
+        return 0.1 + 0.02 * sum(m.emulate for m in quantized_layers(candidate.denoiser).values())
+
+
+@pytest.mark.parametrize(("limit", "held"), [(20, True), (5, False)])
+def test_the_distribution_check_reverts_the_most_sensitive_layers_until_quantization_adds_at_most_its_bound(
+    dit_program, dit_calibration, monkeypatch, limit, held
+):
+    monkeypatch.setattr("passes.analyses.FloorCheck", CountingCheck)
+    plain = quantize(dit_program, dit_calibration)
+    n = len(quantized_layers(plain.denoiser))
+    bound = 0.02 * (n - 10)
+    q = quantize(dit_program, dit_calibration, max_fd_shift_added=bound, max_fallback=limit)
+    d = q.decision("quantize").distribution
+    # The input (nothing quantized) at 0.1; quantized, 0.1 + 0.02 n; within 0.1 + bound with 10 layers in fp32.
+    need = 10
+    assert d["input_shift"] == pytest.approx(0.1) and d["quantized_shift"] == pytest.approx(0.1 + 0.02 * n)
+    reverted = d["reverted"]
+    assert len(reverted) == (need if held else limit) and d["held"] is held
+    assert [r["fd_shift_after"] for r in reverted] == pytest.approx(
+        [0.1 + 0.02 * (n - k - 1) for k in range(len(reverted))]
+    )
+    solo = [r["solo_eps_error"] for r in reverted]
+    assert solo == sorted(solo, reverse=True)
+    assert not any(isinstance(q.denoiser.get_submodule(r["layer"]), QuantizedLayer) for r in reverted)
+    assert len(quantized_layers(q.denoiser)) == n - len(reverted)
+    assert ("not reached within max_fallback" in "\n".join(q.decision("quantize").markdown())) is not held
+
+
+def test_the_distribution_check_of_quantization_measures_what_it_reports(dit_program):
+    """On the trained DiT at 4 steps with W4A8 (real checks, 40 samples): the shift it reports for its result
+    is the shift a distribution check measures on the returned program, and it added at most its bound."""
+    from verify.floor_check import FloorCheck
+
+    program = dit_program.replace(plan=dataclasses.replace(dit_program.plan, num_inference_steps=4))
+    calibration = calib.capture(program, *evaluation_set(program, 8, 10_000))
+    config = {"weights": "int4", "activations": "fp8", "max_fd_shift_added": 0.002, "check_samples": 40}
+    q = quantize(program, calibration, **config, max_fallback=12)
+    d = q.decision("quantize").distribution
+    assert d["quantized_shift"] - d["input_shift"] > 0.002  # W4A8 moves this model's distribution
+    check = FloorCheck(program, 40)
+    assert check.shift(program) == pytest.approx(d["input_shift"], rel=1e-6)
+    assert check.shift(q) == pytest.approx(d["final_shift"], rel=1e-6)
+    assert d["final_shift"] < d["quantized_shift"] and d["reverted"]
+    assert d["held"] == (d["final_shift"] - d["input_shift"] <= 0.002)
+
+
+def test_the_quantize_distribution_options_are_checked_before_any_work():
+    with pytest.raises(ConfigError, match=r"quantize: max_fd_shift_added must be in \[0, 100\]"):
+        plan_passes([{"pass": "quantize", "config": {"max_fd_shift_added": -0.1}}], ALL)
+    with pytest.raises(ConfigError, match=r"quantize: check_samples must be in \[4, "):
+        plan_passes([{"pass": "quantize", "config": {"check_samples": 2}}], ALL)
