@@ -46,7 +46,8 @@ def batch_shapes(module: nn.Module, count: int) -> dict[str, Any]:
     shapes: dict[str, Any] = {}
     for param in inspect.signature(module.forward).parameters.values():
         if param.kind == param.VAR_POSITIONAL:
-            shapes[param.name] = tuple({0: batch} for _ in range(count - len(shapes)))
+            if count > len(shapes):  # an unconditional model passes none: torch.export then knows no such name
+                shapes[param.name] = tuple({0: batch} for _ in range(count - len(shapes)))
             return shapes
         if len(shapes) < count:
             shapes[param.name] = {0: batch}

@@ -188,8 +188,8 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     if resolved != doc.get("timesteps"):
         raise LoadError(f"{where}: this diffusers version resolves different timesteps than the plan records")
     steps = get(doc, "steps", list, where, error=LoadError)
-    if len(steps) != sampling.num_inference_steps:
-        raise LoadError(f"{where}: {len(steps)} steps listed for a {sampling.num_inference_steps}-step plan")
+    if len(steps) != len(resolved):
+        raise LoadError(f"{where}: {len(steps)} steps listed for a plan of {len(resolved)} model calls")
     for i, step in enumerate(steps):
         graph = of_type(step, dict, f"{where}: steps[{i}]", LoadError).get("graph")
         if graph != sampling.variant(i) or graph not in graphs:

@@ -21,7 +21,7 @@ from core.conditions import condition_set, encode
 from core.errors import ConfigError, LoadError
 from core.fileio import require_regular_file, write_atomic
 from core.ir import DiffusionProgram
-from core.sampling import sample, uses_guidance
+from core.sampling import model_calls, sample, uses_guidance
 from core.variants import torch_loop
 
 CALIBRATION_SEED = seeds.CALIBRATION  # calibration seeds start here, evaluation seeds at 0 (core.seeds)
@@ -159,8 +159,9 @@ def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) ->
     spec, plan = program.spec, program.plan
     n = len(traj.seeds)
     batch = n * (2 if uses_guidance(plan, spec.conditioning) else 1)
-    step = (plan.num_inference_steps, batch, *spec.sample_shape)
-    expected = {"x": step, "output": step, "t": (plan.num_inference_steps,), "final": (n, *spec.sample_shape)}
+    calls = model_calls(plan)
+    step = (calls, batch, *spec.sample_shape)
+    expected = {"x": step, "output": step, "t": (calls,), "final": (n, *spec.sample_shape)}
     for name, shape in expected.items():
         tensor = getattr(traj, name)
         if tuple(tensor.shape) != shape or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):

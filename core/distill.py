@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from core.adapters import Denoiser
@@ -78,8 +79,17 @@ class FirstOrder:
         if self.flow:
             s = 0.0 if t is None else t / self.train
             return 1.0 - s, s
-        cumprod = self.final if t is None else float(self.cumprod[round(t)])
+        cumprod = self.final if t is None else self._cumprod(t)
         return cumprod**0.5, (1 - cumprod) ** 0.5
+
+    def _cumprod(self, t: float) -> float:
+        """alpha_bar at timestep t; between integer timesteps through sigma interpolated linearly, as the
+        loop of a fractional grid (Euler's) feeds the model (core.sampling.signal_and_noise)."""
+        if t == round(t):
+            return float(self.cumprod[round(t)])
+        sigmas = ((1 - self.cumprod) / self.cumprod).sqrt().numpy()
+        sigma = float(np.interp(t, np.arange(len(sigmas)), sigmas))
+        return 1 / (1 + sigma * sigma)
 
     def _scales(self, ts: Sequence[float | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self._alpha_sigma(None if t is None else float(t)) for t in ts]
@@ -109,5 +119,6 @@ class FirstOrder:
 
 
 def grid(plan: SamplingPlan) -> list[float]:
-    """The plan's timesteps."""
-    return [float(t) for t in build_scheduler(plan).timesteps]
+    """The plan's timesteps, once each (a step that calls the model twice at one timestep, PNDM's warm-up
+    or a second-order step, is one step of the grid)."""
+    return list(dict.fromkeys(float(t) for t in build_scheduler(plan).timesteps))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from core.ir import DiffusionProgram
-from core.sampling import uses_guidance
+from core.sampling import model_calls, uses_guidance
 from core.variants import example_carry, graph_variants
 
 
@@ -43,7 +43,7 @@ def plan_flops(program: DiffusionProgram) -> dict[str, Any]:
     """Denoiser FLOPs to make one image: every step's variant, twice on guided steps."""
     per_variant = variant_flops(program)
     plan, guided = program.plan, uses_guidance(program.plan, program.spec.conditioning)
-    calls = [(plan.variant(i), 2 if guided and plan.guided(i) else 1) for i in range(plan.num_inference_steps)]
+    calls = [(plan.variant(i), 2 if guided and plan.guided(i) else 1) for i in range(model_calls(plan))]
     return {
         "per_image": sum(per_variant[v] * k for v, k in calls),
         "per_variant": per_variant,

@@ -153,7 +153,7 @@ class SamplingPlan:
     scheduler_config: dict[str, Any]
     num_inference_steps: int
     guidance_scale: float = 1.0
-    guided_steps: tuple[bool, ...] | None = None  # per step: run the unconditional pass? None: every step
+    guided_steps: tuple[bool, ...] | None = None  # per model call: run the unconditional pass? None: every call
     cache: CacheSchedule | None = None
     # Flow matching (SD3, Flux): the resolution-dependent shift `mu` of dynamic-shifting schedulers, and
     # whether the pipeline passes sigmas linspace(1, 1/n, n) (FluxPipeline) instead of the scheduler's own.
@@ -169,25 +169,26 @@ class SamplingPlan:
             ts = self.timesteps
             if len(ts) != n or any(not a > b for a, b in itertools.pairwise(ts)) or min(ts) < 0:
                 raise ConfigError(f"sampling.timesteps must be {n} descending values >= 0")
-        if self.guided_steps is not None and len(self.guided_steps) != n:
-            raise ValueError(f"guided_steps has {len(self.guided_steps)} entries for {n} steps")
+        # guided_steps and cache.refresh hold one entry per model call (core.sampling.model_calls: a step of
+        # PNDM's warm-up or of Heun's second order calls the model more than once), checked there.
         if self.cache is None:
             return
-        if len(self.cache.refresh) != n:
-            raise ValueError(f"cache schedule has {len(self.cache.refresh)} entries for {n} steps")
+        calls = len(self.cache.refresh)
+        if self.guided_steps is not None and len(self.guided_steps) != calls:
+            raise ValueError(f"guided_steps has {len(self.guided_steps)} entries for {calls} cache entries")
         last = 0
-        for i in range(n):
+        for i in range(calls):
             if self.cache.refresh[i]:
                 last = i
             elif self.guided(i) and not self.guided(last):
                 raise ValueError(f"step {i} is guided but reuses features of unguided step {last}")
 
     def guided(self, step: int) -> bool:
-        """Whether step `step` runs the unconditional pass too (given guidance is on at all)."""
+        """Whether model call `step` runs the unconditional pass too (given guidance is on at all)."""
         return self.guided_steps is None or self.guided_steps[step]
 
     def variant(self, step: int) -> str:
-        """Which graph variant runs at `step`: "denoiser" (no cache), "full" (refresh) or "cached"."""
+        """Which graph variant model call `step` runs: "denoiser" (no cache), "full" (refresh) or "cached"."""
         if self.cache is None:
             return DENOISER
         return FULL if self.cache.refresh[step] else CACHED
@@ -258,11 +259,13 @@ class PassRecord:
 
 @dataclass(frozen=True)
 class Source:
-    """Where the program came from: the input path, its format and a digest of its weights."""
+    """Where the program came from: the input path, its format, a digest of what was read, and notes on
+    what loading chose or left out (a variant, the stored precision, a pipeline default, a safety checker)."""
 
     path: str
     format: str
     digest: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,45 +17,40 @@ from typing import Any
 
 import torch
 
-from core import limits
+from core import diffusers_folder, limits
 from core import sampling as sampling_scheduler
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
 from core.errors import ConfigError, LoadError, one_line
-from core.fileio import require_regular_file, sha256_files
+from core.fileio import sha256_files
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
 from core.sampling import check_plan, is_flow, with_scheduler
-from core.stages import PROMPTS_FILE, TEXT_ENCODERS, TOKENIZERS, load_stages
+from core.stages import load_stages
 from core.validate import finite_tree, get, integer, number, read_json_object
 
 DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "num_inference_steps": 20, "guidance_scale": 2.0}
 DEFAULT_SCHEDULER = {"class": "DDPMScheduler", "config": {}}
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MAX_GUIDANCE = 1000.0
-# A pipeline folder keeps its scheduler; steps and guidance default to its pipeline's own defaults.
-PIPELINE_SAMPLING = {
-    "StableDiffusionPipeline": (50, 7.5),
-    "StableDiffusionXLPipeline": (50, 5.0),
-    "PixArtAlphaPipeline": (20, 4.5),
-    "PixArtSigmaPipeline": (20, 4.5),
-    "StableDiffusion3Pipeline": (28, 7.0),
-    "FluxPipeline": (28, 1.0),  # guidance-distilled: no classifier-free guidance
-}
 LARGE_ADVICE = "this machine cannot hold the model"
 
 
 def load_program(
-    path: str | Path, allow_large: bool = False, prompts: tuple[str, ...] | None = None
+    path: str | Path,
+    allow_large: bool = False,
+    prompts: tuple[str, ...] | None = None,
+    variant: str | None = None,
 ) -> DiffusionProgram:
-    """`prompts`: the prompt set of a text-conditioned model (default: its pipeline folder's prompts.txt)."""
+    """`prompts`: the prompt set of a text-conditioned model (default: its pipeline folder's prompts.txt);
+    `variant`: a diffusers folder's weight variant (`fp16` reads `*.fp16.safetensors`; default: the plain
+    files, or the folder's only variant)."""
     p = Path(path)
     resolved = resolve(p, "model")
     if not resolved.exists():
         raise LoadError(f"{p}: no such file or directory")
     if resolved.is_dir():
-        return _load_diffusers(p, allow_large, prompts)
+        return _load_diffusers(p, allow_large, prompts, variant)
     if not resolved.is_file():
         raise LoadError(f"{p}: not a regular file or a folder")
     if p.suffix == ".json":
@@ -73,6 +68,7 @@ def _weights_for_sidecar(sidecar: Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """Our own JSON (a sidecar): strict, no NaN/Infinity."""
     return read_json_object(path, LoadError, "JSON")
 
 
@@ -104,22 +100,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-SCHEDULER_FILE = "scheduler_config.json"
-# What diffusers and transformers read from a component folder: configs, safetensors weights, vocabularies.
-READ_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
-
-
-def read_files(folder: Path) -> list[Path]:
-    """The files of a component folder its library reads, each checked to be a regular file (a FIFO
-    would block, a device never end); sub-folders and unrelated files are neither read nor hashed."""
-    files = []
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix in READ_SUFFIXES:
-            require_regular_file(entry, "component file", LoadError)
-            files.append(entry)
-    return files
-
-
 def file_digest(paths: list[Path]) -> str:
     return sha256_files(paths)[:16]
 
@@ -137,7 +117,7 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
     return _assemble(
         model_class=get(model_meta, "class", str, f"{where}: model", error=LoadError),
         config=get(model_meta, "config", dict, f"{where}: model", error=LoadError),
-        weights=weights,
+        weights=(weights,),
         scheduler=get(meta, "scheduler", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SCHEDULER,
         sampling=get(meta, "sampling", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SAMPLING,
         conditioning=None if cond is None else _conditioning(cond, f"{where}: conditioning"),
@@ -154,48 +134,27 @@ def _conditioning(data: dict[str, Any], where: str) -> Conditioning:
         raise LoadError(str(exc)) from None
 
 
-def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | None) -> DiffusionProgram:
+def _load_diffusers(
+    folder: Path, allow_large: bool, prompts: tuple[str, ...] | None, variant: str | None
+) -> DiffusionProgram:
     """A `save_pretrained` model folder, or a pipeline folder (model_index.json) with transformer/ or unet/,
-    its scheduler, text encoders, tokenizers, VAE and prompt set."""
-    scheduler, sampling, stages = DEFAULT_SCHEDULER, DEFAULT_SAMPLING, Stages()
-    model_dir = folder
-    digested: list[Path] = []
-    if (folder / "model_index.json").exists():
-        index = read_json(folder / "model_index.json")
-        component = next((c for c in ("transformer", "unet") if index.get(c) not in (None, [None, None])), None)
-        if component is None:
-            raise LoadError(f"{folder}: model_index.json names no 'transformer' or 'unet' component")
-        model_dir = folder / component
-        if not (model_dir / "config.json").is_file():
-            raise LoadError(f"{folder}: model_index.json names '{component}', but {component}/config.json is missing")
-        if (folder / "scheduler" / SCHEDULER_FILE).exists():
-            sched = read_json(folder / "scheduler" / SCHEDULER_FILE)
-            scheduler = {
-                "class": get(sched, "_class_name", str, SCHEDULER_FILE, "DDPMScheduler", LoadError),
-                "config": sched,
-            }
-        steps, guidance = PIPELINE_SAMPLING.get(str(index.get("_class_name")), (20, 2.0))
-        sampling = {"scheduler": scheduler["class"], "num_inference_steps": steps, "guidance_scale": guidance}
-        digested = [
-            f for n in (*TEXT_ENCODERS, *TOKENIZERS, "vae") if (folder / n).is_dir() for f in read_files(folder / n)
-        ] + ([folder / PROMPTS_FILE] if (folder / PROMPTS_FILE).is_file() else [])
-        stages = load_stages(folder, index, allow_large, prompts)  # after read_files checked what they read
-    elif not (model_dir / "config.json").is_file():
-        raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
-    config = read_json(model_dir / "config.json")
-    weights = next((model_dir / n for n in DIFFUSERS_WEIGHTS if (model_dir / n).is_file()), None)
-    if weights is None:
-        raise LoadError(f"{model_dir}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
+    its scheduler, text encoders, tokenizers, VAE and prompt set (core.diffusers_folder)."""
+    found = diffusers_folder.read(folder, variant)
+    stages = Stages()
+    if found.index is not None:  # after diffusers_folder checked every file the stages' libraries read
+        stages = load_stages(folder, found.index, allow_large, prompts, found.stage_weights)
+    scheduler = found.scheduler or DEFAULT_SCHEDULER
+    where = str(folder / "scheduler" / diffusers_folder.SCHEDULER_FILE) if found.scheduler else None
     return _assemble(
-        model_class=str(config.get("_class_name")),
-        config=config,
-        weights=weights,
+        model_class=found.model_class,
+        config=found.config,
+        weights=found.weights.weights,
         scheduler=scheduler,
-        sampling=sampling,
+        sampling=found.sampling or DEFAULT_SAMPLING,
         conditioning=None,
-        source=lambda: Source(str(folder), "diffusers", file_digest([model_dir / "config.json", weights, *digested])),
-        where=str(model_dir / "config.json"),
-        scheduler_where=None if scheduler is DEFAULT_SCHEDULER else str(folder / "scheduler" / SCHEDULER_FILE),
+        source=lambda: Source(str(folder), "diffusers", file_digest(list(found.digested)), found.notes),
+        where=str(found.model_dir / "config.json"),
+        scheduler_where=where,
         allow_large=allow_large,
         stages=stages,
     )
@@ -204,7 +163,7 @@ def _load_diffusers(folder: Path, allow_large: bool, prompts: tuple[str, ...] | 
 def _assemble(
     model_class: str,
     config: dict[str, Any],
-    weights: Path,
+    weights: tuple[Path, ...],
     scheduler: dict[str, Any],
     sampling: dict[str, Any],
     conditioning: Conditioning | None,
@@ -222,17 +181,19 @@ def _assemble(
     timesteps = partial(adapter.timestep_plan, config) if isinstance(adapter, TextAdapter) else None
     plan = _plan(scheduler, sampling, scheduler_where or where, timesteps)
     footprint = limits.footprint(model_class, config)
-    size = weights.stat().st_size
+    size = sum(f.stat().st_size for f in weights)
     need = 2 * max(footprint.weight_bytes, size)  # the file's tensors + the model
-    what = (
-        f"loading {weights.name} ({size / limits.GIB:.1f} GiB on disk, {footprint.parameters:,} parameters by config)"
-    )
+    name = weights[0].name if len(weights) == 1 else f"{len(weights)} weight shards"
+    what = f"loading {name} ({size / limits.GIB:.1f} GiB on disk, {footprint.parameters:,} parameters by config)"
     limits.require_memory(need, what, LARGE_ADVICE, allow_large)
     source = source()  # hashed only once the memory check let it load
     model = adapter.build(config)
-    state = read_weights(weights)
+    state = _read_all(weights)
     _check_shapes(model, state, source)
-    _check_finite(state, weights)
+    stored = _as_model_dtypes(model, state, source.path)
+    if stored:
+        note = f"{Path(where).parent.name or 'the model'}: weights stored as {stored}, run in float32"
+        source = dataclasses.replace(source, notes=(*source.notes, note))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         missing, unexpected = result.missing_keys, result.unexpected_keys
@@ -257,7 +218,6 @@ def _plan(
     except ConfigError as exc:
         raise LoadError(f"{where}: scheduler.class: {exc}") from None
     scheduler_config = get(scheduler, "config", dict, f"{where}: scheduler", {}, LoadError)
-    finite_tree(scheduler_config, f"{where}: scheduler.config", LoadError)
     steps = get(sampling, "num_inference_steps", object, f"{where}: sampling", 20, LoadError)
     guidance = get(sampling, "guidance_scale", object, f"{where}: sampling", 1.0, LoadError)
     name = get(sampling, "scheduler", str, f"{where}: sampling", scheduler_class, LoadError)
@@ -268,7 +228,8 @@ def _plan(
         number(guidance, f"{where}: sampling.guidance_scale", 0.0, MAX_GUIDANCE, LoadError),
     )
     try:
-        plan = with_scheduler(base, name)
+        plan = with_scheduler(base, name)  # the explicit config, a class default -inf left out (explicit_config)
+        finite_tree(plan.scheduler_config, "scheduler.config", ConfigError)
         if timesteps is not None:
             plan = timesteps(plan)
         check_plan(plan)
@@ -324,13 +285,50 @@ def _check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         )
 
 
+def _read_all(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+    """The state dict of one file or of every shard (a key held by two shards is refused)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        part = read_weights(path)
+        twice = state.keys() & part.keys()
+        if twice:
+            raise LoadError(f"{path}: weight '{min(twice)}' is also in another shard")
+        state.update(part)
+        _check_finite(part, path)
+    return state
+
+
+def _as_model_dtypes(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> str:
+    """Every weight cast to the model's float32 (float16, bfloat16 and float8 files upcast, as the report
+    states), integer buffers kept; a weight of a kind the model cannot hold (integer, bool or complex where it
+    has floats) refused. Returns the stored floating types other than float32, e.g. "float16" ("" if none)."""
+    own = model.state_dict()
+    stored = set()
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None or value.dtype == target.dtype:
+            continue
+        if target.is_floating_point() and value.is_floating_point():
+            stored.add(str(value.dtype).removeprefix("torch."))
+            state[key] = value.to(target.dtype)
+        elif target.is_floating_point() or value.is_complex():
+            kind = str(value.dtype).removeprefix("torch.")
+            raise LoadError(f"{where}: weight '{key}' is {kind}; the model holds floating-point weights there")
+    return ", ".join(sorted(stored))
+
+
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
     """NaN/Inf weights make every later number meaningless (and crash the Fréchet distance): refuse now;
     float64 weights beyond float32's range too (the model runs in float32, where they become Inf)."""
     top = torch.finfo(torch.float32).max
     for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if value.is_complex():
+            raise LoadError(f"{path}: weight '{key}' is complex; a diffusion model's weights are real")
+        if not value.is_floating_point():
+            continue
+        wide = value if value.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else value.float()
+        if not bool(torch.isfinite(wide).all()):  # float8 checked widened
+            bad = int((~torch.isfinite(wide)).sum())
             raise LoadError(f"{path}: weight '{key}' holds {bad:,} NaN/Inf values; refusing a broken model")
         if value.dtype == torch.float64 and value.numel() and float(value.abs().max()) > top:
             bad = int((value.abs() > top).sum())

@@ -34,7 +34,7 @@ PLAN_VERSIONS = (1, 2)  # backends.plan reads these
 ERROR_LOG = "error.log"
 STALE_AFTER_S = 7 * 24 * 3600  # staging of another host (or of a reused pid) is stale after a week
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_LEFTOVER = re.compile(r"^\..+\.(staging|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(staging|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
 def resolve(path: Path, what: str) -> Path:
@@ -191,8 +191,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(parent: Path, log: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """Remove staging/old folders left by dead processes of this host, or older than a week."""
+def clean_stale(parent: Path, log: Callable[[str], None] = lambda _: None, out_name: str | None = None) -> list[Path]:
+    """Remove staging/old folders left by dead processes of this host, or older than a week. A failed run's
+    folder holding only its error log (the path its exit-3 message names) is kept for a week, unless it
+    was a run into the same `out_name` (runs into siblings of one parent never delete each other's logs)."""
     removed = []
     try:
         entries = list(parent.iterdir()) if parent.is_dir() else []
@@ -209,6 +211,9 @@ def clean_stale(parent: Path, log: Callable[[str], None] = lambda _: None) -> li
             old = now - entry.stat().st_mtime > STALE_AFTER_S
         except OSError:
             continue
+        keep_log = not old and match["name"] != out_name and (entry / ERROR_LOG).is_file()
+        if keep_log:
+            continue
         if (ours and pid != os.getpid() and not _alive(pid)) or (old and not (ours and pid == os.getpid())):
             shutil.rmtree(entry, ignore_errors=True)
             log(f"removed {entry.name}, left by an interrupted run (pid {pid})")
@@ -219,7 +224,7 @@ def clean_stale(parent: Path, log: Callable[[str], None] = lambda _: None) -> li
 def create_staging(out: Path, log: Callable[[str], None] = lambda _: None) -> Path:
     """A fresh hidden folder beside `out` (resolved), after removing stale ones there."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent, log)
+    clean_stale(out.parent, log, out.name)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{_HOST}-{os.getpid()}-", dir=out.parent))
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,14 +137,23 @@ def scheduler_class(name: str) -> type:
         and cls is not diffusers.SchedulerMixin
         and callable(getattr(cls, "step", None))
     )
+    if not concrete and cls is not None and hasattr(cls, "_backends"):  # diffusers' placeholder for a missing extra
+        missing = [b for b in cls._backends if b != "torch"]
+        raise ConfigError(f"scheduler '{name}' needs {' and '.join(missing)}, which is not installed here")
     if not concrete:
         known = ", ".join(SCHEDULER_ALIASES)
         raise ConfigError(f"unknown scheduler '{name}' (aliases: {known}, or a diffusers scheduler class)")
     return cls
 
 
+# Solver orders diffusers' multistep schedulers support (DPM-Solver, UniPC, DEIS: 1-3; SA-Solver's predictor and
+# corrector: 1-4). Each keeps that many past outputs; an order of 1e9 allocated until the OOM killer came.
+ORDER_KEYS = ("solver_order", "predictor_order", "corrector_order")
+MAX_ORDER = 4
+
+
 def _check_scheduler_config(config: dict[str, Any]) -> None:
-    """Sizes a scheduler allocates at construction: bounded before diffusers sees them."""
+    """Sizes a scheduler allocates at construction or per step: bounded before diffusers sees them."""
     from core.limits import MAX_TRAIN_TIMESTEPS
 
     n = config.get("num_train_timesteps", 1000)
@@ -154,6 +164,13 @@ def _check_scheduler_config(config: dict[str, Any]) -> None:
     betas = config.get("trained_betas")
     if betas is not None and (not isinstance(betas, list) or len(betas) > MAX_TRAIN_TIMESTEPS):
         raise ConfigError("scheduler trained_betas must be a list of at most one entry per train timestep")
+    for key in ORDER_KEYS:
+        order = config.get(key)
+        if order is not None and (not is_int(order) or not 1 <= order <= MAX_ORDER):
+            raise ConfigError(f"scheduler {key} must be an integer in [1, {MAX_ORDER}], got {order!r}")
+    offset = config.get("steps_offset", 0)
+    if not is_int(offset) or not 0 <= offset < n:
+        raise ConfigError(f"scheduler steps_offset must be an integer in [0, {n}), got {offset!r}")
 
 
 def _from_config(cls: type, config: dict[str, Any]) -> Any:
@@ -252,13 +269,35 @@ def is_flow(plan: SamplingPlan) -> bool:
     return plan.scheduler_class.startswith("FlowMatch")
 
 
+def signal_and_noise(scheduler: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, s) per timestep (train-timestep units, any real value): the model's input at t is a x0 + s noise.
+
+    DDPM-type schedules: a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), whether the loop keeps x in that
+    form (DDPM, DDIM, PNDM, DPM-Solver) or in sigma form and scales it before the model (Euler, Heun, KDPM2:
+    (x0 + sigma noise) / sqrt(sigma^2 + 1) is the same input). Between integer timesteps sigma is
+    interpolated linearly, as Euler's `set_timesteps` does, so a fractional timestep of a plan gets the
+    input its loop feeds (scheduler.add_noise would look it up in the last planned grid, or cast it to an
+    integer). Flow matching: a = 1 - t / T, s = t / T."""
+    if not hasattr(scheduler, "alphas_cumprod"):
+        s = t.float() / scheduler.config.num_train_timesteps
+        return 1 - s, s
+    cumprod = scheduler.alphas_cumprod.float()
+    t = t.double().clamp(0, len(cumprod) - 1)
+    at = cumprod[t.round().long()]  # integer timesteps: exactly diffusers' add_noise
+    a, s = at.sqrt(), (1 - at).sqrt()
+    between = t != t.round()
+    if bool(between.any()):
+        sigmas = ((1 - cumprod.double()) / cumprod.double()).sqrt().numpy()
+        sigma = torch.from_numpy(np.interp(t[between].numpy(), np.arange(len(sigmas)), sigmas))
+        a[between] = (1 + sigma.square()).rsqrt().float()
+        s[between] = (sigma * (1 + sigma.square()).rsqrt()).float()
+    return a, s
+
+
 def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 noised to timesteps `t` (train-timestep units): DDPM-style schedulers' add_noise, or flow
-    matching's straight path x = (1 - s) x0 + s noise with s = t / num_train_timesteps."""
-    if not hasattr(scheduler, "add_noise"):
-        s = (t.float() / scheduler.config.num_train_timesteps).view(-1, *([1] * (x0.dim() - 1)))
-        return (1 - s) * x0 + s * noise
-    return scheduler.add_noise(x0, noise, t.long())
+    """x0 noised to timesteps `t` as the model sees it there (signal_and_noise)."""
+    a, s = (v.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) for v in signal_and_noise(scheduler, t))
+    return a * x0 + s * noise
 
 
 def training_target(
@@ -267,14 +306,26 @@ def training_target(
     """What the denoiser predicts for add_noise(x0, noise, t): epsilon, v, x0, or the flow velocity."""
     if prediction_type == "flow":
         return noise - x0
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t.long())
+    if prediction_type == "v_prediction":  # v = a noise - s x0 (Salimans & Ho 2022)
+        a, s = (v.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) for v in signal_and_noise(scheduler, t))
+        return a * noise - s * x0
     return x0 if prediction_type == "sample" else noise
 
 
+def model_calls(plan: SamplingPlan) -> int:
+    """Model calls of one pass of the loop: one per entry of the scheduler's timesteps, as every diffusers
+    pipeline loops (PNDM's PLMS warm-up calls the model n + 1 times for n steps, Heun and KDPM2 2n - 1)."""
+    return len(build_scheduler(plan).timesteps)
+
+
 def check_plan(plan: SamplingPlan) -> None:
-    """Everything a loop will ask of the scheduler, tried once on a tiny tensor before any real work."""
+    """Everything a loop will ask of the scheduler, tried once on a tiny tensor before any real work; the
+    plan's per-call policies hold one entry per model call."""
     scheduler = build_scheduler(plan)
+    calls = len(scheduler.timesteps)
+    for what, entries in (("guided_steps", plan.guided_steps), ("cache schedule", plan.cache and plan.cache.refresh)):
+        if entries is not None and len(entries) != calls:
+            raise ConfigError(f"{what} has {len(entries)} entries for the loop's {calls} model calls")
     try:
         x = torch.zeros(1, 1, 2, 2)
         t = scheduler.timesteps[0]
@@ -284,16 +335,38 @@ def check_plan(plan: SamplingPlan) -> None:
 
 
 def with_scheduler(plan: SamplingPlan, name: str) -> SamplingPlan:
-    """Swap the scheduler (alias or diffusers class name), keeping the trained noise schedule."""
+    """Swap the scheduler (alias or diffusers class name) as diffusers users write it,
+    `X.from_config(pipe.scheduler.config)`: the new class reads what the old one's config set explicitly (its
+    file's keys), never the old class's defaults, so SD's `leading` spacing and `set_alpha_to_one=False` carry
+    over and the trained noise schedule is kept."""
     class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
-    cls = scheduler_class(class_name)
-    config = {**_from_config(cls, plan.scheduler_config).config, **overrides}
-    defaults = _from_config(cls, {}).config
-    # Keep only what differs from the class defaults: compact, and free of non-JSON values like -inf.
-    changed = {k: v for k, v in config.items() if not k.startswith("_") and v != defaults.get(k)}
+    old = _from_config(scheduler_class(plan.scheduler_class), plan.scheduler_config)
+    config = dict(old.config)
+    config["_use_default_values"] = [k for k in config.get("_use_default_values", []) if k not in overrides]
+    new = _from_config(scheduler_class(class_name), {**config, **overrides})
     return dataclasses.replace(
-        plan, scheduler_class=class_name, scheduler_config=changed, guided_steps=None, cache=None
+        plan, scheduler_class=class_name, scheduler_config=explicit_config(new), guided_steps=None, cache=None
     )
+
+
+def explicit_config(scheduler: Any) -> dict[str, Any]:
+    """What a scheduler's config sets rather than takes from its class defaults (diffusers records the
+    defaulted keys in `_use_default_values`): what a `from_config` swap carries over, and what the plan keeps.
+    A non-finite value is kept out when it is the class default (DPM-Solver's `lambda_min_clipped: -Infinity`,
+    which diffusers writes into every such config): the plan stays plain JSON and the default restores it."""
+    config = scheduler.config
+    defaulted = set(config.get("_use_default_values", []))
+    defaults = {k: p.default for k, p in inspect.signature(type(scheduler).__init__).parameters.items()}
+    explicit = {}
+    for key, value in config.items():
+        if key.startswith("_") or key in defaulted:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            if value == defaults.get(key):
+                continue
+            raise ConfigError(f"scheduler {key} is {value}, which is not finite (only its class default may be)")
+        explicit[key] = list(value) if isinstance(value, tuple) else value
+    return explicit
 
 
 def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
@@ -301,10 +374,10 @@ def uses_guidance(plan: SamplingPlan, conditioning: Conditioning) -> bool:
 
 
 def network_evaluations(plan: SamplingPlan, conditioning: Conditioning) -> int:
-    """Denoiser evaluations per image of the loop (NFE): one per step, two on the guided ones."""
-    steps = plan.num_inference_steps
-    guided = sum(plan.guided(i) for i in range(steps)) if uses_guidance(plan, conditioning) else 0
-    return steps + guided
+    """Denoiser evaluations per image of the loop (NFE): one per model call, two on the guided ones."""
+    calls = model_calls(plan)
+    guided = sum(plan.guided(i) for i in range(calls)) if uses_guidance(plan, conditioning) else 0
+    return calls + guided
 
 
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -337,7 +410,7 @@ def sample(
     x = initial_noise(sample_shape, generators) * sigma if start is None else start
     cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
     cond, cond_guided = conditions.cond, conditions.guided() if cfg else conditions.cond
-    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = _step_kwargs(scheduler, generators)
     carry: dict[str, torch.Tensor] = {}
     for i, t in enumerate(progress(scheduler.timesteps)):
         guided = cfg and plan.guided(i)
@@ -352,6 +425,17 @@ def sample(
             observer(i, t_in, x_in, c_in, out)
         x = scheduler.step(guide(out, plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
     return x
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """What diffusers' pipelines pass to `scheduler.step` besides the output (StableDiffusionPipeline's
+    `prepare_extra_step_kwargs`): the per-sample generators of a stochastic sampler, and eta 0 where the step
+    takes one (DDIM's default already; TCD's own default, 0.3, is not what its pipelines run)."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {"generator": generators} if "generator" in params else {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    return kwargs
 
 
 def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:

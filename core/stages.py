@@ -17,6 +17,7 @@ from core import limits
 from core.errors import ConfigError, LoadError, one_line
 from core.fileio import require_regular_file
 from core.ir import Stages
+from core.weightfiles import WeightFiles
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -41,9 +42,16 @@ def components(index: dict[str, Any], names: tuple[str, ...]) -> list[tuple[str,
     return found
 
 
-def load_stages(folder: Path, index: dict[str, Any], allow_large: bool, prompts: tuple[str, ...] | None) -> Stages:
+def load_stages(
+    folder: Path,
+    index: dict[str, Any],
+    allow_large: bool,
+    prompts: tuple[str, ...] | None,
+    weights: dict[str, WeightFiles],
+) -> Stages:
     """Text encoders, tokenizers and VAE of a pipeline folder, and its prompt set (`prompts` overrides
-    the folder's prompts.txt)."""
+    the folder's prompts.txt). `weights`: each encoder's and the VAE's files (core.weightfiles), which their
+    libraries are told to read (the same variant and format), in float32 whatever they store."""
     encoders = components(index, TEXT_ENCODERS)
     tokenizers = components(index, TOKENIZERS)
     if len(encoders) != len(tokenizers):
@@ -56,30 +64,33 @@ def load_stages(folder: Path, index: dict[str, Any], allow_large: bool, prompts:
             raise LoadError(f"{folder}: unsupported {name} class '{cls}' (supported: {', '.join(known)})")
         if not (folder / name).is_dir():
             raise LoadError(f"{folder}: model_index.json names '{name}', but the folder has no {name}/")
-    weights = [f for name, _ in [*encoders, *vae] for f in (folder / name).glob("*.safetensors")]
-    need = 2 * sum(f.stat().st_size for f in weights)
+    missing = [name for name, _ in [*encoders, *vae] if name not in weights]
+    if missing:
+        raise LoadError(f"{folder}: no weights chosen for {', '.join(missing)}")
+    need = 2 * sum(f.stat().st_size for name, _ in [*encoders, *vae] for f in weights[name].weights)
     limits.require_memory(need, "loading the text encoders and VAE", "this machine cannot hold them", allow_large)
     options = {k: v for k, v in index.items() if k.startswith("force_") or k.startswith("requires_")}
     if prompts is None:
         prompts = read_prompts(folder / PROMPTS_FILE) if (folder / PROMPTS_FILE).is_file() else ()
     return Stages(
-        text_encoders=tuple(_transformers_model(folder / n, c) for n, c in encoders),
+        text_encoders=tuple(_transformers_model(folder / n, c, weights[n]) for n, c in encoders),
         tokenizers=tuple(_tokenizer(folder / n, c) for n, c in tokenizers),
-        vae=_vae(folder / vae[0][0], vae[0][1]) if vae else None,
+        vae=_vae(folder / vae[0][0], vae[0][1], weights[vae[0][0]]) if vae else None,
         prompts=prompts,
         options=options,
     )
 
 
-def _transformers_model(path: Path, class_name: str) -> nn.Module:
+def _transformers_model(path: Path, class_name: str, files: WeightFiles) -> nn.Module:
+    """A transformers encoder from exactly `files` (pickled .bin read by transformers with weights_only)."""
     import transformers
 
-    if not any(path.glob("*.safetensors")):
-        raise LoadError(f"{path}: no safetensors weights (pickled .bin weights are refused)")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
-        model = getattr(transformers, class_name).from_pretrained(str(path), use_safetensors=True)
+        model = getattr(transformers, class_name).from_pretrained(
+            str(path), use_safetensors=files.safetensors, variant=files.variant, dtype=torch.float32
+        )
     except Exception as exc:  # transformers raises many types for a bad folder
         raise LoadError(f"{path}: cannot load {class_name} ({one_line(str(exc), 300)})") from None
     return _checked(model.eval().requires_grad_(False), path)
@@ -94,13 +105,18 @@ def _tokenizer(path: Path, class_name: str) -> Any:
         raise LoadError(f"{path}: cannot load {class_name} ({one_line(str(exc), 300)})") from None
 
 
-def _vae(path: Path, class_name: str) -> nn.Module:
+def _vae(path: Path, class_name: str, files: WeightFiles) -> nn.Module:
+    """A diffusers VAE from exactly `files` (pickled .bin read by diffusers with weights_only)."""
     import diffusers
 
-    if not (path / "diffusion_pytorch_model.safetensors").is_file():
-        raise LoadError(f"{path}: no diffusion_pytorch_model.safetensors (pickled .bin weights are refused)")
     try:
-        model = getattr(diffusers, class_name).from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
+        model = getattr(diffusers, class_name).from_pretrained(
+            str(path),
+            use_safetensors=files.safetensors,
+            variant=files.variant,
+            dtype=torch.float32,
+            low_cpu_mem_usage=False,
+        )
     except Exception as exc:
         raise LoadError(f"{path}: cannot load {class_name} ({one_line(str(exc), 300)})") from None
     return _checked(model.eval().requires_grad_(False), path)

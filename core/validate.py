@@ -17,10 +17,15 @@ MAX_JSON_BYTES = 16 << 20  # sidecars, targets and plans are small; a larger fil
 _MISSING: Any = object()
 
 
-def read_json_file(path: Path, error: type[OptimizerError] = ConfigError, what: str = "JSON") -> Any:
-    """Parse a UTF-8 JSON file of bounded size; NaN/Infinity literals are refused (they are not JSON)."""
+def read_json_file(
+    path: Path, error: type[OptimizerError] = ConfigError, what: str = "JSON", constants: bool = False
+) -> Any:
+    """Parse a UTF-8 JSON file of bounded size. NaN/Infinity literals are refused (they are not JSON) unless
+    `constants`: a third-party config read as its own library reads it (Python's json accepts them)."""
 
     def refuse_constant(name: str) -> Any:
+        if constants:
+            return float(name)
         raise ValueError(f"{name} is not a JSON number")
 
     try:
@@ -33,8 +38,10 @@ def read_json_file(path: Path, error: type[OptimizerError] = ConfigError, what: 
         raise error(f"{path}: not valid JSON ({one_line(exc)})") from None
 
 
-def read_json_object(path: Path, error: type[OptimizerError] = ConfigError, what: str = "JSON") -> dict[str, Any]:
-    data = read_json_file(path, error, what)
+def read_json_object(
+    path: Path, error: type[OptimizerError] = ConfigError, what: str = "JSON", constants: bool = False
+) -> dict[str, Any]:
+    data = read_json_file(path, error, what, constants)
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

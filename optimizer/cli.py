@@ -139,6 +139,13 @@ PROMPTS = click.option(
     help="Prompt set of a text-to-image model: one prompt per line (default: the pipeline folder's prompts.txt).",
 )
 
+VARIANT = click.option(
+    "--variant",
+    default=None,
+    help="Weight variant of a diffusers folder, as diffusers' from_pretrained(variant=...): fp16 reads"
+    " *.fp16.safetensors (default: the plain files, or the folder's only variant).",
+)
+
 
 JUDGE_OPTIONS_LIST = (
     click.option(
@@ -244,6 +251,7 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
     help="Search targets: run trials of the shared --storage study and exit; the job without it finishes the search.",
 )
 @PROMPTS
+@VARIANT
 @ALLOW_LARGE
 def run(
     model: Path,
@@ -272,6 +280,7 @@ def run(
     storage: str | None,
     trials_only: bool,
     prompts: Path | None,
+    variant: str | None,
     allow_large: bool,
 ) -> None:
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
@@ -304,6 +313,7 @@ def run(
         latency_repeats=latency_repeats,
         allow_large=allow_large,
         prompts=prompts,
+        variant=variant,
         resume=resume,
         workers=workers,
         storage=storage,
@@ -326,8 +336,9 @@ def run(
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
+@VARIANT
 @ALLOW_LARGE
-def inspect(model: Path, allow_large: bool) -> None:
+def inspect(model: Path, variant: str | None, allow_large: bool) -> None:
     """Describe MODEL: architecture, blocks, attention sites, conditioning, sampling plan."""
     import dataclasses
 
@@ -335,7 +346,7 @@ def inspect(model: Path, allow_large: bool) -> None:
     from core.loading import load_program
     from optimizer.stages import stage_summary
 
-    program = load_program(model, allow_large)
+    program = load_program(model, allow_large, variant=variant)
     spec = dataclasses.asdict(program.spec)
     spec.pop("model_config")
     info = {
@@ -392,15 +403,18 @@ SEED = click.IntRange(0, MAX_SEED)
 @click.option("--samples", type=SAMPLES, default=20, show_default=True)
 @click.option("--seed", type=SEED, default=10_000, show_default=True)
 @PROMPTS
+@VARIANT
 @ALLOW_LARGE
-def calibrate(model: Path, out: Path, samples: int, seed: int, prompts: Path | None, allow_large: bool) -> None:
+def calibrate(
+    model: Path, out: Path, samples: int, seed: int, prompts: Path | None, variant: str | None, allow_large: bool
+) -> None:
     """Capture reference trajectories (x_t, t, condition, output per step) for reuse with --calibration."""
     from calibration.capture import capture, evaluation_set, save
     from core.outputs import check_out_file, input_paths
     from optimizer.job import check_job_memory, load_for_job
 
     check_out_file(out, [*input_paths(model), *([prompts] if prompts else [])])
-    program = load_for_job(model, allow_large, prompts)
+    program = load_for_job(model, allow_large, prompts, variant)
     check_job_memory(program, samples, allow_large)
     seeds, conditions = evaluation_set(program, samples, seed)
     save(capture(program, seeds, conditions, progress=lambda it: _progress(it, desc="calibration")), out)

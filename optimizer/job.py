@@ -23,7 +23,7 @@ from core.ir import DiffusionProgram
 from core.loading import MAX_GUIDANCE, load_program
 from core.outputs import check_out_dir, claim, create_staging, input_paths, keep_error_log, publish, resolve
 from core.progress import timed
-from core.sampling import check_plan, uses_guidance, with_scheduler
+from core.sampling import check_plan, model_calls, uses_guidance, with_scheduler
 from core.training import world
 from core.validate import integer, number
 from optimizer.targets import Target, get_target, require_available, target_file
@@ -51,6 +51,7 @@ class JobOptions:
     latency_repeats: int = 20
     allow_large: bool = False  # skip the memory estimate's refusal (the deliberately huge)
     prompts: Path | None = None  # a text-to-image model's prompt set (default: its folder's prompts.txt)
+    variant: str | None = None  # a diffusers folder's weight variant (default: its plain files, or its only one)
     # Search targets (`*-auto`): continue an interrupted search, processes running trials, shared storage,
     # and trials only (a worker of a shared study: no output, no finalists).
     resume: bool = False
@@ -116,6 +117,18 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
     return program.replace(plan=plan)
 
 
+class ArtifactReadBackError(RuntimeError):
+    """The artifact a job just wrote is refused by its own reader: a bug of ours (exit 3), not bad input."""
+
+
+def _read_back(backend: Any, folder: Path) -> Any:
+    """The runner of the artifact just written, opened as `optimize sample` opens it."""
+    try:
+        return backend.runner(folder)
+    except OptimizerError as exc:
+        raise ArtifactReadBackError(f"the artifact just written does not read back ({exc})") from exc
+
+
 def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool, processes: int = 1) -> None:
     """Refuse a run whose largest batch, `samples` seeds sampled at once, would not fit in memory, in
     each of `processes` (a search's --workers each hold the model and run trials)."""
@@ -124,7 +137,7 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool,
     need = limits.job_memory(
         footprint,
         spec.sample_shape,
-        plan.num_inference_steps,
+        model_calls(plan),
         uses_guidance(plan, spec.conditioning),
         samples,
     )
@@ -132,12 +145,14 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool,
     limits.require_memory(need * processes, "this run", advice, allow_large)
 
 
-def load_for_job(model_path: Path, allow_large: bool, prompts: Path | None) -> DiffusionProgram:
+def load_for_job(
+    model_path: Path, allow_large: bool, prompts: Path | None, variant: str | None = None
+) -> DiffusionProgram:
     """The program, with its prompt set checked now (every prompt within the text encoder's limit)."""
     from core.prompts import text_adapter
     from core.stages import read_prompts
 
-    program = load_program(model_path, allow_large, read_prompts(prompts) if prompts is not None else None)
+    program = load_program(model_path, allow_large, read_prompts(prompts) if prompts is not None else None, variant)
     if program.spec.conditioning.text:
         if not program.stages.prompts:
             raise ConfigError(f"{model_path}: a text-to-image model needs a prompt set: pass --prompts FILE")
@@ -177,6 +192,8 @@ def run_job(model_path: Path, opts: JobOptions, progress: Progress, log: Callabl
         loaded = _load_checked(model_path, target, opts)
         program = loaded.program
         log(f"loaded {model_path} ({program.spec.model_class}, {parameter_count(program.denoiser):,} parameters)")
+        for note in program.source.notes:
+            log(f"note: {note}")
         judges = ", ".join(j.name for j in loaded.judges.active)
         log(f"judges: {judges}; gates to measure: {', '.join(loaded.gates.applicable)}")
         for gate, why in loaded.gates.skipped.items():
@@ -218,7 +235,7 @@ def _load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     """The program with the command line's sampling options, its recipes (or search space) checked
     against it, the judges and gates that apply to it, the memory estimate checked, and the --calibration
     trajectories if given (every rank and search worker the same)."""
-    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts), opts)
+    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts, opts.variant), opts)
     if target.search is not None:
         from optimizer.search_job import check_space
 
@@ -340,7 +357,7 @@ def _run_stages(
         with timed(log, f"lowering for {backend.name}"):
             artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
         with timed(log, f"verifying on {opts.samples} samples"):
-            runner = backend.runner(staging)
+            runner = _read_back(backend, staging)
             verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress, loaded.judges)
     else:
         from optimizer.search_job import run_search_stage
@@ -349,7 +366,7 @@ def _run_stages(
         outcome = run_search_stage(model_path, loaded, target, opts, ctx, backend, staging, progress, log)
         candidate, choice, analyses = outcome.candidate, None, ctx.analyses
         _, files, verification, ref_images, cand_images = outcome.verified
-        runner = backend.runner(staging)
+        runner = _read_back(backend, staging)
         artifacts = {**files, "calibration": CALIBRATION_FILE}
     record_files(staging, [CALIBRATION_FILE])
     baseline, timed_run = None, opts.latency_repeats > 0
@@ -358,7 +375,7 @@ def _run_stages(
             reference_dir = staging / ".reference"
             reference_dir.mkdir()
             artifacts["reference_onnx_bytes"] = backend.lower(program, reference_dir)["onnx_bytes"]
-            baseline = backend.runner(reference_dir)
+            baseline = _read_back(backend, reference_dir)
     latency: dict[str, Any] = {"skipped": "--latency-repeats 0"}
     if timed_run:
         with timed(log, "measuring latency side by side"):

@@ -78,6 +78,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         "",
         "## Model",
         f"- source: `{m['source']['path']}` ({m['source']['format']}, digest {m['source']['digest']})",
+        *(f"- note: {note}" for note in m["source"].get("notes", [])),
         f"- architecture: {m['family']} (`{m['class']}`), {m['parameters']:,} parameters"
         + (
             f" (artifact: {m['candidate_parameters']:,})"

@@ -37,7 +37,7 @@ from core.errors import ConfigError
 from core.flops import variant_flops
 from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_INPUTS
-from core.sampling import take, uses_guidance
+from core.sampling import model_calls, take, uses_guidance
 from core.validate import is_int
 from passes.base import FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
 from verify.fidelity import replay_psnr
@@ -175,7 +175,7 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     check_program(config, program)  # again: an earlier pass may have removed blocks
-    plan, steps = program.plan, program.plan.num_inference_steps
+    plan, steps = program.plan, model_calls(program.plan)
     criteria = [config.criterion] if config.criterion != "all" else list(CRITERIA[1:])
     if not reuses_blocks(program.spec.family) and "first-block" in criteria:
         criteria.remove("first-block")
@@ -327,7 +327,7 @@ def admissible_regions(program: DiffusionProgram) -> list[tuple[int, int]]:
 
 
 def _with_cache(plan: SamplingPlan, program: DiffusionProgram, c: Candidate) -> SamplingPlan:
-    refresh = tuple(i in c.refresh for i in range(plan.num_inference_steps))
+    refresh = tuple(i in c.refresh for i in range(model_calls(plan)))
     return dataclasses.replace(plan, cache=CacheSchedule(program.spec.family, c.region, refresh))
 
 

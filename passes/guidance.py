@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
-from core.sampling import uses_guidance
+from core.sampling import model_calls, uses_guidance
 from passes.base import FLOPS, Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
 
@@ -87,7 +87,7 @@ def similarity(trajectories) -> torch.Tensor:
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
-    plan, steps = program.plan, program.plan.num_inference_steps
+    plan, steps = program.plan, model_calls(program.plan)
     if not uses_guidance(plan, program.spec.conditioning):
         decision = GuidanceDecision("none", "the plan does not use classifier-free guidance")
         return PassResult(program.replace(), decision)
@@ -126,7 +126,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
 
 
 def _policy(plan: SamplingPlan, switch: int) -> SamplingPlan:
-    return dataclasses.replace(plan, guided_steps=tuple(i < switch for i in range(plan.num_inference_steps)))
+    return dataclasses.replace(plan, guided_steps=tuple(i < switch for i in range(model_calls(plan))))
 
 
 PASS = Pass(

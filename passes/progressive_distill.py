@@ -103,9 +103,9 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    if config.steps >= program.plan.num_inference_steps:
+    if config.steps >= len(grid(program.plan)):
         raise ConfigError(
-            f"progressive_distill: {config.steps} steps is not fewer than the loop's {program.plan.num_inference_steps}"
+            f"progressive_distill: {config.steps} steps is not fewer than the loop's {len(grid(program.plan))}"
         )
     FirstOrder(program.plan, program.spec.prediction_type)
     check_plan(on_grid(program.plan, "ddim" if program.spec.prediction_type != "flow" else "euler", grid(program.plan)))

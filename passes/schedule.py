@@ -88,7 +88,7 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
 def _uniform(plan: SamplingPlan, steps: int) -> list[float]:
     """The plan's own spacing at `steps` steps: what cutting the steps by hand (`sampler`) gives."""
     scheduler = build_scheduler(dataclasses.replace(plan, num_inference_steps=steps, timesteps=None))
-    return [float(t) for t in scheduler.timesteps]
+    return list(dict.fromkeys(float(t) for t in scheduler.timesteps))  # a two-call step is one grid point
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:

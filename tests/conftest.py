@@ -109,3 +109,12 @@ def cached_sd_artifact(text_folders, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cached-sd") / "artifact"
     lower(cached, folder)
     return cached, folder
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The hub-layout fixture set (tests/hub_layouts.py), one folder per layout."""
+    from hub_layouts import LAYOUTS, build
+
+    root = tmp_path_factory.mktemp("hub")
+    return {name: build(name, root) for name in LAYOUTS}

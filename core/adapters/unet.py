@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from core.adapters.base import Adapter
@@ -23,6 +24,12 @@ class UNetAdapter(Adapter):
         "num_train_timesteps": 100_000,
     }
     block_layout: ClassVar[str] = "channels"
+
+    def probe_conditions(self, config: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+        """Class labels only for a class-conditional UNet (an unconditional one, the DDPM layout, refuses them)."""
+        if config.get("num_class_embeds") is None and config.get("class_embed_type") is None:
+            return {}
+        return super().probe_conditions(config, device)
 
     def conditioning(self, model: nn.Module) -> Conditioning:
         # A plain UNet2DModel does not say which label (if any) is the unconditional one.

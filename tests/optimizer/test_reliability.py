@@ -179,6 +179,56 @@ def pipeline_folder(ws: Workspace, index: dict) -> Path:
     return folder
 
 
+def dit_pipeline(ws: Workspace, scheduler: dict | None = None, weights: Callable | None = None) -> Path:
+    """The DiT as a hub-style pipeline folder (model_index.json, transformer/, scheduler/), its scheduler
+    config and weights edited as given (weights: state dict -> {file name: state dict})."""
+    from safetensors.torch import load_file, save_file
+
+    folder = ws.root / "dit-pipe"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}
+    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = {"_class_name": "DiTTransformer2DModel", **json.loads(ws.sidecar.read_text())["model"]["config"]}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    files = (weights or (lambda state: {"diffusion_pytorch_model.safetensors": state}))(load_file(ws.model))
+    for name, state in files.items():
+        if isinstance(state, dict):
+            save_file(state, folder / "transformer" / name)
+        else:
+            (folder / "transformer" / name).write_text(state)
+    sched = {"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": float("-inf"), **(scheduler or {})}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    return folder
+
+
+def _recast(dtype: torch.dtype) -> Callable:
+    """Weights with every floating tensor cast to `dtype` (bool, int32, complex: kinds no model weight is)."""
+    return lambda state: {"diffusion_pytorch_model.safetensors": {k: v.to(dtype) for k, v in state.items()}}
+
+
+def _sharded(shard: str) -> Callable:
+    """Weights in two shards and an index, the second shard named `shard` in the index."""
+
+    def split(state: dict) -> dict:
+        keys = sorted(state)
+        half = len(keys) // 2
+        first, second = dict.fromkeys(keys[:half], "a.safetensors"), dict.fromkeys(keys[half:], shard)
+        index = json.dumps({"metadata": {}, "weight_map": {**first, **second}})
+        return {
+            "a.safetensors": {k: state[k] for k in first},
+            "b.safetensors": {k: state[k] for k in second},
+            "diffusion_pytorch_model.safetensors.index.json": index,
+        }
+
+    return split
+
+
+def _variants(*names: str) -> Callable:
+    return lambda state: {f"diffusion_pytorch_model.{n}.safetensors": state for n in names}
+
+
 def symlink_loop(ws: Workspace) -> Path:
     a, b = ws.root / "loop-a", ws.root / "loop-b"
     a.symlink_to(b)
@@ -719,6 +769,61 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         2,
         "names no 'transformer' or 'unet'",
     ),
+    # 7. third-party configs and weights as they ship (issue 33): bounded, checked field by field, one line
+    (
+        "scheduler-solver-order-huge",
+        lambda ws, a: [dit_pipeline(ws, {"solver_order": 10**9}), "--out", ws.out],
+        2,
+        "solver_order must be an integer in [1, 4], got 1000000000",
+    ),
+    (
+        "scheduler-infinity-not-its-default",
+        lambda ws, a: [dit_pipeline(ws, {"beta_start": float("inf")}), "--out", ws.out],
+        2,
+        "scheduler beta_start is inf, which is not finite (only its class default may be)",
+    ),
+    (
+        "weights-bool",
+        lambda ws, a: [dit_pipeline(ws, weights=_recast(torch.bool)), "--out", ws.out],
+        2,
+        "is bool; the model holds floating-point weights there",
+    ),
+    (
+        "weights-int32",
+        lambda ws, a: [dit_pipeline(ws, weights=_recast(torch.int32)), "--out", ws.out],
+        2,
+        "is int32; the model holds floating-point weights there",
+    ),
+    (
+        "weights-complex",
+        lambda ws, a: [dit_pipeline(ws, weights=_recast(torch.complex64)), "--out", ws.out],
+        2,
+        "is complex; a diffusion model's weights are real",
+    ),
+    (
+        "shard-missing",
+        lambda ws, a: [dit_pipeline(ws, weights=_sharded("c.safetensors")), "--out", ws.out],
+        2,
+        "names shard 'c.safetensors', which is missing",
+    ),
+    (
+        "shard-outside-the-folder",
+        lambda ws, a: [dit_pipeline(ws, weights=_sharded("../b.safetensors")), "--out", ws.out],
+        2,
+        "shard '../b.safetensors' is not a file name inside the folder",
+    ),
+    (
+        "variant-not-in-the-folder",
+        lambda ws, a: [dit_pipeline(ws), "--variant", "bf16", "--out", ws.out],
+        2,
+        "no variant 'bf16' (diffusion_pytorch_model; weights held: plain)",
+    ),
+    (
+        "variants-and-no-plain-weights",
+        lambda ws, a: [dit_pipeline(ws, weights=_variants("fp16", "bf16")), "--out", ws.out],
+        2,
+        "holds the variants bf16, fp16 and no plain weights; choose one with --variant",
+    ),
 ]
 
 
@@ -954,6 +1059,21 @@ def test_stale_staging_of_a_dead_process_is_removed(tmp_path):
     removed = outputs.clean_stale(tmp_path)
     assert sorted(removed) == sorted([stale, old_foreign])
     assert live.exists() and foreign.exists()
+
+
+def test_a_failed_runs_error_log_outlives_a_run_into_a_sibling(tmp_path):
+    """`optimized/a` exits 3 naming its error.log; a run into `optimized/b` keeps it (a week), a rerun into
+    `optimized/a` replaces it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    failed = tmp_path / f".a.staging-{outputs._HOST}-{dead.pid}-abc123"
+    failed.mkdir()
+    (failed / outputs.ERROR_LOG).write_text("Traceback ...")
+    sibling = outputs.create_staging(tmp_path / "b")
+    assert (failed / outputs.ERROR_LOG).read_text() == "Traceback ..."
+    sibling.rmdir()
+    again = outputs.create_staging(tmp_path / "a")
+    assert not failed.exists() and again.exists()
 
 
 def test_memory_estimate_scales_and_allow_large_skips_it(monkeypatch, dit_program):
