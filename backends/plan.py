@@ -121,6 +121,28 @@ def record_files(folder: Path, names: list[str]) -> None:
     write_plan(folder, doc)
 
 
+def record_original_loop(folder: Path, plan: SamplingPlan) -> None:
+    """The original's sampling plan, against which the job verified and timed the artifact (`optimize bench`
+    times the same baseline: the original network on its own loop, not on the artifact's)."""
+    path = folder / PLAN_FILE
+    doc = read_json_object(path, LoadError, PLAN_FILE)
+    doc["model"]["original_sampling"] = plan.to_dict()
+    write_plan(folder, doc)
+
+
+def original_loop(doc: dict[str, Any], where: str) -> SamplingPlan | None:
+    """plan.json's record of the original's loop (None in artifacts that predate it), every field checked."""
+    data = doc.get("model", {}).get("original_sampling")
+    if data is None:
+        return None
+    try:
+        plan = SamplingPlan.from_dict(of_type(data, dict, f"{where}: model.original_sampling", LoadError))
+        build_scheduler(plan)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise LoadError(f"{where}: invalid model.original_sampling ({one_line(str(exc))})") from None
+    return plan
+
+
 def recorded_files(doc: dict[str, Any], where: str) -> dict[str, str]:
     """plan.json's `files` ({name: sha256}), its shape checked (the files are hashed where they are loaded)."""
     files = get(doc, "files", dict, where, {}, error=LoadError)

@@ -65,8 +65,10 @@ def read(folder: Path, variant: str | None = None) -> FolderModel:
         sched = read_third_party_json(folder / "scheduler" / SCHEDULER_FILE)
         name = get(sched, "_class_name", str, SCHEDULER_FILE, "DDPMScheduler", LoadError)
         scheduler = {"class": name, "config": sched}
-    steps, guidance, notes = pipeline_defaults(index.get("_class_name"))
+    steps, guidance, true_cfg, notes = pipeline_defaults(index.get("_class_name"))
     sampling = {"num_inference_steps": steps, "guidance_scale": guidance}
+    if true_cfg is not None:
+        sampling["true_cfg_scale"] = true_cfg
     if scheduler is not None:
         sampling["scheduler"] = scheduler["class"]
     stage_weights, digested = {}, []
@@ -122,19 +124,20 @@ def model_class(config: dict[str, Any]) -> str:
     return remapped or name
 
 
-def pipeline_defaults(class_name: Any) -> tuple[int, float, list[str]]:
-    """(steps, classifier-free guidance scale, notes) as the pipeline class's own `__call__` defaults them:
-    what `pipe(prompt)` runs. A pipeline with `true_cfg_scale` (Flux) runs classifier-free guidance at that
-    scale; its `guidance_scale` is the guidance embedding's input, which the family adapter feeds. A class
+def pipeline_defaults(class_name: Any) -> tuple[int, float, float | None, list[str]]:
+    """(steps, guidance_scale, true_cfg_scale or None, notes) as the pipeline class's own `__call__` defaults
+    them: what `pipe(prompt)` runs. A guidance-embedded denoiser takes `guidance_scale` as its embedding's input
+    and runs classifier-free guidance only at `true_cfg_scale` (Flux) or not at all (core.loading). A class
     diffusers does not have, or one without these defaults: ours, stated in a note."""
     params = _call_parameters(class_name)
     steps = params.get("num_inference_steps")
     if steps is None or not is_int(steps.default) or not 1 <= steps.default <= 10_000:
         note = f"pipeline class {class_name!r} states no default step count; sampling {DEFAULT_STEPS} steps"
-        return DEFAULT_STEPS, DEFAULT_GUIDANCE, [note + f" at guidance {DEFAULT_GUIDANCE} (ours)"]
-    cfg = params.get("true_cfg_scale") or params.get("guidance_scale")
-    guidance = float(cfg.default) if cfg is not None and is_number(cfg.default) else 1.0
-    return steps.default, guidance, []
+        return DEFAULT_STEPS, DEFAULT_GUIDANCE, None, [note + f" at guidance {DEFAULT_GUIDANCE} (ours)"]
+    guidance, true_cfg = (params.get(k) for k in ("guidance_scale", "true_cfg_scale"))
+    scale = float(guidance.default) if guidance is not None and is_number(guidance.default) else 1.0
+    cfg = float(true_cfg.default) if true_cfg is not None and is_number(true_cfg.default) else None
+    return steps.default, scale, cfg, []
 
 
 def _call_parameters(class_name: Any) -> dict[str, inspect.Parameter]:

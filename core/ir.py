@@ -55,6 +55,9 @@ class Conditioning:
     num_classes: int = 0
     null_class: int | None = None
     text: tuple[ConditionInput, ...] = ()
+    # The guidance scale a guidance-embedded denoiser is fed (Flux's guidance_embeds, an LCM UNet's
+    # time_cond_proj_dim), instead of classifier-free guidance; None: the model embeds none.
+    embedded_guidance: float | None = None
 
     @property
     def kind(self) -> str:
@@ -88,7 +91,10 @@ class Conditioning:
         inputs = tuple(ConditionInput.from_dict(t, f"{where}.text[{i}]") for i, t in enumerate(text))
         if text and num:
             raise ConfigError(f"{where}: a model is conditioned on classes or on text, not both")
-        return cls(num, null, inputs)
+        embedded = get(data, "embedded_guidance", (int, float, type(None)), where, None)
+        if embedded is not None:
+            embedded = number(embedded, f"{where}.embedded_guidance", 0.0, 1000.0)
+        return cls(num, null, inputs, embedded)
 
 
 @dataclass(frozen=True)

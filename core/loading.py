@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from core import diffusers_folder, limits
+from core import diffusers_folder, limits, single_file
 from core import sampling as sampling_scheduler
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
@@ -41,10 +41,12 @@ def load_program(
     allow_large: bool = False,
     prompts: tuple[str, ...] | None = None,
     variant: str | None = None,
+    config: Path | None = None,
 ) -> DiffusionProgram:
     """`prompts`: the prompt set of a text-conditioned model (default: its pipeline folder's prompts.txt);
     `variant`: a diffusers folder's weight variant (`fp16` reads `*.fp16.safetensors`; default: the plain
-    files, or the folder's only variant)."""
+    files, or the folder's only variant); `config`: the local diffusers folder a single-file checkpoint is
+    converted with (core.single_file)."""
     p = Path(path)
     resolved = resolve(p, "model")
     if not resolved.exists():
@@ -57,7 +59,24 @@ def load_program(
         p = _weights_for_sidecar(p)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise LoadError(f"{p}: unsupported file type '{p.suffix}' (expected {', '.join(WEIGHT_SUFFIXES)} or a folder)")
+    if p.suffix in single_file.SUFFIXES and not sidecar_path(p).exists():
+        return _load_single_file(p, config, allow_large, prompts)
     return _load_checkpoint(p, allow_large)
+
+
+def _load_single_file(
+    path: Path, config: Path | None, allow_large: bool, prompts: tuple[str, ...] | None
+) -> DiffusionProgram:
+    """A single-file checkpoint, converted by diffusers with `config` (core.single_file); its source is the
+    file and the config folder's files, hashed, never the temporary folder it was converted into."""
+    found, program = single_file.load(
+        path, config, allow_large, lambda folder: _load_diffusers(folder, allow_large, prompts, None)
+    )
+    assert config is not None  # single_file.load refused it otherwise
+    read = [path, *(f for sub in sorted(config.iterdir()) if sub.is_dir() for f in diffusers_folder.config_files(sub))]
+    notes = (f"single-file {found} checkpoint, converted by diffusers' from_single_file with --config {config}",)
+    notes += tuple(n for n in program.source.notes if "optimize-single-file-" not in n)
+    return program.replace(source=Source(str(path), "single-file", file_digest(read), notes))
 
 
 def _weights_for_sidecar(sidecar: Path) -> Path:
@@ -201,7 +220,9 @@ def _assemble(
             f"{source.path}: weights do not fit the {model_class} config "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )
-    return _program(model, plan, conditioning, source, where, stages or Stages())
+    true_cfg = sampling.get("true_cfg_scale")
+    true_cfg = None if true_cfg is None else number(true_cfg, f"{where}: sampling.true_cfg_scale", 0.0, MAX_GUIDANCE)
+    return _program(model, plan, conditioning, source, where, stages or Stages(), true_cfg)
 
 
 def _plan(
@@ -245,7 +266,9 @@ def _program(
     source: Source,
     where: str,
     stages: Stages,
+    true_cfg: float | None = None,
 ) -> DiffusionProgram:
+    """`true_cfg`: the pipeline's classifier-free guidance scale where it is not its guidance_scale (Flux)."""
     adapter = adapter_for(type(model).__name__)
     model.eval().requires_grad_(False)
     if isinstance(adapter, TextAdapter):
@@ -258,6 +281,14 @@ def _program(
         adapter.check_conditioning(model, conditioning, where)
     prediction = "flow" if is_flow(plan) else plan.scheduler_config.get("prediction_type", "epsilon")
     spec = adapter.spec(model, conditioning, prediction)
+    if adapter.embeds_guidance(model.config):
+        # The pipeline's guidance_scale is the embedding's input; classifier-free guidance only at true_cfg_scale
+        # (Flux) or none (an LCM UNet: diffusers' SD pipelines turn CFG off when time_cond_proj_dim is set).
+        embedded = dataclasses.replace(spec.conditioning, embedded_guidance=plan.guidance_scale)
+        spec = dataclasses.replace(spec, conditioning=embedded)
+        plan = dataclasses.replace(plan, guidance_scale=true_cfg or 1.0)
+    elif true_cfg is not None:
+        plan = dataclasses.replace(plan, guidance_scale=true_cfg)
     if not spec.conditioning.supports_guidance and plan.guidance_scale > 1:
         plan = dataclasses.replace(plan, guidance_scale=1.0)
     return DiffusionProgram(denoiser=model, spec=spec, plan=plan, source=source, stages=stages)

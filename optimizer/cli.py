@@ -146,6 +146,15 @@ VARIANT = click.option(
     " *.fp16.safetensors (default: the plain files, or the folder's only variant).",
 )
 
+SINGLE_FILE_CONFIG = click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A single-file checkpoint's family as a local diffusers folder (configs and tokenizers, no weights"
+    " needed), as diffusers' from_single_file(config=...).",
+)
+
 
 JUDGE_OPTIONS_LIST = (
     click.option(
@@ -252,6 +261,7 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
 )
 @PROMPTS
 @VARIANT
+@SINGLE_FILE_CONFIG
 @ALLOW_LARGE
 def run(
     model: Path,
@@ -281,6 +291,7 @@ def run(
     trials_only: bool,
     prompts: Path | None,
     variant: str | None,
+    config: Path | None,
     allow_large: bool,
 ) -> None:
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
@@ -314,6 +325,7 @@ def run(
         allow_large=allow_large,
         prompts=prompts,
         variant=variant,
+        config=config,
         resume=resume,
         workers=workers,
         storage=storage,
@@ -337,8 +349,9 @@ def run(
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @VARIANT
+@SINGLE_FILE_CONFIG
 @ALLOW_LARGE
-def inspect(model: Path, variant: str | None, allow_large: bool) -> None:
+def inspect(model: Path, variant: str | None, config: Path | None, allow_large: bool) -> None:
     """Describe MODEL: architecture, blocks, attention sites, conditioning, sampling plan."""
     import dataclasses
 
@@ -346,7 +359,7 @@ def inspect(model: Path, variant: str | None, allow_large: bool) -> None:
     from core.loading import load_program
     from optimizer.stages import stage_summary
 
-    program = load_program(model, allow_large, variant=variant)
+    program = load_program(model, allow_large, variant=variant, config=config)
     spec = dataclasses.asdict(program.spec)
     spec.pop("model_config")
     info = {
@@ -404,9 +417,17 @@ SEED = click.IntRange(0, MAX_SEED)
 @click.option("--seed", type=SEED, default=10_000, show_default=True)
 @PROMPTS
 @VARIANT
+@SINGLE_FILE_CONFIG
 @ALLOW_LARGE
 def calibrate(
-    model: Path, out: Path, samples: int, seed: int, prompts: Path | None, variant: str | None, allow_large: bool
+    model: Path,
+    out: Path,
+    samples: int,
+    seed: int,
+    prompts: Path | None,
+    variant: str | None,
+    config: Path | None,
+    allow_large: bool,
 ) -> None:
     """Capture reference trajectories (x_t, t, condition, output per step) for reuse with --calibration."""
     from calibration.capture import capture, evaluation_set, save
@@ -414,7 +435,7 @@ def calibrate(
     from optimizer.job import check_job_memory, load_for_job
 
     check_out_file(out, [*input_paths(model), *([prompts] if prompts else [])])
-    program = load_for_job(model, allow_large, prompts, variant)
+    program = load_for_job(model, allow_large, prompts, variant, config)
     check_job_memory(program, samples, allow_large)
     seeds, conditions = evaluation_set(program, samples, seed)
     save(capture(program, seeds, conditions, progress=lambda it: _progress(it, desc="calibration")), out)
@@ -588,6 +609,7 @@ def sample(
     show_default=True,
     help="Images per call (the denoiser batch is 2x with CFG).",
 )
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the timings as JSON.")
 @click.option(
     "--scale",
     type=click.Choice(sorted(SCALE_GEOMETRIES)),
@@ -596,33 +618,53 @@ def sample(
     f"against the same geometry's original, side by side (--repeats loops each, at most {SCALE_REPEATS}).",
 )
 @ALLOW_LARGE
-def bench(artifact: Path, model: Path | None, repeats: int, images: int, scale: str | None, allow_large: bool) -> None:
+def bench(
+    artifact: Path,
+    model: Path | None,
+    repeats: int,
+    images: int,
+    json_out: Path | None,
+    scale: str | None,
+    allow_large: bool,
+) -> None:
     """Time an `optimize` output on its backend against the original in torch and the original's fp32
-    graph on the same backend, interleaved in one run; or, with --scale, its decisions at a realistic size."""
+    graph on the same backend (each on the original's own loop, as the report times them), interleaved in
+    one run; or, with --scale, its decisions at a realistic size."""
     import tempfile
 
-    from backends.plan import read_plan
+    from backends.plan import original_loop, read_plan
     from backends.registry import get_backend
+    from core.fileio import write_json
     from core.loading import load_program
+    from core.outputs import check_out_file
     from optimizer.job import check_job_memory
+    from optimizer.report import latency_lines
     from verify.latency import measure_latency
 
     if scale is not None:
         _bench_scale(artifact, scale, repeats)
         return
+    if json_out is not None:
+        check_out_file(json_out, [artifact], "--json-out")
     plan = read_plan(artifact)
     backend = get_backend(plan.backend)
     source = plan.document["model"]["source"]
     program = load_program(model or source["path"], allow_large)
     if program.source.digest != source["digest"]:
         raise ConfigError(f"{program.source.path} is not the model this artifact was built from")
-    program = program.replace(plan=plan.sampling)
+    original = original_loop(plan.document, str(artifact / "plan.json"))
+    if original is None:
+        _log("this artifact does not record the original's loop: the baselines run the artifact's loop")
+    program = program.replace(plan=original or plan.sampling)
     check_job_memory(program, images, allow_large)
     with tempfile.TemporaryDirectory(prefix="bench-fp32-") as tmp:
         backend.lower(program, Path(tmp))
         with _artifact_errors(artifact, backend):
             latency = measure_latency(program, backend.runner(artifact), repeats, backend.runner(Path(tmp)), images)
-    click.echo(json.dumps(latency, indent=2))
+    for line in latency_lines(latency, "cuda" if plan.backend.get("name") == "tensorrt" else "cpu"):
+        click.echo(line)
+    if json_out is not None:
+        write_json(json_out, latency)
 
 
 @main.command("attention-sweep")

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from backends.plan import record_files
+from backends.plan import record_files, record_original_loop
 from backends.registry import get_backend
 from calibration import capture as calib
 from calibration.capture import Trajectories
@@ -52,6 +52,7 @@ class JobOptions:
     allow_large: bool = False  # skip the memory estimate's refusal (the deliberately huge)
     prompts: Path | None = None  # a text-to-image model's prompt set (default: its folder's prompts.txt)
     variant: str | None = None  # a diffusers folder's weight variant (default: its plain files, or its only one)
+    config: Path | None = None  # a single-file checkpoint's family as a local diffusers folder
     # Search targets (`*-auto`): continue an interrupted search, processes running trials, shared storage,
     # and trials only (a worker of a shared study: no output, no finalists).
     resume: bool = False
@@ -108,7 +109,11 @@ def apply_sampling_options(program: DiffusionProgram, opts: JobOptions) -> Diffu
         plan = with_scheduler(plan, opts.scheduler)
     if opts.steps is not None:
         plan = dataclasses.replace(plan, num_inference_steps=opts.steps)
-    if opts.guidance is not None:
+    if opts.guidance is not None and program.spec.conditioning.embedded_guidance is not None:
+        # A guidance-embedded model takes --guidance as diffusers' guidance_scale: the embedding's input.
+        conditioning = dataclasses.replace(program.spec.conditioning, embedded_guidance=float(opts.guidance))
+        program = program.replace(spec=dataclasses.replace(program.spec, conditioning=conditioning))
+    elif opts.guidance is not None:
         if opts.guidance > 1 and not program.spec.conditioning.supports_guidance:
             raise ConfigError("this model has no unconditional branch (null class), so guidance is not possible")
         plan = dataclasses.replace(plan, guidance_scale=float(opts.guidance))
@@ -146,13 +151,18 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool,
 
 
 def load_for_job(
-    model_path: Path, allow_large: bool, prompts: Path | None, variant: str | None = None
+    model_path: Path,
+    allow_large: bool,
+    prompts: Path | None,
+    variant: str | None = None,
+    config: Path | None = None,
 ) -> DiffusionProgram:
     """The program, with its prompt set checked now (every prompt within the text encoder's limit)."""
     from core.prompts import text_adapter
     from core.stages import read_prompts
 
-    program = load_program(model_path, allow_large, read_prompts(prompts) if prompts is not None else None, variant)
+    given = read_prompts(prompts) if prompts is not None else None
+    program = load_program(model_path, allow_large, given, variant, config)
     if program.spec.conditioning.text:
         if not program.stages.prompts:
             raise ConfigError(f"{model_path}: a text-to-image model needs a prompt set: pass --prompts FILE")
@@ -165,6 +175,7 @@ def load_for_job(
 def job_inputs(model_path: Path, opts: JobOptions) -> list[Path]:
     """Everything the job reads, which --out must never touch."""
     given = [target_file(opts.target), opts.calibration, opts.prompts, opts.judges.clip, opts.judges.inception]
+    given.append(opts.config)
     return [*input_paths(model_path), *(p for p in given if p is not None)]
 
 
@@ -235,7 +246,8 @@ def _load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     """The program with the command line's sampling options, its recipes (or search space) checked
     against it, the judges and gates that apply to it, the memory estimate checked, and the --calibration
     trajectories if given (every rank and search worker the same)."""
-    program = apply_sampling_options(load_for_job(model_path, opts.allow_large, opts.prompts, opts.variant), opts)
+    loaded = load_for_job(model_path, opts.allow_large, opts.prompts, opts.variant, opts.config)
+    program = apply_sampling_options(loaded, opts)
     if target.search is not None:
         from optimizer.search_job import check_space
 
@@ -369,6 +381,7 @@ def _run_stages(
         runner = _read_back(backend, staging)
         artifacts = {**files, "calibration": CALIBRATION_FILE}
     record_files(staging, [CALIBRATION_FILE])
+    record_original_loop(staging, program.plan)
     baseline, timed_run = None, opts.latency_repeats > 0
     if candidate.provenance and timed_run:  # the network or loop changed: time the unoptimized graph beside it
         with timed(log, "lowering the original as the fp32 baseline"):

@@ -393,3 +393,35 @@ def assert_exit_matches_report(result, out):
     else:
         assert verdict.startswith("FAIL: ") and all(g in verdict for g in failed + unmeasured), verdict
     return report
+
+
+# Training budgets of the shipped recipes, cut for mechanics (tests of verdicts and plumbing, not quality).
+SHORT = {  # training budgets of the shipped recipes, cut for mechanics
+    "recover": {"steps": 2, "teacher_samples": 2, "samples": 64, "batch": 8},
+    # The distribution checks run, on 4 samples; the loop changes keep any ratio (random weights).
+    "guidance_distill": {"steps": 2, "max_steps": 4, "samples": 4, "batch": 4, "check_samples": 4},
+    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_shift": 100.0, "check_samples": 4},
+    "cache": {"max_fd_shift": 100.0, "check_samples": 4},
+    "linearize": {"steps": 2, "samples": 64, "batch": 8, "min_calibration_psnr_db": 0.0},
+    "quantize": {"check_samples": 4},
+}
+SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}
+
+
+def shortened(name: str, folder) -> str:
+    import json
+
+    from optimizer.targets import TARGETS_DIR
+
+    data = json.loads((TARGETS_DIR / f"{name}.json").read_text())
+    recipes = [data["recipe"], *data.get("alternatives", [])]
+    if "search" in data:
+        data["search"].update(SEARCH)
+        data["search"]["first"] = data["search"].get("first", [])[:1]
+        recipes += [fragment for knob in data["search"]["knobs"].values() for fragment in knob.values()]
+    for recipe in recipes:
+        for step in recipe:
+            step.setdefault("config", {}).update(SHORT.get(step["pass"], {}))
+    path = folder / f"{name}-short.json"
+    path.write_text(json.dumps(data))
+    return str(path)

@@ -13,6 +13,7 @@ with each repository's scheduler config, pipeline class and weight files: what a
 | pixart-sigma | PixArt-alpha/PixArt-Sigma-XL-2-1024-MS: DPM-Solver++ |
 | dit | facebook/DiT-XL-2-256: DDIM, `Transformer2DModel` with learned sigma, `id2label` |
 | ddpm | google/ddpm-cifar10-32: DDPM, unconditional `UNet2DModel`, 1000 steps |
+| lcm | SimianLuo/LCM_Dreamshaper_v7: LatentConsistencyModelPipeline, LCM scheduler, guidance-embedded UNet |
 
 The T5 tokenizer slots hold the tiny CLIP tokenizer (a T5 vocabulary is a sentencepiece file we do not ship)."""
 
@@ -96,6 +97,20 @@ CIFAR_DDPM = {
     "trained_betas": None,
     "variance_type": "fixed_small",
 }
+LCM = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
 SD3_FLOW = {"num_train_timesteps": 1000, "shift": 3.0}
 SCHNELL_FLOW = {
     "base_image_seq_len": 256,
@@ -107,7 +122,7 @@ SCHNELL_FLOW = {
     "use_dynamic_shifting": False,
 }
 PROMPTS = "a thick seven\na thin one\n"
-LAYOUTS = ("sd15", "sd21v", "sdxl", "sd3", "flux-schnell", "pixart-alpha", "pixart-sigma", "dit", "ddpm")
+LAYOUTS = ("sd15", "sd21v", "sdxl", "sd3", "flux-schnell", "pixart-alpha", "pixart-sigma", "dit", "ddpm", "lcm")
 
 
 def build(name: str, root: Path) -> Path:
@@ -334,6 +349,22 @@ def _ddpm(folder: Path, root: Path) -> None:
     DDPMPipeline(unet=unet, scheduler=_scheduler("DDPMScheduler", CIFAR_DDPM)).save_pretrained(folder)
 
 
+def _lcm(folder: Path, root: Path) -> None:
+    from diffusers import LatentConsistencyModelPipeline
+
+    tok = tiny_tokenizer(root / "_tokenizer")
+    LatentConsistencyModelPipeline(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip(tok),
+        tokenizer=tok,
+        unet=_tiny_sd_unet(cross_attention_dim=32, time_cond_proj_dim=8),  # the w-embedding of LCM distillation
+        scheduler=_scheduler("LCMScheduler", LCM),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
 def _edit_config(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
 
@@ -348,4 +379,5 @@ BUILDERS = {
     "pixart-sigma": lambda folder, root: _pixart("PixArtSigmaPipeline", folder, root),
     "dit": _dit,
     "ddpm": _ddpm,
+    "lcm": _lcm,
 }

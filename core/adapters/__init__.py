@@ -9,7 +9,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from core.adapters.base import Adapter
+from core.adapters.base import GUIDANCE, Adapter
 from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
@@ -44,15 +44,24 @@ class Denoiser(nn.Module):
     """A uniform, export-friendly call: (sample, timestep[float, B], *condition tensors) -> model output,
     the condition tensors positional in `Conditioning.inputs` order (ONNX and TorchScript export alike)."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, condition_names: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        condition_names: tuple[str, ...],
+        embedded_guidance: float | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.adapter = adapter
         self.condition_names = condition_names
+        self.embedded_guidance = embedded_guidance
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor):
         cond = dict(zip(self.condition_names, conditions, strict=True))
         same_batch(sample, timestep, *conditions)
+        if self.embedded_guidance is not None:  # a constant of the graph, never an input
+            cond[GUIDANCE] = torch.full_like(timestep, self.embedded_guidance)
         return self.adapter.forward(self.model, sample, timestep, cond)
 
     def apply(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -68,7 +77,8 @@ def same_batch(*tensors: torch.Tensor) -> None:
 
 def denoiser_module(program: DiffusionProgram) -> Denoiser:
     spec = program.spec
-    return Denoiser(program.denoiser, adapter_for(spec.model_class), spec.conditioning.input_names).eval()
+    adapter, cond = adapter_for(spec.model_class), spec.conditioning
+    return Denoiser(program.denoiser, adapter, cond.input_names, cond.embedded_guidance).eval()
 
 
 def torch_denoise(program: DiffusionProgram) -> DenoiseFn:

@@ -14,6 +14,8 @@ from core.errors import LoadError
 from core.ir import Conditioning, ModelSpec
 from core.validate import is_int
 
+GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Denoiser adds it, per sample)
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -51,6 +53,11 @@ class Adapter:
         channels = x.shape[1]
         # Learned-sigma models (DiT-XL style) emit [eps, variance]; the loop uses eps only.
         return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+    def embeds_guidance(self, config: Mapping[str, Any]) -> bool:
+        """Whether the denoiser takes the guidance scale as an input embedding (guidance-distilled: Flux's
+        guidance_embeds, an LCM UNet's time_cond_proj_dim); its pipelines then run no classifier-free guidance."""
+        return False
 
     def probe_conditions(self, config: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
         """Condition tensors for one sample, to probe the model's cost before its weights are loaded."""

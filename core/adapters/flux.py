@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from core.adapters.base import GUIDANCE
 from core.adapters.text import TextAdapter, flow_shift
 from core.errors import LoadError
 from core.ir import SamplingPlan, Stages
@@ -82,10 +83,15 @@ class FluxAdapter(TextAdapter):
             )
         return (channels // 4, size, size)
 
+    def embeds_guidance(self, config: Mapping[str, Any]) -> bool:
+        return bool(config.get("guidance_embeds"))
+
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         h, w = x.shape[-2:]
         text = cond["encoder_hidden_states"]
-        guidance = torch.full_like(t, self.EMBEDDED_GUIDANCE) if model.config.guidance_embeds else None
+        guidance = None
+        if model.config.guidance_embeds:  # the program's embedded guidance (Denoiser), else FluxPipeline's default
+            guidance = cond.get(GUIDANCE, torch.full_like(t, self.EMBEDDED_GUIDANCE))
         out = model(
             pack(x),
             encoder_hidden_states=text,

@@ -4,12 +4,14 @@ prompt embeddings; SDXL also takes the pooled embedding and size/crop ids (`addi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from core.adapters.base import GUIDANCE
 from core.adapters.text import TextAdapter
 from core.ir import Stages
 
@@ -41,6 +43,16 @@ class SdxlPrompts(nn.Module):
         return hidden, b[0], self.size_ids.expand(input_ids.shape[0], -1)
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] guidance values -> [B, dim]: the sinusoidal embedding of 1000 w (half sines, half cosines, log-spaced
+    frequencies from 1 to 1/10000; a zero column when dim is odd), as LCM's w-conditioning feeds the UNet."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 def _is_sdxl(config: Mapping[str, Any]) -> bool:
     return config.get("addition_embed_type") == "text_time"
 
@@ -63,9 +75,26 @@ class SDUNetAdapter(TextAdapter):
     VAE_SCALE: ClassVar[int] = 8  # every SD/SDXL VAE; our own pipelines pass theirs via the stages
     block_layout: ClassVar[str] = "channels"
 
+    # LatentConsistencyModelPipeline's default guidance_scale, for a call without the program's own value
+    # (core.caching's shells); the Denoiser passes the program's (Conditioning.embedded_guidance).
+    EMBEDDED_GUIDANCE: ClassVar[float] = 8.5
+
+    def embeds_guidance(self, config: Mapping[str, Any]) -> bool:
+        return config.get("time_cond_proj_dim") is not None
+
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if "time_ids" in cond else None
-        return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added)[0]
+        timestep_cond = None
+        if model.config.time_cond_proj_dim is not None:  # LCM: w - 1 embedded (Luo et al. 2023, w-conditioning)
+            w = cond.get(GUIDANCE, torch.full_like(t, self.EMBEDDED_GUIDANCE))
+            timestep_cond = guidance_embedding(w - 1, model.config.time_cond_proj_dim)
+        return model(
+            x,
+            t,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
+        )[0]
 
     def probe_conditions(self, config: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
         width = config.get("cross_attention_dim", 1280)

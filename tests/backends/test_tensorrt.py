@@ -142,5 +142,8 @@ def test_a_gpu_target_reports_the_lint_and_what_ran_instead(tmp_path, tiny_digit
     if unavailable() is not None:
         assert f"engines: not built: {unavailable()}" in text and "verified and timed with onnxruntime" in text
         assert report["backend_details"]["why_not_tensorrt"] == unavailable()
+        # The verification header names what ran the candidate, not the backend it stood in for.
+        runtime = report["backend_details"]["executed_by"]
+        assert f"candidate = lowered artifact on {runtime} (CPUExecutionProvider), in place of tensorrt;" in text
     png = tmp_path / "s.png"
     assert CliRunner().invoke(main, ["sample", str(out), "--seed", "1", "--out", str(png)]).exit_code == 0

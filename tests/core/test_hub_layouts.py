@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from hub_layouts import LAYOUTS
+from safetensors.torch import load_file
 
 from core.loading import load_program
 from core.sampling import model_calls, to_images, with_scheduler
@@ -31,7 +32,9 @@ EXPECTED = {
     "pixart-sigma": ("DPMSolverMultistepScheduler", 20, 4.5, "pixart"),
     "dit": ("DDIMScheduler", 50, 4.0, "dit"),
     "ddpm": ("DDPMScheduler", 1000, 1.0, "unet"),
+    "lcm": ("LCMScheduler", 4, 1.0, "sd-unet"),  # guidance_scale 8.5 feeds the UNet's embedding, no CFG
 }
+EMBEDDED = {"lcm": 8.5}  # the guidance-embedding input, from the pipeline's own guidance_scale
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -40,6 +43,7 @@ def test_a_hub_layout_loads_with_its_pipelines_own_defaults(hub, name):
     scheduler, steps, guidance, family = EXPECTED[name]
     assert program.plan.scheduler_class == scheduler and program.spec.family == family
     assert (program.plan.num_inference_steps, program.plan.guidance_scale) == (steps, guidance)
+    assert program.spec.conditioning.embedded_guidance == EMBEDDED.get(name)
     assert program.spec.prediction_type == {"sd21v": "v_prediction", "sd3": "flow", "flux-schnell": "flow"}.get(
         name, "epsilon"
     )
@@ -74,7 +78,8 @@ def theirs(folder, name, program, seeds, steps):
     extra = {"sd3": {"height": 16, "width": 16}, "flux-schnell": {"height": 16, "width": 16}}.get(name, {})
     if name.startswith("pixart"):
         extra = {"max_sequence_length": 16, "use_resolution_binning": False}
-    guidance = {"guidance_scale": program.plan.guidance_scale} if name != "flux-schnell" else {}
+    # Their defaults where the guidance is not classifier-free (Flux: true_cfg_scale; LCM: the w-embedding).
+    guidance = {"guidance_scale": program.plan.guidance_scale} if name not in ("flux-schnell", "lcm") else {}
     latents = pipe(prompt=PROMPTS, output_type="latent", **guidance, **kwargs, **extra).images
     return pipe._unpack_latents(latents, 16, 16, pipe.vae_scale_factor) if name == "flux-schnell" else latents
 
@@ -106,3 +111,100 @@ def test_cpu_fp32_lowers_a_hub_layout_with_ort_matching_torch(hub, name, tmp_pat
     assert len(plan["steps"]) == len(plan["timesteps"]) == (4 if name == "sd15" else 3)  # PLMS: 4 calls, 3 steps
     assert "digits" not in report["verification"]["judges"]  # RGB outputs: no digits judge
     assert report["model"]["source"]["notes"] == list(load_program(hub[name]).source.notes)
+
+
+# Every scheduler family a diffusers pipeline can carry, swapped in as its users write it:
+# pipe.scheduler = X.from_config(pipe.scheduler.config) (here on the SD 1.5 layout: PNDM's config, leading spacing).
+SWAPS = [
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",  # stochastic: per-sample generators
+    "HeunDiscreteScheduler",  # two model calls per step
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "SASolverScheduler",
+    "LMSDiscreteScheduler",
+    "DDPMScheduler",
+    "TCDScheduler",  # eta as the pipeline passes it
+    "LCMScheduler",
+]
+
+
+@pytest.mark.parametrize("name", SWAPS)
+def test_a_swapped_scheduler_runs_as_diffusers_runs_it(hub, name):
+    folder = hub["sd15"]
+    base = load_program(folder)
+    program = base.replace(plan=dataclasses.replace(with_scheduler(base.plan, name), num_inference_steps=4))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    reference = pipe(prompt=PROMPTS, output_type="latent", num_inference_steps=4, generator=generators).images
+    torch.testing.assert_close(sample_program(program, [0, 1], PROMPTS), reference, rtol=1e-5, atol=1e-5)
+    # The swap keeps what SD's scheduler file set: its leading spacing and offset, not the new class's defaults.
+    assert program.plan.scheduler_config.get("steps_offset") == 1
+
+
+def test_euler_keeps_sds_leading_spacing(hub):
+    plan = dataclasses.replace(with_scheduler(load_program(hub["sd15"]).plan, "euler"), num_inference_steps=20)
+    from core.sampling import build_scheduler
+
+    assert [round(float(t)) for t in build_scheduler(plan).timesteps[:3]] == [951, 901, 851]
+
+
+def test_renoising_at_a_fractional_timestep_is_the_input_eulers_loop_feeds_there():
+    """core.sampling.add_noise at an Euler grid's fractional timestep equals the model input Euler's own loop
+    builds there, scale_model_input(x0 + sigma noise); scheduler.add_noise would cast or look it up."""
+    from core.sampling import add_noise, training_target
+
+    scheduler = diffusers.EulerDiscreteScheduler(timestep_spacing="linspace")
+    scheduler.set_timesteps(7)
+    t = scheduler.timesteps[1]  # 832.5
+    assert float(t) != round(float(t))
+    x0, noise = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    theirs = scheduler.scale_model_input(x0 + scheduler.sigmas[1].double() * noise, t)
+    ours = add_noise(scheduler, x0, noise, torch.full((2,), float(t)))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    v = training_target(scheduler, "v_prediction", x0, noise, torch.full((2,), float(t)))
+    a = 1 / (1 + scheduler.sigmas[1].double() ** 2) ** 0.5
+    torch.testing.assert_close(v, a * noise - a * scheduler.sigmas[1].double() * x0, rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp16_pipeline_runs_in_float32_and_says_so(hub, tmp_path):
+    """An SD 1.5-layout folder saved after .half() (as many repositories ship), and the fp16 variant files of the
+    SDXL layout: loaded in float32, the report states the stored precision, cpu-fp32 runs."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(hub["sd21v"], dtype=torch.float32)
+    folder = tmp_path / "sd-fp16"
+    pipe.to(torch.float16).save_pretrained(folder)
+    (folder / "prompts.txt").write_text("a thick seven\n")
+    program = load_program(folder)
+    assert all(p.dtype == torch.float32 for p in program.denoiser.parameters())
+    assert any(n.startswith("unet: weights stored as float16, run in float32") for n in program.source.notes)
+    out = tmp_path / "out"
+    fast = ["--samples", "2", "--calibration-samples", "1", "--latency-repeats", "0", "--steps", "3"]
+    result = CliRunner().invoke(main, [str(folder), "--out", str(out), *fast])
+    assert result.exit_code == 0, result.output
+    assert "note: unet: weights stored as float16, run in float32" in result.output
+    variant = load_program(hub["sdxl"], variant="fp16")
+    assert "unet: variant fp16 (safetensors, " in " ".join(variant.source.notes)
+    assert variant.source.digest != load_program(hub["sdxl"]).source.digest  # the files read are hashed
+
+
+def test_a_bin_only_folder_loads_every_component_with_weights_only(hub, tmp_path):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(hub["sd21v"], dtype=torch.float32)
+    folder = tmp_path / "sd-bin"
+    pipe.save_pretrained(folder, safe_serialization=False)
+    for st in folder.rglob("*.safetensors"):  # transformers 5 writes safetensors whatever it is asked: as 4.x wrote
+        name = "pytorch_model.bin" if st.name == "model.safetensors" else st.with_suffix(".bin").name
+        torch.save(load_file(st), st.with_name(name))
+        st.unlink()
+    assert not list(folder.rglob("*.safetensors")) and list((folder / "vae").glob("*.bin"))
+    program = load_program(folder)
+    reference = load_program(hub["sd21v"])
+    for ours, theirs in ((program.denoiser, reference.denoiser), (program.stages.vae, reference.stages.vae)):
+        mine, other = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)

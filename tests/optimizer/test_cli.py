@@ -318,3 +318,31 @@ def test_judge_compare_judges_each_candidate_on_every_seed_set_and_shows_the_spr
     assert f"| weights + 5% noise | {lo:.3g} to {hi:.3g} (" in result.output
     too_many = CliRunner().invoke(main, ["judge-compare", str(dit_copy), "--samples", "1000", "--seed-sets", "16"])
     assert too_many.exit_code == 2 and too_many.stderr.strip().startswith("error: judge-compare: --seed-sets x")
+
+
+def test_a_loop_that_amplifies_tiny_step_differences_is_stated_beside_the_psnr(tmp_path, dit_copy, monkeypatch):
+    """When the per-step error is tiny and the end-to-end PSNR is not high, the report measures how far a
+    difference of that size carries through the original's own loop (here forced on: every cpu-fp32 run
+    qualifies under a 300 dB threshold)."""
+    from optimizer import stages
+
+    monkeypatch.setattr(stages, "LOW_PSNR_DB", 300.0)
+    out = tmp_path / "out"
+    result = invoke(dit_copy, "--out", out, "--samples", "4", "--calibration-samples", "2", "--latency-repeats", "0")
+    assert result.exit_code == 0, result.output
+    v = json.loads((out / "report.json").read_text())["verification"]
+    assert 0 < v["eps_rel_error_max"] < stages.TINY_STEP_ERROR
+    assert math.isfinite(v["loop_sensitivity_psnr_db"]) and v["loop_sensitivity_psnr_db"] > 60
+    assert "this loop amplifies small differences" in (out / "report.md").read_text()
+
+
+def test_loop_sensitivity_grows_with_the_step_error(dit_program):
+    from core.sampling import to_images
+    from core.variants import sample_program
+    from optimizer.stages import loop_sensitivity
+
+    seeds, classes = [0, 1, 2], [0, 1, 2]
+    reference = to_images(sample_program(dit_program, seeds, classes))
+    assert loop_sensitivity(dit_program, seeds, classes, 0.0, reference) == pytest.approx(200.0)
+    small, large = (loop_sensitivity(dit_program, seeds, classes, e, reference) for e in (1e-4, 1e-2))
+    assert 200.0 > small > large > 10.0

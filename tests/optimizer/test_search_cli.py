@@ -151,9 +151,15 @@ def check_search_output(out, search, model):
     for heading in ("## Search", "### Candidates", "![Pareto front](pareto.png)", "### Finalists", "### Each pass"):
         assert heading in text
 
-    # `optimize bench` times any output folder against the original (torch, and its fp32 graph).
-    bench = invoke("bench", out, "--model", model, "--repeats", 1, "--images", 2)
+    # `optimize bench` times any output folder against the original (torch, and its fp32 graph), each on the
+    # original's own loop as the report times them: the table the report shows, the JSON behind --json-out.
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["model"]["original_sampling"] == report["plan"]
+    timings_file = out.parent / "bench.json"
+    bench = invoke("bench", out, "--model", model, "--repeats", 1, "--images", 2, "--json-out", timings_file)
     assert bench.exit_code == 0, bench.output
-    timings = json.loads(bench.output)
+    assert "| original, ONNX Runtime fp32 |" in bench.output and "| artifact, ONNX Runtime |" in bench.output
+    assert "speedup vs original, ONNX Runtime fp32" in bench.output
+    timings = json.loads(timings_file.read_text())
     assert timings["images"] == 2 and timings["batch"] == 4
     assert all(timings[f"{k}_per_step_ms"] > 0 for k in ("torch", "ort", "ort_fp32"))

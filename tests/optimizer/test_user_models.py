@@ -8,42 +8,15 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_exit_matches_report
+from helpers import assert_exit_matches_report, shortened
 
 from core.errors import EXIT_BAD_INPUT
 from optimizer.cli import main
 from optimizer.targets import list_targets
 
-SHORT = {  # training budgets of the shipped recipes, cut for mechanics
-    "recover": {"steps": 2, "teacher_samples": 2, "samples": 64, "batch": 8},
-    # The distribution checks run, on 4 samples; the loop changes keep any ratio (random weights).
-    "guidance_distill": {"steps": 2, "max_steps": 4, "samples": 4, "batch": 4, "check_samples": 4},
-    "progressive_distill": {"round_steps": 2, "samples": 4, "batch": 4, "max_fd_shift": 100.0, "check_samples": 4},
-    "cache": {"max_fd_shift": 100.0, "check_samples": 4},
-    "linearize": {"steps": 2, "samples": 64, "batch": 8, "min_calibration_psnr_db": 0.0},
-    "quantize": {"check_samples": 4},
-}
-SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}
 UNIVERSAL = ("min_psnr_db", "min_ssim", "max_eps_rel_error", "max_fd_self_shift")
 AVAILABLE = [t.name for t in list_targets() if t.status == "available"]
 DISTILLED = {t.name for t in list_targets() if t.search or any(s["pass"] == "progressive_distill" for s in t.recipe)}
-
-
-def shortened(name: str, folder) -> str:
-    from optimizer.targets import TARGETS_DIR
-
-    data = json.loads((TARGETS_DIR / f"{name}.json").read_text())
-    recipes = [data["recipe"], *data.get("alternatives", [])]
-    if "search" in data:
-        data["search"].update(SEARCH)
-        data["search"]["first"] = data["search"].get("first", [])[:1]
-        recipes += [fragment for knob in data["search"]["knobs"].values() for fragment in knob.values()]
-    for recipe in recipes:
-        for step in recipe:
-            step.setdefault("config", {}).update(SHORT.get(step["pass"], {}))
-    path = folder / f"{name}-short.json"
-    path.write_text(json.dumps(data))
-    return str(path)
 
 
 # The DiT on every target; the pipeline (its stages lowered and judged on decoded RGB images) on a target
