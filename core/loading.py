@@ -67,16 +67,16 @@ def load_program(
 def _load_single_file(
     path: Path, config: Path | None, allow_large: bool, prompts: tuple[str, ...] | None
 ) -> DiffusionProgram:
-    """A single-file checkpoint, converted by diffusers with `config` (core.single_file); its source is the
-    file and the config folder's files, hashed, never the temporary folder it was converted into."""
-    found, program = single_file.load(
+    """A single-file checkpoint, converted by diffusers (core.single_file); its source is the file and the
+    config files it was converted with, hashed, never the temporary folder it was converted into."""
+    converted = single_file.load(
         path, config, allow_large, lambda folder: _load_diffusers(folder, allow_large, prompts, None)
     )
-    assert config is not None  # single_file.load refused it otherwise
-    read = [path, *(f for sub in sorted(config.iterdir()) if sub.is_dir() for f in diffusers_folder.config_files(sub))]
-    notes = (f"single-file {found} checkpoint, converted by diffusers' from_single_file with --config {config}",)
-    notes += tuple(n for n in program.source.notes if "optimize-single-file-" not in n)
-    return program.replace(source=Source(str(path), "single-file", file_digest(read), notes))
+    how = f"converted by diffusers' from_single_file with {converted.configs}"
+    notes = (f"single-file {converted.found} checkpoint, {how}",)
+    notes += tuple(n for n in converted.program.source.notes if "optimize-single-file-" not in n)
+    source = Source(str(path), "single-file", file_digest([path, *converted.config_files]), notes)
+    return converted.program.replace(source=source)
 
 
 def _weights_for_sidecar(sidecar: Path) -> Path:

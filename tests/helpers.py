@@ -195,16 +195,16 @@ def _tiny_sd_unet(**conditioning):
     )
 
 
-def _tiny_clip(tok, projection: bool = False):
+def _tiny_clip(tok, projection: bool = False, layers: int = 2, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        projection_dim=32,
-        num_hidden_layers=2,
+        hidden_size=width,
+        projection_dim=width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=2 * width,
         max_position_embeddings=16,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -206,16 +206,18 @@ def _sdxl(folder: Path, root: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     tok = tiny_tokenizer(root / "_tokenizer")
+    # The second encoder (OpenCLIP bigG) is wider than the first and 10 blocks deep, as diffusers' single-file
+    # loader tells the two apart by width and detects SDXL by block 9: hidden states 32 + 48 wide.
     unet = _tiny_sd_unet(
-        cross_attention_dim=64,
+        cross_attention_dim=32 + 48,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32,
+        projection_class_embeddings_input_dim=8 * 6 + 48,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(force_upcast=True),
         text_encoder=_tiny_clip(tok),
-        text_encoder_2=_tiny_clip(tok, projection=True),
+        text_encoder_2=_tiny_clip(tok, projection=True, layers=10, width=48),
         tokenizer=tok,
         tokenizer_2=tok,
         unet=unet,

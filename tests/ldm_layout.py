@@ -20,6 +20,7 @@ def unet_keys(unet: torch.nn.Module) -> dict[str, str]:
     levels = len(unet.down_blocks)
     table = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0"}
     table |= {"time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    table |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
     for level, block in enumerate(unet.down_blocks):
         for j in range(n):
             at = f"input_blocks.{1 + level * (n + 1) + j}"
@@ -82,8 +83,34 @@ def _rename(state: dict[str, torch.Tensor], table: dict[str, str], inner: dict[s
     return out
 
 
+def open_clip(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModelWithProjection as OpenCLIP holds it (SDXL's second text encoder): one
+    in_proj of q, k and v per block, the projection stored transposed."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    parts["self_attn.out_proj"] = "attn.out_proj"
+    for i in range(encoder.config.num_hidden_layers):
+        at = f"encoder.layers.{i}"
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{at}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
+            for ours, theirs in parts.items():
+                out[f"transformer.resblocks.{i}.{theirs}.{kind}"] = state.pop(f"{at}.{ours}.{kind}")
+    assert not state, f"no OpenCLIP name for {sorted(state)}"
+    return out
+
+
 def ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
-    """The SD pipeline's UNet, VAE and CLIP text encoder in one LDM-layout state dict."""
+    """The SD pipeline's UNet, VAE and CLIP text encoder(s) in one LDM-layout state dict: SD 1.x's
+    `cond_stage_model.transformer`, or SDXL's `conditioner.embedders.0.transformer` (CLIP-L as transformers
+    holds it) and `conditioner.embedders.1.model` (OpenCLIP bigG, see open_clip)."""
     state = {}
     unet = _rename(pipe.unet.state_dict(), unet_keys(pipe.unet), RESNET)
     state |= {f"model.diffusion_model.{k}": v for k, v in unet.items()}
@@ -93,7 +120,11 @@ def ldm_checkpoint(pipe) -> dict[str, torch.Tensor]:
         state[f"first_stage_model.{key}"] = value[:, :, None, None] if attention else value
     # LDM holds transformers' CLIPTextModel as it was saved (under `text_model.`, which transformers >= 5.6
     # no longer nests its own names in).
+    second = getattr(pipe, "text_encoder_2", None)
+    clip = "conditioner.embedders.0.transformer" if second is not None else "cond_stage_model.transformer"
     for key, value in pipe.text_encoder.state_dict().items():
         name = key if key.startswith("text_model.") else f"text_model.{key}"
-        state[f"cond_stage_model.transformer.{name}"] = value
+        state[f"{clip}.{name}"] = value
+    if second is not None:
+        state |= {f"conditioner.embedders.1.model.{k}": v for k, v in open_clip(second).items()}
     return {k: v.contiguous() for k, v in state.items()}
