@@ -131,8 +131,8 @@ def model_type(keys: dict[str, torch.Tensor], path: Path) -> str:
     if found not in PIPELINES:
         sample = ", ".join(sorted(keys)[:3])
         raise LoadError(
-            f"{path}: not a single-file layout this tool loads (detected {found!r}; keys like {sample}); "
-            f"known: {', '.join(PIPELINES)}"
+            f"{path}: not a single-file layout this tool loads (detected {found!r}; keys like {sample}; "
+            f"known: {', '.join(PIPELINES)}), nor one of ours (missing config '{path.stem}.json' beside it)"
         )
     return found
 

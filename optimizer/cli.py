@@ -152,7 +152,8 @@ SINGLE_FILE_CONFIG = click.option(
     type=click.Path(path_type=Path),
     default=None,
     help="A single-file checkpoint's family as a local diffusers folder (configs and tokenizers, no weights"
-    " needed), as diffusers' from_single_file(config=...).",
+    " needed), as diffusers' from_single_file(config=...). Default for SD 1.x, SD 2.x and SDXL base: the"
+    " configs shipped in-tree with the tokenizers of the local Hugging Face cache.",
 )
 
 

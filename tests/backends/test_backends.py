@@ -60,7 +60,7 @@ def test_plan_file_describes_the_loop(lowered):
     assert doc["sampling"]["num_inference_steps"] == len(doc["timesteps"]) == len(doc["steps"])
     assert doc["guidance"]["enabled"] and doc["guidance"]["scale"] == program.plan.guidance_scale
     assert doc["graphs"]["denoiser"]["file"] == "denoiser.onnx"
-    assert doc["conditioning"] == {"num_classes": 10, "null_class": 10, "text": []}
+    assert doc["conditioning"] == {"num_classes": 10, "null_class": 10, "text": [], "embedded_guidance": None}
     assert "Infinity" not in (folder / "plan.json").read_text()  # strict JSON
     assert read_plan(folder).sampling == program.plan
 

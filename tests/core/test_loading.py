@@ -170,7 +170,7 @@ def test_missing_or_broken_sidecar(dit_copy):
     with pytest.raises(LoadError, match="not valid JSON"):
         load_program(dit_copy)
     sidecar.unlink()
-    with pytest.raises(LoadError, match="missing config"):
+    with pytest.raises(LoadError, match=r"single-file layout .*, nor one of ours \(missing config 'dit-digits.json'"):
         load_program(dit_copy)
 
 
