@@ -99,7 +99,12 @@ def test_the_loop_reproduces_diffusers_own_pipeline(hub, name):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
+# Lowered once per distinct lowering path: SD 2.1-v and PixArt-sigma lower as SD 1.5 and PixArt-alpha do
+# (their loops are checked against diffusers above); the ONNX export is most of each run's time.
+LOWERED = tuple(name for name in LAYOUTS if name not in ("sd21v", "pixart-sigma"))
+
+
+@pytest.mark.parametrize("name", LOWERED)
 def test_cpu_fp32_lowers_a_hub_layout_with_ort_matching_torch(hub, name, tmp_path):
     out = tmp_path / "out"
     fast = ["--samples", "3", "--calibration-samples", "2", "--latency-repeats", "0", "--steps", "3"]

@@ -824,7 +824,49 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
         2,
         "holds the variants bf16, fp16 and no plain weights; choose one with --variant",
     ),
+    (
+        "component-file-a-fifo",
+        lambda ws, a: [_component_file(dit_pipeline(ws), "tokenizer_config.json", fifo=True), "--out", ws.out],
+        2,
+        "tokenizer/tokenizer_config.json: the component file is not a regular file (a folder, FIFO or device)",
+    ),
+    (
+        "component-file-sparse-over-256-mib",  # the same check refuses a 200 GB one; this test hashes its inputs
+        lambda ws, a: [_component_file(dit_pipeline(ws), "vocab.json", size=300 << 20), "--out", ws.out],
+        2,
+        "tokenizer/vocab.json: 314,572,800 bytes is too large for a config or vocabulary file",
+    ),
+    (
+        "single-file-zip-bomb",
+        lambda ws, a: [_zip_bomb(ws.root / "model.ckpt"), "--out", ws.out],
+        2,
+        "entry 'archive/data.pkl' is compressed",
+    ),
 ]
+
+
+def _component_file(folder: Path, name: str, fifo: bool = False, size: int = 0) -> Path:
+    """A pipeline folder with a tokenizer component whose `name` is a FIFO (a read would block) or a sparse
+    file of `size` bytes (a read would take minutes)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    path = folder / "tokenizer" / name
+    path.parent.mkdir()
+    if fifo:
+        os.mkfifo(path)
+    else:
+        with path.open("wb") as f:
+            f.truncate(size)
+    return folder
+
+
+def _zip_bomb(path: Path) -> Path:
+    """A .ckpt zip whose one entry is 4 MiB of zeros deflated to a few KB (torch stores entries uncompressed)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (1 << 22))
+    return path
 
 
 FAILS_DURING_WORK = {"read-only-out", "disk-full-writing-grid", "calibrate-disk-full-inside-safetensors"}

@@ -305,3 +305,26 @@ def test_alternative_recipes_keep_the_one_closest_to_the_original(dit_program):
     assert "| structure | 34.00 | 5.000 | yes |" in choice.markdown()
     single, none = run_alternatives(dit_program, recipes[:1], ctx, evaluate)
     assert none is None and single.provenance[-1].config["scale"] == 1.0
+
+
+def test_a_recipe_that_cannot_apply_leaves_the_others_to_compete(dit_program):
+    """cpu-cache on an SD UNet (issue 33): the cache-alone recipe could not reach its FLOPs budget, and its
+    refusal aborted the job, throwing away the other recipe's feasible result. Only when every recipe
+    refuses does the job stop, with the first refusal."""
+
+    def refuse(program, config, ctx):
+        RAN.append("cache")
+        raise ConfigError("cache: no schedule reaches the FLOPs budget")
+
+    passes = {**PASSES, "cache": Pass("cache", Phase.NUMERICS, ScaleConfig, refuse)}
+
+    def evaluate(program, ctx):
+        return {"calibration_psnr_db": 30.0, "flops_per_image": 1e9}
+
+    structure = plan_passes([{"pass": "structure", "config": {"scale": 2.0}}], CAPS, passes)
+    cache = plan_passes([{"pass": "cache"}], CAPS, passes)
+    kept, choice = run_alternatives(dit_program, [cache, structure], context(dit_program), evaluate)
+    assert RAN == ["cache", "structure"] and kept.provenance[-1].config["scale"] == 2.0
+    assert choice.chosen == 1 and choice.tried[0]["refused"] == "cache: no schedule reaches the FLOPs budget"
+    with pytest.raises(ConfigError, match="no schedule reaches the FLOPs budget"):
+        run_alternatives(dit_program, [cache, cache], context(dit_program), evaluate)
