@@ -222,13 +222,14 @@ def _tiny_t5(tok, width: int):
     return T5EncoderModel(config).eval()
 
 
-def _tiny_vae(**latent_scaling):
-    """A 1-channel VAE: 16x16 images, 4x8x8 latents (SD3/Flux-style: `scaling_factor`, `shift_factor`)."""
+def _tiny_vae(channels: int = 1, **options):
+    """A VAE over 16x16 images of `channels` channels (1: the zoo's digits; 3: RGB, as every hub repository
+    has), 4x8x8 latents; `options`: SD3/Flux-style `scaling_factor`, `shift_factor`, `force_upcast`."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16),
@@ -236,18 +237,15 @@ def _tiny_vae(**latent_scaling):
         norm_num_groups=4,
         layers_per_block=1,
         sample_size=16,
-        **latent_scaling,
+        **options,
     )
 
 
-def tiny_sd3_pipeline(root):
-    """A tiny random SD3 pipeline: two CLIPs with projections and a T5 encoder (the tiny CLIP tokenizer
-    in every tokenizer slot), an MMDiT, a shifted flow-matching scheduler. Mechanics only."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def _tiny_sd3_transformer():
+    """An MMDiT over 4x8x8 latents: two joint blocks, 64-wide prompt embeddings and pooled projections."""
+    from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    tok = tiny_tokenizer(root / "_tokenizer")
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
         in_channels=4,
@@ -260,6 +258,34 @@ def tiny_sd3_pipeline(root):
         pooled_projection_dim=64,
         pos_embed_max_size=8,
     )
+
+
+def _tiny_flux_transformer(guidance_embeds: bool):
+    """A Flux transformer over 2x2-packed 16-channel latents: one double- and one single-stream block."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def tiny_sd3_pipeline(root):
+    """A tiny random SD3 pipeline: two CLIPs with projections and a T5 encoder (the tiny CLIP tokenizer
+    in every tokenizer slot), an MMDiT, a shifted flow-matching scheduler. Mechanics only."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(root / "_tokenizer")
+    transformer = _tiny_sd3_transformer()
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -281,22 +307,11 @@ def tiny_flux_pipeline(root):
     (Flux configs have none). Mechanics only."""
     import json
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(root / "_tokenizer")
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = _tiny_flux_transformer(guidance_embeds=True)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     FluxPipeline(
         transformer=transformer,

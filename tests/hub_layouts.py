@@ -23,7 +23,15 @@ import json
 from pathlib import Path
 
 import torch
-from helpers import _tiny_clip, _tiny_sd_unet, _tiny_t5, tiny_tokenizer
+from helpers import (
+    _tiny_clip,
+    _tiny_flux_transformer,
+    _tiny_sd3_transformer,
+    _tiny_sd_unet,
+    _tiny_t5,
+    _tiny_vae,
+    tiny_tokenizer,
+)
 
 # The repositories' scheduler configs (scheduler/scheduler_config.json), as diffusers wrote them.
 SD15_PNDM = {
@@ -135,24 +143,6 @@ def build(name: str, root: Path) -> Path:
     return folder
 
 
-def _tiny_vae(**options):
-    """An RGB VAE as every one of these repositories has: 3x16x16 images, 4x8x8 latents."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=options.pop("latent_channels", 4),
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-        **options,
-    )
-
-
 def _scheduler(cls_name: str, config: dict):
     import diffusers
 
@@ -175,7 +165,7 @@ def _sd15(folder: Path, root: Path) -> None:
     tok = tiny_tokenizer(root / "_tokenizer")
     checker, extractor = _safety_checker()
     StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=_tiny_vae(3),
         text_encoder=_tiny_clip(tok),
         tokenizer=tok,
         unet=_tiny_sd_unet(cross_attention_dim=32),
@@ -191,7 +181,7 @@ def _sd21v(folder: Path, root: Path) -> None:
 
     tok = tiny_tokenizer(root / "_tokenizer")
     StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=_tiny_vae(3),
         text_encoder=_tiny_clip(tok),
         tokenizer=tok,
         unet=_tiny_sd_unet(cross_attention_dim=32),
@@ -215,7 +205,7 @@ def _sdxl(folder: Path, root: Path) -> None:
         projection_class_embeddings_input_dim=8 * 6 + 48,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(force_upcast=True),
+        vae=_tiny_vae(3, force_upcast=True),
         text_encoder=_tiny_clip(tok),
         text_encoder_2=_tiny_clip(tok, projection=True, layers=10, width=48),
         tokenizer=tok,
@@ -229,26 +219,14 @@ def _sdxl(folder: Path, root: Path) -> None:
 
 
 def _sd3(folder: Path, root: Path) -> None:
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     tok = tiny_tokenizer(root / "_tokenizer")
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        caption_projection_dim=16,
-        pooled_projection_dim=64,
-        pos_embed_max_size=8,
-    )
+    transformer = _tiny_sd3_transformer()
     StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=_scheduler("FlowMatchEulerDiscreteScheduler", SD3_FLOW),
-        vae=_tiny_vae(scaling_factor=1.5, shift_factor=0.1),
+        vae=_tiny_vae(3, scaling_factor=1.5, shift_factor=0.1),
         text_encoder=_tiny_clip(tok, projection=True),
         tokenizer=tok,
         text_encoder_2=_tiny_clip(tok, projection=True),
@@ -259,25 +237,14 @@ def _sd3(folder: Path, root: Path) -> None:
 
 
 def _flux_schnell(folder: Path, root: Path) -> None:
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
     tok = tiny_tokenizer(root / "_tokenizer")
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=False,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = _tiny_flux_transformer(guidance_embeds=False)
     FluxPipeline(
         transformer=transformer,
         scheduler=_scheduler("FlowMatchEulerDiscreteScheduler", SCHNELL_FLOW),
-        vae=_tiny_vae(scaling_factor=1.5, shift_factor=0.1),
+        vae=_tiny_vae(3, scaling_factor=1.5, shift_factor=0.1),
         text_encoder=_tiny_clip(tok),
         tokenizer=tok,
         text_encoder_2=_tiny_t5(tok, 32),
@@ -307,7 +274,7 @@ def _pixart(pipeline: str, folder: Path, root: Path) -> None:
     getattr(diffusers, pipeline)(
         tokenizer=tok,
         text_encoder=_tiny_t5(tok, 32),
-        vae=_tiny_vae(),
+        vae=_tiny_vae(3),
         transformer=transformer,
         scheduler=_scheduler("DPMSolverMultistepScheduler", PIXART_DPM),
     ).save_pretrained(folder)
@@ -330,7 +297,7 @@ def _dit(folder: Path, root: Path) -> None:
     )
     labels = {i: f"class {i}" for i in range(1000)}
     DiTPipeline(
-        transformer=transformer, vae=_tiny_vae(), scheduler=_scheduler("DDIMScheduler", DIT_DDIM), id2label=labels
+        transformer=transformer, vae=_tiny_vae(3), scheduler=_scheduler("DDIMScheduler", DIT_DDIM), id2label=labels
     ).save_pretrained(folder)
     _edit_config(folder / "transformer" / "config.json", _class_name="Transformer2DModel")
 
@@ -356,7 +323,7 @@ def _lcm(folder: Path, root: Path) -> None:
 
     tok = tiny_tokenizer(root / "_tokenizer")
     LatentConsistencyModelPipeline(
-        vae=_tiny_vae(),
+        vae=_tiny_vae(3),
         text_encoder=_tiny_clip(tok),
         tokenizer=tok,
         unet=_tiny_sd_unet(cross_attention_dim=32, time_cond_proj_dim=8),  # the w-embedding of LCM distillation
