@@ -21,7 +21,18 @@ from core.sampling import DenoiseFn, Variants
 from .plan import LoadedPlan, read_plan
 
 # Not backends themselves: shared by the ONNX-based backends, or parts of one (trt_*).
-SHARED = ("registry", "lowering", "onnx_export", "pipeline_stages", "plan", "qdq", "runner", "trt_lint", "trt_engines")
+SHARED = (
+    "registry",
+    "lowering",
+    "onnx_export",
+    "pipeline_stages",
+    "plan",
+    "qdq",
+    "runner",
+    "trt_lint",
+    "trt_engines",
+    "trt_files",
+)
 
 
 class Runner(Protocol):

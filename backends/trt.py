@@ -21,17 +21,10 @@ from core.validate import integer
 from .ort import OrtBackend
 from .plan import read_plan, record_files
 from .runner import PlanRunner
+from .trt_files import TIMING_CACHE, EngineError, engine_path
 from .trt_lint import lint_file
 
-ENGINE_SUFFIX = ".plan"
 MAX_ENGINE_BATCH = 1024  # the profile's largest batch (export-triton's max_batch bound)
-
-
-class EngineError(RuntimeError):
-    """TensorRT refused an input shape or failed to execute (reported as a bad artifact, exit 2)."""
-
-
-TIMING_CACHE = "tensorrt.timing-cache"
 
 
 def unavailable() -> str | None:
@@ -43,10 +36,6 @@ def unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     return None
-
-
-def engine_path(graph: Path) -> Path:
-    return graph.with_suffix(ENGINE_SUFFIX)
 
 
 class TensorrtBackend:

@@ -21,7 +21,7 @@ from core.outputs import PLAN_FILE
 
 from .plan import read_plan, recorded_files
 from .runner import LoopGraph, PlanRunner
-from .trt import EngineError, engine_path
+from .trt_files import EngineError, engine_path
 
 LOGGER = trt.Logger(trt.Logger.WARNING)
 TORCH_TYPES = {

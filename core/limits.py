@@ -1,23 +1,21 @@
 """What a run may cost, estimated before anything real is built.
 
 A config's repetition counts and sizes are capped first (a config with 10^9 layers is refused in
-microseconds); then the denoiser is built on torch's `meta` device, which allocates nothing, and run once
-at batch 1 on meta tensors: that gives the exact parameter count and the largest activation of one call
-(attention scores included). Memory for loading, and for a whole job (weights, the batched sampling loop,
-the captured trajectories), is estimated from those and compared with the memory available now.
+microseconds); then the denoiser's footprint is measured on torch's `meta` device (core.footprint: the exact
+parameter count and the largest activation of one call). Memory for loading, and for a whole job (weights,
+the batched sampling loop, the captured trajectories), is estimated from those and compared with the memory
+available now.
 `--allow-large` turns the memory refusal off for the deliberately huge; the caps stay.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import LimitError, LoadError, one_line
+from core.errors import LimitError, LoadError
 from core.seeds import MAX_FAMILY, MAX_SEED  # noqa: F401 (MAX_SEED: the bound every seed option uses)
 from core.validate import is_int
 
@@ -66,50 +64,6 @@ def check_caps(config: dict[str, Any], caps: dict[str, int], where: str) -> None
         for v in values:
             if not is_int(v) or not 0 < v <= cap:
                 raise LoadError(f"{where}: '{key}' must be an integer in [1, {cap:,}], got {v!r}")
-
-
-def footprint(model_class: str, config: dict[str, Any]) -> Footprint:
-    """Exact parameter count and largest activation, without allocating: build and run on `meta`."""
-    return _footprint(model_class, json.dumps(config, sort_keys=True, default=str))
-
-
-@functools.lru_cache(maxsize=16)
-def _footprint(model_class: str, config_json: str) -> Footprint:
-    import torch  # here, not at import: the CLI reads this module's bounds before it needs torch
-    from diffusers.models.attention_processor import Attention
-
-    from core.adapters import adapter_for
-
-    adapter = adapter_for(model_class)
-    config = json.loads(config_json)
-    largest = 0
-
-    def record(module: Any, args: tuple, output: Any) -> None:
-        nonlocal largest
-        for out in output if isinstance(output, tuple) else (output,):
-            if isinstance(out, torch.Tensor):
-                largest = max(largest, out.numel())
-        if isinstance(module, Attention) and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            tokens = x.shape[1] if x.dim() == 3 else x[0, 0].numel()
-            largest = max(largest, x.shape[0] * module.heads * tokens * tokens)  # softmax(QK^T) per head
-
-    try:
-        with torch.device("meta"):
-            model = adapter.build(config).eval()
-        shape = adapter.sample_shape(config)
-        hooks = [m.register_forward_hook(record) for m in model.modules()]
-        x = torch.zeros(1, *shape, device="meta")
-        t = torch.zeros(1, device="meta")
-        with torch.no_grad():
-            adapter.forward(model, x, t, adapter.probe_conditions(config, "meta"))
-        for hook in hooks:
-            hook.remove()
-    except LoadError:
-        raise
-    except Exception as exc:  # diffusers raises many types for an inconsistent config
-        raise LoadError(f"invalid {model_class} config: {one_line(str(exc), 300)}") from None
-    return Footprint(sum(p.numel() for p in model.parameters()), largest)
 
 
 def available_memory() -> int:

@@ -24,6 +24,7 @@ from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
 from core.errors import ConfigError, LoadError, one_line
 from core.fileio import sha256_files
+from core.footprint import footprint
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
 from core.sampling import check_plan, is_flow, with_scheduler
@@ -199,11 +200,11 @@ def _assemble(
     limits.check_caps(config, adapter.CAPS, f"{where}: config")
     timesteps = partial(adapter.timestep_plan, config) if isinstance(adapter, TextAdapter) else None
     plan = _plan(scheduler, sampling, scheduler_where or where, timesteps)
-    footprint = limits.footprint(model_class, config)
+    fp = footprint(model_class, config)
     size = sum(f.stat().st_size for f in weights)
-    need = 2 * max(footprint.weight_bytes, size)  # the file's tensors + the model
+    need = 2 * max(fp.weight_bytes, size)  # the file's tensors + the model
     name = weights[0].name if len(weights) == 1 else f"{len(weights)} weight shards"
-    what = f"loading {name} ({size / limits.GIB:.1f} GiB on disk, {footprint.parameters:,} parameters by config)"
+    what = f"loading {name} ({size / limits.GIB:.1f} GiB on disk, {fp.parameters:,} parameters by config)"
     limits.require_memory(need, what, LARGE_ADVICE, allow_large)
     source = source()  # hashed only once the memory check let it load
     model = adapter.build(config)

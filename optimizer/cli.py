@@ -297,7 +297,8 @@ def run(
 ) -> None:
     """Optimize MODEL for TARGET. Exit 0: gates pass; 1: a gate failed; 2: bad input; 3: internal error;
     130/143: interrupted."""
-    from optimizer.job import JobOptions, run_job
+    from optimizer.job import run_job
+    from optimizer.options import JobOptions
     from verify.gates import gates_table, verdict_line
     from verify.judges import JudgeOptions
 
@@ -433,7 +434,7 @@ def calibrate(
     """Capture reference trajectories (x_t, t, condition, output per step) for reuse with --calibration."""
     from calibration.capture import capture, evaluation_set, save
     from core.outputs import check_out_file, input_paths
-    from optimizer.job import check_job_memory, load_for_job
+    from optimizer.prepare import check_job_memory, load_for_job
 
     check_out_file(out, [*input_paths(model), *([prompts] if prompts else [])])
     program = load_for_job(model, allow_large, prompts, variant, config)
@@ -638,7 +639,7 @@ def bench(
     from core.fileio import write_json
     from core.loading import load_program
     from core.outputs import check_out_file
-    from optimizer.job import check_job_memory
+    from optimizer.prepare import check_job_memory
     from optimizer.report import latency_lines
     from verify.latency import measure_latency
 
@@ -763,7 +764,7 @@ def _run_comparison(
     from core.fileio import write_json
     from core.loading import load_program
     from core.outputs import check_out_file, input_paths
-    from optimizer.job import check_job_memory
+    from optimizer.prepare import check_job_memory
 
     if json_out is not None:
         check_out_file(json_out, input_paths(model), "--json-out")
@@ -855,7 +856,7 @@ def judge_compare(
     from bench.judge_compare import compare_judges, markdown_table
     from core.fileio import write_json
     from core.outputs import check_out_file, input_paths
-    from optimizer.job import check_job_memory, load_for_job
+    from optimizer.prepare import check_job_memory, load_for_job
     from verify.judges import JudgeOptions, plan_judges
 
     if json_out is not None:
@@ -870,10 +871,6 @@ def judge_compare(
     if json_out is not None:
         write_json(json_out, rows)
     click.echo(markdown_table(rows))
-
-
-if __name__ == "__main__":
-    main()
 
 
 @_comparison_command("linearize-compare")
@@ -909,3 +906,7 @@ def steps_compare(
         return compare_steps(program, rows_for(nfe, recipe), samples, calibration_samples, _progress, _log)
 
     _run_comparison(model, samples, calibration_samples, json_out, allow_large, compare, markdown_table)
+
+
+if __name__ == "__main__":  # last: every command above is registered before `python -m optimizer.cli` runs
+    main()

@@ -26,36 +26,22 @@ from core.errors import ConfigError
 from core.ir import DiffusionProgram
 from core.outputs import check_out_file
 from passes.base import Context
-from passes.manager import plan_passes
 from search import pareto
 from search.driver import Outcome, search
-from search.space import SearchSpace
 from search.study import evaluated, open_study, requeue_stale, run_trials
 from search.trials import TrialRunner
 from verify.gates import GATES, evaluate_gates, passed
 
 if TYPE_CHECKING:
-    from optimizer.job import JobOptions, Loaded
+    from optimizer.options import JobOptions, Loaded, Progress
     from optimizer.targets import Target
 
 STUDY_FILE = "study.sqlite3"
 COPY_FILE = "search.sqlite3"
-MAX_RECIPES_CHECKED = 10_000
 
 
 def state_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.search"
-
-
-def check_space(space: SearchSpace, program: DiffusionProgram, capabilities: frozenset[str]) -> None:
-    """Every recipe of the space checked against the target and the model before anything runs."""
-    names = [list(k.choices) for k in space.knobs]
-    for combo in itertools.islice(itertools.product(*names), MAX_RECIPES_CHECKED):
-        params = dict(zip((k.name for k in space.knobs), combo, strict=True))
-        try:
-            plan_passes(space.recipe(params), capabilities, program=program)
-        except ConfigError as exc:
-            raise ConfigError(f"search recipe ({space.describe(params)}): {exc}") from None
 
 
 def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> str:
@@ -144,13 +130,27 @@ def worker_main(model_path: Path, opts: JobOptions, index: int, parent: int | No
     if parent is not None:
         die_with_parent(parent)
 
-    from optimizer.job import contribute_trials
     from optimizer.targets import get_target
 
     def log(message: str) -> None:
         print(f"[optimize worker {index}] {message}", file=sys.stderr, flush=True)
 
     contribute_trials(model_path, get_target(opts.target), opts, lambda it, **_: it, log, index)
+
+
+def contribute_trials(
+    model_path: Path, target: Target, opts: JobOptions, progress: Progress, log: Callable[[str], None], index: int = 0
+) -> int:
+    """Trials of the shared study from the same program, calibration and proxies as every other process
+    (deterministic); `index` tells workers' samplers apart. Returns the study's evaluated count."""
+    from optimizer.prepare import load_checked, pass_context
+    from optimizer.stages import calibrate
+
+    loaded = load_checked(model_path, target, opts)
+    calibration = calibrate(loaded.program, opts, None, progress, loaded.given)
+    ctx = pass_context(loaded.program, target, opts, calibration, progress, log)
+    name = study_name(loaded.program, target, opts)
+    return run_trials_only(loaded, target, opts, ctx, name, index, log)
 
 
 def die_with_parent(parent: int) -> None:

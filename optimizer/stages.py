@@ -22,7 +22,7 @@ from verify.judges import JudgePlan
 from verify.verdict import Verdict, sample_floor
 
 if TYPE_CHECKING:
-    from optimizer.job import JobOptions
+    from optimizer.options import JobOptions
 
 CALIBRATION_FILE = "calibration.safetensors"
 

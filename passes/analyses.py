@@ -19,8 +19,12 @@ from calibration.capture import Trajectories
 from core.errors import ConfigError
 from core.flops import plan_flops
 from core.ir import DiffusionProgram
-from passes.base import CALIBRATION, FLOPS
 from verify.floor_check import FloorCheck
+
+# Analyses: facts about a program that passes read and the manager caches.
+CALIBRATION = "calibration"  # the reference network's trajectories under the current loop
+FLOPS = "flops"  # denoiser FLOPs per image (core.flops.plan_flops)
+ANALYSES = (CALIBRATION, FLOPS)
 
 Capture = Callable[[DiffusionProgram], Trajectories]
 

@@ -21,10 +21,10 @@ import torch
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
+from passes.analyses import ANALYSES, Analyses
 
 if TYPE_CHECKING:
     from calibration.capture import Trajectories
-    from passes.analyses import Analyses
     from verify.floor_check import FloorCheck
 
 
@@ -39,11 +39,6 @@ class Phase(IntEnum):
     GUIDANCE_POLICY = 6  # which steps run the unconditional pass (guidance)
     REUSE_POLICY = 7  # which steps recompute which features (cache): priced on everything before it
 
-
-# Analyses: facts about a program that passes read and the manager caches (passes.analyses).
-CALIBRATION = "calibration"  # the reference network's trajectories under the current loop
-FLOPS = "flops"  # denoiser FLOPs per image (core.flops.plan_flops)
-ANALYSES = (CALIBRATION, FLOPS)
 
 C = TypeVar("C")
 

@@ -39,7 +39,8 @@ from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram,
 from core.limits import MAX_INPUTS
 from core.sampling import model_calls, take, uses_guidance
 from core.validate import is_int
-from passes.base import FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
+from passes.analyses import FLOPS
+from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
 from verify.fidelity import replay_psnr
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
 from core.sampling import model_calls, uses_guidance
-from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
 
 POLICIES = ("searched", "adaptive", "early")

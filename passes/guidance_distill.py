@@ -31,7 +31,8 @@ from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import uses_guidance
 from core.training import Trainer, train_checked
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
+from passes.analyses import CALIBRATION, FLOPS
+from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
 
 DATA_SEED = seeds.GUIDANCE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 

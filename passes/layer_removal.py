@@ -23,7 +23,8 @@ from core.caching import BLOCK_FAMILIES, LEVEL_FAMILIES, reuses_blocks
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 
 CRITERIA = ("distortion", "last")
 

@@ -37,7 +37,8 @@ from core.caching import BLOCK_FAMILIES
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
 
 KINDS = ("linear", "local")

@@ -24,8 +24,8 @@ from core.ir import Decision, DiffusionProgram, PassRecord
 from core.limits import MAX_CONFIG_INT
 from core.progress import timed
 from core.validate import number
-from passes.analyses import Analyses
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import CALIBRATION, FLOPS, Analyses
+from passes.base import Context, Pass, PassResult, Phase
 
 INFRASTRUCTURE = ("base", "analyses", "manager")  # modules of this package that are not passes
 _REGISTERED: dict[str, Pass] = {}

@@ -40,7 +40,8 @@ from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import check_plan, on_grid
 from core.training import CheckedLog, Trainer, train_checked
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase, check_distribution_options
+from passes.analyses import CALIBRATION, FLOPS
+from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
 
 DATA_SEED = seeds.PROGRESSIVE_DISTILL  # the teacher's samples, + the run's --seed (core.seeds)
 

@@ -27,7 +27,8 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
 from core.sampling import add_noise, build_scheduler, training_target
-from passes.base import FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 
 CRITERIA = ("taylor", "distortion", "magnitude")
 # The config fields each family's layers read.

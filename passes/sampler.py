@@ -13,7 +13,8 @@ from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_STEPS
 from core.sampling import check_plan, with_scheduler
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import CALIBRATION, FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 
 
 @dataclass

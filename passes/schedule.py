@@ -22,7 +22,8 @@ from core.ir import Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_STEPS
 from core.sampling import FLOW_GRID_SOLVERS, GRID_SOLVERS, build_scheduler, check_plan, is_flow, on_grid
 from core.variants import torch_loop
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import CALIBRATION, FLOPS
+from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
 
 

@@ -23,7 +23,7 @@ import onnx
 
 from backends.onnx_export import data_file
 from backends.plan import read_plan
-from backends.trt import engine_path
+from backends.trt_files import engine_path
 from core.errors import ConfigError
 from core.outputs import check_out_dir, input_paths
 

@@ -13,8 +13,8 @@ from calibration.capture import capture_calibration
 from core.loading import load_program
 from core.training import world
 from passes import progressive_distill, recover
-from passes.analyses import Analyses
-from passes.base import CALIBRATION, Context
+from passes.analyses import CALIBRATION, Analyses
+from passes.base import Context
 from zoo import SHIPPED
 
 

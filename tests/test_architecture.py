@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top: a package may import only itself and the packages before it.
 LAYERS = ("core", "zoo", "calibration", "verify", "backends", "passes", "search", "bench", "serving", "optimizer")
-PASS_INFRASTRUCTURE = {"base", "manager"}  # passes/ modules that are not passes
+PASS_INFRASTRUCTURE = {"analyses", "base", "manager"}  # passes/ modules that are not passes
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
@@ -46,6 +46,25 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     ]
 
 
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Our modules (one per file; a package's __init__ is the package) and the modules of ours each imports,
+    anywhere in the file (the longest of ours an import names: `from core.adapters import x` is core.adapters)."""
+    files = {}
+    for package in LAYERS:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        graph[name] = set()
+        for imported in imported_modules(path, root):
+            parts = imported.split(".")
+            ours = next((m for i in range(len(parts), 0, -1) if (m := ".".join(parts[:i])) in files), None)
+            if ours is not None and ours != name:
+                graph[name].add(ours)
+    return graph
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, str] = {}
 
@@ -59,8 +78,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "done"
         return None
 
-    for package in LAYERS:
-        if package not in state and (cycle := visit(package, [])):
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
             return cycle
     return None
 
@@ -71,6 +90,11 @@ def test_imports_only_point_down() -> None:
 
 def test_the_package_graph_has_no_cycle() -> None:
     assert find_cycle(package_graph()) is None
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No file-level cycle, lazy and type-only imports included: modules import down within a package too."""
+    assert find_cycle(module_graph()) is None
 
 
 def test_no_pass_imports_another_pass() -> None:
@@ -92,3 +116,18 @@ def test_the_guard_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     graph = package_graph(tmp_path)
     assert upward_imports(graph) == ["core imports optimizer"]
     assert find_cycle(graph) == ["core", "optimizer", "core"]
+    # Within one package, a lazy import back is still a cycle of files.
+    (tmp_path / "core" / "probe.py").write_text("from core import ir\n")
+    (tmp_path / "core" / "ir.py").write_text("def f():\n    from core.probe import g\n")
+    (tmp_path / "optimizer" / "job.py").write_text("from core import ir\n")
+    assert find_cycle(package_graph(tmp_path)) is None
+    assert find_cycle(module_graph(tmp_path)) == ["core.ir", "core.probe", "core.ir"]
+
+
+def test_python_dash_m_sees_every_command() -> None:
+    """`python -m optimizer.cli CMD` runs the module as a script: its __main__ guard must come after every
+    command definition, or the commands below it do not exist yet."""
+    tree = ast.parse((ROOT / "optimizer" / "cli.py").read_text())
+    body = tree.body
+    guards = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert guards == [len(body) - 1]

@@ -9,8 +9,8 @@ import torch
 from core.errors import ConfigError
 from core.ir import Decision
 from optimizer.report import decision_sections
-from passes.analyses import Analyses
-from passes.base import CALIBRATION, FLOPS, Context, Pass, PassResult, Phase
+from passes.analyses import CALIBRATION, FLOPS, Analyses
+from passes.base import Context, Pass, PassResult, Phase
 from passes.manager import (
     discover_passes,
     offline_context,

@@ -8,7 +8,7 @@ import torch
 
 from calibration.capture import capture_calibration
 from core.errors import ConfigError
-from passes.base import CALIBRATION
+from passes.analyses import CALIBRATION
 from passes.manager import offline_context, plan_passes, run_passes
 
 FP32 = frozenset({"fp32"})
