@@ -24,9 +24,9 @@ def judge_on_proxy_seeds(model: Path, artifacts: list[Path], samples: int = 100,
     is (the original's VAE decodes latents)."""
     program = load_program(model)
     proxy = ProxySet(program, samples, seed, plan_judges(program, JudgeOptions()))
-    rows = {}
+    backend, rows = get_backend({"name": "onnxruntime"}), {}
     for artifact in artifacts:
-        runner = get_backend({"name": "onnxruntime"}).runner(artifact)
+        runner = backend.runner(artifact)
         measured = proxy.verdict(runner.sample(proxy.seeds, proxy.conditions), [math.nan])
         rows[str(artifact)] = {k: measured.get(k) for k in METRICS}
     return rows

@@ -8,6 +8,10 @@ import functools
 import json
 from typing import Any
 
+import torch
+from diffusers.models.attention_processor import Attention
+
+from core.adapters import adapter_for
 from core.errors import LoadError, one_line
 from core.limits import Footprint
 
@@ -19,11 +23,6 @@ def footprint(model_class: str, config: dict[str, Any]) -> Footprint:
 
 @functools.lru_cache(maxsize=16)
 def _footprint(model_class: str, config_json: str) -> Footprint:
-    import torch  # here, not at import: the CLI reads this module's bounds before it needs torch
-    from diffusers.models.attention_processor import Attention
-
-    from core.adapters import adapter_for
-
     adapter = adapter_for(model_class)
     config = json.loads(config_json)
     largest = 0
