@@ -20,6 +20,8 @@ from core.errors import ExportError
 from core.fileio import umask, write_atomic
 from core.ir import ModelSpec
 
+from . import graph_memo
+
 MIN_OPSET = 18
 INLINE_LIMIT = 1_500_000_000  # bytes of weights kept inside a graph file (protobuf's limit is 2 GiB)
 OUTPUT_NAME = "model_output"  # epsilon, v or x0, as the spec's prediction_type says
@@ -95,17 +97,7 @@ def export_graph(
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             if dynamo:
-                model = torch.onnx.export(
-                    module,
-                    args,
-                    input_names=names,
-                    output_names=outputs,
-                    opset_version=opset,
-                    dynamo=True,
-                    dynamic_shapes=batch_shapes(module, len(args)),
-                    verbose=False,
-                ).model_proto
-                drop_noop_squeezes(model)
+                model = _dynamo_export(module, args, names, outputs, opset)
             else:
                 buffer = io.BytesIO()
                 torch.onnx.export(
@@ -126,6 +118,29 @@ def export_graph(
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     return path
+
+
+def _dynamo_export(
+    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], outputs: list[str], opset: int
+) -> onnx.ModelProto:
+    """torch.export + the ONNX translator, or the graph of an identical earlier export (backends.graph_memo)."""
+    key = graph_memo.graph_key(module, args, names, outputs, opset)
+    if (kept := graph_memo.recall(key)) is not None:
+        return onnx.load_from_string(kept)
+    model = torch.onnx.export(
+        module,
+        args,
+        input_names=names,
+        output_names=outputs,
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=batch_shapes(module, len(args)),
+        verbose=False,
+    ).model_proto
+    drop_noop_squeezes(model)
+    if key is not None and model.ByteSize() <= graph_memo.MAX_GRAPH_BYTES:
+        graph_memo.keep(key, model.SerializeToString())
+    return model
 
 
 def data_file(path: Path) -> Path:

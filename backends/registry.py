@@ -23,6 +23,7 @@ from .plan import LoadedPlan, read_plan
 # Not backends themselves: shared by the ONNX-based backends, or parts of one (trt_*).
 SHARED = (
     "registry",
+    "graph_memo",
     "lowering",
     "onnx_export",
     "pipeline_stages",

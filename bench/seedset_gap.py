@@ -1,13 +1,17 @@
 """Lowered artifacts judged on a search's proxy seeds: the same judges and floor set a search trial gets, so an
 artifact's shift there can be compared with the trials' (BENCHMARKS.md, "cpu-auto under the shift gates").
+With --sets K, each artifact is judged on K disjoint proxy seed sets (each with its own reference and floor
+set): how far the shift of one artifact moves from one 100-seed set to another.
 
-    python -m bench.seedset_gap MODEL ARTIFACT [ARTIFACT ...]   # 100 proxy seeds, --seed 0
+    python -m bench.seedset_gap MODEL ARTIFACT [ARTIFACT ...]             # 100 proxy seeds, --seed 0
+    python -m bench.seedset_gap MODEL ARTIFACT --sets 6 [--samples 100]   # the spread over 6 disjoint sets
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,12 @@ from search.proxy import ProxySet
 from verify.judges import JudgeOptions, plan_judges
 
 METRICS = ("fd_self_shift", "fd_digits_shift", "class_agreement_drop", "psnr_db_mean")
+SPREAD = ("fd_self_shift", "fd_digits_shift")  # the gated distribution metrics whose spread is shown
 
 
-def judge_on_proxy_seeds(model: Path, artifacts: list[Path], samples: int = 100, seed: int = 0) -> dict[str, Any]:
+def judge_on_proxy_seeds(
+    model: Path, artifacts: list[Path], samples: int = 100, seed: int = 0, keys: tuple[str, ...] = METRICS
+) -> dict[str, Any]:
     """Each artifact's ONNX Runtime loop on the proxy seeds of a search run with `--seed seed`, judged as a trial
     is (the original's VAE decodes latents)."""
     program = load_program(model)
@@ -28,10 +35,46 @@ def judge_on_proxy_seeds(model: Path, artifacts: list[Path], samples: int = 100,
     for artifact in artifacts:
         runner = backend.runner(artifact)
         measured = proxy.verdict(runner.sample(proxy.seeds, proxy.conditions), [math.nan])
-        rows[str(artifact)] = {k: measured.get(k) for k in METRICS}
+        rows[str(artifact)] = {k: measured.get(k) for k in keys}
     return rows
 
 
-if __name__ == "__main__":
-    for name, row in judge_on_proxy_seeds(Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]]).items():
+def spread(model: Path, artifacts: list[Path], sets: int, samples: int = 100) -> dict[str, Any]:
+    """Per artifact and gated metric: the value on each of `sets` disjoint proxy seed sets (set k: the proxy
+    seeds of --seed k * samples), their mean and standard deviation."""
+    per_set = [judge_on_proxy_seeds(model, artifacts, samples, k * samples, SPREAD) for k in range(sets)]
+    result: dict[str, Any] = {}
+    for artifact in map(str, artifacts):
+        rows = [s[artifact] for s in per_set]
+        result[artifact] = {}
+        for metric in SPREAD:
+            values = [r[metric] for r in rows if r[metric] is not None]
+            if not values:
+                continue
+            result[artifact][metric] = {
+                "per_set": values,
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else math.nan,
+            }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.seedset_gap", description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("artifacts", type=Path, nargs="+")
+    parser.add_argument("--sets", type=int, default=0, help="disjoint proxy seed sets (0: one set, --seed 0)")
+    parser.add_argument("--samples", type=int, default=100)
+    args = parser.parse_args()
+    if args.sets:
+        for name, metrics in spread(args.model, args.artifacts, args.sets, args.samples).items():
+            for metric, row in metrics.items():
+                values = ", ".join(f"{v:.4f}" for v in row["per_set"])
+                print(f"{name} {metric}: {values}; mean {row['mean']:.4f}, sd {row['sd']:.4f}")
+        return
+    for name, row in judge_on_proxy_seeds(args.model, args.artifacts, args.samples).items():
         print(name, row)
+
+
+if __name__ == "__main__":
+    main()
