@@ -27,10 +27,6 @@ from torch import nn
 MAX_GRAPH_BYTES = 64 << 20
 MAX_BYTES = 256 << 20
 MAX_DEPTH = 6  # nesting of attribute objects described in a key
-# Config entries that are sets stored as lists in the order a set gave them (which varies between processes
-# with Python's string hashing): diffusers' record of the config values left at their defaults. Described
-# sorted, so that one module has one key in every process.
-SET_LISTS = ("_use_default_values",)
 
 _graphs: OrderedDict[str, bytes] = OrderedDict()
 
@@ -132,10 +128,7 @@ def _describe(value: Any, h: Any, depth: int, seen: set[int]) -> None:
         h.update(f"dict{len(value)}{{".encode())
         for key in sorted(value, key=repr):
             h.update(f"{key!r}=".encode())
-            item = value[key]
-            if key in SET_LISTS and isinstance(item, list):
-                item = sorted(item, key=repr)
-            _describe(item, h, depth + 1, seen)
+            _describe(value[key], h, depth + 1, seen)
         h.update(b"}")
     elif isinstance(value, list | tuple | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value

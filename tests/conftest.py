@@ -5,52 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends import graph_memo, onnx_export
 from core.loading import load_program
 from zoo import SHIPPED
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
     torch.set_num_threads(1)
-
-
-class _SessionGraphs:
-    """backends.graph_memo shared by the session's xdist workers: a graph one worker exported is written under
-    `root` by its key, and the other worker's identical export reads it instead of tracing again. The key is
-    content-derived (module types, attributes, weights, shapes, names, opset) and the code cannot change
-    within one session, so this is the in-process memo's guarantee across processes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __getattr__(self, name: str):
-        return getattr(graph_memo, name)
-
-    def recall(self, key: str | None) -> bytes | None:
-        graph = graph_memo.recall(key)
-        if graph is None and key is not None and (self.root / key).is_file():
-            graph = (self.root / key).read_bytes()
-            graph_memo.keep(key, graph)
-        return graph
-
-    def keep(self, key: str | None, graph: bytes) -> None:
-        graph_memo.keep(key, graph)
-        if key is not None and len(graph) <= graph_memo.MAX_GRAPH_BYTES:
-            partial = self.root / f".{key}.{os.getpid()}"
-            partial.write_bytes(graph)
-            partial.replace(self.root / key)  # atomic: a reader sees a whole graph or none
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_graphs(tmp_path_factory):
-    """Under xdist, the workers share exported graphs (the run's base folder is common to them)."""
-    if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
-        yield
-        return
-    root = tmp_path_factory.getbasetemp().parent / "graphs"
-    root.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(onnx_export, "graph_memo", _SessionGraphs(root))
-        yield
 
 
 @pytest.fixture(autouse=True)
