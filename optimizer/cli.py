@@ -208,6 +208,13 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
     help="Output folder (default: optimized/<model>-<target>).",
 )
 @click.option("--samples", default=100, show_default=True, help="Evaluation samples (seeds) for verification.")
+@click.option(
+    "--seed-sets",
+    default=4,
+    show_default=True,
+    help="Most disjoint --samples seed sets a distribution gate is judged on: at least 2 (the shift's seed noise), "
+    "more while its bound lies inside the mean shift's 95% interval; 1: one set, noise not measured.",
+)
 @click.option("--calibration-samples", default=20, show_default=True, help="Seeds captured for calibration.")
 @click.option("--seed", default=0, show_default=True, help="First evaluation seed.")
 @click.option("--scheduler", default=None, help="ddpm, ddim, dpmsolver++, euler or a diffusers scheduler class.")
@@ -269,6 +276,7 @@ def run(
     target: str,
     out: Path | None,
     samples: int,
+    seed_sets: int,
     calibration_samples: int,
     seed: int,
     scheduler: str | None,
@@ -315,6 +323,7 @@ def run(
         target=target,
         out=out or Path("optimized") / f"{stem}-{Path(target).stem}",
         samples=samples,
+        seed_sets=seed_sets,
         calibration_samples=calibration_samples,
         seed=seed,
         scheduler=scheduler,

@@ -183,7 +183,9 @@ def _run_stages(
             artifacts = {**backend.lower(candidate, staging), "calibration": CALIBRATION_FILE}
         with timed(log, f"verifying on {opts.samples} samples"):
             runner = _read_back(backend, staging)
-            verification, ref_images, cand_images = verify_lowered(program, runner, opts, progress, loaded.judges)
+            verification, ref_images, cand_images = verify_lowered(
+                program, runner, opts, progress, loaded.judges, loaded.gates
+            )
     else:
         from optimizer.search_job import run_search_stage
 

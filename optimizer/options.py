@@ -21,6 +21,7 @@ class JobOptions:
     target: str = "cpu-fp32"
     out: Path = Path("optimized")
     samples: int = 100
+    seed_sets: int = 4  # most disjoint evaluation sets a distribution gate is judged on (verify.seed_sets)
     calibration_samples: int = 20
     seed: int = 0
     scheduler: str | None = None

@@ -127,6 +127,8 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: l
         " samples are the original's within its seed-to-seed noise, at any sample count (`*_ratio`: the two"
         " distances' ratio, about 1).",
         "",
+        _seed_sets_words(v, report["evaluation"]),
+        "",
         "| metric | value |",
         "|---|---|",
     ]
@@ -332,3 +334,28 @@ def _stage_lines(model: dict[str, Any], artifacts: dict[str, Any]) -> list[str]:
         f" lowered as {', '.join(artifacts.get('stages', []))} ({artifacts.get('stage_bytes', 0):,} B), not optimized",
         f"- output: {stages['output']}; fidelity measured on decoded images; prompt set: {stages['prompts']} prompts",
     ]
+
+
+def _seed_sets_words(v: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    """Which seed sets the distribution metrics pool (verify.seed_sets)."""
+    sets, n, seed = v.get("seed_sets", 1), v["samples"], evaluation["base_seed"]
+    if sets < 2:
+        return "Seed sets: one (seeds from the first evaluation seed); the shifts' seed noise is not measured."
+    prefixes = [k.removesuffix("_shift_sets") for k in v if k.endswith("_shift_sets")]
+    shifts = []
+    for p in prefixes:
+        ci = v.get(f"{p}_shift_ci")
+        shown = "n/a" if ci is None else f"+- {ci:.2g}"
+        shifts.append(f"{p} {', '.join(f'{x:.3g}' for x in v[f'{p}_shift_sets'])} (95% interval of the mean {shown})")
+    open_ = v.get("seed_sets_within_noise") or []
+    return (
+        f"Seed sets: the distribution metrics are means over {sets} disjoint sets of {n} seeds (set k: seeds"
+        f" {seed} + k x {n} onward, each with its own floor set), drawn while a distribution gate's bound lay inside"
+        " the mean shift's 95% confidence interval (Student's t over the sets; at least 2, the fewest that measure"
+        f" the seed noise); paired and adherence metrics are the first set's. Shift per set: {'; '.join(shifts)}."
+        + (
+            f" The bound is still inside the interval after the last set (decided by the mean): {', '.join(open_)}."
+            if open_
+            else ""
+        )
+    )

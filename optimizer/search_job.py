@@ -222,7 +222,9 @@ def run_search_stage(
         folder.mkdir()
         files = backend.lower(candidate, folder)
         lowered = backend.runner(folder)
-        verification, ref_images, cand_images = verify_lowered(program, lowered, opts, progress, loaded.judges)
+        verification, ref_images, cand_images = verify_lowered(
+            program, lowered, opts, progress, loaded.judges, loaded.gates
+        )
         held = passed(evaluate_gates(loaded.gates, verification))
         return held, (folder, files, verification, ref_images, cand_images)
 

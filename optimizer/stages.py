@@ -16,10 +16,11 @@ from core.adapters import parameter_count
 from core.ir import DiffusionProgram
 from core.sampling import to_images
 from optimizer.targets import Target
+from verify import seed_sets
 from verify.fidelity import step_errors
-from verify.gates import GatePlan
+from verify.gates import GATES, GatePlan
 from verify.judges import JudgePlan
-from verify.verdict import Verdict, sample_floor
+from verify.verdict import Verdict, sample_floor, sample_reference
 
 if TYPE_CHECKING:
     from optimizer.options import JobOptions
@@ -54,9 +55,12 @@ def verify_lowered(
     opts: JobOptions,
     progress: Callable,
     judges: JudgePlan | None = None,
+    gates: GatePlan | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Reference (original, torch) vs the lowered artifact run by its backend's runner, judged with the
-    original's floor set beside them (the original on disjoint seeds); returns images too.
+    original's floor set beside them (the original on disjoint seeds); returns images too. The distribution
+    gates of `gates` are judged on further disjoint seed sets while their noise leaves them open (see
+    more_seed_sets).
 
     End-to-end metrics compare with the original loop. When the candidate's loop has other timesteps
     (a sampler pass), the per-step errors compare its network with the original network on its loop."""
@@ -77,11 +81,61 @@ def verify_lowered(
     # A latent pipeline is judged on decoded images: the candidate's by the artifact's own decoder.
     images = runner.decode(candidate) if program.stages.vae is not None else None
     summary = verdict(candidate, errors, on_loop.t.tolist(), images)
+    summary = more_seed_sets(program, runner, opts, progress, verdict.plan, summary, shift_bounds(gates))
     ref_x = verdict.reference_images if verdict.reference_images is not None else reference.final
     step_error, end_to_end = summary.get("eps_rel_error_max"), summary.get("psnr_db_mean")
     if step_error is not None and end_to_end is not None and step_error < TINY_STEP_ERROR and end_to_end < LOW_PSNR_DB:
         summary["loop_sensitivity_psnr_db"] = loop_sensitivity(program, seeds, conditions, step_error, to_images(ref_x))
     return summary, to_images(ref_x), to_images(candidate if images is None else images)
+
+
+def shift_bounds(gates: GatePlan | None) -> dict[str, float]:
+    """The applicable distribution gates' bounds by metric prefix (fd_self, fd_digits, ...)."""
+    if gates is None:
+        return {}
+    return {
+        GATES[g].detail: float(b) for g, b in gates.applicable.items() if GATES[g].detail and GATES[g].kind == "max"
+    }
+
+
+def more_seed_sets(
+    program: DiffusionProgram,
+    runner: Runner,
+    opts: JobOptions,
+    progress: Callable,
+    judges: JudgePlan,
+    first: dict[str, Any],
+    bounds: dict[str, float],
+) -> dict[str, Any]:
+    """`first` (the evaluation set's summary) pooled with further disjoint sets of opts.samples seeds, drawn
+    one at a time while a distribution gate of `bounds` is undecided (verify.seed_sets), at most opts.seed_sets
+    in all. Set k: the evaluation seeds of --seed + k x samples, the same conditions, its own floor set."""
+    prefixes = [p for p in bounds if first.get(f"{p}_shift") is not None]
+    summaries = [first]
+
+    def open_gates() -> list[str]:
+        return [p for p in prefixes if seed_sets.undecided([s[f"{p}_shift"] for s in summaries], bounds[p])]
+
+    while prefixes and len(summaries) < opts.seed_sets and open_gates():
+        summaries.append(judge_seed_set(program, runner, opts, progress, judges, len(summaries)))
+    pooled = seed_sets.pool(summaries, prefixes)
+    pooled["seed_sets_within_noise"] = open_gates() if len(summaries) >= seed_sets.MIN_SETS else []
+    return pooled
+
+
+def judge_seed_set(
+    program: DiffusionProgram, runner: Runner, opts: JobOptions, progress: Callable, judges: JudgePlan, k: int
+) -> dict[str, Any]:
+    """The candidate judged on evaluation set k (0: the first): its own reference and floor set."""
+    seeds, conditions = calib.evaluation_set(program, opts.samples, opts.seed + k * opts.samples)
+
+    def shown(what: str) -> Callable:
+        return lambda it: progress(it, desc=f"seed set {k + 1}: {what}", leave=False)
+
+    reference = sample_reference(program, seeds, conditions, shown("reference"))
+    verdict = Verdict(program, reference, sample_floor(program, reference, shown("floor")), plan=judges)
+    final = runner.sample(seeds, conditions, progress=shown("candidate"))
+    return verdict(final, None, [], runner.decode(final) if program.stages.vae is not None else None)
 
 
 # A per-step error this small with an end-to-end PSNR this low: the loop itself amplifies differences.
@@ -152,7 +206,7 @@ def make_report(
         ],
         "decisions": {p.name: p.decision.to_dict() for p in candidate.provenance},
         "artifacts": artifacts,
-        "evaluation": {"samples": opts.samples, "base_seed": opts.seed},
+        "evaluation": {"samples": opts.samples, "base_seed": opts.seed, "max_seed_sets": opts.seed_sets},
         "verification": verification,
         "gates": gates.bounds,
         "gates_not_applicable": gates.skipped,

@@ -138,11 +138,24 @@ def evaluate_gates(plan: GatePlan, summary: dict[str, Any]) -> list[GateResult]:
         if gate.detail and summary.get(f"{gate.detail}_candidate") is not None:
             p = gate.detail
             detail = (
-                f"mean {_num(summary[f'{p}_shift_mean'])} + cov {_num(summary[f'{p}_shift_cov'])};"
-                f" FD {_num(summary[f'{p}_candidate'])} vs floor {_num(summary[f'{p}_floor'])}"
+                f"{_seed_noise(summary, p)}; mean {_num(summary[f'{p}_shift_mean'])} +"
+                f" cov {_num(summary[f'{p}_shift_cov'])}; FD {_num(summary[f'{p}_candidate'])} vs floor"
+                f" {_num(summary[f'{p}_floor'])}"
             )
         results.append(GateResult(gate, float(bound), value, PASS if held else FAIL, detail))
     return results
+
+
+def _seed_noise(summary: dict[str, Any], prefix: str) -> str:
+    """How many seed sets the shift is the mean of, and its 95% interval over them (verify.seed_sets)."""
+    sets = summary.get(f"{prefix}_shift_sets") or [summary[f"{prefix}_shift"]]
+    if len(sets) < 2:
+        return "1 seed set: seed noise not measured"
+    ci = summary.get(f"{prefix}_shift_ci")
+    words = f"mean of {len(sets)} seed sets ({', '.join(_num(v) for v in sets)}), 95% interval +- {_num(ci)}"
+    if prefix in summary.get("seed_sets_within_noise", ()):
+        words += ", which holds the bound: decided by the mean"
+    return words
 
 
 def passed(results: list[GateResult]) -> bool:

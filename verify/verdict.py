@@ -6,6 +6,7 @@ decodes the reference and floor sets, and a candidate's (unless its own decoder'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,6 +104,26 @@ class Verdict:
     @property
     def reference_images(self) -> torch.Tensor | None:
         return self.reference_outputs.images
+
+
+@dataclass(frozen=True)
+class FinalSet:
+    """The original's finals on one evaluation set, as a Verdict reads its reference (no trajectories)."""
+
+    final: torch.Tensor
+    seeds: tuple[int, ...]
+    conditions: tuple | None
+    t: torch.Tensor
+
+
+def sample_reference(
+    program: DiffusionProgram, seeds: Sequence[int], conditions: Any, progress: Any = None
+) -> FinalSet:
+    """The original's finals (torch) on `seeds` with `conditions`: a further evaluation set's reference."""
+    batch = encode(program, conditions, len(seeds))
+    kwargs = {} if progress is None else {"progress": progress}
+    final = sample(program.plan, program.spec.sample_shape, torch_loop(program), list(seeds), batch, **kwargs)
+    return FinalSet(final, tuple(seeds), None if conditions is None else tuple(conditions), torch.empty(0))
 
 
 def sample_floor(program: DiffusionProgram, reference: Any, progress: Any = None) -> torch.Tensor:

@@ -45,7 +45,10 @@ def test_a_distribution_gate_shows_the_shift_terms_the_candidate_and_the_floor()
     terms = {"fd_self_shift_mean": 0.02, "fd_self_shift_cov": 0.005, "fd_self_candidate": 0.022, "fd_self_floor": 0.02}
     results = evaluate_gates(plan, {"fd_self_shift": 0.025, **terms})
     assert results[0].status == PASS and results[0].value == 0.025
-    assert results[0].reason == "mean 0.02 + cov 0.005; FD 0.022 vs floor 0.02"
+    assert results[0].reason == "1 seed set: seed noise not measured; mean 0.02 + cov 0.005; FD 0.022 vs floor 0.02"
+    sets = {"fd_self_shift_sets": [0.02, 0.03], "fd_self_shift_ci": 0.0635, "seed_sets_within_noise": ["fd_self"]}
+    (pooled,) = evaluate_gates(plan, {"fd_self_shift": 0.025, **terms, **sets})
+    assert pooled.reason.startswith("mean of 2 seed sets (0.02, 0.03), 95% interval +- 0.0635, which holds the bound")
     assert passed(results) and verdict_line(results) == "PASS"
     over = evaluate_gates(plan, {"fd_self_shift": 0.031, **terms})
     assert over[0].status == FAIL and verdict_line(over) == "FAIL: failed: max_fd_self_shift"
