@@ -213,7 +213,8 @@ def _named_gates(items: tuple[str, ...]) -> dict[str, float]:
     default=4,
     show_default=True,
     help="Most disjoint --samples seed sets a distribution gate is judged on: at least 2 (the shift's seed noise), "
-    "more while its bound lies inside the mean shift's 95% interval; 1: one set, noise not measured.",
+    "more while its bound lies inside the mean shift's 95% interval, 10,000 seeds in all; 1: one set, noise not "
+    "measured.",
 )
 @click.option("--calibration-samples", default=20, show_default=True, help="Seeds captured for calibration.")
 @click.option("--seed", default=0, show_default=True, help="First evaluation seed.")

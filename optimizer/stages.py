@@ -15,6 +15,7 @@ from calibration import capture as calib
 from core.adapters import parameter_count
 from core.ir import DiffusionProgram
 from core.sampling import to_images
+from core.seeds import MAX_FAMILY
 from optimizer.targets import Target
 from verify import seed_sets
 from verify.fidelity import step_errors
@@ -109,14 +110,16 @@ def more_seed_sets(
 ) -> dict[str, Any]:
     """`first` (the evaluation set's summary) pooled with further disjoint sets of opts.samples seeds, drawn
     one at a time while a distribution gate of `bounds` is undecided (verify.seed_sets), at most opts.seed_sets
-    in all. Set k: the evaluation seeds of --seed + k x samples, the same conditions, its own floor set."""
+    in all and MAX_FAMILY seeds (one seed family). Set k: the evaluation seeds of --seed + k x samples, the same
+    conditions, its own floor set."""
     prefixes = [p for p in bounds if first.get(f"{p}_shift") is not None]
     summaries = [first]
 
     def open_gates() -> list[str]:
         return [p for p in prefixes if seed_sets.undecided([s[f"{p}_shift"] for s in summaries], bounds[p])]
 
-    while prefixes and len(summaries) < opts.seed_sets and open_gates():
+    most = min(opts.seed_sets, MAX_FAMILY // opts.samples)  # every evaluation set lies in one seed family
+    while prefixes and len(summaries) < most and open_gates():
         summaries.append(judge_seed_set(program, runner, opts, progress, judges, len(summaries)))
     pooled = seed_sets.pool(summaries, prefixes)
     pooled["seed_sets_within_noise"] = open_gates() if len(summaries) >= seed_sets.MIN_SETS else []

@@ -51,7 +51,15 @@ def test_optimize_cpu_fp32_end_to_end(tmp_path, model_copy):
     assert v["psnr_db_min"] >= 60 and v["eps_rel_error_max"] < 1e-3 and v["class_agreement_drop"] == 0
     assert report["latency"]["torch_per_step_ms"] > 0 and report["latency"]["ort_end_to_end_ms"] > 0
     assert report["model"]["parameters"] > 100_000 and report["artifacts"]["onnx_bytes"] > 100_000
-    assert "**Result: PASS**" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "**Result: PASS**" in text
+    # The distribution gates, far below their bounds, were decided on two disjoint seed sets (verify.seed_sets).
+    for prefix in ("fd_self", "fd_digits"):
+        first, second = v[f"{prefix}_shift_sets"]
+        assert first != second and v[f"{prefix}_shift"] == pytest.approx((first + second) / 2)
+    assert v["seed_sets"] == 2 and v["seed_sets_within_noise"] == [] and v["fd_self_shift_ci"] > 0
+    assert "Seed sets: the distribution metrics are means over 2 disjoint sets of 20 seeds" in text
+    assert "mean of 2 seed sets" in result.output
     assert Image.open(out / "grid.png").size[1] == 3 * (16 * 4 + 2)
     assert snapshot(model_copy.parent) == before  # the input folder is untouched
     assert not list(tmp_path.glob(".out.staging-*"))
@@ -152,7 +160,7 @@ def test_inspect_and_targets():
 
 def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "1"]
+    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "1", "--seed-sets", "1"]
     result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -182,7 +190,7 @@ def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_ga
     target = tmp_path / "cpu-cache.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "0"]
+    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "0", "--seed-sets", "1"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -211,7 +219,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "0", "--json"]
+    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "0", "--seed-sets", "1", "--json"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     report = assert_exit_matches_report(result, out)
     assert [p["name"] for p in report["passes"]] == ["layer_removal", "prune", "recover"]
@@ -243,6 +251,7 @@ def test_cpu_steps_recipe_end_to_end_and_a_failed_gate_exits_1(tmp_path, dit_cop
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
     args = ["--samples", "10", "--calibration", calibration, "--latency-repeats", "0", "--min-psnr", "60"]
+    args += ["--seed-sets", "1"]  # the subject is the recipe and the failed PSNR gate, not the distribution
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code == 1
     assert "min_psnr_db" in result.output and "FAIL" in result.output

@@ -746,6 +746,7 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
     ("guidance-inf", lambda ws, a: [ws.model, "--out", ws.out, "--guidance", "inf"], 2, "--guidance must be a finite"),
     ("guidance-nan", lambda ws, a: [ws.model, "--out", ws.out, "--guidance", "nan"], 2, "--guidance must be a finite"),
     ("latency-repeats-neg", lambda ws, a: [ws.model, "--out", ws.out, "--latency-repeats", -5], 2, "--latency-repeats"),
+    ("seed-sets-0", lambda ws, a: [ws.model, "--out", ws.out, "--seed-sets", 0], 2, "--seed-sets must be >= 1"),
     (
         "read-only-out",
         lambda ws, a: [(read_only_parent(ws), ws.model)[1], "--out", ws.out, *FAST],

@@ -3,7 +3,7 @@ report.json), the evaluation seeds of --seed 0 and, for the distribution gates, 
 time while a gate lies within its seed noise of its bound (verify.seed_sets). For artifacts written before the
 seed sets: the verdict each would get today, without optimizing again.
 
-    python -m bench.reverify MODEL ARTIFACT [ARTIFACT ...] [--samples 100] [--seed-sets 4] [--json FILE]
+    python -m optimizer.reverify MODEL ARTIFACT [ARTIFACT ...] [--samples 100] [--seed-sets 4] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def reverify(model: Path, artifact: Path, samples: int = 100, seed_sets: int = 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.reverify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m optimizer.reverify", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("artifacts", type=Path, nargs="+")
     parser.add_argument("--samples", type=int, default=100)
