@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ LOOP = {
 FAST = ["--samples", "8", "--calibration-samples", "2", "--latency-repeats", "0"]
 
 
-def search_target(folder: Path, trials: int, repeats: int = 2) -> Path:
+def search_target(folder: Path, trials: int, repeats: int = 2, proxy_samples: int = 8) -> Path:
     data = {
         "name": "tiny-auto",
         "status": "available",
@@ -47,7 +48,7 @@ def search_target(folder: Path, trials: int, repeats: int = 2) -> Path:
             "trials": trials,
             "startup_trials": 2,
             "finalists": 1,
-            "proxy_samples": 8,
+            "proxy_samples": proxy_samples,
             "latency_repeats": repeats,
             "knobs": {"steps": STEPS, "loop": LOOP},
         },
@@ -72,9 +73,20 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def _schema_ready(db: Path) -> bool:
+    """Whether the search has finished creating the study's database (read-only). An Optuna storage opened
+    before that creates the schema too, racing the search's own: the search then failed with "table
+    alembic_version already exists"."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
 def _evaluated(db: Path, *also: TrialState) -> list:
     """The study's evaluated trials (and those in the states `also`), repeats left out."""
-    if not db.exists():
+    if not db.exists() or not _schema_ready(db):
         return []
     try:
         names = optuna.study.get_all_study_names(f"sqlite:///{db}")
@@ -92,8 +104,10 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_without_redoing_f
     other's perhaps still running); refused without --resume; resumed in this process: the finished trials kept
     as measured, the killed running one and the missing ones evaluated, then finalists, the report, the Pareto
     plot and the study file as any search writes them."""
-    trials = 6
-    target, out = search_target(tmp_path, trials=trials, repeats=4), tmp_path / "out"
+    # Trials long enough (32 proxy samples) that the spawned worker, which imports and loads before its first
+    # trial, takes one before the first process has run them all, on an idle machine too.
+    trials = 8
+    target, out = search_target(tmp_path, trials=trials, repeats=4, proxy_samples=32), tmp_path / "out"
     db = tmp_path / ".out.search" / "study.sqlite3"
     optimize = Path(sys.executable).parent / "optimize"
     args = [optimize, tiny_model, "--target", target, "--out", out, "--workers", "2", *FAST]
