@@ -33,7 +33,7 @@ LOOP = {
     "half guided": [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.5}}],
     "quarter guided": [{"pass": "guidance", "config": {"policy": "early", "fraction": 0.25}}],
 }
-FAST = ["--samples", "8", "--calibration-samples", "2", "--latency-repeats", "0"]
+FAST = ["--samples", "8", "--calibration-samples", "2", "--latency-repeats", "0", "--seed-sets", "1"]
 
 
 def search_target(folder: Path, trials: int, repeats: int = 2, proxy_samples: int = 8) -> Path:
@@ -104,10 +104,10 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_without_redoing_f
     other's perhaps still running); refused without --resume; resumed in this process: the finished trials kept
     as measured, the killed running one and the missing ones evaluated, then finalists, the report, the Pareto
     plot and the study file as any search writes them."""
-    # Trials long enough (32 proxy samples) that the spawned worker, which imports and loads before its first
+    # Trials long enough (24 proxy samples) that the spawned worker, which imports and loads before its first
     # trial, takes one before the first process has run them all, on an idle machine too.
     trials = 8
-    target, out = search_target(tmp_path, trials=trials, repeats=4, proxy_samples=32), tmp_path / "out"
+    target, out = search_target(tmp_path, trials=trials, repeats=4, proxy_samples=24), tmp_path / "out"
     db = tmp_path / ".out.search" / "study.sqlite3"
     optimize = Path(sys.executable).parent / "optimize"
     args = [optimize, tiny_model, "--target", target, "--out", out, "--workers", "2", *FAST]
