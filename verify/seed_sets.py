@@ -52,8 +52,8 @@ def undecided(values: Sequence[float], bound: float, min_sets: int = MIN_SETS) -
 
 def pool(summaries: Sequence[dict[str, Any]], prefixes: Sequence[str]) -> dict[str, Any]:
     """The first set's summary with each distribution metric of `prefixes` averaged over every set's, the
-    per-set shifts and the shift's standard error beside it. Paired and adherence metrics stay the first
-    set's (the per-step errors are measured there)."""
+    per-set shifts and the shift's standard error and 95% half-width beside it. Paired and adherence metrics
+    stay the first set's (the per-step errors are measured there)."""
     pooled = dict(summaries[0])
     for prefix in prefixes:
         if any(s.get(f"{prefix}_shift") is None for s in summaries):

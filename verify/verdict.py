@@ -119,7 +119,8 @@ class FinalSet:
 def sample_reference(
     program: DiffusionProgram, seeds: Sequence[int], conditions: Any, progress: Any = None
 ) -> FinalSet:
-    """The original's finals (torch) on `seeds` with `conditions`: a further evaluation set's reference."""
+    """The original's finals (torch) on `seeds` with `conditions`: a further evaluation set's reference, or a
+    floor set."""
     batch = encode(program, conditions, len(seeds))
     kwargs = {} if progress is None else {"progress": progress}
     final = sample(program.plan, program.spec.sample_shape, torch_loop(program), list(seeds), batch, **kwargs)
@@ -128,7 +129,4 @@ def sample_reference(
 
 def sample_floor(program: DiffusionProgram, reference: Any, progress: Any = None) -> torch.Tensor:
     """The original's finals on the floor seeds of `reference`'s seeds, with its conditions."""
-    seeds = floor_seeds(reference.seeds)
-    batch = encode(program, reference.conditions, len(seeds))
-    kwargs = {} if progress is None else {"progress": progress}
-    return sample(program.plan, program.spec.sample_shape, torch_loop(program), seeds, batch, **kwargs)
+    return sample_reference(program, floor_seeds(reference.seeds), reference.conditions, progress).final

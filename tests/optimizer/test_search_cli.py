@@ -86,7 +86,7 @@ def _schema_ready(db: Path) -> bool:
 
 def _evaluated(db: Path, *also: TrialState) -> list:
     """The study's evaluated trials (and those in the states `also`), repeats left out."""
-    if not db.exists() or not _schema_ready(db):
+    if not _schema_ready(db):  # also False while the file does not exist
         return []
     try:
         names = optuna.study.get_all_study_names(f"sqlite:///{db}")
