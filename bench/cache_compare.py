@@ -77,7 +77,7 @@ def compare_caching(
     spec = program.spec
     if not uses_guidance(program.plan, spec.conditioning):
         peers = tuple(p for p in peers if p.method != "faster-cache")  # it approximates the unconditional pass
-    peers = tuple(p for p in peers if p.applies(spec.family))
+    peers = tuple(p for p in peers if p.applies(spec.model_class))
     trajectories, seeds, conditions, _, verdict = comparison_set(program, samples, calibration_samples, log)
     batch = encode(program, conditions, len(seeds))
 

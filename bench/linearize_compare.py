@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.prune_compare import compare_pruning, markdown_table
+from core.adapters import adapter_for, adapters
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 
@@ -42,8 +43,9 @@ ROWS = [  # the first row is cpu-linearize's recipe (tests/bench/test_linearize_
 def compare_linearization(
     program: DiffusionProgram, samples: int, calibration_samples: int, progress: Callable, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    if program.spec.family not in ("dit", "pixart"):
-        raise ConfigError(f"linearize-compare: transformer families only (dit, pixart), not {program.spec.family}")
+    if adapter_for(program.spec.model_class).block_stack is None:
+        stacks = ", ".join(sorted(a.family for a in adapters().values() if a.block_stack is not None))
+        raise ConfigError(f"linearize-compare: transformer families only ({stacks}), not {program.spec.family}")
     return compare_pruning(program, samples, calibration_samples, progress, log, rows=ROWS, desc="linearize rows")
 
 

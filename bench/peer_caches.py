@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from core.adapters import adapter_for
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 
 METHODS = ("first-block-cache", "pyramid-attention-broadcast", "faster-cache")
+FIRST_BLOCK_CACHE_MODEL = "DiTTransformer2DModel"  # the one of our families FirstBlockCache runs on unchanged
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,10 @@ class PeerCache:
         shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         return f"diffusers {self.method}" + (f" ({shown})" if shown else "")
 
-    def applies(self, family: str) -> bool:
-        """FirstBlockCache needs a transformer's block list; the attention hooks need diffusers Attention."""
-        return self.method != "first-block-cache" or family == "dit"
+    def applies(self, model_class: str) -> bool:
+        """FirstBlockCache needs a transformer whose blocks diffusers' TransformerBlockRegistry knows (DiT's
+        BasicTransformerBlock stack, called with `hidden_states`); the attention hooks need diffusers Attention."""
+        return self.method != "first-block-cache" or model_class == FIRST_BLOCK_CACHE_MODEL
 
 
 class HookedDenoiser:
@@ -56,10 +59,11 @@ class HookedDenoiser:
 
         if peer.method not in METHODS:
             raise ConfigError(f"unknown diffusers cache method '{peer.method}' (known: {', '.join(METHODS)})")
-        if not peer.applies(program.spec.family):
+        if not peer.applies(program.spec.model_class):
             raise ConfigError(f"{peer.method} does not apply to a {program.spec.family} denoiser")
         self.model = copy.deepcopy(program.denoiser).eval()
-        self.sample_arg = "hidden_states" if program.spec.family == "dit" else "sample"
+        channels = adapter_for(program.spec.model_class).block_layout == "channels"
+        self.sample_arg = "sample" if channels else "hidden_states"  # UNet2DModel's name, a transformer's
         self.timestep = 1000.0
         self.swap = peer.method == "faster-cache"
         current = lambda: self.timestep  # noqa: E731

@@ -101,8 +101,8 @@ class Conditioning:
 class ModelSpec:
     """What the pipeline needs to know about the denoiser's architecture."""
 
-    family: str  # "dit" | "unet"
-    model_class: str  # diffusers class name
+    family: str  # the adapter's family name ("dit", "unet", "sd-unet", ...)
+    model_class: str  # diffusers class name (the key of its adapter)
     model_config: dict[str, Any]
     sample_shape: tuple[int, int, int]  # (C, H, W)
     conditioning: Conditioning
@@ -122,13 +122,13 @@ class ModelSpec:
 class CacheSchedule:
     """Feature reuse across steps (DeepCache / FORA / Δ-DiT style), decided ahead of time.
 
-    `region` = (first, stop) over the family's levels: DiT blocks [first, stop) whose summed residual is
-    reused; UNet levels [first, stop) (down block, matching up block and everything deeper) whose
-    output feature is reused. At a refresh step the full network runs and stores the tensor; at the
+    `region` = (first, stop) over the family's levels: blocks [first, stop) of a block stack (DiT, PixArt)
+    whose summed residual is reused; UNet levels [first, stop) (down block, matching up block and everything
+    deeper) whose output feature is reused. At a refresh step the full network runs and stores the tensor; at the
     other steps the region is skipped and the stored tensor from the last refresh step stands in.
     """
 
-    family: str  # "dit" | "unet"
+    family: str  # the denoiser's family (its adapter's cache_cut gives the region its meaning)
     region: tuple[int, int]
     refresh: tuple[bool, ...]  # per step; step 0 always refreshes
 

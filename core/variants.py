@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.adapters import denoiser_module
-from core.caching import CACHE, steps_module
+from core.caching import CACHE, variant_module
 from core.conditions import encode
 from core.ir import CACHED, DENOISER, FULL, DiffusionProgram
 from core.sampling import DenoiseFn, Variants, sample
@@ -59,8 +59,8 @@ def graph_variants(program: DiffusionProgram, region: tuple[int, int] | None = N
     if region is None and program.plan.cache is None:
         return {DENOISER: GraphVariant(DENOISER, denoiser_module(program))}
     return {
-        FULL: GraphVariant(FULL, steps_module(program, FULL, region), carried_out=(CACHE,)),
-        CACHED: GraphVariant(CACHED, steps_module(program, CACHED, region), carried_in=(CACHE,)),
+        FULL: GraphVariant(FULL, variant_module(program, FULL, region), carried_out=(CACHE,)),
+        CACHED: GraphVariant(CACHED, variant_module(program, CACHED, region), carried_in=(CACHE,)),
     }
 
 

@@ -1,4 +1,4 @@
-"""Depth pruning: remove whole transformer blocks of a DiT.
+"""Depth pruning: remove whole blocks of a family's block stack (its adapter's `block_stack`: DiT, PixArt).
 
 LAPTOP-Diff's one-shot criterion: each block's removal is scored alone by the distortion of the
 model output it causes, ||f_without_b(x) - f(x)||^2 / ||f(x)||^2 on calibration inputs stratified
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from calibration.sensitivity import output_distortions
-from core.adapters import denoiser_module, parameter_count, respec
-from core.caching import BLOCK_FAMILIES, LEVEL_FAMILIES, reuses_blocks
+from core.adapters import adapter_for, adapters, denoiser_module, parameter_count, respec
+from core.adapters.base import Adapter
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -82,13 +82,24 @@ def _count(config: Config, depth: int) -> int:
     return int(config.fraction * depth) if config.fraction else config.blocks
 
 
+def _stacked(adapter: Adapter) -> bool:
+    return adapter.block_stack is not None
+
+
+def _level_only(adapter: Adapter) -> bool:
+    """A family whose blocks are all levels of a UNet (channel layout, each changing resolution or width):
+    nothing to remove, width pruning applies; a target's recipe serves every family, so the pass says so
+    instead of refusing."""
+    return adapter.block_stack is None and adapter.block_layout == "channels"
+
+
 def check_program(config: Config, program: DiffusionProgram) -> None:
     depth, family = len(program.spec.blocks), program.spec.family
-    if family not in (*BLOCK_FAMILIES, *LEVEL_FAMILIES):
-        raise ConfigError(
-            f"layer_removal: not implemented for the {family} family (block stacks: {', '.join(BLOCK_FAMILIES)})"
-        )
-    if not reuses_blocks(family):
+    adapter = adapter_for(program.spec.model_class)
+    if not (_stacked(adapter) or _level_only(adapter)):
+        stacks = ", ".join(sorted(a.family for a in adapters().values() if _stacked(a)))
+        raise ConfigError(f"layer_removal: not implemented for the {family} family (block stacks: {stacks})")
+    if not _stacked(adapter):
         return
     if config.fraction and _count(config, depth) == 0:
         raise ConfigError(f"layer_removal: fraction {config.fraction} of {depth} blocks removes none")
@@ -97,18 +108,19 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
-    if not reuses_blocks(program.spec.family):  # a target's recipe serves every family: say so in the report
+    adapter = adapter_for(program.spec.model_class)
+    if not _stacked(adapter):  # a target's recipe serves every family: say so in the report
         skipped = (
             f"a {program.spec.family} has no transformer blocks to remove (its blocks change resolution or "
             "channel count); width pruning (prune) applies"
         )
         return PassResult(program.replace(), LayerRemovalDecision(skipped=skipped))
     model = copy.deepcopy(program.denoiser).eval()
-    count = len(model.transformer_blocks)
+    count = len(adapter.blocks(model))
     blocks = _count(config, count)
     if blocks >= count:
         raise ConfigError(f"layer_removal: cannot remove {blocks} of {count} blocks")
-    scores = _distortions(program, model, config, ctx) if config.criterion == "distortion" else None
+    scores = _distortions(program, adapter, model, config, ctx) if config.criterion == "distortion" else None
     if scores is None:
         removed = list(range(count - blocks, count))
     else:
@@ -125,8 +137,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     if not removed:
         raise ConfigError(f"layer_removal: no block fits max_distortion {config.max_distortion}")
     kept = [b for b in range(count) if b not in removed]
-    model.transformer_blocks = nn.ModuleList(model.transformer_blocks[b] for b in kept)
-    model.register_to_config(num_layers=len(kept))
+    blocks_kept = adapter.blocks(model)
+    adapter.set_blocks(model, nn.ModuleList(blocks_kept[b] for b in kept))
     decision = LayerRemovalDecision(
         criterion=config.criterion,
         removed=sorted(removed),
@@ -140,17 +152,19 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     return PassResult(respec(program, model, tuple(origin[b] for b in kept)), decision)
 
 
-def _distortions(program: DiffusionProgram, model: nn.Module, config: Config, ctx: Context) -> list[float]:
+def _distortions(
+    program: DiffusionProgram, adapter: Adapter, model: nn.Module, config: Config, ctx: Context
+) -> list[float]:
     """One-shot output distortion of removing each block alone."""
-    blocks = model.transformer_blocks
+    blocks = adapter.blocks(model)
 
     @contextlib.contextmanager
     def without(b: int) -> Iterator[None]:
-        model.transformer_blocks = nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b)
+        setattr(model, adapter.block_stack, nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b))
         try:
             yield
         finally:
-            model.transformer_blocks = blocks
+            setattr(model, adapter.block_stack, blocks)
 
     module = denoiser_module(program.replace(denoiser=model))
     edits = [functools.partial(without, b) for b in range(len(blocks))]

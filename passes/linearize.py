@@ -31,9 +31,9 @@ from torch import nn
 
 from calibration.distill_data import distill
 from calibration.sensitivity import output_distortions
-from core.adapters import denoiser_module, respec
+from core.adapters import adapter_for, adapters, denoiser_module, respec
+from core.adapters.base import Adapter
 from core.attention import FEATURE_MAPS, LinearAttention, LocalAttention
-from core.caching import BLOCK_FAMILIES
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -123,12 +123,13 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    if program.spec.family not in BLOCK_FAMILIES:
+    adapter = adapter_for(program.spec.model_class)
+    if adapter.block_stack is None:
+        stacks = ", ".join(sorted(a.family for a in adapters().values() if a.block_stack is not None))
         raise ConfigError(
-            f"linearize: replaces the self-attention of transformer blocks ({', '.join(BLOCK_FAMILIES)}), "
-            f"not a {program.spec.family}"
+            f"linearize: replaces the self-attention of transformer blocks ({stacks}), not a {program.spec.family}"
         )
-    if _count(config, len(program.denoiser.transformer_blocks)) == 0:
+    if _count(config, len(adapter.blocks(program.denoiser))) == 0:
         raise ConfigError("linearize: blocks / fraction select no block")
 
 
@@ -138,10 +139,9 @@ def _count(config: Config, depth: int) -> int:
     return min(depth, config.blocks or round(config.fraction * depth))
 
 
-def _grid(program: DiffusionProgram) -> tuple[int, int]:
-    patch = program.denoiser.config.patch_size
-    _, height, width = program.spec.sample_shape
-    return height // patch, width // patch
+def _attention(adapter: Adapter, model: nn.Module, block: int) -> nn.Module:
+    """The self-attention of block `block` of the family's stack."""
+    return getattr(adapter.blocks(model)[block], adapter.self_attention)
 
 
 def _processor(config: Config, grid: tuple[int, int], attn: nn.Module) -> nn.Module:
@@ -153,9 +153,10 @@ def _processor(config: Config, grid: tuple[int, int], attn: nn.Module) -> nn.Mod
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
-    grid = _grid(program)
+    adapter = adapter_for(program.spec.model_class)
+    grid = adapter.token_grid(program.denoiser, program.spec.sample_shape)
     student_model = copy.deepcopy(program.denoiser).eval().requires_grad_(False)
-    blocks = student_model.transformer_blocks
+    blocks = adapter.blocks(student_model)
     count = _count(config, len(blocks))
     by_sensitivity = config.selection == "sensitivity" and count < len(blocks)
     scores = None
@@ -166,9 +167,9 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     else:
         replaced = list(range(len(blocks) - count, len(blocks)))
     for b in replaced:
-        attn = blocks[b].attn1
+        attn = _attention(adapter, student_model, b)
         attn.set_processor(_processor(config, grid, attn))
-    mechanism = _describe(blocks[replaced[0]].attn1.processor)
+    mechanism = _describe(_attention(adapter, student_model, replaced[0]).processor)
     decision = dict(
         kind=config.kind, mechanism=mechanism, replaced=replaced, depth=len(blocks), selection=config.selection
     )
@@ -198,8 +199,9 @@ def _within_budget(
     reverted = []
     while trail[-1] < budget and len(replaced) > 1:
         block = max(replaced, key=lambda b: scores[b])
-        original = copy.deepcopy(program.denoiser.transformer_blocks[block].attn1).requires_grad_(False)
-        student_model.transformer_blocks[block].attn1 = original
+        adapter = adapter_for(program.spec.model_class)
+        original = copy.deepcopy(_attention(adapter, program.denoiser, block)).requires_grad_(False)
+        setattr(adapter.blocks(student_model)[block], adapter.self_attention, original)
         replaced.remove(block)
         reverted.append(block)
         trail.append(replay_psnr(respec(program, student_model), ctx.calibration))
@@ -234,7 +236,8 @@ def _sensitivities(
             attn.set_processor(original)
 
     module = denoiser_module(program.replace(denoiser=model))
-    edits = [functools.partial(replaced, block.attn1) for block in model.transformer_blocks]
+    adapter = adapter_for(program.spec.model_class)
+    edits = [functools.partial(replaced, _attention(adapter, model, b)) for b in range(len(adapter.blocks(model)))]
     desc = "linearize: scoring blocks"
     return output_distortions(module, ctx.calibration, config.scoring_samples, 64, ctx.rng, edits, ctx.progress, desc)
 
@@ -243,10 +246,11 @@ def _distill(program: DiffusionProgram, student_model: nn.Module, replaced: list
     """Train the replaced attention layers (projections and the processor's own weights) only."""
     teacher_program = ctx.reference
     student = denoiser_module(program.replace(denoiser=student_model))
-    layers = nn.ModuleList(student_model.transformer_blocks[b].attn1 for b in replaced)
+    adapter = adapter_for(program.spec.model_class)
+    layers = nn.ModuleList(_attention(adapter, student_model, b) for b in replaced)
     origin = program.spec.origins()
     teacher_blocks = [teacher_program.denoiser.get_submodule(name) for name in teacher_program.spec.blocks]
-    pairs = [(student_model.transformer_blocks[b].attn1, teacher_blocks[origin[b]].attn1) for b in replaced]
+    pairs = [(layers[i], getattr(teacher_blocks[origin[b]], adapter.self_attention)) for i, b in enumerate(replaced)]
     return distill(
         student,
         layers,

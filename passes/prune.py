@@ -22,7 +22,8 @@ from torch import nn
 
 from calibration import selection
 from core import surgery
-from core.adapters import denoiser_module, parameter_count, respec
+from core.adapters import adapter_for, adapters, denoiser_module, parameter_count, respec
+from core.adapters.base import CHANNELS, CROSS_HEADS, HEADS, MLP
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
@@ -31,16 +32,14 @@ from passes.analyses import FLOPS
 from passes.base import Context, Pass, PassResult, Phase
 
 CRITERIA = ("taylor", "distortion", "magnitude")
-# The config fields each family's layers read.
-BLOCK_FIELDS = ("heads", "cross_heads", "mlp")
-FIELDS = {"dit": BLOCK_FIELDS, "pixart": BLOCK_FIELDS, "unet": ("channels",), "sd-unet": (*BLOCK_FIELDS, "channels")}
-FAMILIES = tuple(FIELDS)
+FIELDS = (HEADS, CROSS_HEADS, MLP, CHANNELS)  # a config field per unit kind (the adapter's `prunable`)
 
 
 @dataclass
 class Config:
-    # Each family reads its own fields: transformer blocks (DiT, PixArt and an SD UNet's attention
-    # blocks) `heads`, `cross_heads` and `mlp`; resnets (UNet, SD UNet) `channels`.
+    # A family reads the fields of the unit kinds its adapter lists as prunable: transformer blocks (DiT,
+    # PixArt and an SD UNet's attention blocks) `heads`, `cross_heads` and `mlp`; resnets (UNet, SD UNet)
+    # `channels`.
     heads: float = 0.0  # fraction of self-attention heads removed in every transformer block
     cross_heads: float = 0.0  # fraction of cross-attention (prompt) heads removed in every transformer block
     mlp: float = 0.25  # fraction of MLP hidden units removed in every transformer block
@@ -69,7 +68,7 @@ class PruneDecision(Decision):
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    for name in ("heads", "cross_heads", "mlp", "channels"):
+    for name in FIELDS:
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ConfigError(f"prune: {name} is a fraction of units to remove, in [0, 1)")
     if config.criterion not in CRITERIA:
@@ -94,9 +93,10 @@ class Group:
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
-    groups = list(_groups(program.spec.family, model, config))
+    kinds = _kinds(program)
+    groups = list(_groups(program, model, config))
     if not any(g.remove for g in groups):
-        fields = " / ".join(FIELDS[program.spec.family])
+        fields = " / ".join(kinds)
         raise ConfigError(f"prune: nothing to remove: with these {fields} fractions every layer keeps all its units")
     scores = _scores(program, model, groups, config, ctx)
     removed = {}
@@ -107,25 +107,27 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     before = parameter_count(program.denoiser)
     after = parameter_count(model)
     pruned = respec(program, model)
-    fractions = {k: getattr(config, k) for k in FIELDS[program.spec.family]}
+    fractions = {k: getattr(config, k) for k in kinds}
     decision = PruneDecision(config.criterion, fractions, removed, before, after)
     return PassResult(pruned, decision)
 
 
-def _groups(family: str, model: nn.Module, config: Config) -> Iterator[Group]:
-    if family not in FAMILIES:
-        raise ConfigError(f"prune: no pruning rules for the {family} family (supported: {', '.join(FAMILIES)})")
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind == "ResnetBlock2D" and family in ("unet", "sd-unet") and config.channels:
-            yield _resnet_group(name, module, config.channels)
-        elif kind == "BasicTransformerBlock" and family != "unet":
-            if config.heads:
-                yield _head_group(f"{name}.attn1", module.attn1, config.heads)
-            if config.cross_heads and module.attn2 is not None:
-                yield _head_group(f"{name}.attn2", module.attn2, config.cross_heads)
-            if config.mlp:
-                yield _mlp_group(f"{name}.ff", module.ff, config.mlp)
+def _kinds(program: DiffusionProgram) -> tuple[str, ...]:
+    kinds = adapter_for(program.spec.model_class).prunable
+    if not kinds:
+        supported = sorted({a.family for a in adapters().values() if a.prunable})
+        raise ConfigError(
+            f"prune: no pruning rules for the {program.spec.family} family (supported: {', '.join(supported)})"
+        )
+    return kinds
+
+
+def _groups(program: DiffusionProgram, model: nn.Module, config: Config) -> Iterator[Group]:
+    """A group per prunable site the family's adapter lists, of the kinds this config removes."""
+    build = {HEADS: _head_group, CROSS_HEADS: _head_group, MLP: _mlp_group, CHANNELS: _resnet_group}
+    for name, kind, module in adapter_for(program.spec.model_class).prunable_units(model):
+        if getattr(config, kind):
+            yield build[kind](name, module, getattr(config, kind))
 
 
 def _count(units: int, fraction: float) -> int:
@@ -236,10 +238,7 @@ def _per_unit(group: Group, elementwise: Callable[[nn.Parameter], torch.Tensor])
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    if program.spec.family not in FAMILIES:
-        raise ConfigError(
-            f"prune: no pruning rules for the {program.spec.family} family (supported: {', '.join(FAMILIES)})"
-        )
+    _kinds(program)
 
 
 PASS = Pass(

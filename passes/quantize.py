@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from calibration import selection
-from core.adapters import Denoiser, denoiser_module
+from core.adapters import Denoiser, adapter_for, denoiser_module
 from core.allocation import cheapest_within
 from core.conditions import encode
 from core.errors import ConfigError
@@ -184,10 +184,9 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     model = copy.deepcopy(program.denoiser).eval()
     denoiser = denoiser_module(program.replace(denoiser=model))
     kept = _kept_fp32(program, config) | {n for n, w in config.layer_weights.items() if w == "fp32"}
+    kinds = adapter_for(program.spec.model_class).quantizable
     targets = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.Conv2d) and not any(_under(name, k) for k in kept)
+        name: m for name, m in model.named_modules() if isinstance(m, kinds) and not any(_under(name, k) for k in kept)
     }
     if not targets:
         raise ConfigError("quantize: no Linear/Conv2d layers left to quantize")
@@ -272,7 +271,7 @@ def _kept_fp32(program: DiffusionProgram, config: Config) -> set[str]:
     if config.keep_temporal:
         kept |= set(program.spec.temporal_modules)
     if config.cross_kv == "fp32":
-        kept |= {n for n, _ in program.denoiser.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+        kept |= set(adapter_for(program.spec.model_class).prompt_projections(program.denoiser))
     return kept
 
 

@@ -125,9 +125,13 @@ def test_the_guard_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_sees_every_command() -> None:
-    """`python -m optimizer.cli CMD` runs the module as a script: its __main__ guard must come after every
-    command definition, or the commands below it do not exist yet."""
-    tree = ast.parse((ROOT / "optimizer" / "cli.py").read_text())
-    body = tree.body
-    guards = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    assert guards == [len(body) - 1]
+    """`python -m optimizer.cli CMD` runs the package's __main__, after the package registered every command
+    module; the package imports each command module of its folder."""
+    package = ROOT / "optimizer" / "cli"
+    tree = ast.parse((package / "__main__.py").read_text())
+    assert [ast.unparse(n) for n in tree.body if isinstance(n, ast.ImportFrom)] == ["from optimizer.cli import main"]
+    init = ast.parse((package / "__init__.py").read_text())
+    imports = [n for n in init.body if isinstance(n, ast.ImportFrom) and n.module == "optimizer.cli"]
+    imported = {alias.name for node in imports for alias in node.names}
+    commands = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__", "app"}
+    assert commands and commands <= imported

@@ -9,7 +9,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from core.adapters.base import GUIDANCE, Adapter
+from core.adapters.base import GUIDANCE, Adapter, same_batch
 from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
@@ -22,6 +22,7 @@ __all__ = [
     "adapters",
     "denoiser_module",
     "parameter_count",
+    "register",
     "respec",
     "same_batch",
 ]
@@ -31,6 +32,14 @@ __all__ = [
 def adapters() -> dict[str, Adapter]:
     """Every adapter module's ADAPTER, by the model class it handles."""
     return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base", "text")).values()}
+
+
+def register(adapter: Adapter) -> None:
+    """Add a family defined outside this package (a plugin, a test): one adapter, no technique edited."""
+    known = adapters()
+    if adapter.model_class in known and known[adapter.model_class] is not adapter:
+        raise ValueError(f"a family for {adapter.model_class} is registered already")
+    known[adapter.model_class] = adapter
 
 
 def adapter_for(model_class: str) -> Adapter:
@@ -67,12 +76,6 @@ class Denoiser(nn.Module):
     def apply(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The call with condition tensors by name (a core.sampling.DenoiseFn)."""
         return self(sample, timestep, *(cond[name] for name in self.condition_names))
-
-
-def same_batch(*tensors: torch.Tensor) -> None:
-    """Tell torch.export every input shares the batch dimension (a model may only imply it later)."""
-    for tensor in tensors[1:]:
-        torch._check(tensor.shape[0] == tensors[0].shape[0])
 
 
 def denoiser_module(program: DiffusionProgram) -> Denoiser:

@@ -1,9 +1,11 @@
 """What every family adapter provides: build, call with its conditioning, describe (blocks, temporal
-modules, attention sites) and the config caps checked before building."""
+modules, attention sites) and the config caps checked before building; and the description of its family
+that the techniques read instead of naming families (diffusers' block registry plays this role for its
+cache hooks): the block stack, the cache cut points, the prunable units, the layers that read the prompt."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +18,19 @@ from core.validate import is_int
 
 GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Denoiser adds it, per sample)
 
+# Cache cut points (core.caching): a range of the block stack whose summed residual is reused (FORA,
+# Δ-DiT), or the levels of a UNet whose up-path feature is reused (DeepCache).
+BLOCK_RANGE, UNET_LEVELS = "block-range", "unet-levels"
+# Prunable units (passes.prune): an Attention's heads (self / cross), a FeedForward's hidden units, a
+# ResnetBlock2D's inner channels (whole GroupNorm groups).
+HEADS, CROSS_HEADS, MLP, CHANNELS = "heads", "cross_heads", "mlp", "channels"
+
+
+def same_batch(*tensors: torch.Tensor) -> None:
+    """Tell torch.export every input shares the batch dimension (a model may only imply it later)."""
+    for tensor in tensors[1:]:
+        torch._check(tensor.shape[0] == tensors[0].shape[0])
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -25,6 +40,63 @@ class Adapter:
     CAPS: ClassVar[dict[str, int]] = {}
     # The layout of a block's sample stream: "tokens" ([B, N, D]) or "channels" ([B, C, *spatial]).
     block_layout: ClassVar[str] = "tokens"
+
+    # The family's description, read by the techniques.
+    # The attribute holding the stack of identical blocks (removable, linearizable, cacheable as a range),
+    # and the config field that counts them; None: no such stack (UNet levels change resolution).
+    block_stack: ClassVar[str | None] = None
+    depth_field: ClassVar[str | None] = None
+    self_attention: ClassVar[str] = "attn1"  # a stack block's self-attention (what linearize replaces)
+    cache_cut: ClassVar[str | None] = None  # BLOCK_RANGE, UNET_LEVELS or None (feature caching refused)
+    prunable: ClassVar[tuple[str, ...]] = ()  # the unit kinds passes.prune may remove (HEADS, ... above)
+    # The layer types passes.quantize quantizes (what core.quantized.QuantizedLayer emulates and lowers).
+    quantizable: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The block stack (see `block_stack`)."""
+        if self.block_stack is None:
+            raise ValueError(f"a {self.family} has no block stack")
+        return getattr(model, self.block_stack)
+
+    def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Replace the block stack (in place), keeping the config's count of blocks in step."""
+        setattr(model, self.block_stack, blocks)
+        if self.depth_field is not None:
+            model.register_to_config(**{self.depth_field: len(blocks)})
+
+    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, int]:
+        """The (rows, columns) grid of the self-attention's tokens: the sample's height and width over the
+        patch size (what local and convolutional attention replacements need)."""
+        patch = model.config.patch_size
+        return sample_shape[-2] // patch, sample_shape[-1] // patch
+
+    def cache_variant(
+        self, model: nn.Module, region: tuple[int, int], mode: str, condition_names: tuple[str, ...]
+    ) -> nn.Module | None:
+        """The family's own forward restated with the cache cut points exposed (core.caching.CacheVariant),
+        or None: the generic variant of `cache_cut` runs this adapter's forward with blocks substituted."""
+        return None
+
+    def prunable_units(self, model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+        """(name, unit kind, module) of every prunable site, in module order: a BasicTransformerBlock's
+        self-attention heads, cross-attention heads and MLP units; a ResnetBlock2D's channels; the kinds
+        in `prunable` only."""
+        for name, module in model.named_modules():
+            kind = type(module).__name__
+            if kind == "ResnetBlock2D" and CHANNELS in self.prunable:
+                yield name, CHANNELS, module
+            elif kind == "BasicTransformerBlock":
+                if HEADS in self.prunable:
+                    yield f"{name}.attn1", HEADS, module.attn1
+                if CROSS_HEADS in self.prunable and module.attn2 is not None:
+                    yield f"{name}.attn2", CROSS_HEADS, module.attn2
+                if MLP in self.prunable:
+                    yield f"{name}.ff", MLP, module.ff
+
+    def prompt_projections(self, model: nn.Module) -> tuple[str, ...]:
+        """The layers that read the prompt embeddings (cross-attention keys and values): the same for every
+        step, so quantization may keep them fp32 at no per-step cost."""
+        return tuple(n for n, _ in model.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v")))
 
     def block_stream(self, output: Any) -> torch.Tensor:
         """The sample stream of a block's output (a UNet level also returns its skip features; a joint

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from core.adapters.base import BLOCK_RANGE, CROSS_HEADS, HEADS, MLP
 from core.adapters.text import TextAdapter
 from core.ir import Stages
 
@@ -38,6 +39,10 @@ class PixArtAdapter(TextAdapter):
         "cross_attention_dim": 65536,
         "caption_channels": 65536,
     }
+    block_stack: ClassVar[str | None] = "transformer_blocks"
+    depth_field: ClassVar[str | None] = "num_layers"
+    cache_cut: ClassVar[str | None] = BLOCK_RANGE
+    prunable: ClassVar[tuple[str, ...]] = (HEADS, CROSS_HEADS, MLP)
     MAX_TOKENS: ClassVar[int] = 120  # PixArtAlphaPipeline's max_sequence_length
     PIXELS_PER_LATENT: ClassVar[int] = 8  # the size conditioning of use_additional_conditions models
 

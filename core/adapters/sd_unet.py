@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from core.adapters.base import GUIDANCE
+from core.adapters.base import CHANNELS, CROSS_HEADS, GUIDANCE, HEADS, MLP, UNET_LEVELS
 from core.adapters.text import TextAdapter
 from core.ir import Stages
 
@@ -74,6 +74,8 @@ class SDUNetAdapter(TextAdapter):
     }
     VAE_SCALE: ClassVar[int] = 8  # every SD/SDXL VAE; our own pipelines pass theirs via the stages
     block_layout: ClassVar[str] = "channels"
+    cache_cut: ClassVar[str | None] = UNET_LEVELS
+    prunable: ClassVar[tuple[str, ...]] = (HEADS, CROSS_HEADS, MLP, CHANNELS)
 
     # LatentConsistencyModelPipeline's default guidance_scale, for a call without the program's own value
     # (core.caching's shells); the Denoiser passes the program's (Conditioning.embedded_guidance).

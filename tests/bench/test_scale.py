@@ -5,7 +5,7 @@ import pytest
 
 from bench.scale import GEOMETRIES, compare_at_scale, scaled_recipe
 from core.errors import ConfigError
-from optimizer.cli import SCALE_GEOMETRIES
+from optimizer.cli.timing import SCALE_GEOMETRIES
 
 
 def test_the_cli_offers_every_geometry():

@@ -14,7 +14,7 @@ from backends.registry import open_runner
 from calibration import capture as calib
 from calibration.capture import evaluation_set
 from core.adapters import denoiser_module
-from core.caching import steps_module
+from core.caching import variant_module
 from core.errors import ConfigError, LoadError
 from core.flops import count_flops, plan_flops, variant_flops
 from core.ir import CacheSchedule, SamplingPlan
@@ -60,23 +60,23 @@ def test_variants_restate_the_diffusers_forward(family, regions, request):
     with torch.no_grad():
         reference = denoiser_module(program)(x, t, y)
         for region in regions:
-            out, stored = steps_module(program, "full", region)(x, t, y)
+            out, stored = variant_module(program, "full", region)(x, t, y)
             assert torch.equal(out, reference), region  # the full variant is the model, bit for bit
             # Fed the tensor stored at this very step, the cached variant gives the same output.
-            cached = steps_module(program, "cached", region)(x, t, y, stored)
+            cached = variant_module(program, "cached", region)(x, t, y, stored)
             torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-5)
             # Fed another step's tensor, it does not: the region really is skipped.
-            other = steps_module(program, "full", region)(x, t.flip(0), y)[1]
-            assert not torch.allclose(steps_module(program, "cached", region)(x, t, y, other), reference, atol=1e-3)
+            other = variant_module(program, "full", region)(x, t.flip(0), y)[1]
+            assert not torch.allclose(variant_module(program, "cached", region)(x, t, y, other), reference, atol=1e-3)
 
 
 def test_bad_regions_and_schedules_are_refused(dit_program, unet_program):
     with pytest.raises(ConfigError, match="outside"):
-        steps_module(dit_program, "full", (2, 9))
+        variant_module(dit_program, "full", (2, 9))
     with pytest.raises(ConfigError, match="first >= 1"):
-        steps_module(unet_program, "full", (0, 3))
+        variant_module(unet_program, "full", (0, 3))
     with pytest.raises(ConfigError, match=r"first >= 1 \(levels recomputed\)"):
-        steps_module(unet_program, "full", (1, 2))
+        variant_module(unet_program, "full", (1, 2))
     with pytest.raises(ValueError, match="refresh at step 0"):
         CacheSchedule("dit", (0, 8), (False, True))
     plan = dit_program.plan

@@ -13,7 +13,7 @@ from backends.registry import open_runner
 from calibration.capture import capture_calibration
 from core import surgery
 from core.adapters import denoiser_module
-from core.caching import steps_module
+from core.caching import variant_module
 from core.conditions import encode
 from core.loading import load_program
 from core.sampling import to_images
@@ -66,12 +66,12 @@ def test_cache_variants_restate_the_forward(programs, family, regions):
     with torch.no_grad():
         reference = denoiser_module(program)(x, t, *args)
         for region in regions:
-            out, stored = steps_module(program, "full", region)(x, t, *args)
+            out, stored = variant_module(program, "full", region)(x, t, *args)
             assert torch.equal(out, reference), region
-            cached = steps_module(program, "cached", region)(x, t, *args, stored)
+            cached = variant_module(program, "cached", region)(x, t, *args, stored)
             torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-5)
-            other = steps_module(program, "full", region)(x, t.flip(0), *args)[1]
-            assert not torch.allclose(steps_module(program, "cached", region)(x, t, *args, other), reference)
+            other = variant_module(program, "full", region)(x, t.flip(0), *args)[1]
+            assert not torch.allclose(variant_module(program, "cached", region)(x, t, *args, other), reference)
 
 
 @pytest.mark.parametrize("family", ["sd", "pixart"])
