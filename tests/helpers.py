@@ -423,7 +423,9 @@ SHORT = {  # training budgets of the shipped recipes, cut for mechanics
 SEARCH = {"trials": 1, "startup_trials": 1, "finalists": 1, "proxy_samples": 2, "latency_repeats": 1}
 
 
-def shortened(name: str, folder) -> str:
+def shortened(name: str, folder, first: dict | None = None) -> str:
+    """The shipped target `name` with its training budgets cut (SHORT) and a search target's search cut to one
+    trial (SEARCH): its first listed recipe, or `first` (knob -> choice)."""
     import json
 
     from optimizer.targets import TARGETS_DIR
@@ -432,7 +434,7 @@ def shortened(name: str, folder) -> str:
     recipes = [data["recipe"], *data.get("alternatives", [])]
     if "search" in data:
         data["search"].update(SEARCH)
-        data["search"]["first"] = data["search"].get("first", [])[:1]
+        data["search"]["first"] = [first] if first else data["search"].get("first", [])[:1]
         recipes += [fragment for knob in data["search"]["knobs"].values() for fragment in knob.values()]
     for recipe in recipes:
         for step in recipe:
