@@ -12,7 +12,8 @@ from core.fileio import recorded_file, sha256_files, write_json
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan
 from core.limits import MAX_SAMPLE_ELEMENTS, MAX_STEPS
 from core.outputs import PLAN_FILE, PLAN_FORMAT, PLAN_VERSIONS, resolve
-from core.sampling import build_scheduler, uses_guidance
+from core.sampling import uses_guidance
+from core.schedulers import build_scheduler
 from core.validate import get, integer, is_int, of_type, read_json_object, string_list
 
 from .onnx_export import LOOP_INPUTS, data_file

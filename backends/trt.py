@@ -66,7 +66,7 @@ class TensorrtBackend:
             cache = folder / TIMING_CACHE
             built = [build_engine(folder / g, engine_path(folder / g), cache, self.max_batch) for g in written["onnx"]]
             record_files(folder, [p.name for p in built])
-            status = {"built": [p.name for p in built]}
+            status: dict[str, Any] = {"built": [p.name for p in built]}
         else:
             status = {"built": [], "reason": reason or "the TensorRT lint found errors (see the lint)"}
         return {**written, "tensorrt": {"lint": lint, "engines": status}}

@@ -13,6 +13,7 @@ Wall clock is torch per image, taken side by side in one run; only our rows lowe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -128,13 +129,15 @@ def compare_caching(
     timed_seeds = seeds[:timed_images]
     timed_batch = batch.rows(slice(0, timed_images))
     timed = paired_median_ms(
-        {id(r.denoise): (lambda r=r: _sample(r, timed_seeds, timed_batch, one_by_one=True)) for r in rows},
+        {str(id(r.denoise)): functools.partial(_sample, r, timed_seeds, timed_batch, one_by_one=True) for r in rows},
         repeats=2 * timing_rounds,
         warmup=1,
         rounds=timing_rounds,
     )
-    original_ms = timed[id(rows[0].denoise)]
-    return [_summary(r, base, timed[id(r.denoise)] / len(timed_seeds), original_ms / len(timed_seeds)) for r in rows]
+    original_ms = timed[str(id(rows[0].denoise))]
+    return [
+        _summary(r, base, timed[str(id(r.denoise))] / len(timed_seeds), original_ms / len(timed_seeds)) for r in rows
+    ]
 
 
 def _budget(fraction: float) -> float:

@@ -105,9 +105,10 @@ def _row(kind: str, name: str, summary: dict[str, Any], seed_set: int) -> dict[s
 def ordered(rows: list[dict[str, Any]], prefix: str) -> bool | None:
     """Whether good < mild < broken on `prefix`'s shift (None: the metric was not measured)."""
     values = [next(r.get(f"{prefix}_shift") for r in rows if r["kind"] == kind) for kind in GRADED]
-    if any(v is None for v in values):
+    good, mild, broken = values
+    if good is None or mild is None or broken is None:
         return None
-    return values[0] < values[1] < values[2]
+    return good < mild < broken
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -8,6 +8,7 @@ vs the original loop on the same seeds. Rows at equal compression differ only in
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +120,9 @@ def compare_pruning(
         x = torch.randn(2, *spec.sample_shape)
         t = torch.full((2,), 500.0)
         cond = example_conditions(spec.conditioning, 2)
-        timed = paired_median_ms({n: (lambda g=g: g(x, t, cond)) for n, g in graphs.items()}, repeats=latency_repeats)
+        timed = paired_median_ms(
+            {n: functools.partial(g, x, t, cond) for n, g in graphs.items()}, repeats=latency_repeats
+        )
     for r in results:
         if "failed" not in r:
             r["ort_step_ms"] = timed[r["name"]]

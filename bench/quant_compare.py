@@ -24,7 +24,8 @@ from calibration import selection
 from core.adapters import denoiser_module, torch_denoise
 from core.conditions import encode
 from core.ir import DiffusionProgram
-from core.sampling import build_scheduler, sample
+from core.sampling import sample
+from core.schedulers import build_scheduler
 from passes.manager import offline_context, plan_passes, run_passes
 from verify.fidelity import per_step_error
 from verify.verdict import Verdict, floor_cell
@@ -63,7 +64,8 @@ def compare_quantization(
     num_classes = program.spec.conditioning.num_classes
     trajectories, seeds, conditions, reference, verdict = comparison_set(program, samples, calibration_samples, log)
     batch = encode(program, conditions, len(seeds))
-    results = []
+    results: list[dict[str, Any]] = []
+    denoise: Callable[..., Any]
     with tempfile.TemporaryDirectory(prefix="quant-compare-") as tmp:
         work = Path(tmp)
         onnxruntime = get_backend({"name": "onnxruntime"})

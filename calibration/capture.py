@@ -21,7 +21,8 @@ from core.conditions import condition_set, encode
 from core.errors import ConfigError, LoadError
 from core.fileio import require_regular_file, write_atomic
 from core.ir import DiffusionProgram
-from core.sampling import model_calls, sample, uses_guidance
+from core.sampling import sample, uses_guidance
+from core.schedulers import model_calls
 from core.variants import torch_loop
 
 CALIBRATION_SEED = seeds.CALIBRATION  # calibration seeds start here, evaluation seeds at 0 (core.seeds)

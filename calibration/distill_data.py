@@ -18,7 +18,8 @@ from calibration.capture import Trajectories, evaluation_set
 from core import seeds
 from core.adapters import denoiser_module
 from core.ir import DiffusionProgram
-from core.sampling import add_noise, build_scheduler
+from core.noising import add_noise
+from core.schedulers import build_scheduler
 from core.training import FeatureHooks, Trainer, TrainLog, distillation_loss
 
 TEACHER_SEED = seeds.TEACHER  # fresh trajectories, + the run's --seed (core.seeds)

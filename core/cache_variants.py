@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core.adapters.base import Adapter, same_batch
+from core.errors import ConfigError
 from core.ir import CACHED, FULL
 
 CACHE = "cache"  # name of the carried tensor (ONNX input/output and plan.json)
@@ -117,7 +118,15 @@ class BlockRangeVariant(ShellVariant):
             blocks[stop - 1] = _Record(blocks[stop - 1], self.stash, None, "exit")
         else:
             blocks[first:stop] = [_Reuse(self.stash, k == first) for k in range(first, stop)]
-        self.shell = self._shell(**{adapter.block_stack: nn.ModuleList(blocks)})
+        self.shell = self._shell(**{str(adapter.block_stack): nn.ModuleList(blocks)})
+
+    @staticmethod
+    def levels(adapter: Adapter, model: nn.Module) -> int:
+        return len(adapter.blocks(model))
+
+    @staticmethod
+    def check_region(model: nn.Module, sample_shape: tuple[int, ...], region: tuple[int, int], n: int) -> None:
+        """Any range of the stack is a region."""
 
     def carried(self) -> Any:
         if self.mode == FULL:
@@ -200,6 +209,22 @@ class LevelVariant(ShellVariant):
             mid = _SkippedMid(mid) if mid is not None else None
             up[:cut] = [_SkippedUp(b, self.stash, j == cut - 1) for j, b in enumerate(up[:cut])]
         self.shell = self._shell(down_blocks=nn.ModuleList(down), up_blocks=nn.ModuleList(up), mid_block=mid)
+
+    @staticmethod
+    def levels(adapter: Adapter, model: nn.Module) -> int:
+        return len(model.down_blocks)
+
+    @staticmethod
+    def check_region(model: nn.Module, sample_shape: tuple[int, ...], region: tuple[int, int], n: int) -> None:
+        """A region is the deepest levels (first, n), first >= 1; the UNet's block types and sample size fit."""
+        first, stop = region
+        if first < 1 or stop != n:
+            raise ConfigError(f"a UNet cache region is (first, {n}) with first >= 1 (levels recomputed), got {region}")
+        if any(hasattr(b, "skip_conv") for b in (*model.down_blocks, *model.up_blocks)):
+            raise ConfigError("UNet skip-connection block types (skip_conv) are not supported by feature caching")
+        ups = sum(1 for b in model.up_blocks if getattr(b, "upsamplers", None))
+        if any(side % 2**ups for side in sample_shape[1:]):
+            raise ConfigError(f"feature caching needs a sample size divisible by {2**ups} (the UNet's upsampling)")
 
     def carried(self) -> Any:
         if self.mode == FULL:

@@ -33,15 +33,20 @@ def reuses_blocks(family: str) -> bool:
     return any(a.family == family and a.cache_cut == BLOCK_RANGE for a in adapters().values())
 
 
+def _cut(program: DiffusionProgram) -> type[BlockRangeVariant | LevelVariant]:
+    """The generic variant of the family's cut kind, which knows its levels and admissible regions."""
+    cut = _adapter(program).cache_cut
+    if cut not in GENERIC:
+        supported = ", ".join(sorted(a.family for a in adapters().values() if a.cache_cut))
+        raise ConfigError(
+            f"feature caching does not support the '{program.spec.family}' family (supported: {supported})"
+        )
+    return GENERIC[cut]
+
+
 def levels(program: DiffusionProgram) -> int:
     """How many levels a cache region can span: the blocks of the stack, the UNet's down blocks."""
-    adapter, model = _adapter(program), program.denoiser
-    if adapter.cache_cut == BLOCK_RANGE:
-        return len(adapter.blocks(model))
-    if adapter.cache_cut == UNET_LEVELS:
-        return len(model.down_blocks)
-    supported = ", ".join(sorted(a.family for a in adapters().values() if a.cache_cut))
-    raise ConfigError(f"feature caching does not support the '{program.spec.family}' family (supported: {supported})")
+    return _cut(program).levels(_adapter(program), program.denoiser)
 
 
 def check_region(program: DiffusionProgram, region: tuple[int, int]) -> None:
@@ -49,14 +54,7 @@ def check_region(program: DiffusionProgram, region: tuple[int, int]) -> None:
     n = levels(program)
     if not 0 <= first < stop <= n:
         raise ConfigError(f"cache region {region} is outside the model's {n} levels")
-    if _adapter(program).cache_cut == UNET_LEVELS:
-        if first < 1 or stop != n:
-            raise ConfigError(f"a UNet cache region is (first, {n}) with first >= 1 (levels recomputed), got {region}")
-        if any(hasattr(b, "skip_conv") for b in (*program.denoiser.down_blocks, *program.denoiser.up_blocks)):
-            raise ConfigError("UNet skip-connection block types (skip_conv) are not supported by feature caching")
-        ups = sum(1 for b in program.denoiser.up_blocks if getattr(b, "upsamplers", None))
-        if any(side % 2**ups for side in program.spec.sample_shape[1:]):
-            raise ConfigError(f"feature caching needs a sample size divisible by {2**ups} (the UNet's upsampling)")
+    _cut(program).check_region(program.denoiser, program.spec.sample_shape, region, n)
 
 
 def variant_module(program: DiffusionProgram, mode: str, region: tuple[int, int] | None = None) -> nn.Module:
@@ -68,10 +66,10 @@ def variant_module(program: DiffusionProgram, mode: str, region: tuple[int, int]
             raise ConfigError("the program has no cache schedule")
         region = program.plan.cache.region
     check_region(program, region)
-    adapter, names = _adapter(program), program.spec.conditioning.input_names
-    module = adapter.cache_variant(program.denoiser, tuple(region), mode, names)
+    adapter, names, cut = _adapter(program), program.spec.conditioning.input_names, (region[0], region[1])
+    module = adapter.cache_variant(program.denoiser, cut, mode, names)
     if module is None:
-        module = GENERIC[adapter.cache_cut](adapter, program.denoiser, tuple(region), mode, names)
+        module = _cut(program)(adapter, program.denoiser, cut, mode, names)
     return module.eval()
 
 

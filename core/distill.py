@@ -19,7 +19,8 @@ from core.adapters import Denoiser
 from core.errors import ConfigError
 from core.grid_ddim import x0_and_eps
 from core.ir import DiffusionProgram, SamplingPlan
-from core.sampling import ConditionBatch, build_scheduler, guide, is_flow
+from core.sampling import ConditionBatch, guide
+from core.schedulers import build_scheduler, is_flow
 from core.variants import sample_program
 
 
@@ -84,7 +85,7 @@ class FirstOrder:
 
     def _cumprod(self, t: float) -> float:
         """alpha_bar at timestep t; between integer timesteps through sigma interpolated linearly, as the
-        loop of a fractional grid (Euler's) feeds the model (core.sampling.signal_and_noise)."""
+        loop of a fractional grid (Euler's) feeds the model (core.noising.signal_and_noise)."""
         if t == round(t):
             return float(self.cumprod[round(t)])
         sigmas = ((1 - self.cumprod) / self.cumprod).sqrt().numpy()

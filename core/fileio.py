@@ -14,7 +14,7 @@ from typing import Any
 from core.errors import ConfigError
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
     Only a regular file is ever replaced (never a device node, folder or socket)."""
     if path.exists() and not path.is_file():

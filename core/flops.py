@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from core.ir import DiffusionProgram
-from core.sampling import model_calls, uses_guidance
+from core.sampling import uses_guidance
+from core.schedulers import model_calls
 from core.variants import example_carry, graph_variants
 
 

@@ -175,7 +175,7 @@ class SamplingPlan:
             ts = self.timesteps
             if len(ts) != n or any(not a > b for a, b in itertools.pairwise(ts)) or min(ts) < 0:
                 raise ConfigError(f"sampling.timesteps must be {n} descending values >= 0")
-        # guided_steps and cache.refresh hold one entry per model call (core.sampling.model_calls: a step of
+        # guided_steps and cache.refresh hold one entry per model call (core.schedulers.model_calls: a step of
         # PNDM's warm-up or of Heun's second order calls the model more than once), checked there.
         if self.cache is None:
             return

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from core import diffusers_folder, limits, single_file
-from core import sampling as sampling_scheduler
+from core import diffusers_folder, limits, schedulers, single_file
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
@@ -27,7 +26,7 @@ from core.fileio import sha256_files
 from core.footprint import footprint
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
-from core.sampling import check_plan, is_flow, with_scheduler
+from core.schedulers import check_plan, is_flow, with_scheduler
 from core.stages import load_stages
 from core.validate import finite_tree, get, integer, number, read_json_object
 
@@ -141,7 +140,7 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
         scheduler=get(meta, "scheduler", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SCHEDULER,
         sampling=get(meta, "sampling", (dict, type(None)), where, default=None, error=LoadError) or DEFAULT_SAMPLING,
         conditioning=None if cond is None else _conditioning(cond, f"{where}: conditioning"),
-        source=lambda: Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
+        hash_source=lambda: Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
         where=where,
         allow_large=allow_large,
     )
@@ -172,7 +171,7 @@ def _load_diffusers(
         scheduler=scheduler,
         sampling=found.sampling or DEFAULT_SAMPLING,
         conditioning=None,
-        source=lambda: Source(str(folder), "diffusers", file_digest(list(found.digested)), found.notes),
+        hash_source=lambda: Source(str(folder), "diffusers", file_digest(list(found.digested)), found.notes),
         where=str(found.model_dir / "config.json"),
         scheduler_where=where,
         allow_large=allow_large,
@@ -187,13 +186,13 @@ def _assemble(
     scheduler: dict[str, Any],
     sampling: dict[str, Any],
     conditioning: Conditioning | None,
-    source: Callable[[], Source],
+    hash_source: Callable[[], Source],
     where: str,
     allow_large: bool,
     stages: Stages | None = None,
     scheduler_where: str | None = None,
 ) -> DiffusionProgram:
-    """Check everything that is cheap to check, estimate the cost, then hash (`source()`), build and load.
+    """Check everything that is cheap to check, estimate the cost, then hash (`hash_source()`), build and load.
     `scheduler_where`: the file the scheduler came from (a pipeline's scheduler_config.json)."""
     adapter = adapter_for(model_class)
     finite_tree(config, f"{where}: config", LoadError)
@@ -206,7 +205,7 @@ def _assemble(
     name = weights[0].name if len(weights) == 1 else f"{len(weights)} weight shards"
     what = f"loading {name} ({size / limits.GIB:.1f} GiB on disk, {fp.parameters:,} parameters by config)"
     limits.require_memory(need, what, LARGE_ADVICE, allow_large)
-    source = source()  # hashed only once the memory check let it load
+    source = hash_source()  # hashed only once the memory check let it load
     model = adapter.build(config)
     state = _read_all(weights)
     _check_shapes(model, state, source)
@@ -236,7 +235,7 @@ def _plan(
     `timesteps`: the family's set_timesteps arguments (flow matching's shift) added to the plan."""
     scheduler_class = get(scheduler, "class", str, f"{where}: scheduler", error=LoadError)
     try:
-        sampling_scheduler.scheduler_class(scheduler_class)
+        schedulers.scheduler_class(scheduler_class)
     except ConfigError as exc:
         raise LoadError(f"{where}: scheduler.class: {exc}") from None
     scheduler_config = get(scheduler, "config", dict, f"{where}: scheduler", {}, LoadError)

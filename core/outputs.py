@@ -195,7 +195,7 @@ def clean_stale(parent: Path, log: Callable[[str], None] = lambda _: None, out_n
     """Remove staging/old folders left by dead processes of this host, or older than a week. A failed run's
     folder holding only its error log (the path its exit-3 message names) is kept for a week, unless it
     was a run into the same `out_name` (runs into siblings of one parent never delete each other's logs)."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(parent.iterdir()) if parent.is_dir() else []
     except OSError:
@@ -281,7 +281,7 @@ def _state(out: Path) -> tuple | None:
         st = out.lstat()
     except FileNotFoundError:
         return None
-    entries = ()
+    entries: tuple[tuple[str, int, int, int], ...] = ()
     if out.is_dir() and not out.is_symlink():
         entries = tuple(sorted((e.name, *_stamp(e)) for e in out.iterdir()))
     return (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, entries)

@@ -178,7 +178,8 @@ def train_checked(
     `max_seconds`; without a judge, one chunk. Each chunk's progress lines name its steps and the shift
     that made it run."""
     total = max(chunk, total) if judge is not None else chunk
-    trained, seconds, first, last, checks = 0, 0.0, 0.0, 0.0, []
+    trained, seconds, first, last = 0, 0.0, 0.0, 0.0
+    checks: list[dict[str, float]] = []
     while trained < total and seconds < max_seconds:
         n = min(chunk, total - trained)
         why = f" (distribution shift {checks[-1]['fd_shift']:.3g}, bound {bound:g})" if checks else ""

@@ -19,7 +19,8 @@ from core.fileio import require_regular_file
 from core.footprint import footprint
 from core.ir import DiffusionProgram
 from core.loading import MAX_GUIDANCE, load_program
-from core.sampling import check_plan, model_calls, uses_guidance, with_scheduler
+from core.sampling import uses_guidance
+from core.schedulers import check_plan, model_calls, with_scheduler
 from core.validate import integer, number
 from optimizer.options import JobOptions, Loaded, Progress
 from optimizer.targets import Target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def decision_sections(program: DiffusionProgram) -> list[str]:
     return lines
 
 
-def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()) -> str:
+def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: Sequence[str] = ()) -> str:
     m, v, lat = report["model"], report["verification"], report["latency"]
     lines = [
         f"# Optimization report: {Path(m['source']['path']).name} -> {report['target']['name']}",
@@ -300,7 +301,7 @@ def _flops(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(
-    folder: Path, report: dict[str, Any], gate_results: list[GateResult], sections: list[str] = ()
+    folder: Path, report: dict[str, Any], gate_results: list[GateResult], sections: Sequence[str] = ()
 ) -> None:
     as_json, as_markdown = REPORT_FILES
     write_json(folder / as_json, json_safe(report))

@@ -110,7 +110,7 @@ def _study_names(db: Path) -> list[str]:
     return optuna.study.get_all_study_names(f"sqlite:///{db}")
 
 
-def spawn_workers(model_path: Path, opts: JobOptions, url: str) -> list[multiprocessing.Process]:
+def spawn_workers(model_path: Path, opts: JobOptions, url: str) -> list[Any]:
     """opts.workers - 1 more processes on this machine running trials of the same study."""
     context = multiprocessing.get_context("spawn")
     procs = []

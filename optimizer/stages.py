@@ -14,7 +14,7 @@ from backends.registry import Runner
 from calibration import capture as calib
 from core.adapters import parameter_count
 from core.ir import DiffusionProgram
-from core.sampling import to_images
+from core.pixels import to_images
 from core.seeds import MAX_FAMILY
 from optimizer.targets import Target
 from verify import seed_sets
@@ -95,7 +95,9 @@ def shift_bounds(gates: GatePlan | None) -> dict[str, float]:
     if gates is None:
         return {}
     return {
-        GATES[g].detail: float(b) for g, b in gates.applicable.items() if GATES[g].detail and GATES[g].kind == "max"
+        str(GATES[g].detail): float(b)
+        for g, b in gates.applicable.items()
+        if GATES[g].detail and GATES[g].kind == "max"
     }
 
 

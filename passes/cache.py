@@ -37,7 +37,8 @@ from core.errors import ConfigError
 from core.flops import variant_flops
 from core.ir import CACHED, DENOISER, CacheSchedule, Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_INPUTS
-from core.sampling import model_calls, take, uses_guidance
+from core.sampling import take, uses_guidance
+from core.schedulers import model_calls
 from core.validate import is_int
 from passes.analyses import FLOPS
 from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
@@ -420,8 +421,10 @@ def best_refresh(cost: list[list[float]], weights: list[int], capacity: int) -> 
     def from_step(j: int, room: int) -> tuple[float, tuple[int, ...]]:
         if room < weights[j]:
             return (math.inf, ())
-        best, segment = (math.inf, ()), 0.0
+        best: tuple[float, tuple[int, ...]] = (math.inf, ())
+        segment = 0.0
         for k in range(j + 1, steps + 1):
+            option: tuple[float, tuple[int, ...]]
             if k == steps:
                 option = (segment, (j,))
             else:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
-from core.sampling import model_calls, uses_guidance
+from core.sampling import uses_guidance
+from core.schedulers import model_calls
 from passes.analyses import FLOPS
 from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr

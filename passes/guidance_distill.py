@@ -136,7 +136,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         config.steps,
         config.max_steps,
         config.max_seconds,
-        check and partial(check.shift, result),
+        partial(check.shift, result) if check is not None else None,
         config.max_fd_shift,
     )
     decision = GuidanceDistillDecision(
@@ -147,7 +147,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         log.loss_last,
         config.max_fd_shift,
         log.checks,
-        check and check.floor,
+        check.floor if check is not None else None,
     )
     return PassResult(result, decision)
 

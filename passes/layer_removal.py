@@ -156,15 +156,16 @@ def _distortions(
     program: DiffusionProgram, adapter: Adapter, model: nn.Module, config: Config, ctx: Context
 ) -> list[float]:
     """One-shot output distortion of removing each block alone."""
-    blocks = adapter.blocks(model)
+    blocks, stack = adapter.blocks(model), adapter.block_stack
+    assert stack is not None  # a stacked family (run() checked)
 
     @contextlib.contextmanager
     def without(b: int) -> Iterator[None]:
-        setattr(model, adapter.block_stack, nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b))
+        setattr(model, stack, nn.ModuleList(blk for i, blk in enumerate(blocks) if i != b))
         try:
             yield
         finally:
-            setattr(model, adapter.block_stack, blocks)
+            setattr(model, stack, blocks)
 
     module = denoiser_module(program.replace(denoiser=model))
     edits = [functools.partial(without, b) for b in range(len(blocks))]

@@ -26,6 +26,7 @@ import copy
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -162,15 +163,16 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     scores = None
     if by_sensitivity or config.min_calibration_psnr_db:
         scores = _sensitivities(program, student_model, config, grid, ctx)
-    if by_sensitivity:
-        replaced = sorted(sorted(range(len(blocks)), key=lambda b: scores[b])[:count])
+    if scores is not None and by_sensitivity:
+        ranked = scores
+        replaced = sorted(sorted(range(len(blocks)), key=lambda b: ranked[b])[:count])
     else:
         replaced = list(range(len(blocks) - count, len(blocks)))
     for b in replaced:
         attn = _attention(adapter, student_model, b)
         attn.set_processor(_processor(config, grid, attn))
     mechanism = _describe(_attention(adapter, student_model, replaced[0]).processor)
-    decision = dict(
+    decision: dict[str, Any] = dict(
         kind=config.kind, mechanism=mechanism, replaced=replaced, depth=len(blocks), selection=config.selection
     )
     if scores is not None:
@@ -179,7 +181,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         log = _distill(program, student_model, replaced, config, ctx)
         first, last = log.first_last()
         decision.update(steps=log.steps, seconds=log.seconds, loss_first=first, loss_last=last)
-    if config.min_calibration_psnr_db:
+    if scores is not None and config.min_calibration_psnr_db:
         decision.update(_within_budget(program, student_model, replaced, scores, config.min_calibration_psnr_db, ctx))
     return PassResult(respec(program, student_model), LinearizeDecision(**decision))
 

@@ -103,7 +103,7 @@ def plan_passes(
     """The recipe resolved, checked and ordered by phase (recipe order within a phase); with `program`,
     also each pass's checks against the model."""
     known = registry() if passes is None else passes
-    planned = []
+    planned: list[PlannedPass] = []
     for step in recipe:
         name = step.get("pass")
         if name not in known:
@@ -233,7 +233,9 @@ def run_alternatives(
     (`evaluate` after its last pass). One recipe: just run it (no choice to report)."""
     if len(recipes) == 1:
         return run_passes(program, recipes[0], ctx, evaluate, log), None
-    candidates, tried, refusals = [], [], []
+    candidates: list[DiffusionProgram | None] = []
+    tried: list[dict[str, Any]] = []
+    refusals: list[Exception] = []
     for i, planned in enumerate(recipes):
         names = " + ".join(q.name for q in planned) or "no passes"
         log(f"recipe {i + 1}/{len(recipes)}: {names}")
@@ -256,13 +258,15 @@ def run_alternatives(
         )
     if len(refusals) == len(recipes):
         raise refusals[0]
-    scores = [row["calibration_psnr_db"] for row in tried]
+    scores: list[float] = [row["calibration_psnr_db"] for row in tried]
     best = max(
         (i for i in range(len(scores)) if candidates[i] is not None),
         key=lambda i: scores[i] if scores[i] == scores[i] else float("-inf"),
     )
     log(f"kept recipe {best + 1} ({tried[best]['passes']}): calibration PSNR {scores[best]:.2f} dB")
-    return candidates[best], RecipeChoice(tried, best)
+    kept = candidates[best]
+    assert kept is not None  # best is among the recipes that applied
+    return kept, RecipeChoice(tried, best)
 
 
 def offline_context(

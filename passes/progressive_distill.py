@@ -38,7 +38,7 @@ from core.distill import FirstOrder, TeacherData, call, grid, teacher_data
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.sampling import check_plan, on_grid
+from core.schedulers import check_plan, on_grid
 from core.training import CheckedLog, Trainer, train_checked
 from passes.analyses import CALIBRATION, FLOPS
 from passes.base import Context, Pass, PassResult, Phase, check_distribution_options

@@ -27,7 +27,8 @@ from core.adapters.base import CHANNELS, CROSS_HEADS, HEADS, MLP
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.sampling import add_noise, build_scheduler, training_target
+from core.noising import add_noise, training_target
+from core.schedulers import build_scheduler
 from passes.analyses import FLOPS
 from passes.base import Context, Pass, PassResult, Phase
 

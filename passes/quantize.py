@@ -50,7 +50,8 @@ from core.quantized import (
     QuantizedLayer,
     quantized_layers,
 )
-from core.sampling import build_scheduler, take
+from core.sampling import take
+from core.schedulers import build_scheduler
 from core.surgery import set_module
 from core.variants import torch_loop
 from passes.base import Context, Pass, PassResult, Phase, check_distribution_options
@@ -416,7 +417,7 @@ def _error(quantized: DiffusionProgram, denoiser: Denoiser, traj: Any, config: C
     if not config.max_sample_error:
         rows = _subset(traj, ROWS)
         name = "teacher-forced model-output error on calibration trajectories"
-        measure = functools.partial(_eps_error, denoiser)
+        measure: Callable[[Any], float] = functools.partial(_eps_error, denoiser)
         return _Error(name, config.max_eps_error, measure, rows, _steps_subset(rows, SENSITIVITY_STEPS))
     seeds = _seeds_subset(traj, ROWS)
     loop, batch = torch_loop(quantized), encode(quantized, seeds.conditions, len(seeds.seeds))
@@ -516,7 +517,7 @@ def _fallback(
     its bound, at most `limit` of them."""
     quantized = quantized_layers(model)
     reverted: list[dict[str, Any]] = []
-    for name in sorted((n for n in ranking if n in quantized), key=ranking.get, reverse=True):
+    for name in sorted((n for n in ranking if n in quantized), key=lambda n: ranking[n], reverse=True):
         if len(reverted) >= limit or not judge.over():
             break
         set_module(model, name, copy.deepcopy(original.get_submodule(name)))
@@ -586,7 +587,8 @@ def _allocate(
     bits = [[_stored_bits(options[n][k]) for k in ks] for n, ks in zip(names, keys, strict=True)]
     risks = [[max(solo[n][k] ** 2 - base**2, 0.0) for k in ks] for n, ks in zip(names, keys, strict=True)]
     room = measured.budget**2 - base**2  # what the summed risks may add
-    budget, tried = room, []  # (bits, error, choice)
+    budget = room
+    tried: list[tuple[Any, ...]] = []  # (bits, error, choice)
     for _ in range(MAX_SOLVES):
         picks = cheapest_within(bits, risks, budget)
         if any(picks == t[2] for t in tried):  # the rescaled budget changed nothing

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_STEPS
-from core.sampling import check_plan, with_scheduler
+from core.schedulers import check_plan, with_scheduler
 from passes.analyses import CALIBRATION, FLOPS
 from passes.base import Context, Pass, PassResult, Phase
 

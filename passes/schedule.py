@@ -1,7 +1,7 @@
 """Training-free step reduction: search the timesteps and the solver for N steps (loop level).
 
 For each solver (DDIM, DPM-Solver++(2M), UniPC, Euler: diffusers schedulers run on a custom grid,
-core.sampling.GRID_SOLVERS) the N timesteps are optimized so the N-step loop's final samples match
+core.schedulers.GRID_SOLVERS) the N timesteps are optimized so the N-step loop's final samples match
 the original loop's on the calibration seeds, as Align-Your-Steps (Sabour et al. 2024) and
 DM-NonUniform (Xue et al. 2024) fit a schedule to the model rather than space it uniformly. The
 objective is the mean PSNR of final samples vs the original loop's (same seeds, conditions and
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
 from core.limits import MAX_STEPS
-from core.sampling import FLOW_GRID_SOLVERS, GRID_SOLVERS, build_scheduler, check_plan, is_flow, on_grid
+from core.schedulers import FLOW_GRID_SOLVERS, GRID_SOLVERS, build_scheduler, check_plan, is_flow, on_grid
 from core.variants import torch_loop
 from passes.analyses import CALIBRATION, FLOPS
 from passes.base import Context, Pass, PassResult, Phase

@@ -25,7 +25,7 @@ def attribute(runner: TrialRunner, planned: list[PlannedPass]) -> list[dict[str,
     total_log = math.log(original_ms / timings[-1]["loop_ms"]) if timings else 0.0
     metric = "fd_self_shift" if fidelity and fidelity[-1].get("fd_self_shift") is not None else "psnr_db_mean"
     start = 0.0 if metric == "fd_self_shift" else None  # the original's own shift
-    values = [f.get(metric) for f in fidelity]
+    values: list[Any] = [f.get(metric) for f in fidelity]
     total_change = (values[-1] - (start if start is not None else values[0])) if values else 0.0
     rows, before_ms, before_value = [], original_ms, start
     for q, t, value in zip(planned, timings, values, strict=True):

@@ -80,7 +80,7 @@ def parse_space(data: Any, where: str) -> SearchSpace:
             if not isinstance(fragment, list) or not all(isinstance(s, dict) and "pass" in s for s in fragment):
                 raise ConfigError(f"{where}: knob '{name}', choice '{choice}' must be a list of passes")
         knobs.append(Knob(name, dict(choices)))
-    options = {}
+    options: dict[str, Any] = {}
     for key, lo, hi in (
         ("trials", 1, MAX_TRIALS),
         ("startup_trials", 0, MAX_TRIALS),

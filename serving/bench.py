@@ -14,7 +14,7 @@ import numpy as np
 
 from backends.registry import open_runner
 from core.errors import ConfigError
-from core.sampling import to_pixels
+from core.pixels import to_pixels
 from serving.load import check_server, client_module, infer, load_test
 from serving.local_server import TritonServer
 from serving.triton_repo import export_repository

@@ -99,6 +99,7 @@ class TritonServer:
         import urllib.request
 
         deadline = time.monotonic() + self.timeout
+        assert self.process is not None  # started
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited ({self.process.returncode}): {self.log.read_text()[-2000:]}")

@@ -135,3 +135,51 @@ def test_python_dash_m_sees_every_command() -> None:
     imported = {alias.name for node in imports for alias in node.names}
     commands = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__", "app"}
     assert commands and commands <= imported
+
+
+def family_names(root: Path = ROOT) -> set[str]:
+    """Every family's name, model class and block-stack attribute, read from the adapter files' source
+    (`ADAPTER = SomeAdapter("family", "ModelClass")`, `block_stack: ... = "attribute"`)."""
+    names = set()
+    for path in (root / "core" / "adapters").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["ADAPTER"]:
+                names.update(a.value for a in node.value.args if isinstance(a, ast.Constant))
+            stack = isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "block_stack"
+            if stack and isinstance(node.value, ast.Constant) and node.value.value:
+                names.add(node.value.value)
+    return names
+
+
+TECHNIQUES = ("passes", "core/caching.py", "core/cache_variants.py")
+
+
+def family_mentions(root: Path = ROOT) -> list[str]:
+    """Where the techniques' source names a family, model class or block-stack attribute."""
+    names, found = family_names(root), []
+    for technique in TECHNIQUES:
+        path = root / technique
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{file.relative_to(root)}:{node.lineno} {node.value!r}")
+                elif isinstance(node, ast.Attribute) and node.attr in names:
+                    found.append(f"{file.relative_to(root)}:{node.lineno} .{node.attr}")
+    return found
+
+
+def test_techniques_read_family_descriptions_never_family_names(tmp_path) -> None:
+    """Caching, pruning, layer removal, linearization and quantization know families only through their
+    adapters' descriptions: no family name, model class or block-stack attribute in their source."""
+    assert {"dit", "DiTTransformer2DModel", "transformer_blocks", "sd-unet"} <= family_names()
+    assert family_mentions() == []
+    # The guard finds a planted mention.
+    (tmp_path / "core" / "adapters").mkdir(parents=True)
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "core" / "caching.py").write_text("")
+    (tmp_path / "core" / "cache_variants.py").write_text("")
+    (tmp_path / "core" / "adapters" / "x.py").write_text(
+        'class X:\n    block_stack: str = "layers"\n\n\nADAPTER = X("x-family", "XModel")\n'
+    )
+    (tmp_path / "passes" / "p.py").write_text('def f(m, s):\n    return m.layers if s == "x-family" else None\n')
+    assert family_mentions(tmp_path) == ["passes/p.py:2 .layers", "passes/p.py:2 'x-family'"]

@@ -8,17 +8,8 @@ from typing import Any
 import torch
 
 from core.ir import DENOISER, Conditioning, SamplingPlan
-from core.sampling import (
-    ConditionBatch,
-    DenoiseFn,
-    Variants,
-    guide,
-    run_variant,
-    sample,
-    take,
-    to_images,
-    uses_guidance,
-)
+from core.pixels import to_images
+from core.sampling import ConditionBatch, DenoiseFn, Variants, guide, run_variant, sample, take, uses_guidance
 from verify.metrics import psnr, relative_error
 
 
@@ -41,7 +32,8 @@ def loop_step_error(
     cached tensors carried from its refresh steps on those inputs, vs the reference's prediction."""
     guided = uses_guidance(plan, conditioning)
     n = len(trajectories.seeds)
-    carry, errors = {}, []
+    carry: dict[str, torch.Tensor] = {}
+    errors: list[float] = []
     for s in range(trajectories.steps):
         use_cfg = guided and plan.guided(s)
         x = trajectories.x[s] if use_cfg or not guided else trajectories.x[s][:n]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def measure_latency(
     contenders = {"torch": ref, "ort": runner.denoise}
     if baseline is not None:
         contenders["ort_fp32"] = baseline.denoise
-    step = paired_median_ms({k: (lambda f=f: f(x, t, cond)) for k, f in contenders.items()}, repeats)
+    step = paired_median_ms({k: functools.partial(f, x, t, cond) for k, f in contenders.items()}, repeats)
     batch_in = encode(program, conditions, images)
     loops = {
         "torch": lambda: sample(plan, spec.sample_shape, ref, seeds, batch_in),

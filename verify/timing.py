@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 def paired_median_ms(
-    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 4
+    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, rounds: int = 4
 ) -> dict[str, float]:
     """Medians of calls taken in alternating blocks (A A A, B B B, then B B B, A A A, ...: the order flips
     every round), so that slow drifts of the machine and whatever the first block of a round pays hit every

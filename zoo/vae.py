@@ -16,7 +16,7 @@ from zoo.folders import ema_update, optimizer_step, warmup_cosine, write_folder,
 from zoo.models import VAE_CONFIG, build_vae
 
 DATA = "sklearn load_digits, bilinear 8x8 -> 16x16, [-1, 1]"
-HOLDOUT = {"holdout": 0.2, "seed": 0}  # the digits classifier's split: its held-out digits are ours
+HOLDOUT: dict[str, Any] = {"holdout": 0.2, "seed": 0}  # the digits classifier's split: its held-out digits are ours
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

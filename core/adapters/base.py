@@ -60,6 +60,8 @@ class Adapter:
 
     def set_blocks(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Replace the block stack (in place), keeping the config's count of blocks in step."""
+        if self.block_stack is None:
+            raise ValueError(f"a {self.family} has no block stack")
         setattr(model, self.block_stack, blocks)
         if self.depth_field is not None:
             model.register_to_config(**{self.depth_field: len(blocks)})
@@ -160,9 +162,10 @@ class Adapter:
             )
 
     def sample_shape(self, config: dict[str, Any]) -> tuple[int, int, int]:
-        size, channels = config.get("sample_size"), config.get("in_channels")
+        size: Any = config.get("sample_size")
+        channels: Any = config.get("in_channels")
         h, w = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else (0, 0)
-        if not all(is_int(v) and v > 0 for v in (channels, h, w)):
+        if not (is_int(channels) and is_int(h) and is_int(w) and channels > 0 and h > 0 and w > 0):
             raise LoadError(
                 f"{self.model_class} config: in_channels and sample_size (an integer or [height, width]) "
                 f"must be positive integers, got {channels!r} and {size!r}"

@@ -20,7 +20,7 @@ from core.adapters.base import GUIDANCE
 from core.adapters.text import TextAdapter, flow_shift
 from core.errors import LoadError
 from core.ir import SamplingPlan, Stages
-from core.sampling import full_config
+from core.schedulers import full_config
 from core.validate import is_int
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from core.adapters.text import TextAdapter, flow_shift
 from core.errors import LoadError
 from core.ir import SamplingPlan, Stages
-from core.sampling import full_config
+from core.schedulers import full_config
 
 
 class Sd3Prompts(nn.Module):

@@ -24,7 +24,7 @@ __all__ = ["TextAdapter", "flow_shift", "token_tensors"]
 def flow_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
     """The dynamic shift `mu` of flow-matching pipelines (SD3.5, Flux; Esser et al. 2024, "Scaling
     Rectified Flow Transformers"): linear in the image token count between the anchors of the
-    scheduler's `config` (core.sampling.full_config)."""
+    scheduler's `config` (core.schedulers.full_config)."""
     lo_len, hi_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     slope = (hi - lo) / (hi_len - lo_len)

@@ -73,7 +73,7 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, OptimizerError):
         _error(one_line(str(exc)))
         return EXIT_BAD_INPUT
-    if is_environment_error(exc):
+    if isinstance(exc, OSError) and is_environment_error(exc):
         _error(describe_environment_error(exc))
         return EXIT_BAD_INPUT
     if isinstance(exc, Interrupted | KeyboardInterrupt | click.Abort):

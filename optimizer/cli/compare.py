@@ -76,7 +76,7 @@ def quant_compare(
     from bench.quant_compare import compare_quantization, markdown_table
 
     def compare(program: Any) -> list[dict[str, Any]]:
-        chosen = [] if rows == "peers" else None
+        chosen: list[Any] | None = [] if rows == "peers" else None
         return compare_quantization(
             program, samples, calibration_samples, show_progress, log, rows=chosen, peers=rows != "ours"
         )

@@ -70,7 +70,7 @@ def sample(
     from backends.registry import get_backend
     from core.fileio import write_atomic
     from core.outputs import check_out_file
-    from core.sampling import to_pixels
+    from core.pixels import to_pixels
 
     check_out_file(out, [artifact])
     if len(seeds) > 1024:

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends.runner import LoopGraph, PlanRunner
 from core.limits import MAX_SEED
-from core.sampling import to_pixels
+from core.pixels import to_pixels
 from core.stages import MAX_PROMPT_CHARS
 
 

@@ -14,7 +14,7 @@ from backends.plan import read_plan
 from backends.registry import open_runner
 from core.adapters import denoiser_module, torch_denoise
 from core.errors import ExportError, LoadError
-from core.sampling import to_images
+from core.pixels import to_images
 from core.variants import sample_program
 from verify.metrics import psnr
 

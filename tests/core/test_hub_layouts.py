@@ -14,7 +14,8 @@ from hub_layouts import LAYOUTS
 from safetensors.torch import load_file
 
 from core.loading import load_program
-from core.sampling import model_calls, to_images, with_scheduler
+from core.pixels import to_images
+from core.schedulers import model_calls, with_scheduler
 from core.stages import decode
 from core.variants import sample_program
 from optimizer.cli import main
@@ -163,15 +164,15 @@ def test_a_swapped_scheduler_runs_as_diffusers_runs_it(hub, name):
 
 def test_euler_keeps_sds_leading_spacing(hub):
     plan = dataclasses.replace(with_scheduler(load_program(hub["sd15"]).plan, "euler"), num_inference_steps=20)
-    from core.sampling import build_scheduler
+    from core.schedulers import build_scheduler
 
     assert [round(float(t)) for t in build_scheduler(plan).timesteps[:3]] == [951, 901, 851]
 
 
 def test_renoising_at_a_fractional_timestep_is_the_input_eulers_loop_feeds_there():
-    """core.sampling.add_noise at an Euler grid's fractional timestep equals the model input Euler's own loop
+    """core.noising.add_noise at an Euler grid's fractional timestep equals the model input Euler's own loop
     builds there, scale_model_input(x0 + sigma noise); scheduler.add_noise would cast or look it up."""
-    from core.sampling import add_noise, training_target
+    from core.noising import add_noise, training_target
 
     scheduler = diffusers.EulerDiscreteScheduler(timestep_spacing="linspace")
     scheduler.set_timesteps(7)

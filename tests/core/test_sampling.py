@@ -12,7 +12,9 @@ from helpers import IdentityVAE, tiny_dit, tiny_unet
 from core.adapters import torch_denoise
 from core.errors import ConfigError
 from core.loading import program_from_model
-from core.sampling import initial_noise, to_images, with_scheduler
+from core.pixels import to_images
+from core.sampling import initial_noise
+from core.schedulers import with_scheduler
 from core.variants import sample_program
 from verify.metrics import psnr
 

@@ -10,7 +10,8 @@ import torch
 from core.distill import FirstOrder
 from core.errors import ConfigError
 from core.ir import SamplingPlan
-from core.sampling import build_scheduler, on_grid, sample
+from core.sampling import sample
+from core.schedulers import build_scheduler, on_grid
 from passes.progressive_distill import rounds
 
 COSINE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}

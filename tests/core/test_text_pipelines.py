@@ -11,7 +11,7 @@ from helpers import lower
 from backends.registry import open_runner
 from core.errors import ConfigError, LoadError
 from core.loading import load_program
-from core.sampling import to_images
+from core.pixels import to_images
 from core.stages import decode, read_prompts
 from core.variants import sample_program
 from verify.metrics import psnr

@@ -346,7 +346,7 @@ def test_a_loop_that_amplifies_tiny_step_differences_is_stated_beside_the_psnr(t
 
 
 def test_loop_sensitivity_grows_with_the_step_error(dit_program):
-    from core.sampling import to_images
+    from core.pixels import to_images
     from core.variants import sample_program
     from optimizer.stages import loop_sensitivity
 

@@ -18,7 +18,8 @@ from core.caching import variant_module
 from core.errors import ConfigError, LoadError
 from core.flops import count_flops, plan_flops, variant_flops
 from core.ir import CacheSchedule, SamplingPlan
-from core.sampling import check_plan, to_images
+from core.pixels import to_images
+from core.schedulers import check_plan
 from core.variants import sample_program, torch_loop
 from passes.cache import BUDGET_STEP, best_refresh
 from passes.manager import plan_passes
@@ -80,7 +81,7 @@ def test_bad_regions_and_schedules_are_refused(dit_program, unet_program):
     with pytest.raises(ValueError, match="refresh at step 0"):
         CacheSchedule("dit", (0, 8), (False, True))
     plan = dit_program.plan
-    # One entry per model call: the scheduler knows how many (core.sampling.check_plan).
+    # One entry per model call: the scheduler knows how many (core.schedulers.check_plan).
     with pytest.raises(ConfigError, match="cache schedule has 2 entries for the loop's 20 model calls"):
         check_plan(dataclasses.replace(plan, cache=CacheSchedule("dit", (0, 8), (True, False))))
     # A guided step cannot reuse the cache written by an unguided (cond-only, half-batch) step.

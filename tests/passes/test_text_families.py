@@ -16,7 +16,7 @@ from core.adapters import denoiser_module
 from core.caching import variant_module
 from core.conditions import encode
 from core.loading import load_program
-from core.sampling import to_images
+from core.pixels import to_images
 from core.stages import decode
 from core.variants import sample_program
 from verify.metrics import psnr

@@ -49,7 +49,9 @@ class JudgePlan:
 def plan_judges(program: DiffusionProgram, options: JudgeOptions) -> JudgePlan:
     """Each judge's options checked (a missing or wrong feature model: one line, before any work), then
     the judges that apply to `program`."""
-    active, provided, reasons = [], set(), {}
+    active: list[Judge] = []
+    provided: set[str] = set()
+    reasons: dict[str, str] = {}
     for judge in judges().values():
         judge.check_options(options)
         keys = judge.provides(program, options)

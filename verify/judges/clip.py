@@ -15,7 +15,7 @@ import torch
 
 from core.errors import ConfigError, one_line
 from core.ir import DiffusionProgram
-from core.sampling import to_images
+from core.pixels import to_images
 from verify.judges.base import ADHERENCE, Evaluate, FloorFD, Judge, JudgeOptions, Metric, Outputs, floor_metrics
 
 PREFIX = "fd_clip"
@@ -127,7 +127,7 @@ class ClipJudge(Judge):
 
         def evaluate(candidate: Outputs) -> dict[str, Any]:
             summary: dict[str, Any] = fd(_np(clip.images(candidate.images)))
-            if prompts is not None:
+            if prompts is not None and ref_score is not None:
                 score = clip.score(candidate.images, prompts)
                 summary |= {
                     "clip_score_reference": ref_score,

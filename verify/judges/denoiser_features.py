@@ -8,7 +8,8 @@ external network, no download. Fréchet distances are stated against the origina
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch
 from core.adapters import adapter_for, denoiser_module
 from core.conditions import encode
 from core.ir import DiffusionProgram
-from core.sampling import build_scheduler
+from core.schedulers import build_scheduler
 from verify.judges.base import Evaluate, FloorFD, Judge, JudgeOptions, Outputs, floor_metrics
 
 NOISE_FRACTION = 0.1  # t* = 10% of the training timesteps (flow matching: sigma 0.1)
@@ -49,7 +50,7 @@ class DenoiserFeatures:
         else:  # flow matching: x_t = (1 - s) x0 + s eps
             self.scale, self.sigma = 1 - NOISE_FRACTION, NOISE_FRACTION
 
-    def __call__(self, samples: torch.Tensor, conditions: tuple | None) -> np.ndarray:
+    def __call__(self, samples: torch.Tensor, conditions: Sequence[Any] | None) -> np.ndarray:
         if not bool(torch.isfinite(samples).all()):
             return np.full((len(samples), 1), np.inf)  # a diverged candidate: no distance is finite
         cond = encode(self.program, conditions, len(samples)).cond

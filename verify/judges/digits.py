@@ -87,7 +87,7 @@ class DigitsJudge(Judge):
 
     def prepare(self, program: DiffusionProgram, options: JudgeOptions, reference: Outputs, floor: Outputs) -> Evaluate:
         model = DigitsModel()
-        conditions = reference.conditions
+        conditions: Any = reference.conditions  # the judge applies to conditioned digit models only
         ref_agree, ref_feat, ref_attr = model.judge(reference.images, conditions)
         fd = FloorFD(PREFIX, ref_feat, model.judge(floor.images, conditions)[1])
         fd_ref_data = frechet_distance(ref_feat, model.data_features)

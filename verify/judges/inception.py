@@ -14,7 +14,7 @@ import torch
 
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
-from core.sampling import to_images
+from core.pixels import to_images
 from verify.judges.base import Evaluate, FloorFD, Judge, JudgeOptions, Outputs, floor_metrics
 
 PREFIX = "fid"

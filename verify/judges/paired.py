@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.ir import DiffusionProgram
-from core.sampling import to_images
+from core.pixels import to_images
 from verify.judges.base import PAIRED, Evaluate, Judge, JudgeOptions, Metric, Outputs
 from verify.metrics import psnr, psnr_per_frame, ssim_per_channel
 
