@@ -112,7 +112,7 @@ def output_names() -> tuple[frozenset[str], tuple[str, ...]]:
     from backends.trt_files import ENGINE_SUFFIX, TIMING_CACHE
     from optimizer.report import GRID_FILE, REPORT_FILES
     from optimizer.search_job import COPY_FILE
-    from optimizer.stages import CALIBRATION_FILE
+    from optimizer.tasks import CALIBRATION_FILE
     from search.pareto import PLOT_FILE
 
     return frozenset({*REPORT_FILES, GRID_FILE, CALIBRATION_FILE, COPY_FILE, PLOT_FILE, TIMING_CACHE}), (ENGINE_SUFFIX,)
@@ -132,7 +132,7 @@ def _run_trials_only(
 def _run_worker(model_path: Path, target: Target, opts: JobOptions) -> JobResult:
     """A rank > 0 of a torchrun launch: the same passes on the same calibration (deterministic), its
     share of their training (core.training); it writes nothing and prints nothing, rank 0 does."""
-    from optimizer.stages import calibrate
+    from optimizer.tasks import calibrate
 
     loaded = load_checked(model_path, target, opts)
     quiet: Progress = lambda it, **_: it  # noqa: E731
@@ -166,7 +166,7 @@ def _run_stages(
     log: Callable[[str], None],
 ) -> JobResult:
     from optimizer.report import GRID_FILE, decision_sections, save_grid, write_report
-    from optimizer.stages import CALIBRATION_FILE, calibrate, make_report, verify_lowered
+    from optimizer.tasks import CALIBRATION_FILE, calibrate, make_report, verify_lowered
     from verify.latency import measure_latency
 
     program, recipes, given = loaded.program, loaded.recipes, loaded.given

@@ -16,8 +16,8 @@ from typing import Any
 from backends.registry import get_backend
 from optimizer.options import JobOptions
 from optimizer.prepare import load_checked
-from optimizer.stages import verify_lowered
 from optimizer.targets import get_target
+from optimizer.tasks import verify_lowered
 from verify.gates import evaluate_gates, passed
 
 

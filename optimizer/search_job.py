@@ -144,7 +144,7 @@ def contribute_trials(
     """Trials of the shared study from the same program, calibration and proxies as every other process
     (deterministic); `index` tells workers' samplers apart. Returns the study's evaluated count."""
     from optimizer.prepare import load_checked, pass_context
-    from optimizer.stages import calibrate
+    from optimizer.tasks import calibrate
 
     loaded = load_checked(model_path, target, opts)
     calibration = calibrate(loaded.program, opts, None, progress, loaded.given)
@@ -203,7 +203,7 @@ def run_search_stage(
     """Trials, finalists (each lowered into staging/.finalist-k and verified), the chosen one's files
     moved up into `staging`; returns the outcome (its `verified`: (folder, files written, verification,
     reference images, candidate images))."""
-    from optimizer.stages import verify_lowered
+    from optimizer.tasks import verify_lowered
 
     space = target.search
     assert space is not None

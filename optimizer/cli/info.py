@@ -21,7 +21,7 @@ def inspect(model: Path, variant: str | None, config: Path | None, allow_large: 
 
     from core.adapters import parameter_count
     from core.loading import load_program
-    from optimizer.stages import stage_summary
+    from optimizer.tasks import stage_summary
 
     program = load_program(model, allow_large, variant=variant, config=config)
     spec = dataclasses.asdict(program.spec)

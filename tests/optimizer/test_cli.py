@@ -333,14 +333,14 @@ def test_a_loop_that_amplifies_tiny_step_differences_is_stated_beside_the_psnr(t
     """When the per-step error is tiny and the end-to-end PSNR is not high, the report measures how far a
     difference of that size carries through the original's own loop (here forced on: every cpu-fp32 run
     qualifies under a 300 dB threshold)."""
-    from optimizer import stages
+    from optimizer import tasks
 
-    monkeypatch.setattr(stages, "LOW_PSNR_DB", 300.0)
+    monkeypatch.setattr(tasks, "LOW_PSNR_DB", 300.0)
     out = tmp_path / "out"
     result = invoke(dit_copy, "--out", out, "--samples", "4", "--calibration-samples", "2", "--latency-repeats", "0")
     assert result.exit_code == 0, result.output
     v = json.loads((out / "report.json").read_text())["verification"]
-    assert 0 < v["eps_rel_error_max"] < stages.TINY_STEP_ERROR
+    assert 0 < v["eps_rel_error_max"] < tasks.TINY_STEP_ERROR
     assert math.isfinite(v["loop_sensitivity_psnr_db"]) and v["loop_sensitivity_psnr_db"] > 60
     assert "this loop amplifies small differences" in (out / "report.md").read_text()
 
@@ -348,7 +348,7 @@ def test_a_loop_that_amplifies_tiny_step_differences_is_stated_beside_the_psnr(t
 def test_loop_sensitivity_grows_with_the_step_error(dit_program):
     from core.pixels import to_images
     from core.variants import sample_program
-    from optimizer.stages import loop_sensitivity
+    from optimizer.tasks import loop_sensitivity
 
     seeds, classes = [0, 1, 2], [0, 1, 2]
     reference = to_images(sample_program(dit_program, seeds, classes))

@@ -1074,12 +1074,12 @@ def test_a_folder_written_at_out_during_the_run_is_left_as_it_is(
 
 
 def test_internal_error_is_exit_3_with_the_traceback_in_the_staging_folder(tmp_path, monkeypatch):
-    from optimizer import stages
+    from optimizer import tasks
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug in a stage")
 
-    monkeypatch.setattr(stages, "calibrate", broken)
+    monkeypatch.setattr(tasks, "calibrate", broken)
     ws = Workspace(tmp_path, monkeypatch)
     before = ws.inputs()
     result = CliRunner().invoke(main, [str(ws.model), "--out", str(ws.out), *FAST], catch_exceptions=False)

@@ -52,7 +52,7 @@ def test_pooling_averages_the_distribution_metrics_and_keeps_the_first_sets_pair
 
 def draws(monkeypatch, first, more, max_sets, bounds=(("fd_self", 0.03),)):
     """The sets verification draws after `first` (shifts of the further sets: `more`), and the pooled result."""
-    from optimizer import stages
+    from optimizer import tasks
     from optimizer.options import JobOptions
 
     drawn, shifts = [], iter(more)
@@ -61,8 +61,8 @@ def draws(monkeypatch, first, more, max_sets, bounds=(("fd_self", 0.03),)):
         drawn.append(k)
         return summary(next(shifts))
 
-    monkeypatch.setattr(stages, "judge_seed_set", judge_seed_set)
-    pooled = stages.more_seed_sets(None, None, JobOptions(seed_sets=max_sets), None, None, summary(first), dict(bounds))
+    monkeypatch.setattr(tasks, "judge_seed_set", judge_seed_set)
+    pooled = tasks.more_seed_sets(None, None, JobOptions(seed_sets=max_sets), None, None, summary(first), dict(bounds))
     return drawn, pooled
 
 

@@ -1,4 +1,5 @@
-"""The stages of the main job, each a plain function of its inputs."""
+"""The tasks of the main job (calibrate, lower, verify over seed sets, report), each a plain function of its
+inputs."""
 
 from __future__ import annotations
 
