@@ -27,7 +27,7 @@ from core.validate import number
 from passes.analyses import CALIBRATION, FLOPS, Analyses
 from passes.base import Context, Pass, PassResult, Phase
 
-INFRASTRUCTURE = ("base", "analyses", "manager")  # modules of this package that are not passes
+INFRASTRUCTURE = ("base", "analyses", "manager", "quantization")  # modules of this package that are not passes
 _REGISTERED: dict[str, Pass] = {}
 Evaluate = Callable[[DiffusionProgram, Context], dict[str, Any]]
 # Programs after each recipe prefix, with the context the next pass gets (prefix_key -> both), so
