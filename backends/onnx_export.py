@@ -138,6 +138,7 @@ def _dynamo_export(
         verbose=False,
     ).model_proto
     drop_noop_squeezes(model)
+    drop_stack_traces(model)
     if key is not None:  # a key means weights within MAX_GRAPH_BYTES: safe to serialize; keep() bounds the size
         graph_memo.keep(key, model.SerializeToString())
     return model
@@ -166,6 +167,22 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     except BaseException:
         data.unlink(missing_ok=True)
         raise
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # per node: the Python frames that made it, with absolute file paths
+
+
+def drop_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces (in place). They hold the absolute source paths and line
+    numbers of the machine that exported, so a graph's bytes depended on where the tool was installed (the same
+    model exported from two checkouts differed), and they were about 6% of a graph file. The node's module path
+    (`namespace`, `pkg.torch.onnx.name_scopes`) stays."""
+    for graph_nodes in (model.graph.node, *(f.node for f in model.functions)):
+        for node in graph_nodes:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
 
 
 def drop_noop_squeezes(model: onnx.ModelProto) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import onnx
 import pytest
@@ -9,7 +10,7 @@ import torch
 from helpers import lower
 from onnx import TensorProto, helper
 
-from backends.onnx_export import check_graph, export_onnx
+from backends.onnx_export import STACK_TRACE, check_graph, export_onnx
 from backends.plan import read_plan
 from backends.registry import open_runner
 from core.adapters import denoiser_module, torch_denoise
@@ -17,6 +18,8 @@ from core.errors import ExportError, LoadError
 from core.pixels import to_images
 from core.variants import sample_program
 from verify.metrics import psnr
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout the graphs are exported from
 
 
 @pytest.fixture(scope="module", params=["tiny_digits", "unet"])  # a DiT (tiny, quick to export) and a UNet
@@ -34,6 +37,10 @@ def test_graph_is_opset_18_with_dynamic_batch_and_no_random_ops(lowered):
     assert [i.name for i in model.graph.input] == ["sample", "timestep", "class_labels"]
     assert not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # symbolic batch
     check_graph(model)
+    # No trace of the machine that exported it: the exporter's stack traces (absolute source paths) are dropped.
+    values = [p.value for node in model.graph.node for p in node.metadata_props]
+    assert values and not any(str(ROOT) in v or "site-packages" in v for v in values)
+    assert not any(p.key == STACK_TRACE for node in model.graph.node for p in node.metadata_props)
 
 
 def test_ort_matches_torch_per_call(lowered):
