@@ -137,8 +137,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     if not removed:
         raise ConfigError(f"layer_removal: no block fits max_distortion {config.max_distortion}")
     kept = [b for b in range(count) if b not in removed]
-    blocks_kept = adapter.blocks(model)
-    adapter.set_blocks(model, nn.ModuleList(blocks_kept[b] for b in kept))
+    stack = adapter.blocks(model)
+    adapter.set_blocks(model, nn.ModuleList(stack[b] for b in kept))
     decision = LayerRemovalDecision(
         criterion=config.criterion,
         removed=sorted(removed),

@@ -164,8 +164,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     if by_sensitivity or config.min_calibration_psnr_db:
         scores = _sensitivities(program, student_model, config, grid, ctx)
     if scores is not None and by_sensitivity:
-        ranked = scores
-        replaced = sorted(sorted(range(len(blocks)), key=lambda b: ranked[b])[:count])
+        replaced = sorted(sorted(range(len(blocks)), key=scores.__getitem__)[:count])
     else:
         replaced = list(range(len(blocks) - count, len(blocks)))
     for b in replaced:
@@ -199,9 +198,9 @@ def _within_budget(
     replaced = list(replaced)
     trail = [replay_psnr(respec(program, student_model), ctx.calibration)]
     reverted = []
+    adapter = adapter_for(program.spec.model_class)
     while trail[-1] < budget and len(replaced) > 1:
         block = max(replaced, key=lambda b: scores[b])
-        adapter = adapter_for(program.spec.model_class)
         original = copy.deepcopy(_attention(adapter, program.denoiser, block)).requires_grad_(False)
         setattr(adapter.blocks(student_model)[block], adapter.self_attention, original)
         replaced.remove(block)

@@ -27,7 +27,7 @@ import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
@@ -59,9 +59,6 @@ from passes.quantization.fallback import (
 from passes.quantization.formats import allocate_formats, allocation_markdown, format_options
 from passes.quantization.ranges import act_range, observe
 from passes.quantization.smoothquant import smoothing
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from core.allocation import cheapest_within
 from core.quantized import BITS, LayerFormat, QuantizedLayer, quantized_layers
 from core.surgery import set_module
-
-if TYPE_CHECKING:
-    pass
-
 from passes.quantization.fallback import ErrorMeasure
 
 MAX_SOLVES = 5  # integer programs per allocation (each checked on every step)

@@ -3,16 +3,13 @@ output range of convolutions), and which layers read the same tensor (they share
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from calibration import selection
 from core.adapters import Denoiser
-
-if TYPE_CHECKING:
-    pass
 
 BATCH = 64  # calibration inputs per forward
 

@@ -3,15 +3,10 @@ outliers into the weights, shared by the layers that read the same tensor."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from core.quantized import LayerFormat
-
-if TYPE_CHECKING:
-    pass
 
 
 def smoothing(
