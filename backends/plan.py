@@ -9,7 +9,15 @@ from typing import Any
 
 from core.errors import ConfigError, LoadError, one_line
 from core.fileio import recorded_file, sha256_files, write_json
-from core.ir import Conditioning, DiffusionProgram, SamplingPlan
+from core.ir import (
+    IMAGE_AXES,
+    Conditioning,
+    DiffusionProgram,
+    ModelSpec,
+    Normalization,
+    SamplingPlan,
+    check_sample_axes,
+)
 from core.limits import MAX_SAMPLE_ELEMENTS, MAX_STEPS
 from core.outputs import PLAN_FILE, PLAN_FORMAT, PLAN_VERSIONS, resolve
 from core.sampling import uses_guidance
@@ -86,12 +94,10 @@ def plan_document(
             "fingerprint": program.fingerprint(),
         },
         "sample_shape": list(program.spec.sample_shape),
-        "output": {
-            "space": "latent (decoder.onnx -> [-1, 1])" if stages and "decoder" in stages else "model ([-1, 1])",
-            "to_image": "clamp(x / 2 + 0.5, 0, 1)",
-        },
+        "sample_axes": list(program.spec.sample_axes),
+        "output": _output(program.spec, stages),
         "stages": dict(stages or {}),
-        "conditioning": dataclasses.asdict(program.spec.conditioning),
+        "conditioning": program.spec.conditioning.to_dict(),
         "sampling": plan.to_dict(),
         "timesteps": timesteps,
         "guidance": {
@@ -105,6 +111,18 @@ def plan_document(
         },
         "steps": steps,
     }
+
+
+def _output(spec: ModelSpec, stages: dict[str, Any] | None) -> dict[str, Any]:
+    """What a final sample becomes: an image (decoded first by a latent pipeline), or the sample
+    un-normalized (a policy's actions), or the sample as is."""
+    if spec.output_normalization is not None:
+        norm = spec.output_normalization
+        return {"space": "normalized", "to_output": "x * spread + center", **dataclasses.asdict(norm)}
+    if not spec.image_like:
+        return {"space": "model", "to_output": "x"}
+    space = "latent (decoder.onnx -> [-1, 1])" if stages and "decoder" in stages else "model ([-1, 1])"
+    return {"space": space, "to_image": "clamp(x / 2 + 0.5, 0, 1)"}
 
 
 def write_plan(folder: Path, document: dict[str, Any]) -> Path:
@@ -163,9 +181,11 @@ class LoadedPlan:
     document: dict[str, Any]
     sampling: SamplingPlan
     conditioning: Conditioning
-    sample_shape: tuple[int, int, int]
+    sample_shape: tuple[int, ...]
     backend: dict[str, Any]  # the backend that built it, with its options (v2 plans before it: onnxruntime)
     stages: dict[str, Any]  # the prompt encoder and decoder graphs, checked like the denoiser's
+    sample_axes: tuple[str, ...] = IMAGE_AXES
+    output_normalization: Normalization | None = None  # final samples un-normalized by it (a policy's actions)
 
     def graph_path(self, name: str) -> Path:
         """The graph file, which read_plan checked to be a regular file inside the folder with its digest."""
@@ -203,11 +223,7 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise LoadError(f"{where}: invalid sampling plan or conditioning ({one_line(str(exc))})") from None
     _check_conditioning(graphs, conditioning, sampling, where)
-    shape = get(doc, "sample_shape", list, where, error=LoadError)
-    if len(shape) != 3 or not all(is_int(d) and 0 < d <= 65536 for d in shape):
-        raise LoadError(f"{where}: sample_shape must be three positive integers, got {shape!r}")
-    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
-        raise LoadError(f"{where}: sample_shape {shape} has over {MAX_SAMPLE_ELEMENTS:,} elements per sample")
+    shape, axes, output = _sample(doc, where)
     if resolved != doc.get("timesteps"):
         raise LoadError(f"{where}: this diffusers version resolves different timesteps than the plan records")
     steps = get(doc, "steps", list, where, error=LoadError)
@@ -221,7 +237,28 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     stages = read_stages(doc, folder, where, check)
     if conditioning.text and "prompt_encoder" not in stages:
         raise LoadError(f"{where}: a text-conditioned plan needs its prompt encoder stage")
-    return LoadedPlan(folder, doc, sampling, conditioning, tuple(shape), backend, stages)
+    return LoadedPlan(folder, doc, sampling, conditioning, shape, backend, stages, axes, output)
+
+
+def _sample(doc: dict[str, Any], where: str) -> tuple[tuple[int, ...], tuple[str, ...], Normalization | None]:
+    """The sample's shape and axis names (plans before named axes hold images: channels, height, width),
+    and the normalization the output stage undoes."""
+    shape = get(doc, "sample_shape", list, where, error=LoadError)
+    axes = get(doc, "sample_axes", list, where, list(IMAGE_AXES), error=LoadError)
+    if not all(is_int(d) and 0 < d <= 65536 for d in shape):
+        raise LoadError(f"{where}: sample_shape must be positive integers, got {shape!r}")
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise LoadError(f"{where}: sample_shape {shape} has over {MAX_SAMPLE_ELEMENTS:,} elements per sample")
+    output = get(doc, "output", dict, where, {}, error=LoadError)
+    try:
+        check_sample_axes(tuple(shape), tuple(axes), f"{where}: sample_shape")
+        normalized = output.get("space") == "normalized"
+        norm = Normalization.from_dict(output, f"{where}: output") if normalized else None
+        if norm is not None:
+            norm.check_fits(tuple(shape), f"{where}: output")
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
+    return tuple(shape), tuple(axes), norm
 
 
 def _check_conditioning(graphs: dict[str, Any], conditioning: Conditioning, sampling: SamplingPlan, where: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from core.conditions import class_batch, prompt_batch
+from core.conditions import class_batch, observation_batch, prompt_batch
 from core.errors import LoadError
 from core.sampling import ConditionBatch, Variants, sample
 
@@ -97,14 +97,20 @@ class PlanRunner:
         return {**self._describe, **self.denoise.describe()}
 
     def encode(self, conditions: Sequence[Any] | None, n: int) -> ConditionBatch:
-        """The condition tensors of n samples: class labels, or prompts through the prompt encoder graph."""
+        """The condition tensors of n samples: class labels, prompts through the prompt encoder graph, or
+        raw observations normalized as plan.json's conditioning says."""
         conditioning = self.plan.conditioning
         if conditioning.text:
             return prompt_batch(conditioning, conditions, n, self.stages.encode, self.stages.zero_uncond)
+        if conditioning.observation:
+            return observation_batch(conditioning, conditions, n)
         return class_batch(conditioning, conditions, n)
 
     def decode(self, final: torch.Tensor) -> torch.Tensor:
-        """Final samples -> images in [-1, 1] (the decoder graph of a latent pipeline)."""
+        """Final samples -> the pipeline's output: images in [-1, 1] (through the decoder graph of a latent
+        pipeline), actions (un-normalized), or the samples unchanged."""
+        if self.plan.output_normalization is not None:
+            return self.plan.output_normalization.denormalize(final)
         return self.stages.decode(final)
 
     def sample(
@@ -113,6 +119,6 @@ class PlanRunner:
         conditions: Sequence[Any] | None = None,
         progress: Callable[[Any], Any] = lambda it: it,
     ) -> torch.Tensor:
-        """Final samples for `seeds` with one condition (class or prompt) per seed."""
+        """Final samples for `seeds` with one condition (class, prompt or observation) per seed."""
         batch = self.encode(conditions, len(seeds))
         return sample(self.plan.sampling, self.plan.sample_shape, self.loop, seeds, batch, progress=progress)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,15 @@ from core.variants import torch_loop
 
 CALIBRATION_SEED = seeds.CALIBRATION  # calibration seeds start here, evaluation seeds at 0 (core.seeds)
 COND_PREFIX = "cond."  # condition tensors are stored as cond.<name>
+OBS_PREFIX = "obs."  # an observation model's raw observations (one row per sample) as obs.<name>
+OBSERVED = "observations"  # the `conditions` metadata of such a file: they are its obs.<name> tensors
 
 
 def evaluation_set(program: DiffusionProgram, n: int, base_seed: int) -> tuple[list[int], list | None]:
     """Seeds base_seed.. and their conditions: classes cycling 0..num_classes-1, or the prompt set's
     prompts in turn (None for an unconditional model)."""
     seeds = list(range(base_seed, base_seed + n))
-    return seeds, condition_set(program.spec.conditioning, program.stages.prompts, n)
+    return seeds, condition_set(program.spec.conditioning, program.stages, n)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Trajectories:
     output: torch.Tensor  # [S, N, C, H, W] raw model outputs (before guidance)
     final: torch.Tensor  # [B, C, H, W] final samples in model space
     seeds: tuple[int, ...]
-    conditions: tuple | None  # per sample: its class or prompt (None: unconditional)
+    conditions: tuple | None  # per sample: its class, prompt or raw observation (None: unconditional)
     fingerprint: str
 
     @property
@@ -102,10 +104,14 @@ def capture_calibration(
 def save(traj: Trajectories, path: Path) -> None:
     tensors = {"x": traj.x, "t": traj.t, "output": traj.output, "final": traj.final}
     tensors |= {COND_PREFIX + k: v for k, v in traj.cond.items()}
+    conditions: Any = traj.conditions
+    if conditions and isinstance(conditions[0], Mapping):
+        tensors |= {OBS_PREFIX + k: torch.stack([o[k] for o in conditions]) for k in conditions[0]}
+        conditions = OBSERVED
     meta = {
         "fingerprint": traj.fingerprint,
         "seeds": json.dumps(traj.seeds),
-        "conditions": json.dumps(traj.conditions),
+        "conditions": json.dumps(conditions),
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     write_atomic(path, lambda tmp: _save(tensors, tmp, meta))
@@ -136,8 +142,10 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
         raise ConfigError(f"{path}: captured from a different model or sampling plan; capture it again")
     try:
         seeds, conditions = json.loads(meta.get("seeds", "[]")), json.loads(meta.get("conditions", "null"))
-        if conditions is not None and not all(isinstance(c, int | str) for c in conditions):
-            raise ValueError("conditions must be classes or prompts")
+        if conditions == OBSERVED:
+            conditions = _observations(tensors)
+        elif conditions is not None and not all(isinstance(c, int | str) for c in conditions):
+            raise ValueError("conditions must be classes, prompts or observations")
         traj = Trajectories(
             x=tensors["x"],
             t=tensors["t"],
@@ -153,6 +161,15 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
     if program is not None:
         _check_matches(traj, program, path)
     return traj
+
+
+def _observations(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The obs.<name> tensors as one observation per row."""
+    observed = {k.removeprefix(OBS_PREFIX): v for k, v in tensors.items() if k.startswith(OBS_PREFIX)}
+    rows = {v.shape[0] if v.dim() else -1 for v in observed.values()}
+    if len(rows) != 1 or min(rows) < 1:
+        raise ValueError("observations must be tensors with the same number of rows")
+    return [{k: v[i] for k, v in observed.items()} for i in range(rows.pop())]
 
 
 def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) -> None:
@@ -172,6 +189,13 @@ def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) ->
         raise LoadError(f"{path}: seeds and conditions do not match the capture")
     if set(traj.cond) != set(spec.conditioning.input_names):
         raise LoadError(f"{path}: condition tensors {sorted(traj.cond)} do not match the model's")
+    if spec.conditioning.observation:
+        try:
+            encoded = encode(program, traj.conditions, n)
+        except ConfigError as exc:
+            raise LoadError(f"{path}: observations do not fit the model ({exc})") from None
+        if any(not torch.equal(encoded.cond[k], traj.cond[k][:n]) for k in encoded.cond):
+            raise LoadError(f"{path}: the normalized observations differ from the raw ones the file stores")
     for cin in spec.conditioning.inputs:
         tensor = traj.cond[cin.name]
         if tuple(tensor.shape) != (batch, *cin.shape) or tensor.dtype != getattr(torch, cin.dtype):

@@ -1,32 +1,67 @@
 """Conditions -> the denoiser's condition tensors.
 
-A *condition* is what a user asks for per sample: a class label, or a prompt. `encode` turns a list of
-them into a `ConditionBatch` (the tensors Conditioning.inputs names, plus the unconditional branch:
-the null class, or the empty prompt). Prompt encodings are computed once per prompt and cached.
+A *condition* is what a user asks for per sample: a class label, a prompt, or an observation (named raw
+tensors, one sample's, from a data set or an environment). `encode` turns a list of them into a
+`ConditionBatch` (the tensors Conditioning.inputs names, plus the unconditional branch: the null class, or
+the empty prompt; observations have none). Prompt encodings are computed once per prompt and cached;
+observations are normalized as their inputs say.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from core.errors import ConfigError
-from core.ir import Conditioning, DiffusionProgram
+from core.ir import Conditioning, DiffusionProgram, Stages
 from core.sampling import ConditionBatch
 
-Condition = int | str
+Observation = Mapping[str, torch.Tensor]  # one sample's raw observation tensors, by input name
+Condition = int | str | Observation
 
 
-def condition_set(conditioning: Conditioning, prompts: Sequence[str], n: int) -> list[Any] | None:
+def condition_set(conditioning: Conditioning, stages: Stages, n: int) -> list[Any] | None:
     """The conditions of an n-sample evaluation set: classes cycling 0..num_classes-1, prompts cycling
-    through the prompt set; None for an unconditional model."""
+    through the prompt set, observations cycling through the observation set; None for an unconditional model."""
     if conditioning.text:
+        prompts = stages.prompts
         if not prompts:
             raise ConfigError("a text-conditioned model needs a prompt set (--prompts FILE)")
         return [prompts[i % len(prompts)] for i in range(n)]
+    if conditioning.observation:
+        rows = observation_rows(conditioning, stages.observations)
+        return [{k: v[i % rows] for k, v in stages.observations.items()} for i in range(n)]
     return [i % conditioning.num_classes for i in range(n)] if conditioning.num_classes else None
+
+
+def observation_rows(conditioning: Conditioning, observations: Mapping[str, torch.Tensor]) -> int:
+    """Rows of an observation set: every input the conditioning names, the same number of rows each."""
+    names = set(conditioning.input_names)
+    if set(observations) != names:
+        raise ConfigError(f"an observation set needs exactly the tensors {sorted(names)}, got {sorted(observations)}")
+    rows = {v.shape[0] if v.dim() else 0 for v in observations.values()}
+    if len(rows) != 1 or min(rows) < 1:
+        raise ConfigError("an observation set's tensors need the same number of rows (at least one)")
+    return rows.pop()
+
+
+def observation_batch(conditioning: Conditioning, observations: Sequence[Any] | None, n: int) -> ConditionBatch:
+    """One raw observation per sample -> the normalized condition tensors (no unconditional branch)."""
+    if observations is None or len(observations) != n or not all(isinstance(o, Mapping) for o in observations):
+        raise ConfigError("an observation-conditioned model needs one observation per seed")
+    if any(set(o) != set(conditioning.input_names) for o in observations):
+        raise ConfigError(f"each observation needs exactly the tensors {list(conditioning.input_names)}")
+    tensors = {}
+    for spec in conditioning.observation:
+        rows = [torch.as_tensor(o[spec.name]) for o in observations]
+        dtype = getattr(torch, spec.dtype)
+        if any(tuple(r.shape) != spec.shape or r.dtype != dtype for r in rows):
+            raise ConfigError(f"observation '{spec.name}' must be {spec.dtype} of shape {list(spec.shape)} per sample")
+        value = torch.stack(rows)
+        tensors[spec.name] = value if spec.normalization is None else spec.normalization.normalize(value)
+    return ConditionBatch(tensors)
 
 
 def class_batch(conditioning: Conditioning, classes: Sequence[int] | None, n: int) -> ConditionBatch:
@@ -59,6 +94,8 @@ def example_conditions(conditioning: Conditioning, batch: int) -> dict[str, torc
 def encode(program: DiffusionProgram, conditions: Sequence[Condition] | None, n: int) -> ConditionBatch:
     """The condition tensors of n samples for `program` (torch: the program's own prompt encoder)."""
     conditioning = program.spec.conditioning
+    if conditioning.observation:
+        return observation_batch(conditioning, conditions, n)
     if not conditioning.text:
         return class_batch(conditioning, conditions, n)  # type: ignore[arg-type]
     from core.prompts import text_adapter, torch_prompt_encoder

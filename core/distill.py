@@ -40,7 +40,7 @@ def teacher_data(program: DiffusionProgram, samples: int, base_seed: int, progre
     from core.conditions import condition_set, encode
 
     seeds = list(range(base_seed, base_seed + samples))
-    conditions = condition_set(program.spec.conditioning, program.stages.prompts, samples)
+    conditions = condition_set(program.spec.conditioning, program.stages, samples)
     chunks = []
     for start in progress(range(0, samples, 64), desc="distillation data", leave=False):
         part = slice(start, start + 64)

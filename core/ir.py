@@ -6,9 +6,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from core.errors import ConfigError
@@ -20,16 +22,71 @@ DENOISER, FULL, CACHED = "denoiser", "full", "cached"
 
 
 CONDITION_DTYPES = ("float32", "int64")
+# A sample's axes by name: an image (or latent) is channels x height x width; a video adds frames; an
+# action chunk is horizon x action_dim. Metrics, grids and output stages read the names, never the rank.
+IMAGE_AXES = ("channels", "height", "width")
+MAX_SAMPLE_RANK = 5
+MAX_FEATURES = 1 << 16  # entries of one normalization vector
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """An affine map to the space the network works in, along a tensor's last axis: normalized =
+    (x - center) / spread. LeRobot's mean/std (center = mean, spread = std) and min/max to [-1, 1]
+    (center = (max + min) / 2, spread = (max - min) / 2) are both this; one entry broadcasts."""
+
+    center: tuple[float, ...]
+    spread: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.center) <= MAX_FEATURES or len(self.spread) not in (1, len(self.center)):
+            raise ConfigError("a normalization needs 1 to 65536 centers and one spread or one per center")
+        if not all(math.isfinite(c) for c in self.center) or not all(math.isfinite(s) and s > 0 for s in self.spread):
+            raise ConfigError("a normalization's centers must be finite and its spreads finite and > 0")
+
+    def check_fits(self, shape: tuple[int, ...], where: str) -> None:
+        """One entry, or one per entry of the last axis of `shape` (a per-sample shape)."""
+        if not shape or len(self.center) not in (1, shape[-1]):
+            raise ConfigError(
+                f"{where}: a normalization of {len(self.center)} features cannot apply to shape {list(shape)}"
+            )
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        center, spread = self._vectors(x)
+        return (x - center) / spread
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        center, spread = self._vectors(x)
+        return x * spread + center
+
+    def _vectors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.center) not in (1, x.shape[-1]):
+            raise ConfigError(f"a normalization of {len(self.center)} features cannot apply to shape {list(x.shape)}")
+        kw = {"dtype": x.dtype, "device": x.device}
+        return torch.tensor(self.center, **kw), torch.tensor(self.spread, **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Normalization:
+        center, spread = get(data, "center", list, where), get(data, "spread", list, where)
+        return cls(
+            tuple(number(c, f"{where}.center") for c in center), tuple(number(s, f"{where}.spread") for s in spread)
+        )
 
 
 @dataclass(frozen=True)
 class ConditionInput:
     """One condition tensor the denoiser takes after (sample, timestep): its name (the diffusers keyword),
-    per-sample shape (without the batch dimension) and dtype."""
+    per-sample shape (without the batch dimension) and dtype; an observation's also how it is normalized
+    before the denoiser reads it (None: fed as is)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    normalization: Normalization | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization is not None:
+            self.normalization.check_fits(self.shape, f"condition '{self.name}'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> ConditionInput:
@@ -37,7 +94,13 @@ class ConditionInput:
         dtype = get(data, "dtype", str, where, "float32")
         if dtype not in CONDITION_DTYPES:
             raise ConfigError(f"{where}.dtype must be one of {', '.join(CONDITION_DTYPES)}, got {dtype!r}")
-        return cls(get(data, "name", str, where), tuple(integer(d, f"{where}.shape", 1, 1 << 20) for d in shape), dtype)
+        norm = get(data, "normalization", (dict, type(None)), where, None)
+        return cls(
+            get(data, "name", str, where),
+            tuple(integer(d, f"{where}.shape", 1, 1 << 20) for d in shape),
+            dtype,
+            None if norm is None else Normalization.from_dict(norm, f"{where}.normalization"),
+        )
 
 
 CLASS_LABELS = ConditionInput("class_labels", (), "int64")
@@ -50,6 +113,8 @@ class Conditioning:
     Class models: `num_classes` labels; `null_class` is the label of the unconditional branch (None: no
     guidance). Text models: `text` lists the tensors the prompt encoder produces (sequence embeddings,
     masks, pooled embeddings, extra ids), and the unconditional branch is the empty prompt's encoding.
+    Observation models (policies): `observation` lists the named tensors a data set or environment gives
+    per sample, each normalized as it says; no unconditional branch.
     """
 
     num_classes: int = 0
@@ -58,16 +123,19 @@ class Conditioning:
     # The guidance scale a guidance-embedded denoiser is fed (Flux's guidance_embeds, an LCM UNet's
     # time_cond_proj_dim), instead of classifier-free guidance; None: the model embeds none.
     embedded_guidance: float | None = None
+    observation: tuple[ConditionInput, ...] = ()
 
     @property
     def kind(self) -> str:
+        if self.observation:
+            return "observation"
         return "text" if self.text else "class" if self.num_classes else "none"
 
     @property
     def inputs(self) -> tuple[ConditionInput, ...]:
         """The condition tensors the denoiser takes after (sample, timestep), in call order."""
-        if self.text:
-            return self.text
+        if self.text or self.observation:
+            return self.text or self.observation
         return (CLASS_LABELS,) if self.num_classes else ()
 
     @property
@@ -77,6 +145,16 @@ class Conditioning:
     @property
     def supports_guidance(self) -> bool:
         return bool(self.text) or (self.num_classes > 0 and self.null_class is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As plan.json and report.json store it: the observation list and the normalizations only where set."""
+        data = dataclasses.asdict(self)
+        for entry in (*data["text"], *data["observation"]):
+            if entry["normalization"] is None:
+                del entry["normalization"]
+        if not self.observation:
+            del data["observation"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "conditioning") -> Conditioning:
@@ -89,12 +167,18 @@ class Conditioning:
         if not all(isinstance(t, dict) for t in text):
             raise ConfigError(f"{where}.text must be a list of objects")
         inputs = tuple(ConditionInput.from_dict(t, f"{where}.text[{i}]") for i, t in enumerate(text))
-        if text and num:
-            raise ConfigError(f"{where}: a model is conditioned on classes or on text, not both")
+        observed = get(data, "observation", list, where, [])
+        if not all(isinstance(o, dict) for o in observed):
+            raise ConfigError(f"{where}.observation must be a list of objects")
+        observation = tuple(ConditionInput.from_dict(o, f"{where}.observation[{i}]") for i, o in enumerate(observed))
+        if sum(map(bool, (text, num, observation))) > 1:
+            raise ConfigError(f"{where}: a model is conditioned on classes, text or observations, not two of them")
+        if observation and null is not None:
+            raise ConfigError(f"{where}: an observation model has no null class")
         embedded = get(data, "embedded_guidance", (int, float, type(None)), where, None)
         if embedded is not None:
             embedded = number(embedded, f"{where}.embedded_guidance", 0.0, 1000.0)
-        return cls(num, null, inputs, embedded)
+        return cls(num, null, inputs, embedded, observation)
 
 
 @dataclass(frozen=True)
@@ -104,7 +188,7 @@ class ModelSpec:
     family: str  # the adapter's family name ("dit", "unet", "sd-unet", ...)
     model_class: str  # diffusers class name (the key of its adapter)
     model_config: dict[str, Any]
-    sample_shape: tuple[int, int, int]  # (C, H, W)
+    sample_shape: tuple[int, ...]  # per sample, e.g. (C, H, W); its axes are named by `sample_axes`
     conditioning: Conditioning
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     blocks: tuple[str, ...]  # module names of the repeated blocks, in execution order
@@ -113,9 +197,31 @@ class ModelSpec:
     # Structural lineage: for each of `blocks`, the index of the original block it descends from
     # (None: the original blocks, unchanged). Set by passes that remove blocks; read by recovery.
     block_origin: tuple[int, ...] | None = None
+    sample_axes: tuple[str, ...] = IMAGE_AXES
+    # The output stage of a model whose samples are normalized (a policy's actions): final samples are
+    # un-normalized by it. None: the samples are the output (images in [-1, 1], or latents a VAE decodes).
+    output_normalization: Normalization | None = None
+
+    def __post_init__(self) -> None:
+        check_sample_axes(self.sample_shape, self.sample_axes, "model spec")
+        if self.output_normalization is not None:
+            self.output_normalization.check_fits(self.sample_shape, "the output normalization")
+
+    @property
+    def image_like(self) -> bool:
+        """Whether a sample is an image or a stack of them (its last axes height and width)."""
+        return self.sample_axes[-2:] == IMAGE_AXES[-2:]
 
     def origins(self) -> tuple[int, ...]:
         return self.block_origin if self.block_origin is not None else tuple(range(len(self.blocks)))
+
+
+def check_sample_axes(shape: tuple[int, ...], axes: tuple[str, ...], where: str) -> None:
+    """1 to 5 positive sizes, one distinct axis name each."""
+    if not 1 <= len(shape) <= MAX_SAMPLE_RANK or not all(is_int(d) and d > 0 for d in shape):
+        raise ConfigError(f"{where}: a sample shape is 1 to {MAX_SAMPLE_RANK} positive sizes, got {list(shape)}")
+    if len(axes) != len(shape) or len(set(axes)) != len(axes) or not all(isinstance(a, str) and a for a in axes):
+        raise ConfigError(f"{where}: sample axes {list(axes)} must name each of the {len(shape)} axes once")
 
 
 @dataclass(frozen=True)
@@ -280,13 +386,15 @@ class Stages:
 
     `text_encoders` / `tokenizers`: the pipeline's own (transformers) components, in the pipeline's
     order; `vae`: its autoencoder (None: the denoiser works in pixel space); `prompts`: the prompt set
-    that calibration and verification run over. Passes optimize the denoiser and carry these along.
+    that calibration and verification run over; `observations`: an observation model's set (name -> raw
+    tensors [M, ...], the rows a data set or environment gave). Passes optimize the denoiser and carry these along.
     """
 
     text_encoders: tuple[nn.Module, ...] = ()
     tokenizers: tuple[Any, ...] = ()
     vae: nn.Module | None = None
     prompts: tuple[str, ...] = ()
+    observations: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     options: dict[str, Any] = field(default_factory=dict)  # the pipeline's own settings (model_index.json)
     # Prompt -> its condition tensors: each prompt is encoded once per stages (core.prompts).
     encoded: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
@@ -318,14 +426,23 @@ class DiffusionProgram:
 
     def fingerprint(self) -> str:
         """Identifies (weights, loop, passes with their configs): the key analyses are cached under."""
-        payload = json.dumps(
-            {
-                "source": self.source.digest,
-                "plan": self.plan.to_dict(),
-                "prompts": list(self.stages.prompts),
-                "passes": [{"name": p.name, "config": p.config} for p in self.provenance],
-            },
-            sort_keys=True,
-            default=str,
-        )
+        content: dict[str, Any] = {
+            "source": self.source.digest,
+            "plan": self.plan.to_dict(),
+            "prompts": list(self.stages.prompts),
+            "passes": [{"name": p.name, "config": p.config} for p in self.provenance],
+        }
+        if self.stages.observations:  # only then, so the fingerprints of other programs stay what they were
+            content["observations"] = _tensors_digest(self.stages.observations)
+        payload = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{list(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

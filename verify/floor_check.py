@@ -28,7 +28,7 @@ class FloorCheck:
         self, original: DiffusionProgram, samples: int = SAMPLES, seed: int = 0, progress: Callable = lambda it, **_: it
     ) -> None:
         self.seeds = seeds.family(seeds.DISTRIBUTION_CHECK, seed, samples)
-        self.conditions = condition_set(original.spec.conditioning, original.stages.prompts, samples)
+        self.conditions = condition_set(original.spec.conditioning, original.stages, samples)
         self.features = DenoiserFeatures(original)
         self.progress = progress
         reference = self._sample(original, self.seeds, "the original")

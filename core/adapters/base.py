@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import LoadError
-from core.ir import Conditioning, ModelSpec
+from core.ir import IMAGE_AXES, Conditioning, ModelSpec, Normalization
 from core.validate import is_int
 
 GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Denoiser adds it, per sample)
@@ -161,7 +161,7 @@ class Adapter:
                 f"[{conditioning.num_classes}, {rows})"
             )
 
-    def sample_shape(self, config: dict[str, Any]) -> tuple[int, int, int]:
+    def sample_shape(self, config: dict[str, Any]) -> tuple[int, ...]:
         size: Any = config.get("sample_size")
         channels: Any = config.get("in_channels")
         h, w = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else (0, 0)
@@ -171,6 +171,14 @@ class Adapter:
                 f"must be positive integers, got {channels!r} and {size!r}"
             )
         return (channels, h, w)
+
+    def sample_axes(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The names of the sample's axes (core.ir.IMAGE_AXES for images and latents)."""
+        return IMAGE_AXES
+
+    def output_normalization(self, model: nn.Module) -> Normalization | None:
+        """The normalization of the samples a policy's output stage undoes (None: samples are the output)."""
+        return None
 
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(blocks, temporal modules)."""
@@ -191,4 +199,6 @@ class Adapter:
             blocks=blocks,
             attention_sites=tuple(n for n, m in model.named_modules() if isinstance(m, Attention)),
             temporal_modules=temporal,
+            sample_axes=self.sample_axes(config),
+            output_normalization=self.output_normalization(model),
         )

@@ -240,7 +240,7 @@ def test_quant_compare_rows_are_measured_side_by_side(tiny_digits_program):
 def test_formats_per_layer_by_sensitivity_and_integer_programming(dit_program, tmp_path):
     """W4A8 over budget: the integer program moves layers to FP8 (or fp32) for the fewest weight bits within
     the budget; the greedy fallback can only revert to fp32, so it stores more bits for the same budget."""
-    dit_calibration = calib.capture(dit_program, *evaluation_set(dit_program, 4, 10_000))  # 8 rows: cheaper checks
+    dit_calibration = calib.capture(dit_program, *evaluation_set(dit_program, 2, 10_000))  # 4 rows: cheaper checks
     w4a8 = {"weights": "int4", "activations": "fp8"}
     plain = quantize(dit_program, dit_calibration, **w4a8).decision("quantize").to_dict()
     budget = 0.3 * plain["eps_error_before_fallback"]
