@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from core.ir import DENOISER, DiffusionProgram
+from core.loading import fp32_copy
 from core.quantized import quantized_layers
 from core.variants import example_carry, graph_variants
 
@@ -25,17 +26,20 @@ def lower_onnx(program: DiffusionProgram, folder: Path, backend: dict[str, Any])
     step and which `backend` executes them. Returns what was written."""
     from .qdq import export_quantized
 
+    # Graphs are exported from float32 modules whatever the program's --dtype: ONNX Runtime's CPU provider
+    # has no bfloat16 kernels (plan.json still names the program as placed: its fingerprint).
+    exported = fp32_copy(program)
     spec = program.spec
-    variants = graph_variants(program)
+    variants = graph_variants(exported)
     carry = example_carry(variants, *example_inputs(spec))
-    export = export_quantized if quantized_layers(program.denoiser) else export_onnx
+    export = export_quantized if quantized_layers(exported.denoiser) else export_onnx
     graphs = {}
     for name, variant in variants.items():
         carried = {n: carry[n] for n in variant.carried_in}
         path = folder / graph_file(name)
         export(variant.module, spec, path, carried_in=carried, carried_out=variant.carried_out)
         graphs[name] = GraphFile(path, [*input_names(spec), *carried], [OUTPUT_NAME, *variant.carried_out])
-    stages = lower_stages(program, folder, graph_files)
+    stages = lower_stages(exported, folder, graph_files)
     write_plan(folder, plan_document(program, graphs, backend, stages))
     stage_files = [s["file"] for s in stages.values()]
     return {

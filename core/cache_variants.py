@@ -18,6 +18,7 @@ from torch import nn
 from core.adapters.base import Adapter, same_batch
 from core.errors import ConfigError
 from core.ir import CACHED, FULL
+from core.placement import at_module, on_module_device
 
 CACHE = "cache"  # name of the carried tensor (ONNX input/output and plan.json)
 TRACE = "trace"  # every cut point's activation, for the cache search
@@ -34,12 +35,15 @@ class CacheVariant(nn.Module):
 
     def split(
         self, sample: torch.Tensor, timestep: torch.Tensor, inputs: tuple[torch.Tensor, ...]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """(condition tensors by name, the carried tensor or None)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(sample, timestep, condition tensors by name, the carried tensor or None), in the model's
+        placement (core.placement; the timestep stays float32)."""
         same_batch(sample, timestep, *inputs)
+        sample, *placed = at_module(self.model, (sample, *inputs))
+        (timestep,) = on_module_device(self.model, (timestep,))
         k = len(self.condition_names)
-        cond = dict(zip(self.condition_names, inputs[:k], strict=True))
-        return cond, (inputs[k] if len(inputs) > k else None)
+        cond = dict(zip(self.condition_names, placed[:k], strict=True))
+        return sample, timestep, cond, (placed[k] if len(placed) > k else None)
 
 
 class _Record(nn.Module):
@@ -93,7 +97,7 @@ class ShellVariant(CacheVariant):
         raise NotImplementedError
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
-        cond, cache = self.split(sample, timestep, inputs)
+        sample, timestep, cond, cache = self.split(sample, timestep, inputs)
         self.stash.clear()
         self.stash[CACHE] = cache
         out = self.adapter.forward(self.shell, sample, timestep, cond)

@@ -15,6 +15,7 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.limits import MAX_TRAIN_TIMESTEPS
+from core.placement import Placement
 from core.validate import finite_tree, get, integer, is_int, number
 
 # The graph variants a loop can run (built by core.variants): one network, or a cache schedule's two.
@@ -415,6 +416,7 @@ class DiffusionProgram:
     source: Source
     provenance: tuple[PassRecord, ...] = field(default=())
     stages: Stages = field(default_factory=Stages)
+    placement: Placement = field(default_factory=Placement)  # where and in what dtype its modules run
 
     def replace(self, **changes: Any) -> DiffusionProgram:
         return dataclasses.replace(self, **changes)
@@ -432,8 +434,11 @@ class DiffusionProgram:
             "prompts": list(self.stages.prompts),
             "passes": [{"name": p.name, "config": p.config} for p in self.provenance],
         }
-        if self.stages.observations:  # only then, so the fingerprints of other programs stay what they were
+        # Only where set, so the fingerprints of other programs stay what they were.
+        if self.stages.observations:
             content["observations"] = _tensors_digest(self.stages.observations)
+        if not self.placement.is_default:
+            content["placement"] = dataclasses.asdict(self.placement)
         payload = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

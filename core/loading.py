@@ -26,6 +26,7 @@ from core.fileio import sha256_files
 from core.footprint import footprint
 from core.ir import Conditioning, DiffusionProgram, SamplingPlan, Source, Stages
 from core.outputs import resolve
+from core.placement import Placement, place_modules
 from core.schedulers import check_plan, is_flow, with_scheduler
 from core.stages import load_stages
 from core.validate import finite_tree, get, integer, number, read_json_object
@@ -373,3 +374,26 @@ def _unpickler_reason(exc: Exception) -> str:
         if "Unsupported" in line or "WeightsUnpickler error" in line:
             return one_line(line.split("WeightsUnpickler error:")[-1].split(". ")[0], 160)
     return "a global the safe loader does not allow"
+
+
+def place(program: DiffusionProgram, placement: Placement) -> DiffusionProgram:
+    """The program with its modules (denoiser, text encoders, VAE) moved, in place, to `placement`'s
+    device and dtype (core.placement): what `--device` / `--dtype` choose, right after loading."""
+    stages = program.stages
+    place_modules((program.denoiser, *stages.text_encoders, stages.vae), placement)
+    stages.encoded.clear()  # prompt encodings of the old placement
+    return program.replace(placement=placement)
+
+
+def fp32_copy(program: DiffusionProgram) -> DiffusionProgram:
+    """A float32 CPU copy of a placed program (what ONNX export reads: ONNX Runtime's CPU provider has no
+    bfloat16 kernels); the program itself if it is float32 on the CPU already."""
+    if program.placement.is_default:
+        return program
+    import copy
+
+    stages = program.stages
+    modules = copy.deepcopy((program.denoiser, stages.text_encoders, stages.vae))
+    place_modules((modules[0], *modules[1], modules[2]), Placement())
+    copied = dataclasses.replace(stages, text_encoders=modules[1], vae=modules[2], encoded={})
+    return program.replace(denoiser=modules[0], stages=copied, placement=Placement())

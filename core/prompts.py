@@ -10,6 +10,7 @@ import torch
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.ir import DiffusionProgram
+from core.placement import at_module, from_module
 
 PromptEncoderFn = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 
@@ -31,9 +32,11 @@ def torch_prompt_encoder(program: DiffusionProgram) -> PromptEncoderFn:
         missing = [p for p in dict.fromkeys(prompts) if p not in stages.encoded]
         if missing:
             with torch.inference_mode():
-                outputs = module(*adapter.tokenize(stages, missing).values())
-            for i, prompt in enumerate(missing):
-                stages.encoded[prompt] = {n: out[i].clone() for n, out in zip(names, outputs, strict=True)}
+                outputs = module(*at_module(module, adapter.tokenize(stages, missing).values()))
+            for i, prompt in enumerate(missing):  # float32 on the host, whatever the encoder's placement
+                stages.encoded[prompt] = {
+                    n: from_module(out[i]).cpu().clone() for n, out in zip(names, outputs, strict=True)
+                }
         return {n: torch.stack([stages.encoded[p][n] for p in prompts]) for n in names}
 
     return encode

@@ -17,6 +17,7 @@ from core import limits
 from core.errors import ConfigError, LoadError, one_line
 from core.fileio import require_regular_file
 from core.ir import Stages
+from core.placement import at_module, from_module
 from core.weightfiles import WeightFiles
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -176,5 +177,5 @@ def decode(stages: Stages, latents: torch.Tensor, batch: int = 16) -> torch.Tens
     module = decoder(stages)
     if module is None:
         return latents
-    with torch.inference_mode():
-        return torch.cat([module(part) for part in latents.split(batch)])
+    with torch.inference_mode():  # float32 images on the host, whatever the VAE's placement
+        return torch.cat([from_module(module(*at_module(module, (part,)))).cpu() for part in latents.split(batch)])

@@ -64,12 +64,15 @@ class Trainer:
         self.model, self.lr = model, lr
         self.world = world()
         self.params = [p for p in model.parameters()]
+        # Mixed precision (Micikevicius et al. 2018): a bf16/fp16 model (--dtype) computes its forward and
+        # backward in its own precision; the optimizer steps float32 master copies, which are written back.
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.restart(steps, max_seconds)
 
     def restart(self, steps: int, max_seconds: float) -> None:
         """A fresh optimizer and cosine schedule over `steps` (a warm restart, SGDR: Loshchilov & Hutter 2017)."""
         self.steps, self.max_seconds = steps, max_seconds
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.master, lr=self.lr, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, steps)
 
     def shard(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 self._average_gradients()
+                self._to_master()
                 self.optimizer.step()
+                self._from_master()
                 self.schedule.step()
                 losses.append(float(self.global_mean(value)))
                 if self._out_of_time(start):
@@ -124,6 +129,17 @@ class Trainer:
             for p in self.params:
                 p.requires_grad_(False)
         return TrainLog(len(losses), round(time.perf_counter() - start, 1), losses)
+
+    def _to_master(self) -> None:
+        for p, m in zip(self.params, self.master, strict=True):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    def _from_master(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
+                if m is not p:
+                    p.copy_(m)
 
     def _average_gradients(self) -> None:
         if self.world.size == 1:
@@ -141,7 +157,9 @@ class Trainer:
             offset += p.numel()
 
     def _out_of_time(self, start: float) -> bool:
-        over = torch.tensor(float(time.perf_counter() - start > self.max_seconds))
+        # On the parameters' device: NCCL all-reduces device tensors only.
+        device = self.params[0].device if self.params else torch.device("cpu")
+        over = torch.tensor(float(time.perf_counter() - start > self.max_seconds), device=device)
         if self.world.size > 1:
             import torch.distributed as dist
 

@@ -19,6 +19,7 @@ from core.adapters import denoiser_module
 from core.caching import CACHE, variant_module
 from core.conditions import encode
 from core.ir import CACHED, DENOISER, FULL, DiffusionProgram
+from core.placement import from_module
 from core.sampling import DenoiseFn, Variants, sample
 
 __all__ = [
@@ -89,8 +90,8 @@ def _step_fn(variant: GraphVariant, condition_names: tuple[str, ...]):
         with torch.inference_mode():
             result = variant.module(x, t, *inputs)
         if not variant.carried_out:
-            return result, {}
+            return from_module(result), {}
         out, *written = result
-        return out, dict(zip(variant.carried_out, written, strict=True))
+        return from_module(out), dict(zip(variant.carried_out, written, strict=True))
 
     return step

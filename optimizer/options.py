@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from calibration.capture import Trajectories
 from core.ir import DiffusionProgram
+from core.placement import Placement
 from passes.manager import PlannedPass
 from verify.gates import GatePlan
 from verify.judges import JudgeOptions, JudgePlan
@@ -35,6 +36,7 @@ class JobOptions:
     prompts: Path | None = None  # a text-to-image model's prompt set (default: its folder's prompts.txt)
     variant: str | None = None  # a diffusers folder's weight variant (default: its plain files, or its only one)
     config: Path | None = None  # a single-file checkpoint's family as a local diffusers folder
+    placement: Placement = field(default_factory=Placement)  # --device / --dtype of the torch side
     # Search targets (`*-auto`): continue an interrupted search, processes running trials, shared storage,
     # and trials only (a worker of a shared study: no output, no finalists).
     resume: bool = False

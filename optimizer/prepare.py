@@ -18,7 +18,7 @@ from core.errors import ConfigError
 from core.fileio import require_regular_file
 from core.footprint import footprint
 from core.ir import DiffusionProgram
-from core.loading import MAX_GUIDANCE, load_program
+from core.loading import MAX_GUIDANCE, load_program, place
 from core.sampling import uses_guidance
 from core.schedulers import check_plan, model_calls, with_scheduler
 from core.validate import integer, number
@@ -116,7 +116,7 @@ def load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     against it, the judges and gates that apply to it, the memory estimate checked, and the --calibration
     trajectories if given (every rank and search worker the same)."""
     loaded = load_for_job(model_path, opts.allow_large, opts.prompts, opts.variant, opts.config)
-    program = apply_sampling_options(loaded, opts)
+    program = apply_sampling_options(place(loaded, opts.placement), opts)
     if target.search is not None:
         check_space(target.search, program, target.capabilities)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]

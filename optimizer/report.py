@@ -119,7 +119,7 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: S
         "",
         f"## Verification ({v['samples']} samples, same seeds/{_conditions(m)}/{_loop_words(report)}, on"
         f" {v.get('space', 'model output')};"
-        f" reference = original in torch, candidate = lowered artifact on {_executed_by(report)};"
+        f" reference = original in {_torch_words(m)}, candidate = lowered artifact on {_executed_by(report)};"
         f" floor set = the original on seeds {v.get('floor_seeds', '?')}, same {_conditions(m)})",
         "",
         f"Judges: {', '.join(v.get('judges', []))}. Distribution shifts (`*_shift`, the gated values) are the"
@@ -134,6 +134,17 @@ def markdown(report: dict[str, Any], gate_results: list[GateResult], sections: S
         "|---|---|",
     ]
     lines += [f"| {k} | {_fmt(val)} |" for k, val in v.items() if not isinstance(val, list)]
+    if "precision_floor_psnr_db" in v:
+        placed = report["model"]["placement"]
+        lines += [
+            "",
+            f"The reference is the original in {placed['dtype']} on {placed['device']} (--dtype, --device); the"
+            " candidate's graphs compute in float32. The original as placed (the same weights) computed in float32"
+            " measures"
+            f" {v['precision_floor_psnr_db']:.1f} dB mean PSNR against it, largest per-step relative error"
+            f" {v['precision_floor_eps_rel_error']:.3g}: the precision floor, where an unchanged float32 lowering"
+            " sits. The paired gates still judge the candidate against the reference.",
+        ]
     if "loop_sensitivity_psnr_db" in v:
         lines += [
             "",
@@ -318,6 +329,14 @@ def _conditioning(model: dict[str, Any]) -> str:
     if cond["num_classes"]:
         return f"{cond['num_classes']} classes, null class {cond['null_class']}"
     return "none"
+
+
+def _torch_words(model: dict[str, Any]) -> str:
+    """Where the reference ran: "torch", or with its --dtype / --device where they are not fp32 on cpu."""
+    placed = model.get("placement") or {"device": "cpu", "dtype": "fp32"}
+    if placed == {"device": "cpu", "dtype": "fp32"}:
+        return "torch"
+    return f"torch {placed['dtype']} on {placed['device']}"
 
 
 def _conditions(model: dict[str, Any]) -> str:

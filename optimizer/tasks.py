@@ -88,7 +88,33 @@ def verify_lowered(
     step_error, end_to_end = summary.get("eps_rel_error_max"), summary.get("psnr_db_mean")
     if step_error is not None and end_to_end is not None and step_error < TINY_STEP_ERROR and end_to_end < LOW_PSNR_DB:
         summary["loop_sensitivity_psnr_db"] = loop_sensitivity(program, seeds, conditions, step_error, to_images(ref_x))
+    if not program.placement.is_default:
+        summary |= precision_floor(program, reference, to_images(ref_x), progress)
     return summary, to_images(ref_x), to_images(candidate if images is None else images)
+
+
+def precision_floor(
+    program: DiffusionProgram, reference: Any, reference_images: torch.Tensor, progress: Callable
+) -> dict[str, float]:
+    """How far the original itself in float32 lies from the reference it ran as (--dtype bf16/fp16): its
+    end-to-end PSNR on the same seeds and conditions, and its worst per-step error on the reference's
+    trajectories. A float32 lowering of an unchanged network sits here; the report states it beside the
+    paired gates, which it does not change."""
+    from core.loading import fp32_copy
+    from core.stages import decode
+    from core.variants import sample_program, torch_loop
+    from verify.fidelity import step_errors
+    from verify.metrics import psnr
+
+    fp32 = fp32_copy(program)
+    shown = lambda it: progress(it, desc="original in float32", leave=False)  # noqa: E731
+    final = sample_program(fp32, list(reference.seeds), reference.conditions, progress=shown)
+    images = decode(fp32.stages, final) if fp32.stages.vae is not None else final
+    errors = step_errors(reference, fp32.plan, fp32.spec.conditioning, torch_loop(fp32))
+    return {
+        "precision_floor_psnr_db": float(psnr(reference_images, to_images(images)).mean()),
+        "precision_floor_eps_rel_error": max(errors),
+    }
 
 
 def shift_bounds(gates: GatePlan | None) -> dict[str, float]:
@@ -197,6 +223,7 @@ def make_report(
             "candidate_parameters": parameter_count(candidate.denoiser),
             "input_bytes": sum(f.stat().st_size for f in files),
             "sample_shape": list(program.spec.sample_shape),
+            "placement": dataclasses.asdict(program.placement),  # where and in what dtype the reference ran
             "sample_axes": list(program.spec.sample_axes),
             "conditioning": program.spec.conditioning.to_dict(),
             "stages": stage_summary(program),

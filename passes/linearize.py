@@ -38,6 +38,7 @@ from core.attention import FEATURE_MAPS, LinearAttention, LocalAttention
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
+from core.placement import module_placement
 from passes.analyses import FLOPS
 from passes.base import Context, Pass, PassResult, Phase
 from verify.fidelity import replay_psnr
@@ -146,11 +147,13 @@ def _attention(adapter: Adapter, model: nn.Module, block: int) -> nn.Module:
 
 
 def _processor(config: Config, grid: tuple[int, int], attn: nn.Module) -> nn.Module:
+    """The replacement processor, placed where the attention's weights are (device and --dtype)."""
+    device, dtype = module_placement(attn)
     if config.kind == "linear":
         width = attn.to_v.out_features
-        return LinearAttention(grid, config.feature_map, config.conv, width)
+        return LinearAttention(grid, config.feature_map, config.conv, width).to(device=device, dtype=dtype)
     radius = config.radius or max(1.0, min(grid) / 4)
-    return LocalAttention(grid, radius, config.tile)
+    return LocalAttention(grid, radius, config.tile).to(device=device, dtype=dtype)
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:

@@ -13,6 +13,7 @@ from core.adapters.base import GUIDANCE, Adapter, same_batch
 from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
+from core.placement import at_module, from_module, on_module_device
 from core.sampling import Cond, DenoiseFn
 
 __all__ = [
@@ -67,11 +68,14 @@ class Denoiser(nn.Module):
         self.embedded_guidance = embedded_guidance
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor):
-        cond = dict(zip(self.condition_names, conditions, strict=True))
         same_batch(sample, timestep, *conditions)
+        # In the model's placement (core.placement); the timestep stays float32, as diffusers' embeddings take it.
+        sample, *placed = at_module(self.model, (sample, *conditions))
+        (timestep,) = on_module_device(self.model, (timestep,))
+        cond = dict(zip(self.condition_names, placed, strict=True))
         if self.embedded_guidance is not None:  # a constant of the graph, never an input
             cond[GUIDANCE] = torch.full_like(timestep, self.embedded_guidance)
-        return self.adapter.forward(self.model, sample, timestep, cond)
+        return from_module(self.adapter.forward(self.model, sample, timestep, cond))
 
     def apply(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The call with condition tensors by name (a core.sampling.DenoiseFn)."""

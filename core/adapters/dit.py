@@ -53,7 +53,7 @@ class DiTCacheVariant(CacheVariant):
     """The DiTTransformer2DModel forward restated with blocks [first, stop) cacheable (FORA / Δ-DiT)."""
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
-        cond, cache = self.split(sample, timestep, inputs)
+        sample, timestep, cond, cache = self.split(sample, timestep, inputs)
         class_labels = cond.get("class_labels")
         m, (first, stop) = self.model, self.region
         channels = sample.shape[1]

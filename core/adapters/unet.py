@@ -69,7 +69,7 @@ class UNetCacheVariant(CacheVariant):
         return emb
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *inputs: torch.Tensor):
-        cond, cache = self.split(sample, timestep, inputs)
+        sample, timestep, cond, cache = self.split(sample, timestep, inputs)
         class_labels = cond.get("class_labels")
         m, (first, _) = self.model, self.region
         n = len(m.down_blocks)

@@ -146,6 +146,22 @@ VARIANT = click.option(
     " *.fp16.safetensors (default: the plain files, or the folder's only variant).",
 )
 
+DEVICE = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the torch side runs (the original as the reference, calibration, the passes): cpu, cuda or cuda:N.",
+)
+
+DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="The precision the original's modules run in (the reference the candidate is verified against, as"
+    " `pipe.to(torch.bfloat16)` runs it); the artifact's precision is the target's.",
+)
+
 SINGLE_FILE_CONFIG = click.option(
     "--config",
     "config",
