@@ -26,6 +26,9 @@ CONDITION_DTYPES = ("float32", "int64")
 # A sample's axes by name: an image (or latent) is channels x height x width; a video adds frames; an
 # action chunk is horizon x action_dim. Metrics, grids and output stages read the names, never the rank.
 IMAGE_AXES = ("channels", "height", "width")
+# What the denoiser predicts: noise, v (Salimans & Ho 2022), the clean sample, or the flow velocity
+# (flow matching; UniPC's `flow_prediction` is this). Anything else is refused, never taken for epsilon.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 MAX_SAMPLE_RANK = 5
 MAX_FEATURES = 1 << 16  # entries of one normalization vector
 
@@ -191,7 +194,7 @@ class ModelSpec:
     model_config: dict[str, Any]
     sample_shape: tuple[int, ...]  # per sample, e.g. (C, H, W); its axes are named by `sample_axes`
     conditioning: Conditioning
-    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    prediction_type: str  # one of PREDICTION_TYPES
     blocks: tuple[str, ...]  # module names of the repeated blocks, in execution order
     attention_sites: tuple[str, ...]  # module names of attention layers
     temporal_modules: tuple[str, ...]  # modules whose output depends on (t, class) only
@@ -205,6 +208,11 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_sample_axes(self.sample_shape, self.sample_axes, "model spec")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"prediction type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
+                " (the scheduler config's prediction_type)"
+            )
         if self.output_normalization is not None:
             self.output_normalization.check_fits(self.sample_shape, "the output normalization")
 

@@ -9,6 +9,7 @@ Nothing is ever written next to the input.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from collections.abc import Callable
 from functools import partial
@@ -281,6 +282,7 @@ def _program(
     if conditioning is not None:
         adapter.check_conditioning(model, conditioning, where)
     prediction = "flow" if is_flow(plan) else plan.scheduler_config.get("prediction_type", "epsilon")
+    prediction = "flow" if prediction == "flow_prediction" else prediction  # UniPC's name for it (Wan)
     spec = adapter.spec(model, conditioning, prediction)
     if adapter.embeds_guidance(model.config):
         # The pipeline's guidance_scale is the embedding's input; classifier-free guidance only at true_cfg_scale
@@ -379,6 +381,8 @@ def _unpickler_reason(exc: Exception) -> str:
 def place(program: DiffusionProgram, placement: Placement) -> DiffusionProgram:
     """The program with its modules (denoiser, text encoders, VAE) moved, in place, to `placement`'s
     device and dtype (core.placement): what `--device` / `--dtype` choose, right after loading."""
+    if placement.device == "cuda" and "LOCAL_RANK" in os.environ:  # a torchrun rank: its own GPU
+        placement = dataclasses.replace(placement, device=f"cuda:{int(os.environ['LOCAL_RANK'])}")
     stages = program.stages
     place_modules((program.denoiser, *stages.text_encoders, stages.vae), placement)
     stages.encoded.clear()  # prompt encodings of the old placement

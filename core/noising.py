@@ -49,4 +49,8 @@ def training_target(
     if prediction_type == "v_prediction":  # v = a noise - s x0 (Salimans & Ho 2022)
         a, s = (v.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) for v in signal_and_noise(scheduler, t))
         return a * noise - s * x0
-    return x0 if prediction_type == "sample" else noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return noise
+    raise ValueError(f"no training target for prediction type {prediction_type!r}")

@@ -1,4 +1,4 @@
-"""A quantized layer in the IR: the original Linear/Conv2d plus its formats, calibrated ranges and scales.
+"""A quantized layer in the IR: the original Linear/Conv1d/2d/3d plus its formats, calibrated ranges and scales.
 
 In torch it emulates the formats (fake quantization, `core.numerics`), which is what the passes
 measure. For export it runs as the plain fp32 layer (`export_mode`), and `backends.qdq` then writes the
@@ -41,7 +41,7 @@ class QuantizedLayer(nn.Module):
 
     def __init__(
         self,
-        inner: nn.Linear | nn.Conv2d,
+        inner: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d,
         fmt: LayerFormat,
         act_range: tuple[float, float],
         smooth: torch.Tensor | None = None,
@@ -52,7 +52,7 @@ class QuantizedLayer(nn.Module):
         self.fmt = fmt
         self.emulate = True
         self.act_range = act_range
-        channel_shape = (-1,) if isinstance(inner, nn.Linear) else (-1, 1, 1)
+        channel_shape = (-1,) + (1,) * (inner.weight.dim() - 2)  # input channels over a conv's spatial axes
         inv = None if smooth is None else (1.0 / smooth).reshape(channel_shape)
         self.register_buffer("inv_smooth", inv)
         self.act_scale, self.act_zero_point = activation_params(fmt.activations, act_range)
@@ -71,8 +71,7 @@ class QuantizedLayer(nn.Module):
         x = self.fake_activation(x)
         if isinstance(self.inner, nn.Linear):
             return F.linear(x, self.qweight, self.inner.bias)
-        c = self.inner
-        y = F.conv2d(x, self.qweight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        y = self.inner._conv_forward(x, self.qweight, self.inner.bias)  # the conv's own call, 1-D to 3-D
         if self.out_range is None:
             return y
         return nx.fake_int(y, torch.tensor(self.out_scale), torch.tensor(float(self.out_zero_point)), 0, 255)

@@ -41,7 +41,9 @@ def world() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # A backend per tensor device where a GPU exists: a --device cpu job on a GPU machine all-reduces with
+        # gloo, a --device cuda one with NCCL (which takes device tensors only).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 

@@ -5,7 +5,8 @@
 2. Temporal-only modules (timestep/class embedding, adaLN modulation, time_emb_proj: functions of t
    and the label alone) stay fp32 (TFMQ's observation: these features are hypersensitive).
 3. Optional SmoothQuant balancing (alpha) moves activation outliers into the weights (PTQ4DiT).
-4. Every remaining Linear/Conv2d becomes a QuantizedLayer with calibrated ranges.
+4. Every remaining layer of the family's quantizable types (Linear, Conv1d/2d/3d) becomes a QuantizedLayer
+   with calibrated ranges.
 5. Fallback: if the teacher-forced noise-prediction error is over `max_eps_error`, the layers whose
    quantization alone hurts most (measured on 5 evenly spread steps) go back to fp32, worst first,
    until the error over every step is within budget. `max_sample_error` budgets the end-to-end error
@@ -188,7 +189,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         name: m for name, m in model.named_modules() if isinstance(m, kinds) and not any(_under(name, k) for k in kept)
     }
     if not targets:
-        raise ConfigError("quantize: no Linear/Conv2d layers left to quantize")
+        raise ConfigError("quantize: no layers of the family's quantizable types left to quantize")
     inputs = selection.select(
         ctx.calibration,
         config.calibration,
@@ -208,7 +209,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         s = smooth.get(name)
         lo, hi = act_range(stats[name], s)
         if s is not None:
-            shape = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, 1, 1)
+            shape = (1, -1) + (1,) * (layer.weight.dim() - 2)  # input channels (a conv's over its kernel axes)
             layer.weight.data.mul_(s.reshape(shape))
         builders[name] = functools.partial(
             QuantizedLayer, layer, act_range=(lo, hi), smooth=s, out_range=stats[name].get("out")

@@ -44,7 +44,7 @@ def observe(
 
     handles = [m.register_forward_pre_hook(hook(n, isinstance(m, nn.Linear))) for n, m in targets.items()]
     if outputs:
-        handles += [m.register_forward_hook(out_hook(n)) for n, m in targets.items() if isinstance(m, nn.Conv2d)]
+        handles += [m.register_forward_hook(out_hook(n)) for n, m in targets.items() if not isinstance(m, nn.Linear)]
     try:
         for x, t, cond in inputs.batches(BATCH):
             denoiser.apply(x, t, cond)

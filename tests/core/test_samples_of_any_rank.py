@@ -140,3 +140,26 @@ def test_observation_conditioning_reads_back_from_its_dict_and_refuses_mixtures(
         Conditioning.from_dict(mixed)
     with pytest.raises(ConfigError, match="needs exactly the tensors"):
         encode(policy, [{"observation.image": torch.zeros(2, 3)}], 1)
+
+
+def test_int8_quantizes_a_policys_conv1d_layers_and_ort_runs_the_qdq_graph(policy, tmp_path):
+    """The family lists Conv1d among its quantizable types: those layers become quantized layers (per output
+    channel over a 1-D kernel) and lower to a Q/DQ graph ONNX Runtime runs like the emulation."""
+    from helpers import run_recipe
+    from torch import nn
+
+    from core.adapters import torch_denoise
+    from core.quantized import quantized_layers
+
+    calibration = capture_calibration(policy, 4)
+    recipe = [{"pass": "quantize", "config": {"activations": "int8", "calibration_inputs": 32}}]
+    quantized = run_recipe(policy, calibration, recipe, frozenset({"fp32", "int8"}))
+    layers = quantized_layers(quantized.denoiser)
+    assert {"conv_in", "conv_mid", "conv_out"} <= set(layers)
+    assert all(isinstance(layers[n].inner, nn.Conv1d) for n in ("conv_in", "conv_mid", "conv_out"))
+    lower(quantized, tmp_path)
+    x, t = calibration.x[3], calibration.t[3].expand(4)
+    cond = {STATE: calibration.cond[STATE]}
+    emulated = torch_denoise(quantized)(x, t, cond)
+    lowered = open_runner(tmp_path).denoise(x, t, cond)
+    assert float((lowered - emulated).norm() / emulated.norm()) < 0.02

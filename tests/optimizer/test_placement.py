@@ -116,3 +116,16 @@ def test_a_bf16_model_trains_on_float32_master_weights():
     assert float(master.max()) < 1.0 - 2**-7  # 20 AdamW steps of up to lr each (cosine): more than one bf16 spacing
     torch.testing.assert_close(model.weight, master.to(torch.bfloat16), rtol=0, atol=0)
     assert model.weight.dtype == torch.bfloat16 and not model.weight.requires_grad
+
+
+def test_the_gpu_check_skips_with_its_reason_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: run scripts/gpu_check.py itself")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("skipped: torch sees no CUDA GPU here"), done.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
