@@ -38,10 +38,14 @@ def rows_for(nfe: int, distill_recipe: list[dict[str, Any]]) -> list[Row]:
     """The comparison at `nfe` evaluations per image (even: the guided rows take nfe / 2 steps)."""
     half = max(1, nfe // 2)
     return [
-        Row(f"DDIM {half} steps x CFG", [{"pass": "sampler", "config": {"steps": half}}]),
-        Row(f"DDIM {nfe} steps, no CFG", [{"pass": "sampler", "config": {"steps": nfe}}], guided=False),
-        Row(f"searched schedule {half} steps x CFG", [{"pass": "schedule", "config": {"steps": half}}]),
-        Row(f"searched schedule {nfe} steps, no CFG", [{"pass": "schedule", "config": {"steps": nfe}}], guided=False),
+        Row(f"DDIM {half} steps x CFG", [{"pass": "sampler", "config": {"sampling_steps": half}}]),
+        Row(f"DDIM {nfe} steps, no CFG", [{"pass": "sampler", "config": {"sampling_steps": nfe}}], guided=False),
+        Row(f"searched schedule {half} steps x CFG", [{"pass": "schedule", "config": {"sampling_steps": half}}]),
+        Row(
+            f"searched schedule {nfe} steps, no CFG",
+            [{"pass": "schedule", "config": {"sampling_steps": nfe}}],
+            guided=False,
+        ),
         Row(f"distilled: guidance + progressive to {nfe} steps", distill_recipe),
     ]
 

@@ -136,3 +136,28 @@ def job_memory(fp: Footprint, sample_shape: tuple[int, ...], steps: int, guided:
     the reference trajectories and the candidate's (the same size, in the worst case)."""
     batch = samples * (2 if guided else 1)
     return JOB_WEIGHT_COPIES * fp.weight_bytes + fp.call_bytes(batch) + 2 * trajectory_bytes(sample_shape, steps, batch)
+
+
+DEVICE_WEIGHT_COPIES = 2  # on a GPU: the program and a pass's working copy (trajectories stay on the host)
+
+
+def device_job_memory(fp: Footprint, element_bytes: int, guided: bool, samples: int) -> int:
+    """What a job holds on a GPU (--device cuda) in its --dtype's `element_bytes`: two copies of the weights
+    and one batched call of `samples` seeds (the loop's latents and the captures stay on the host)."""
+    batch = samples * (2 if guided else 1)
+    live = LIVE_TENSORS * batch * fp.activation_elements * element_bytes
+    return DEVICE_WEIGHT_COPIES * fp.parameters * element_bytes + live
+
+
+def require_device_memory(need: int, device: str, advice: str, allow_large: bool) -> None:
+    """Refuse a run that would not fit in what the GPU has free now (torch.cuda.mem_get_info)."""
+    if allow_large or not device.startswith("cuda"):
+        return
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if need > free:
+        raise LimitError(
+            f"this run needs about {need / GIB:.1f} GiB on {device} and {free / GIB:.1f} GiB is free there; "
+            f"{advice} (or pass --allow-large to try anyway)"
+        )

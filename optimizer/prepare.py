@@ -87,6 +87,11 @@ def check_job_memory(program: DiffusionProgram, samples: int, allow_large: bool,
     )
     advice = "use fewer --samples / --calibration-samples" + (" or --workers" if processes > 1 else "")
     limits.require_memory(need * processes, "this run", advice, allow_large)
+    placement = program.placement
+    if placement.device.startswith("cuda"):  # GPU memory too: weights and one batched call in --dtype
+        size = placement.torch_dtype.itemsize
+        on_device = limits.device_job_memory(fp, size, uses_guidance(plan, spec.conditioning), samples)
+        limits.require_device_memory(on_device * processes, placement.device, advice, allow_large)
 
 
 def load_for_job(

@@ -70,6 +70,12 @@ class PlannedPass:
 def build_config(p: Pass, values: dict[str, Any]) -> Any:
     cls = p.config
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})
+    for old in sorted(set(values) & set(renamed)):
+        raise ConfigError(
+            f"pass '{p.name}': '{old}' is now '{renamed[old]}' (the loop's step count; `steps` counts training"
+            " steps in every pass)"
+        )
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"pass '{p.name}': unknown config key(s) {unknown} (known: {', '.join(fields)})")

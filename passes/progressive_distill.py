@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ DATA_SEED = seeds.PROGRESSIVE_DISTILL  # the teacher's samples, + the run's --se
 
 @dataclass
 class Config:
-    steps: int = 4  # the student's step count at the end (rounds halve until there)
+    sampling_steps: int = 4  # the student's step count at the end (rounds halve until there)
     round_steps: int = 800  # training steps per round
     batch: int = 32
     lr: float = 2e-4
@@ -57,6 +58,8 @@ class Config:
     max_fd_shift: float = 0.0  # a round's student must keep this distribution shift (0: not checked)
     check_samples: int = 100  # samples of the distribution check (its seed-to-seed noise shrinks with more)
     max_round_steps: int = 0  # with max_fd_shift: a round trains on in chunks of round_steps up to this (0: one)
+    # `steps` counts training steps in every pass; this pass's loop step count is `sampling_steps` (issue 34).
+    RENAMED: ClassVar[dict[str, str]] = {"steps": "sampling_steps"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,8 @@ class ProgressiveDecision(Decision):
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    if not 1 <= config.steps <= 1000 or not 1 <= config.round_steps <= 1_000_000:
-        raise ConfigError("progressive_distill: steps must be in [1, 1000] and round_steps >= 1")
+    if not 1 <= config.sampling_steps <= 1000 or not 1 <= config.round_steps <= 1_000_000:
+        raise ConfigError("progressive_distill: sampling_steps must be in [1, 1000] and round_steps >= 1")
     if not 2 <= config.batch <= MAX_INPUTS or not 1 <= config.samples <= MAX_INPUTS:
         raise ConfigError(f"progressive_distill: batch >= 2 and samples >= 1 (at most {MAX_INPUTS})")
     if config.lr <= 0 or config.max_seconds <= 0:
@@ -104,9 +107,9 @@ def check(config: Config, capabilities: frozenset[str]) -> None:
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
-    if config.steps >= len(grid(program.plan)):
+    if config.sampling_steps >= len(grid(program.plan)):
         raise ConfigError(
-            f"progressive_distill: {config.steps} steps is not fewer than the loop's {len(grid(program.plan))}"
+            f"progressive_distill: {config.sampling_steps} steps is not fewer than the loop's {len(grid(program.plan))}"
         )
     FirstOrder(program.plan, program.spec.prediction_type)
     check_plan(on_grid(program.plan, "ddim" if program.spec.prediction_type != "flow" else "euler", grid(program.plan)))
@@ -131,7 +134,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         check = ctx.distribution_check(config.check_samples)
     teacher_model, teacher_grid = program.denoiser, grid(program.plan)
     kept_model, kept_grid, records, start = program.denoiser, teacher_grid, [], time.perf_counter()
-    schedule = rounds(len(teacher_grid), config.steps)
+    schedule = rounds(len(teacher_grid), config.sampling_steps)
     for i, groups in enumerate(schedule):
         left = config.max_seconds - (time.perf_counter() - start)
         budget = max(1.0, left / (len(schedule) - i))

@@ -103,8 +103,8 @@ class QuantizeDecision(Decision):
     quantized_layers: int
     kept_fp32: list[str]
     fallback: list[dict[str, Any]]  # layers reverted to fp32 for the error budget, most sensitive first
-    eps_error_before_fallback: float  # of `measure`
-    eps_error_after_fallback: float
+    error_before_fallback: float  # of `measure`
+    error_after_fallback: float
     calibration: dict[str, Any]
     smoothquant_alpha: float
     smoothed_layers: int
@@ -126,17 +126,15 @@ class QuantizeDecision(Decision):
             f"- calibration: {self.calibration['method']}, {self.calibration['inputs']} denoiser inputs;"
             f" SmoothQuant alpha {self.smoothquant_alpha} on {self.smoothed_layers} layers",
             f"- weight storage: {bits['stored'] / 8e6:.2f} MB vs {bits['fp32_equivalent'] / 8e6:.2f} MB fp32",
-            f"- {self.measure}: {self.eps_error_before_fallback:.4g} before fallback,"
-            f" {self.eps_error_after_fallback:.4g} after",
+            f"- {self.measure}: {self.error_before_fallback:.4g} before fallback,"
+            f" {self.error_after_fallback:.4g} after",
         ]
         if self.allocation:
             lines += allocation_markdown(self.allocation)
         elif self.fallback:
             lines += ["", "Layers reverted to fp32 (most sensitive first, each measured alone):", ""]
             lines += ["| layer | error when quantized alone | error after reverting |", "|---|---|---|"]
-            lines += [
-                f"| {f['layer']} | {f['solo_eps_error']:.4g} | {f['eps_error_after']:.4g} |" for f in self.fallback
-            ]
+            lines += [f"| {f['layer']} | {f['solo_error']:.4g} | {f['error_after']:.4g} |" for f in self.fallback]
         if self.distribution:
             lines += _distribution_markdown(self.distribution)
         lines += [f"- {note}" for note in self.notes]
@@ -237,7 +235,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         reverted = revert_most_sensitive(
             model, program.denoiser, ranking, config.max_fallback, ErrorJudge(error, error_before)
         )
-        error_after = reverted[-1]["eps_error_after"] if reverted else error_before
+        error_after = reverted[-1]["error_after"] if reverted else error_before
     distribution = None
     if config.max_fd_shift_added:
         check = ctx.distribution_check(config.check_samples)
@@ -257,8 +255,8 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         quantized_layers=len(layers),
         kept_fp32=sorted(kept),
         fallback=reverted,
-        eps_error_before_fallback=error_before,
-        eps_error_after_fallback=error_after,
+        error_before_fallback=error_before,
+        error_after_fallback=error_after,
         calibration={"method": config.calibration, "inputs": int(inputs.x.shape[0])},
         smoothquant_alpha=config.smoothquant,
         smoothed_layers=len(smooth),
@@ -319,7 +317,7 @@ def _distribution_markdown(d: dict[str, Any]) -> list[str]:
     if d["reverted"]:
         lines += ["", "| layer reverted for the distribution | error when quantized alone | shift after |"]
         lines += ["|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['solo_eps_error']:.4g} | {r['fd_shift_after']:.4g} |" for r in d["reverted"]]
+        lines += [f"| {r['layer']} | {r['solo_error']:.4g} | {r['fd_shift_after']:.4g} |" for r in d["reverted"]]
     return lines
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
@@ -20,28 +21,30 @@ from passes.base import Context, Pass, PassResult, Phase
 @dataclass
 class Config:
     scheduler: str = ""  # alias (ddpm, ddim, dpmsolver++, euler) or diffusers class; "" keeps the current one
-    steps: int = 0  # 0 keeps the current count
+    sampling_steps: int = 0  # the loop's step count; 0 keeps the current count
+    # `steps` counts training steps in every pass; this pass's loop step count is `sampling_steps` (issue 34).
+    RENAMED: ClassVar[dict[str, str]] = {"steps": "sampling_steps"}
 
 
 @dataclass(frozen=True)
 class SamplerDecision(Decision):
     scheduler_before: str
-    steps_before: int
+    sampling_steps_before: int
     scheduler: str
-    steps: int
+    sampling_steps: int
 
     title = "Sampler"
 
     def markdown(self) -> list[str]:
         return [
-            f"- loop re-planned: `{self.scheduler_before}` at {self.steps_before} steps -> `{self.scheduler}` at"
-            f" {self.steps} steps; calibration recaptured for the new loop"
+            f"- loop re-planned: `{self.scheduler_before}` at {self.sampling_steps_before} steps ->"
+            f" `{self.scheduler}` at {self.sampling_steps} steps; calibration recaptured for the new loop"
         ]
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    if not 0 <= config.steps <= MAX_STEPS:
-        raise ConfigError(f"sampler: steps must be in [0, {MAX_STEPS}] (0 keeps the current count)")
+    if not 0 <= config.sampling_steps <= MAX_STEPS:
+        raise ConfigError(f"sampler: sampling_steps must be in [0, {MAX_STEPS}] (0 keeps the current count)")
 
 
 def check_program(config: Config, program: DiffusionProgram) -> None:
@@ -51,7 +54,7 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
 
 def _plan(program: DiffusionProgram, config: Config) -> SamplingPlan:
     plan = with_scheduler(program.plan, config.scheduler) if config.scheduler else program.plan
-    return dataclasses.replace(plan, num_inference_steps=config.steps) if config.steps else plan
+    return dataclasses.replace(plan, num_inference_steps=config.sampling_steps) if config.sampling_steps else plan
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram, SamplingPlan
@@ -29,7 +30,9 @@ from verify.fidelity import replay_psnr
 
 @dataclass
 class Config:
-    steps: int = 4  # N: network calls per sample (twice that under classifier-free guidance)
+    sampling_steps: int = 4  # N: network calls per sample (twice that under classifier-free guidance)
+    # `steps` counts training steps in every pass; this pass's loop step count is `sampling_steps` (issue 34).
+    RENAMED: ClassVar[dict[str, str]] = {"steps": "sampling_steps"}
     solvers: list = field(default_factory=list)  # [] = every grid solver for the model's schedule
     sweeps: int = 4  # coordinate-descent sweeps over the timesteps (the move halves each sweep)
     max_seconds: float = 300.0
@@ -37,7 +40,7 @@ class Config:
 
 @dataclass(frozen=True)
 class ScheduleDecision(Decision):
-    steps: int
+    sampling_steps: int
     solver: str
     timesteps: list[float]
     tried: list[dict]  # per solver: uniform and searched calibration PSNR, searched grid
@@ -48,7 +51,7 @@ class ScheduleDecision(Decision):
 
     def markdown(self) -> list[str]:
         lines = [
-            f"{self.steps} steps; kept `{self.solver}` on timesteps {[round(t) for t in self.timesteps]}"
+            f"{self.sampling_steps} steps; kept `{self.solver}` on timesteps {[round(t) for t in self.timesteps]}"
             f" ({self.evaluations} loop runs on the calibration seeds, {self.seconds} s).",
             "",
             "| solver | uniform grid PSNR (dB) | searched grid PSNR (dB) | searched timesteps |",
@@ -61,8 +64,8 @@ class ScheduleDecision(Decision):
 
 
 def check(config: Config, capabilities: frozenset[str]) -> None:
-    if not 1 <= config.steps <= MAX_STEPS:
-        raise ConfigError(f"schedule: steps must be in [1, {MAX_STEPS}]")
+    if not 1 <= config.sampling_steps <= MAX_STEPS:
+        raise ConfigError(f"schedule: sampling_steps must be in [1, {MAX_STEPS}]")
     if not all(isinstance(s, str) for s in config.solvers):
         raise ConfigError("schedule: solvers must be a list of solver names")
     if not 0 <= config.sweeps <= 50 or config.max_seconds <= 0:
@@ -80,10 +83,12 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
     if unknown:
         raise ConfigError(f"schedule: unknown solver(s) {unknown} for this model (known: {', '.join(table)})")
     train = build_scheduler(program.plan).config.num_train_timesteps
-    if config.steps >= train:
-        raise ConfigError(f"schedule: {config.steps} steps needs more than the scheduler's {train} train timesteps")
+    if config.sampling_steps >= train:
+        raise ConfigError(
+            f"schedule: {config.sampling_steps} steps needs more than the scheduler's {train} train timesteps"
+        )
     for solver in _solvers(config, program):
-        check_plan(on_grid(program.plan, solver, _uniform(program.plan, config.steps)))
+        check_plan(on_grid(program.plan, solver, _uniform(program.plan, config.sampling_steps)))
 
 
 def _uniform(plan: SamplingPlan, steps: int) -> list[float]:
@@ -108,14 +113,14 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
 
     tried = []
     for solver in ctx.progress(_solvers(config, program), desc="schedule: solvers", leave=False):
-        uniform = _uniform(program.plan, config.steps)
+        uniform = _uniform(program.plan, config.sampling_steps)
         base = score(solver, uniform)
         grid, best = _search(solver, uniform, base, train, config, score, lambda: time.perf_counter() - start)
         tried.append({"solver": solver, "uniform_psnr_db": base, "searched_psnr_db": best, "timesteps": grid})
     kept = max(tried, key=lambda row: row["searched_psnr_db"])
     plan = on_grid(program.plan.without_loop_policy(), kept["solver"], kept["timesteps"])
     decision = ScheduleDecision(
-        config.steps,
+        config.sampling_steps,
         kept["solver"],
         kept["timesteps"],
         [

@@ -77,7 +77,9 @@ def main(out: Path) -> int:
     rows: dict[str, Any] = {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "torch": torch.__version__}
     fp8 = target(work, "gpu-check-fp8", "h100-fp8", [{"pass": "quantize", "config": {"weights": "fp8"}}])
     rows["tensorrt_fp8"] = optimize(["--target", str(fp8), "--device", "cuda"], work / "fp8")
-    steps = [{"pass": "progressive_distill", "config": {"steps": 10, "round_steps": 20, "samples": 16, "batch": 8}}]
+    steps = [
+        {"pass": "progressive_distill", "config": {"sampling_steps": 10, "round_steps": 20, "samples": 16, "batch": 8}}
+    ]
     distill = target(work, "gpu-check-steps", "cpu-steps", steps)
     rows["distill_cuda_bf16"] = optimize(["--target", str(distill), "--device", "cuda", "--dtype", "bf16"], work / "st")
     if gpus >= 2:

@@ -25,7 +25,7 @@ def main(out: Path) -> None:
     analyses.provide(CALIBRATION, program, capture_calibration(program, 4))
     ctx = Context(program, analyses, frozenset({"fp32"}), rng=torch.Generator().manual_seed(0))
     recovered = recover.run(program, recover.Config(steps=3, batch=8, samples=16, teacher_samples=0), ctx).program
-    config = progressive_distill.Config(steps=10, round_steps=3, batch=8, samples=8)
+    config = progressive_distill.Config(sampling_steps=10, round_steps=3, batch=8, samples=8)
     distilled = progressive_distill.run(program, config, ctx).program
     if world().is_main:
         weights = {f"recover.{k}": v for k, v in recovered.denoiser.state_dict().items()}

@@ -114,7 +114,7 @@ class ErrorJudge:
 
     def after_revert(self) -> dict[str, float]:
         self.value = self.measured.measure(self.measured.rows)
-        return {"eps_error_after": self.value}
+        return {"error_after": self.value}
 
 
 class ShiftJudge:
@@ -154,5 +154,5 @@ def revert_most_sensitive(
         if len(reverted) >= limit or not judge.over():
             break
         set_module(model, name, copy.deepcopy(original.get_submodule(name)))
-        reverted.append({"layer": name, "solo_eps_error": ranking[name], **judge.after_revert()})
+        reverted.append({"layer": name, "solo_error": ranking[name], **judge.after_revert()})
     return reverted

@@ -85,7 +85,7 @@ def allocate_formats(
     for name, key in chosen.items():
         set_module(model, name, options[name][key])
     fp32 = sorted((n for n, k in chosen.items() if k == "fp32"), key=lambda n: solo[n][default[n]], reverse=True)
-    reverted = [{"layer": n, "solo_eps_error": solo[n][default[n]], "eps_error_after": error} for n in fp32]
+    reverted = [{"layer": n, "solo_error": solo[n][default[n]], "error_after": error} for n in fp32]
     allocation = {
         "method": "sensitivity + integer programming (scipy milp)",
         "options": sorted({k for ks in keys for k in ks}),
@@ -93,7 +93,7 @@ def allocate_formats(
         "solves": len(tried),
         "tried": [{"weight_bits": b, "eps_error": e} for b, e, _ in tried],
         "assigned": {n: k for n, k in chosen.items() if k != default[n]},
-        "solo_eps_error": {n: solo[n] for n, k in chosen.items() if k != default[n]},
+        "solo_error": {n: solo[n] for n, k in chosen.items() if k != default[n]},
     }
     return error, reverted, allocation
 
@@ -117,6 +117,6 @@ def allocation_markdown(allocation: dict[str, Any]) -> list[str]:
     if assigned:
         lines += ["", "| layer | format | error when alone in each format (5 steps) |", "|---|---|---|"]
         for name, key in assigned.items():
-            solo = ", ".join(f"{k}: {v:.3g}" for k, v in allocation["solo_eps_error"][name].items())
+            solo = ", ".join(f"{k}: {v:.3g}" for k, v in allocation["solo_error"][name].items())
             lines.append(f"| {name} | {key} | {solo} |")
     return lines

@@ -288,7 +288,7 @@ def test_sampler_then_guidance_then_cache_recaptures_calibration_for_the_new_loo
     data["name"] = "cpu-cache-10"
     del data["alternatives"]  # this test is about recapturing calibration, not the choice of recipe
     data["recipe"][1]["config"].update(regions=[[0, 8]], criterion="uniform", probe_samples=2, max_fd_shift=0.0)
-    data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"steps": 10}}]
+    data["recipe"] = [data["recipe"][1], data["recipe"][0], {"pass": "sampler", "config": {"sampling_steps": 10}}]
     target = tmp_path / "t.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"

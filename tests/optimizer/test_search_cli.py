@@ -25,8 +25,8 @@ from optimizer.cli import main
 
 STEPS = {
     "20 x CFG": [],
-    "10 x CFG": [{"pass": "sampler", "config": {"steps": 10}}],
-    "5 x CFG": [{"pass": "sampler", "config": {"steps": 5}}],
+    "10 x CFG": [{"pass": "sampler", "config": {"sampling_steps": 10}}],
+    "5 x CFG": [{"pass": "sampler", "config": {"sampling_steps": 5}}],
 }
 LOOP = {
     "none": [],

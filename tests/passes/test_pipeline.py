@@ -145,7 +145,7 @@ def test_a_pass_that_changes_the_loop_gets_calibration_recaptured(dit_program):
     reader = Pass("reader", Phase.GUIDANCE_POLICY, ScaleConfig, read)
     ctx = context(dit_program, capture)
     ctx.analyses.provide(CALIBRATION, dit_program, types.SimpleNamespace(steps=20))
-    recipe = [{"pass": "reader"}, {"pass": "sampler", "config": {"steps": 10}}]
+    recipe = [{"pass": "reader"}, {"pass": "sampler", "config": {"sampling_steps": 10}}]
     passes = {"reader": reader, "sampler": registry()["sampler"]}
     result = run_passes(dit_program, plan_passes(recipe, CAPS, passes), ctx)
     assert [r.name for r in result.provenance] == ["sampler", "reader"]
@@ -259,12 +259,12 @@ def test_discovery_finds_the_shipped_passes_with_their_phases():
 
 
 def test_sampler_pass_replans_the_loop(dit_program):
-    planned = plan_passes([{"pass": "sampler", "config": {"scheduler": "ddim", "steps": 8}}], CAPS)
+    planned = plan_passes([{"pass": "sampler", "config": {"scheduler": "ddim", "sampling_steps": 8}}], CAPS)
     result = run_passes(dit_program, planned, offline_context(dit_program, calibration=None))
     assert result.plan.scheduler_class == "DDIMScheduler" and result.plan.num_inference_steps == 8
     assert result.plan.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"  # trained schedule kept
     assert result.denoiser is dit_program.denoiser and dit_program.plan.num_inference_steps == 20
-    assert result.decision("sampler").steps_before == 20
+    assert result.decision("sampler").sampling_steps_before == 20
 
 
 @pytest.mark.parametrize(
@@ -272,7 +272,10 @@ def test_sampler_pass_replans_the_loop(dit_program):
     [
         ([{"pass": "cache", "config": {"criterion": "first-block"}}], "first-block criterion needs a transformer"),
         ([{"pass": "cache", "config": {"regions": [[0, 3]]}}], "a UNet cache region is"),
-        ([{"pass": "sampler", "config": {"steps": 5000}}], "steps must be in"),
+        ([{"pass": "sampler", "config": {"sampling_steps": 5000}}], "sampling_steps must be in"),
+        # Issue 34's rename: a target written before it is told the new name, not "unknown key".
+        ([{"pass": "progressive_distill", "config": {"steps": 4}}], "'steps' is now 'sampling_steps'"),
+        ([{"pass": "schedule", "config": {"steps": 4}}], "'steps' is now 'sampling_steps'"),
     ],
 )
 def test_checks_against_the_model_run_when_the_recipe_is_planned(unet_program, recipe, message):

@@ -73,7 +73,7 @@ def test_bad_configs_are_refused_before_running():
     with pytest.raises(ConfigError, match="smoothquant alpha"):
         plan_passes([{"pass": "quantize", "config": {"smoothquant": 1.5}}], ALL)
     # Ordered by phase, whatever the recipe's order: the loop first, number formats after.
-    planned = plan_passes([{"pass": "quantize"}, {"pass": "sampler", "config": {"steps": 10}}], ALL)
+    planned = plan_passes([{"pass": "quantize"}, {"pass": "sampler", "config": {"sampling_steps": 10}}], ALL)
     assert [p.name for p in planned] == ["sampler", "quantize"]
 
 
@@ -101,10 +101,10 @@ def test_timestep_calibration_beats_random_calibration_at_equal_bits(dit_program
 def test_fallback_reverts_the_most_sensitive_layer_first(dit_program, dit_calibration, dit_heldout):
     q = quantize(dit_program, dit_calibration, max_eps_error=0.03, max_fallback=3)
     notes = q.decision("quantize").to_dict()
-    assert notes["eps_error_before_fallback"] > 0.03 >= notes["eps_error_after_fallback"]
+    assert notes["error_before_fallback"] > 0.03 >= notes["error_after_fallback"]
     reverted = [f["layer"] for f in notes["fallback"]]
     assert reverted and not any(isinstance(q.denoiser.get_submodule(n), QuantizedLayer) for n in reverted)
-    solo = [f["solo_eps_error"] for f in notes["fallback"]]
+    solo = [f["solo_error"] for f in notes["fallback"]]
     assert solo == sorted(solo, reverse=True)
     no_fallback = quantize(dit_program, dit_calibration)
     assert heldout_error(q, dit_heldout) < heldout_error(no_fallback, dit_heldout)
@@ -123,9 +123,9 @@ def test_end_to_end_budget_judges_the_loops_samples(dit_program):
     q = quantize(program, calibration, **w4a8, max_sample_error=budget, max_fallback=6)
     notes = q.decision("quantize").to_dict()
     assert notes["measure"].startswith("end-to-end") and notes["fallback"]
-    assert notes["eps_error_before_fallback"] == pytest.approx(before, rel=1e-6)
-    assert notes["eps_error_after_fallback"] <= budget
-    assert replay_error(q, calibration) == pytest.approx(notes["eps_error_after_fallback"], rel=1e-6)
+    assert notes["error_before_fallback"] == pytest.approx(before, rel=1e-6)
+    assert notes["error_after_fallback"] <= budget
+    assert replay_error(q, calibration) == pytest.approx(notes["error_after_fallback"], rel=1e-6)
     assert replay_error(q, heldout) < replay_error(plain, heldout)
     with pytest.raises(ConfigError, match="not both"):
         plan_passes([{"pass": "quantize", "config": {"max_eps_error": 0.1, "max_sample_error": 0.1}}], ALL)
@@ -243,11 +243,11 @@ def test_formats_per_layer_by_sensitivity_and_integer_programming(dit_program, t
     dit_calibration = calib.capture(dit_program, *evaluation_set(dit_program, 2, 10_000))  # 4 rows: cheaper checks
     w4a8 = {"weights": "int4", "activations": "fp8"}
     plain = quantize(dit_program, dit_calibration, **w4a8).decision("quantize").to_dict()
-    budget = 0.3 * plain["eps_error_before_fallback"]
+    budget = 0.3 * plain["error_before_fallback"]
     greedy = quantize(dit_program, dit_calibration, **w4a8, max_eps_error=budget, max_fallback=64)
     ip = quantize(dit_program, dit_calibration, **w4a8, max_eps_error=budget, fallback_formats=["fp8"])
     notes, greedy_notes = ip.decision("quantize").to_dict(), greedy.decision("quantize").to_dict()
-    assert notes["eps_error_after_fallback"] <= budget < notes["eps_error_before_fallback"]
+    assert notes["error_after_fallback"] <= budget < notes["error_before_fallback"]
     assigned = notes["allocation"]["assigned"]
     assert "fp8" in assigned.values()
     assert notes["weight_bits"]["stored"] < greedy_notes["weight_bits"]["stored"]
@@ -340,7 +340,7 @@ def test_the_distribution_check_reverts_the_most_sensitive_layers_until_quantiza
     assert [r["fd_shift_after"] for r in reverted] == pytest.approx(
         [0.1 + 0.02 * (n - k - 1) for k in range(len(reverted))]
     )
-    solo = [r["solo_eps_error"] for r in reverted]
+    solo = [r["solo_error"] for r in reverted]
     assert solo == sorted(solo, reverse=True)
     assert not any(isinstance(q.denoiser.get_submodule(r["layer"]), QuantizedLayer) for r in reverted)
     assert len(quantized_layers(q.denoiser)) == n - len(reverted)

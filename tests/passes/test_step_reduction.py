@@ -26,7 +26,7 @@ def context(program, calibration):
 
 
 def test_schedule_search_beats_the_uniform_grid_on_the_calibration_seeds(dit_program, dit_calibration):
-    recipe = [{"pass": "schedule", "config": {"steps": 2, "solvers": ["ddim", "euler"], "sweeps": 1}}]
+    recipe = [{"pass": "schedule", "config": {"sampling_steps": 2, "solvers": ["ddim", "euler"], "sweeps": 1}}]
     result = run_passes(
         dit_program, plan_passes(recipe, FP32, program=dit_program), context(dit_program, dit_calibration)
     )
@@ -45,14 +45,14 @@ def test_schedule_refuses_unknown_solvers_and_too_many_steps(dit_program):
     with pytest.raises(ConfigError, match="unknown solver"):
         plan_passes([{"pass": "schedule", "config": {"solvers": ["heun3"]}}], FP32, program=dit_program)
     with pytest.raises(ConfigError, match="steps"):
-        plan_passes([{"pass": "schedule", "config": {"steps": 5000}}], FP32)
+        plan_passes([{"pass": "schedule", "config": {"sampling_steps": 5000}}], FP32)
 
 
 def test_guidance_then_progressive_distillation_leave_a_one_evaluation_ddim_student(dit_program, dit_calibration):
     recipe = [
         {"pass": "sampler", "config": {}},
         {"pass": "guidance_distill", "config": {"steps": 2, "batch": 4, "samples": 4}},
-        {"pass": "progressive_distill", "config": {"steps": 4, "round_steps": 2, "batch": 4, "samples": 4}},
+        {"pass": "progressive_distill", "config": {"sampling_steps": 4, "round_steps": 2, "batch": 4, "samples": 4}},
     ]
     planned = plan_passes(recipe[::-1], FP32, program=dit_program)
     # One phase: recipe order within it (Meng et al. fold guidance first); the loop's own phase before.
@@ -78,7 +78,7 @@ def test_distillation_needs_guidance_and_fewer_steps(unet_program):
     with pytest.raises(ConfigError, match="nothing to fold in"):
         plan_passes([{"pass": "guidance_distill"}], FP32, program=unguided)
     with pytest.raises(ConfigError, match="not fewer"):
-        plan_passes([{"pass": "progressive_distill", "config": {"steps": 20}}], FP32, program=unet_program)
+        plan_passes([{"pass": "progressive_distill", "config": {"sampling_steps": 20}}], FP32, program=unet_program)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -92,8 +92,8 @@ def test_flow_matching_models_distil_and_search_on_euler_grids(flow_folders, nam
     calibration = capture_calibration(program, 2)
     tiny = {"batch": 2, "samples": 2}
     recipe = [
-        {"pass": "progressive_distill", "config": {"steps": 2, "round_steps": 1, **tiny}},
-        {"pass": "schedule", "config": {"steps": 3, "sweeps": 0}},
+        {"pass": "progressive_distill", "config": {"sampling_steps": 2, "round_steps": 1, **tiny}},
+        {"pass": "schedule", "config": {"sampling_steps": 3, "sweeps": 0}},
     ]
     if name == "sd3":  # Flux runs no classifier-free guidance (embedded guidance instead)
         recipe.insert(0, {"pass": "guidance_distill", "config": {"steps": 1, **tiny}})
@@ -123,7 +123,7 @@ def test_progressive_rounds_stop_at_the_first_student_over_the_distribution_boun
 ):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
     monkeypatch.setattr(ScriptedCheck, "shifts", shifts)
-    config = {"steps": 4, "round_steps": 1, "batch": 4, "samples": 4, "max_fd_shift": 1.25}
+    config = {"sampling_steps": 4, "round_steps": 1, "batch": 4, "samples": 4, "max_fd_shift": 1.25}
     planned = plan_passes([{"pass": "progressive_distill", "config": config}], FP32, program=dit_program)
     if kept_steps is None:
         with pytest.raises(ConfigError, match=r"no student kept the distribution \(shift 1.3 after 20 -> 10 steps"):
@@ -158,7 +158,14 @@ def test_guidance_distillation_trains_on_while_the_student_is_over_the_distribut
 def test_a_progressive_round_trains_on_while_its_student_is_over_the_bound(dit_program, dit_calibration, monkeypatch):
     monkeypatch.setattr("passes.analyses.FloorCheck", ScriptedCheck)
     monkeypatch.setattr(ScriptedCheck, "shifts", (1.4, 1.3, 1.2, 1.0, 1.5, 1.6, 1.7))
-    config = {"steps": 4, "round_steps": 1, "max_round_steps": 3, "batch": 4, "samples": 4, "max_fd_shift": 1.25}
+    config = {
+        "sampling_steps": 4,
+        "round_steps": 1,
+        "max_round_steps": 3,
+        "batch": 4,
+        "samples": 4,
+        "max_fd_shift": 1.25,
+    }
     planned = plan_passes([{"pass": "progressive_distill", "config": config}], FP32, program=dit_program)
     result = run_passes(dit_program, planned, context(dit_program, dit_calibration))
     rounds = result.decision("progressive_distill").rounds

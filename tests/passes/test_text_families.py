@@ -51,7 +51,7 @@ def test_quantize_keeps_cross_attention_kv_fp32_unless_asked(programs, calibrati
         recipe = [{"pass": "quantize", "config": {"calibration_inputs": 16, "cross_kv": cross_kv}}]
         q = run_recipe(program, calibrations[family], recipe, capabilities=frozenset({"fp32", "int8"}))
         decision = q.decision("quantize")
-        assert decision.quantized_layers > 0 and decision.eps_error_after_fallback < 0.5
+        assert decision.quantized_layers > 0 and decision.error_after_fallback < 0.5
         kept = [n for n in decision.kept_fp32 if n.endswith(("attn2.to_k", "attn2.to_v"))]
         attn2 = [n for n, _ in program.denoiser.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
         assert sorted(kept) == (sorted(attn2) if cross_kv == "fp32" else [])

@@ -19,7 +19,10 @@ FRAGMENT = [{"pass": "recover", "config": {"steps": 600, "lr": 1e-4}}]
 SPACE = {
     "trials": 4,
     "startup_trials": 2,
-    "knobs": {"a": {"x": [], "y": FRAGMENT}, "b": {"p": [], "q": [{"pass": "sampler", "config": {"steps": 10}}]}},
+    "knobs": {
+        "a": {"x": [], "y": FRAGMENT},
+        "b": {"p": [], "q": [{"pass": "sampler", "config": {"sampling_steps": 10}}]},
+    },
 }
 
 
@@ -130,7 +133,7 @@ def test_each_pass_gets_its_share_of_the_log_speedup_and_of_the_fidelity_change(
     from passes.manager import plan_passes, prefix_key
 
     planned = plan_passes(
-        [{"pass": "sampler", "config": {"steps": 10}}, {"pass": "guidance", "config": {}}], frozenset({"fp32"})
+        [{"pass": "sampler", "config": {"sampling_steps": 10}}, {"pass": "guidance", "config": {}}], frozenset({"fp32"})
     )
     programs = [object(), object()]
     loop_ms, fd = {id(programs[0]): 50.0, id(programs[1]): 25.0}, {id(programs[0]): 0.015, id(programs[1]): 0.02}
