@@ -110,7 +110,10 @@ class EngineGraph(LoopGraph):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise EngineError("TensorRT execution failed")
             self.stream.synchronize()
-        return [o.float().cpu() if o.is_floating_point() else o.cpu() for o in outputs]
+        # The model output goes to the loop (float32, on the host); carried tensors (a cache's stored features)
+        # stay on the GPU, where the next step's engine reads them without a round trip.
+        first = outputs[0].float().cpu() if outputs[0].is_floating_point() else outputs[0].cpu()
+        return [first, *outputs[1:]]
 
 
 def open_engine_runner(folder: Path, describe: dict[str, Any]) -> PlanRunner:
