@@ -42,8 +42,13 @@ class GridAttention(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **_: object,
+        **kwargs: object,
     ) -> torch.Tensor:
+        # Whatever else the block passes (rotary position embeddings, a timestep embedding) this processor would
+        # drop, changing the network silently: refused instead (diffusers hands a **kwargs processor everything).
+        given = sorted(name for name, value in kwargs.items() if value is not None)
+        if given:
+            raise ConfigError(f"{type(self).__name__} does not apply {', '.join(given)}; it would drop them")
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ConfigError(f"{type(self).__name__} replaces unmasked self-attention on [batch, tokens, dim] only")
         batch, tokens, _ = hidden_states.shape

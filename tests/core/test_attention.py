@@ -81,3 +81,16 @@ def test_replacements_lower_to_standard_ops_that_ort_runs_like_torch(tiny_digits
     x, t = torch.randn(2, *program.spec.sample_shape, generator=g), torch.tensor([900.0, 100.0])
     y = {"class_labels": torch.tensor([3, 7])}
     torch.testing.assert_close(OrtDenoiser(path)(x, t, y), torch_denoise(program)(x, t, y), rtol=1e-3, atol=1e-4)
+
+
+def test_a_replacement_refuses_inputs_it_would_drop():
+    """Rotary positions (Flux, SD3.5, Wan) reach attention as an argument: a processor that ignored them
+    would change the network silently, so it refuses them (issue 34)."""
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    attn.set_processor(LinearAttention((2, 2), "relu", False, 8))
+    x = torch.randn(1, 4, 8)
+    assert attn(x).shape == (1, 4, 8)
+    with pytest.raises(ConfigError, match="LinearAttention does not apply image_rotary_emb; it would drop them"):
+        attn.processor(attn, x, image_rotary_emb=(torch.ones(4, 4), torch.zeros(4, 4)))

@@ -708,7 +708,7 @@ CASES: list[tuple[str, Callable[[Workspace, Path], list], int, str]] = [
             ws.target(lambda t: t.update(recipe=[{"pass": "sampler", "config": {"sampling_steps": -1}}])),
         ],
         2,
-        "sampler: steps must be in [0, 1000]",
+        "sampler: sampling_steps must be in [0, 1000]",
     ),
     (
         "sampler-steps-over-train-timesteps",
