@@ -67,10 +67,10 @@ def capture(
     xs, ts, outs, fed = [], [], [], {}
 
     def observe(i: int, t: torch.Tensor, x: torch.Tensor, cond: Any, out: torch.Tensor) -> None:
-        xs.append(x.clone())
-        ts.append(t[0].clone())
-        outs.append(out.clone())
-        fed.update(cond)
+        xs.append(x.cpu().clone())  # captures stay in host memory, whatever the program's device
+        ts.append(t[0].cpu().clone())
+        outs.append(out.cpu().clone())
+        fed.update({k: v.cpu() for k, v in cond.items()})
 
     final = sample(
         program.plan,
@@ -80,6 +80,7 @@ def capture(
         encode(program, conditions, len(seeds)),
         observer=observe,
         progress=progress,
+        device=program.placement.device if denoise is None else "cpu",
     )
     return Trajectories(
         x=torch.stack(xs),

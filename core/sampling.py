@@ -97,12 +97,16 @@ def sample(
     observer: Observer | None = None,
     progress: Callable[[Any], Any] = lambda it: it,
     start: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> torch.Tensor:
-    """Run the loop; returns the final samples in model space (usually [-1, 1]).
+    """Run the loop; returns the final samples in model space (usually [-1, 1]), on the host.
 
     `conditions`: one row per seed (see core.conditions for how classes and prompts become tensors);
     guidance runs when the plan's scale is > 1 and the batch has an unconditional branch.
-    `start` overrides the initial noise (already scaled), e.g. to replay a captured trajectory."""
+    `start` overrides the initial noise (already scaled), e.g. to replay a captured trajectory.
+    `device`: where the latents live between steps (a torch program's --device; float32 there). The noise is
+    drawn on the host from per-seed CPU generators, as diffusers' randn_tensor does, so a seed gives the same
+    sample on any device."""
     conditions = conditions or ConditionBatch({})
     if any(v.shape[0] != len(seeds) for v in conditions.cond.values()):
         raise ConfigError("the condition tensors need one row per seed")
@@ -110,9 +114,13 @@ def sample(
     scheduler = build_scheduler(plan)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     sigma = getattr(scheduler, "init_noise_sigma", 1.0)
-    x = initial_noise(sample_shape, generators) * sigma if start is None else start
+    x = (initial_noise(sample_shape, generators) * sigma if start is None else start).to(device)
     cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
-    cond, cond_guided = conditions.cond, conditions.guided() if cfg else conditions.cond
+    on_device = ConditionBatch(
+        {k: v.to(device) for k, v in conditions.cond.items()},
+        None if conditions.uncond is None else {k: v.to(device) for k, v in conditions.uncond.items()},
+    )
+    cond, cond_guided = on_device.cond, on_device.guided() if cfg else on_device.cond
     step_kwargs = _step_kwargs(scheduler, generators)
     carry: dict[str, torch.Tensor] = {}
     for i, t in enumerate(progress(scheduler.timesteps)):
@@ -121,13 +129,13 @@ def sample(
         if guided:
             x_in = torch.cat([x_in, x_in])
         c_in = cond_guided if guided else cond
-        t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32)
+        t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=x.device)
         out, written = run_variant(variants, plan.variant(i), x_in, t_in, c_in, carry)
         carry.update(written)
         if observer is not None:
             observer(i, t_in, x_in, c_in, out)
-        x = scheduler.step(guide(out, plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
-    return x
+        x = scheduler.step(guide(out.to(x.device), plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
+    return x.cpu()
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:

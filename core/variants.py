@@ -81,7 +81,9 @@ def sample_program(
     """The program's loop (in torch, or `loop`: any backend's callables) on `seeds`, with one condition
     (class or prompt) per seed; see core.sampling.sample for `kwargs`."""
     batch = encode(program, conditions, len(seeds))
-    return sample(program.plan, program.spec.sample_shape, loop or torch_loop(program), seeds, batch, **kwargs)
+    if loop is None:  # the torch loop keeps its latents on the program's device; another backend's on the host
+        loop, kwargs = torch_loop(program), {"device": program.placement.device, **kwargs}
+    return sample(program.plan, program.spec.sample_shape, loop, seeds, batch, **kwargs)
 
 
 def _step_fn(variant: GraphVariant, condition_names: tuple[str, ...]):
