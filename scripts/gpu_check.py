@@ -75,7 +75,8 @@ def main(out: Path) -> int:
     work.mkdir()
     gpus = torch.cuda.device_count()
     rows: dict[str, Any] = {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "torch": torch.__version__}
-    fp8 = target(work, "gpu-check-fp8", "h100-fp8", [{"pass": "quantize", "config": {"weights": "fp8"}}])
+    fp8_config = {"weights": "fp8", "activations": "fp8", "calibration": "timestep", "max_sample_error": 0.05}
+    fp8 = target(work, "gpu-check-fp8", "h100-fp8", [{"pass": "quantize", "config": fp8_config}])
     rows["tensorrt_fp8"] = optimize(["--target", str(fp8), "--device", "cuda"], work / "fp8")
     steps = [
         {"pass": "progressive_distill", "config": {"sampling_steps": 10, "round_steps": 20, "samples": 16, "batch": 8}}
