@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core import seeds
-from core.conditions import condition_set, encode
+from core.conditions import condition_set, encode, split_rows
 from core.errors import ConfigError, LoadError
 from core.fileio import require_regular_file, write_atomic
 from core.ir import DiffusionProgram
@@ -144,33 +144,29 @@ def load(path: Path, program: DiffusionProgram | None = None) -> Trajectories:
     try:
         seeds, conditions = json.loads(meta.get("seeds", "[]")), json.loads(meta.get("conditions", "null"))
         if conditions == OBSERVED:
-            conditions = _observations(tensors)
+            conditions = split_rows(_prefixed(tensors, OBS_PREFIX))
         elif conditions is not None and not all(isinstance(c, int | str) for c in conditions):
             raise ValueError("conditions must be classes, prompts or observations")
         traj = Trajectories(
             x=tensors["x"],
             t=tensors["t"],
-            cond={k.removeprefix(COND_PREFIX): v for k, v in tensors.items() if k.startswith(COND_PREFIX)},
+            cond=_prefixed(tensors, COND_PREFIX),
             output=tensors["output"],
             final=tensors["final"],
             seeds=tuple(int(s) for s in seeds),
             conditions=tuple(conditions) if conditions is not None else None,
             fingerprint=meta.get("fingerprint", ""),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise LoadError(f"{path}: not a calibration capture ({exc})") from None
     if program is not None:
         _check_matches(traj, program, path)
     return traj
 
 
-def _observations(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """The obs.<name> tensors as one observation per row."""
-    observed = {k.removeprefix(OBS_PREFIX): v for k, v in tensors.items() if k.startswith(OBS_PREFIX)}
-    rows = {v.shape[0] if v.dim() else -1 for v in observed.values()}
-    if len(rows) != 1 or min(rows) < 1:
-        raise ValueError("observations must be tensors with the same number of rows")
-    return [{k: v[i] for k, v in observed.items()} for i in range(rows.pop())]
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors stored as <prefix><name>, by name."""
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _check_matches(traj: Trajectories, program: DiffusionProgram, path: Path) -> None:

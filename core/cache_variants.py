@@ -18,7 +18,7 @@ from torch import nn
 from core.adapters.base import Adapter, same_batch
 from core.errors import ConfigError
 from core.ir import CACHED, FULL
-from core.placement import at_module, on_module_device
+from core.placement import at_denoiser
 
 CACHE = "cache"  # name of the carried tensor (ONNX input/output and plan.json)
 TRACE = "trace"  # every cut point's activation, for the cache search
@@ -39,8 +39,7 @@ class CacheVariant(nn.Module):
         """(sample, timestep, condition tensors by name, the carried tensor or None), in the model's
         placement (core.placement; the timestep stays float32)."""
         same_batch(sample, timestep, *inputs)
-        sample, *placed = at_module(self.model, (sample, *inputs))
-        (timestep,) = on_module_device(self.model, (timestep,))
+        sample, timestep, placed = at_denoiser(self.model, sample, timestep, inputs)
         k = len(self.condition_names)
         cond = dict(zip(self.condition_names, placed[:k], strict=True))
         return sample, timestep, cond, (placed[k] if len(placed) > k else None)

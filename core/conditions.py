@@ -31,20 +31,23 @@ def condition_set(conditioning: Conditioning, stages: Stages, n: int) -> list[An
             raise ConfigError("a text-conditioned model needs a prompt set (--prompts FILE)")
         return [prompts[i % len(prompts)] for i in range(n)]
     if conditioning.observation:
-        rows = observation_rows(conditioning, stages.observations)
-        return [{k: v[i % rows] for k, v in stages.observations.items()} for i in range(n)]
+        names = set(conditioning.input_names)
+        if set(stages.observations) != names:
+            raise ConfigError(
+                f"an observation set needs exactly the tensors {sorted(names)}, got {sorted(stages.observations)}"
+            )
+        return split_rows(stages.observations, n)
     return [i % conditioning.num_classes for i in range(n)] if conditioning.num_classes else None
 
 
-def observation_rows(conditioning: Conditioning, observations: Mapping[str, torch.Tensor]) -> int:
-    """Rows of an observation set: every input the conditioning names, the same number of rows each."""
-    names = set(conditioning.input_names)
-    if set(observations) != names:
-        raise ConfigError(f"an observation set needs exactly the tensors {sorted(names)}, got {sorted(observations)}")
+def split_rows(observations: Mapping[str, torch.Tensor], n: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """An observation set's rows as one observation each (every tensor the same number of rows, at least
+    one): `n` of them cycling through the rows, or each row once."""
     rows = {v.shape[0] if v.dim() else 0 for v in observations.values()}
     if len(rows) != 1 or min(rows) < 1:
         raise ConfigError("an observation set's tensors need the same number of rows (at least one)")
-    return rows.pop()
+    count = rows.pop()
+    return [{k: v[i % count] for k, v in observations.items()} for i in range(count if n is None else n)]
 
 
 def observation_batch(conditioning: Conditioning, observations: Sequence[Any] | None, n: int) -> ConditionBatch:

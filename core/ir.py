@@ -64,8 +64,7 @@ class Normalization:
         return x * spread + center
 
     def _vectors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.center) not in (1, x.shape[-1]):
-            raise ConfigError(f"a normalization of {len(self.center)} features cannot apply to shape {list(x.shape)}")
+        self.check_fits(tuple(x.shape), "normalizing a tensor")
         kw = {"dtype": x.dtype, "device": x.device}
         return torch.tensor(self.center, **kw), torch.tensor(self.spread, **kw)
 
@@ -138,9 +137,7 @@ class Conditioning:
     @property
     def inputs(self) -> tuple[ConditionInput, ...]:
         """The condition tensors the denoiser takes after (sample, timestep), in call order."""
-        if self.text or self.observation:
-            return self.text or self.observation
-        return (CLASS_LABELS,) if self.num_classes else ()
+        return self.text or self.observation or ((CLASS_LABELS,) if self.num_classes else ())
 
     @property
     def input_names(self) -> tuple[str, ...]:

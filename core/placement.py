@@ -3,12 +3,13 @@
 The modules (denoiser, text encoders, VAE) live on the device in the dtype; the sampling loop keeps its
 latents in float32 on that device (as diffusers' pipelines upcast for the scheduler step); every module
 call casts its floating inputs to the module's dtype at its boundary and returns float32 (`at_module`,
-`from_module`). Calibration files, condition tensors and metrics stay float32 on the host. On float32 CPU
-modules the casts are no-ops decided in Python, so exported graphs are unchanged.
+`at_denoiser`, `from_module`). Calibration files, condition tensors and metrics stay float32 on the host.
+On float32 CPU modules the casts are no-ops decided in Python, so exported graphs are unchanged.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,7 @@ def check_device(device: str) -> None:
 
 def module_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of a module's first floating parameter or buffer (cpu/float32 if none)."""
-    for tensor in (*module.parameters(), *module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):  # lazily: stops at the first
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
@@ -73,10 +74,14 @@ def at_module(module: nn.Module, tensors: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(_to(t, device, dtype) for t in tensors)
 
 
-def on_module_device(module: nn.Module, tensors: Iterable[Any]) -> tuple[Any, ...]:
-    """`tensors` moved to the module's device, their dtypes kept (a timestep stays float32)."""
-    device, _ = module_placement(module)
-    return tuple(_to(t, device, t.dtype) if isinstance(t, torch.Tensor) else t for t in tensors)
+def at_denoiser(
+    module: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, inputs: Iterable[Any]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    """A denoiser call's (sample, timestep, condition and carried tensors) in the module's placement: the
+    timestep moved to its device but kept float32, as diffusers' timestep embeddings take it."""
+    device, dtype = module_placement(module)
+    placed = tuple(_to(t, device, dtype) for t in (sample, *inputs))
+    return placed[0], _to(timestep, device, timestep.dtype), placed[1:]
 
 
 def from_module(tensor: torch.Tensor) -> torch.Tensor:

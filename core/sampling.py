@@ -49,6 +49,11 @@ class ConditionBatch:
         """The batch of some samples (an index, slice or index tensor)."""
         return ConditionBatch(take(self.cond, rows), None if self.uncond is None else take(self.uncond, rows))
 
+    def to(self, device: str | torch.device) -> ConditionBatch:
+        """Every tensor on `device` (the same tensors where they are there already)."""
+        moved = lambda tensors: {k: v.to(device) for k, v in tensors.items()}  # noqa: E731
+        return ConditionBatch(moved(self.cond), None if self.uncond is None else moved(self.uncond))
+
 
 def take(cond: Cond, rows: Any) -> dict[str, torch.Tensor]:
     """Rows of every condition tensor (an index, slice or index tensor over the batch)."""
@@ -116,10 +121,7 @@ def sample(
     sigma = getattr(scheduler, "init_noise_sigma", 1.0)
     x = (initial_noise(sample_shape, generators) * sigma if start is None else start).to(device)
     cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
-    on_device = ConditionBatch(
-        {k: v.to(device) for k, v in conditions.cond.items()},
-        None if conditions.uncond is None else {k: v.to(device) for k, v in conditions.uncond.items()},
-    )
+    on_device = conditions.to(device)
     cond, cond_guided = on_device.cond, on_device.guided() if cfg else on_device.cond
     step_kwargs = _step_kwargs(scheduler, generators)
     carry: dict[str, torch.Tensor] = {}

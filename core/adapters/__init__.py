@@ -13,7 +13,7 @@ from core.adapters.base import GUIDANCE, Adapter, same_batch
 from core.discovery import module_members
 from core.errors import LoadError
 from core.ir import DiffusionProgram
-from core.placement import at_module, from_module, on_module_device
+from core.placement import at_denoiser, from_module
 from core.sampling import Cond, DenoiseFn
 
 __all__ = [
@@ -69,9 +69,7 @@ class Denoiser(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditions: torch.Tensor):
         same_batch(sample, timestep, *conditions)
-        # In the model's placement (core.placement); the timestep stays float32, as diffusers' embeddings take it.
-        sample, *placed = at_module(self.model, (sample, *conditions))
-        (timestep,) = on_module_device(self.model, (timestep,))
+        sample, timestep, placed = at_denoiser(self.model, sample, timestep, conditions)  # core.placement
         cond = dict(zip(self.condition_names, placed, strict=True))
         if self.embedded_guidance is not None:  # a constant of the graph, never an input
             cond[GUIDANCE] = torch.full_like(timestep, self.embedded_guidance)
