@@ -11,6 +11,7 @@ from core.errors import ConfigError, LoadError, one_line
 from core.fileio import recorded_file, sha256_files, write_json
 from core.ir import (
     IMAGE_AXES,
+    Chunking,
     Conditioning,
     DiffusionProgram,
     ModelSpec,
@@ -96,6 +97,7 @@ def plan_document(
         "sample_shape": list(program.spec.sample_shape),
         "sample_axes": list(program.spec.sample_axes),
         "output": _output(program.spec, stages),
+        **_policy(program),
         "stages": dict(stages or {}),
         "conditioning": program.spec.conditioning.to_dict(),
         "sampling": plan.to_dict(),
@@ -186,6 +188,8 @@ class LoadedPlan:
     stages: dict[str, Any]  # the prompt encoder and decoder graphs, checked like the denoiser's
     sample_axes: tuple[str, ...] = IMAGE_AXES
     output_normalization: Normalization | None = None  # final samples un-normalized by it (a policy's actions)
+    chunking: Chunking | None = None  # a policy's (which actions of a chunk it executes)
+    environment: str | None = None  # where a policy acts (core.environments)
 
     def graph_path(self, name: str) -> Path:
         """The graph file, which read_plan checked to be a regular file inside the folder with its digest."""
@@ -237,7 +241,31 @@ def read_plan(folder: Path, files: bool = True) -> LoadedPlan:
     stages = read_stages(doc, folder, where, check)
     if conditioning.text and "prompt_encoder" not in stages:
         raise LoadError(f"{where}: a text-conditioned plan needs its prompt encoder stage")
-    return LoadedPlan(folder, doc, sampling, conditioning, shape, backend, stages, axes, output)
+    chunking, environment = _read_policy(doc, where)
+    return LoadedPlan(folder, doc, sampling, conditioning, shape, backend, stages, axes, output, chunking, environment)
+
+
+def _policy(program: DiffusionProgram) -> dict[str, Any]:
+    """A policy's chunking and environment (plan.json's `policy`; absent for other models)."""
+    chunking = program.spec.chunking
+    if chunking is None:
+        return {}
+    steps = {"n_obs_steps": chunking.n_obs_steps, "n_action_steps": chunking.n_action_steps}
+    return {"policy": {**steps, "first_action": chunking.first, "environment": program.stages.environment}}
+
+
+def _read_policy(doc: dict[str, Any], where: str) -> tuple[Chunking | None, str | None]:
+    policy = get(doc, "policy", (dict, type(None)), where, None, error=LoadError)
+    if policy is None:
+        return None, None
+    here = f"{where}: policy"
+    n_obs = integer(policy.get("n_obs_steps"), f"{here}.n_obs_steps", 1, 64, LoadError)
+    n_act = integer(policy.get("n_action_steps"), f"{here}.n_action_steps", 1, 4096, LoadError)
+    environment = get(policy, "environment", (str, type(None)), here, None, error=LoadError)
+    try:
+        return Chunking(n_obs, n_act), environment
+    except ConfigError as exc:
+        raise LoadError(f"{here}: {exc}") from None
 
 
 def _sample(doc: dict[str, Any], where: str) -> tuple[tuple[int, ...], tuple[str, ...], Normalization | None]:

@@ -57,15 +57,16 @@ class Normalization:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         center, spread = self._vectors(x)
-        return (x - center) / spread
+        return ((x.double() - center) / spread).to(x.dtype)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         center, spread = self._vectors(x)
-        return x * spread + center
+        return (x.double() * spread + center).to(x.dtype)
 
     def _vectors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In float64: a constant feature's spread (LeRobot's 1e-8) is below float32's resolution of its center."""
         self.check_fits(tuple(x.shape), "normalizing a tensor")
-        kw = {"dtype": x.dtype, "device": x.device}
+        kw = {"dtype": torch.float64, "device": x.device}
         return torch.tensor(self.center, **kw), torch.tensor(self.spread, **kw)
 
     @classmethod
@@ -183,6 +184,26 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """How a policy acts on its samples (action chunks, Chi et al. 2023): it reads the last `n_obs_steps`
+    observations and executes `n_action_steps` actions of each chunk, from index n_obs_steps - 1 (the
+    current observation's), before it samples the next chunk."""
+
+    n_obs_steps: int
+    n_action_steps: int
+
+    def __post_init__(self) -> None:
+        if not (is_int(self.n_obs_steps) and is_int(self.n_action_steps) and self.n_obs_steps >= 1):
+            raise ConfigError("a policy's n_obs_steps and n_action_steps must be positive integers")
+        if self.n_action_steps < 1:
+            raise ConfigError("a policy's n_action_steps must be positive")
+
+    @property
+    def first(self) -> int:
+        return self.n_obs_steps - 1
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the pipeline needs to know about the denoiser's architecture."""
 
@@ -202,9 +223,12 @@ class ModelSpec:
     # The output stage of a model whose samples are normalized (a policy's actions): final samples are
     # un-normalized by it. None: the samples are the output (images in [-1, 1], or latents a VAE decodes).
     output_normalization: Normalization | None = None
+    chunking: Chunking | None = None  # a policy's (None: not a policy)
 
     def __post_init__(self) -> None:
         check_sample_axes(self.sample_shape, self.sample_axes, "model spec")
+        if self.chunking is not None and self.chunking.first + self.chunking.n_action_steps > self.sample_shape[0]:
+            raise ConfigError("a policy's chunk must hold n_obs_steps - 1 + n_action_steps actions")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
                 f"prediction type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
@@ -393,7 +417,8 @@ class Stages:
     `text_encoders` / `tokenizers`: the pipeline's own (transformers) components, in the pipeline's
     order; `vae`: its autoencoder (None: the denoiser works in pixel space); `prompts`: the prompt set
     that calibration and verification run over; `observations`: an observation model's set (name -> raw
-    tensors [M, ...], the rows a data set or environment gave). Passes optimize the denoiser and carry these along.
+    tensors [M, ...], the rows a data set or environment gave); `environment`: a policy's, by name. Passes optimize
+    the denoiser and carry these along.
     """
 
     text_encoders: tuple[nn.Module, ...] = ()
@@ -401,6 +426,7 @@ class Stages:
     vae: nn.Module | None = None
     prompts: tuple[str, ...] = ()
     observations: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    environment: str | None = None  # where a policy is judged closed loop (core.environments), e.g. "pusht"
     options: dict[str, Any] = field(default_factory=dict)  # the pipeline's own settings (model_index.json)
     # Prompt -> its condition tensors: each prompt is encoded once per stages (core.prompts).
     encoded: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)

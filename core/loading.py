@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core import diffusers_folder, limits, schedulers, single_file
+from core import diffusers_folder, lerobot_folder, limits, schedulers, single_file
 from core.adapters import adapter_for
 from core.adapters.text import TextAdapter
 from core.checkpoint import FORMAT, WEIGHT_SUFFIXES, sidecar_path
@@ -54,6 +54,8 @@ def load_program(
     if not resolved.exists():
         raise LoadError(f"{p}: no such file or directory")
     if resolved.is_dir():
+        if lerobot_folder.is_policy(resolved):
+            return _load_lerobot(p, allow_large)
         return _load_diffusers(p, allow_large, prompts, variant)
     if not resolved.is_file():
         raise LoadError(f"{p}: not a regular file or a folder")
@@ -181,6 +183,24 @@ def _load_diffusers(
     )
 
 
+def _load_lerobot(folder: Path, allow_large: bool) -> DiffusionProgram:
+    """A LeRobot diffusion-policy folder (core.lerobot_folder): its UNet, scheduler and normalization."""
+    policy = lerobot_folder.read(folder)
+    return _assemble(
+        model_class="LeRobotDiffusionUnet",
+        config=policy.config,
+        weights=(folder / lerobot_folder.WEIGHTS,),
+        scheduler=policy.scheduler,
+        sampling=policy.sampling,
+        conditioning=None,
+        hash_source=lambda: Source(str(folder), "lerobot", file_digest(list(policy.files)), policy.notes),
+        where=str(folder / lerobot_folder.CONFIG),
+        allow_large=allow_large,
+        stages=Stages(environment=policy.environment),
+        rename=lerobot_folder.unet_weights,
+    )
+
+
 def _assemble(
     model_class: str,
     config: dict[str, Any],
@@ -193,9 +213,11 @@ def _assemble(
     allow_large: bool,
     stages: Stages | None = None,
     scheduler_where: str | None = None,
+    rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> DiffusionProgram:
     """Check everything that is cheap to check, estimate the cost, then hash (`hash_source()`), build and load.
-    `scheduler_where`: the file the scheduler came from (a pipeline's scheduler_config.json)."""
+    `scheduler_where`: the file the scheduler came from (a pipeline's scheduler_config.json); `rename`: the
+    file's state dict to the model's (a LeRobot policy's denoiser weights)."""
     adapter = adapter_for(model_class)
     finite_tree(config, f"{where}: config", LoadError)
     limits.check_caps(config, adapter.CAPS, f"{where}: config")
@@ -210,6 +232,8 @@ def _assemble(
     source = hash_source()  # hashed only once the memory check let it load
     model = adapter.build(config)
     state = _read_all(weights)
+    if rename is not None:
+        state = rename(state)
     _check_shapes(model, state, source)
     stored = _as_model_dtypes(model, state, source.path)
     if stored:

@@ -120,8 +120,12 @@ def load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     """The program with the command line's sampling options, its recipes (or search space) checked
     against it, the judges and gates that apply to it, the memory estimate checked, and the --calibration
     trajectories if given (every rank and search worker the same)."""
+    from core.environments.observations import attach
+
     loaded = load_for_job(model_path, opts.allow_large, opts.prompts, opts.variant, opts.config)
-    program = apply_sampling_options(place(loaded, opts.placement), opts)
+    program = attach(
+        apply_sampling_options(place(loaded, opts.placement), opts), opts.judges.environment, str(model_path)
+    )
     if target.search is not None:
         check_space(target.search, program, target.capabilities)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]

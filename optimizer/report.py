@@ -20,12 +20,30 @@ GRID_FILE = "grid.png"
 REPORT_FILES = ("report.json", "report.md")
 
 
+CHUNK_COLORS = ("royalblue", "darkorange", "seagreen", "crimson", "purple", "saddlebrown")
+
+
+def _chunk_tile(chunk: torch.Tensor, height: int = 64, step: int = 4) -> Image.Image:
+    """A 1-D sample ([horizon, dims], values in [0, 1]) drawn as one line per dimension over the horizon."""
+    horizon, dims = chunk.shape
+    tile = Image.new("RGB", (max(2, horizon) * step, height), "white")
+    draw = ImageDraw.Draw(tile)
+    for d in range(dims):
+        points = [(i * step, (1 - float(chunk[i, d])) * (height - 1)) for i in range(horizon)]
+        draw.line(points, fill=CHUNK_COLORS[d % len(CHUNK_COLORS)], width=1)
+    return tile
+
+
 def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, columns: int = 20, scale: int = 4) -> None:
-    """Rows: reference, candidate, |difference| x10 (images in [0, 1], [N, C, H, W])."""
+    """Rows: reference, candidate, |difference| x10 (values in [0, 1]): images [N, C, H, W] as tiles, 1-D
+    samples [N, horizon, dims] (a policy's action chunks) as one line per dimension."""
     n = min(columns, len(reference))
     diff = ((reference[:n] - candidate[:n]).abs() * 10).clamp(0, 1)
     rows = [reference[:n], candidate[:n], diff]
     labels = ["reference (torch)", "candidate (lowered)", "|diff| x10"]
+    if reference.dim() == 3:
+        tiles = [[_chunk_tile(row[i]) for i in range(n)] for row in rows]
+        return _save_tiles(path, tiles, labels)
     _, c, h, w = reference.shape
     cell_h, cell_w, label_w, pad = h * scale, w * scale, 130, 2
     canvas = Image.new("RGB", (label_w + n * (cell_w + pad), len(rows) * (cell_h + pad)), "white")
@@ -37,6 +55,20 @@ def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, colu
             img = (row[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             tile = Image.fromarray(img[..., 0] if c == 1 else img).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile.convert("RGB"), (label_w + i * (cell_w + pad), y0))
+    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def _save_tiles(
+    path: Path, tiles: list[list[Image.Image]], labels: list[str], label_w: int = 130, pad: int = 2
+) -> None:
+    cell_w, cell_h = tiles[0][0].size
+    canvas = Image.new("RGB", (label_w + len(tiles[0]) * (cell_w + pad), len(tiles) * (cell_h + pad)), "lightgray")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, label) in enumerate(zip(tiles, labels, strict=True)):
+        y0 = r * (cell_h + pad)
+        draw.text((4, y0 + cell_h // 2 - 6), label, fill="black")
+        for i, tile in enumerate(row):
+            canvas.paste(tile, (label_w + i * (cell_w + pad), y0))
     write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 

@@ -82,7 +82,7 @@ def verify_lowered(
     errors = step_errors(on_loop, runner.plan.sampling, runner.plan.conditioning, runner.loop)
     # A latent pipeline is judged on decoded images: the candidate's by the artifact's own decoder.
     images = runner.decode(candidate) if program.stages.vae is not None else None
-    summary = verdict(candidate, errors, on_loop.t.tolist(), images)
+    summary = verdict(candidate, errors, on_loop.t.tolist(), images, closed_loop(program, runner))
     summary = more_seed_sets(program, runner, opts, progress, verdict.plan, summary, shift_bounds(gates))
     ref_x = verdict.reference_images if verdict.reference_images is not None else reference.final
     step_error, end_to_end = summary.get("eps_rel_error_max"), summary.get("psnr_db_mean")
@@ -91,6 +91,16 @@ def verify_lowered(
     if not program.placement.is_default:
         summary |= precision_floor(program, reference, to_images(ref_x), progress)
     return summary, to_images(ref_x), to_images(candidate if images is None else images)
+
+
+def closed_loop(program: DiffusionProgram, runner: Runner) -> Any:
+    """A policy's artifact as a closed-loop policy (its runner samples and un-normalizes); None otherwise."""
+    if program.spec.chunking is None:
+        return None
+    from core.environments.programs import as_policy
+    from verify.judges.closed_loop import NOISE_SEED
+
+    return as_policy(lambda seeds, rows: runner.sample(seeds, rows), runner.decode, NOISE_SEED)
 
 
 def precision_floor(
@@ -257,10 +267,18 @@ def stage_summary(program: DiffusionProgram) -> dict[str, Any]:
         "text_encoders": [type(e).__name__ for e in stages.text_encoders],
         "text_encoder_parameters": sum(parameter_count(e) for e in stages.text_encoders),
         "vae": type(stages.vae).__name__ if stages.vae is not None else None,
-        "output": "latents decoded by the VAE" if stages.vae is not None else "pixels",
+        "output": "latents decoded by the VAE" if stages.vae is not None else _output(program),
         "prompts": len(stages.prompts),
         "unconditional": _unconditional(program),
     }
+
+
+def _output(program: DiffusionProgram) -> str:
+    if program.spec.output_normalization is not None:
+        return (
+            f"actions (the policy's normalization undone), acting in {program.stages.environment or 'no environment'}"
+        )
+    return "pixels" if program.spec.image_like else "samples"
 
 
 def _unconditional(program: DiffusionProgram) -> str | None:

@@ -58,6 +58,13 @@ GATES = {
         Gate("max_clip_score_drop", "clip_score_drop", "max", "drop of the mean CLIP score (--clip; prompts)"),
         _shift_gate("max_fd_clip_shift", "fd_clip", "in CLIP image features (--clip)"),
         _shift_gate("max_fid_shift", "fid", "in Inception-v3 pool features, FID (--inception)"),
+        Gate(
+            "max_success_shortfall",
+            "success_shortfall",
+            "max",
+            "policies, closed loop: how far the candidate's success rate lies below the low end of the original's"
+            " 95% interval on the same episodes (0: within it)",
+        ),
     )
 }
 

@@ -85,13 +85,17 @@ class Verdict:
         errors: Sequence[float] | None = None,
         timesteps: Sequence[float] | None = None,
         images: torch.Tensor | None = None,
+        policy: Any = None,
     ) -> dict[str, Any]:
         """Every applicable judge's metrics of a candidate's finals (`images`: decoded by the artifact's
-        own decoder); `errors`: its per-step errors at `timesteps` (default: the reference's)."""
+        own decoder); `errors`: its per-step errors at `timesteps` (default: the reference's); `policy`: a
+        policy candidate in closed-loop form (core.environments.programs)."""
         reference = self.reference
         candidate = outputs(self.program, final, reference.conditions, images)
         steps = [float(t) for t in (reference.t if timesteps is None else timesteps)]
-        candidate = Outputs(candidate.samples, candidate.images, candidate.conditions, candidate.decoded, errors, steps)
+        candidate = Outputs(
+            candidate.samples, candidate.images, candidate.conditions, candidate.decoded, errors, steps, policy
+        )
         summary: dict[str, Any] = {
             "samples": len(reference.seeds),
             "floor_seeds": f"{FLOOR_OFFSET + reference.seeds[0]}..{FLOOR_OFFSET + reference.seeds[-1]}",

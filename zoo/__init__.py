@@ -1,5 +1,6 @@
 """In-tree reference models trained on sklearn's digits: a DiT, a UNet and a classifier (single-file checkpoints),
-and two text-to-image latent diffusion pipelines (diffusers folders) sharing a digits VAE."""
+and two text-to-image latent diffusion pipelines (diffusers folders) sharing a digits VAE;
+and PushT diffusion policies trained on a scripted expert's demonstrations (LeRobot folders)."""
 
 from pathlib import Path
 
@@ -14,6 +15,7 @@ PIPELINES = {  # diffusers pipeline folders, each with prompts.txt and training.
     "sd-digits": WEIGHTS / "sd-digits",
     "pixart-digits": WEIGHTS / "pixart-digits",
 }
+POLICIES = {"pusht-unet": WEIGHTS / "pusht-unet"}  # LeRobot diffusion-policy folders (zoo.policy)
 
 
 def load_classifier():  # -> DigitsClassifier

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from zoo import PIPELINES, SHIPPED, VAE
+from zoo import PIPELINES, POLICIES, SHIPPED, VAE
 
 DEFAULT_STEPS = {"dit": 6000, "unet": 6000, "vae-digits": 2000, "sd-digits": 5000, "pixart-digits": 6000}
 
@@ -71,6 +71,37 @@ def evaluate(which: str, folder: Path | None, seeds: int, steps: int, guidances:
 
     pipe = load_pipeline(folder or PIPELINES[which])
     click.echo(json.dumps(evaluate_pipeline(pipe, seeds=seeds, steps=steps, guidances=guidances), indent=2))
+
+
+@main.command()
+@click.option("--episodes", default=100, show_default=True, help="Expert episodes (the successful ones are kept).")
+@click.option("--steps", default=20000, show_default=True, help="Training steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--evaluate", "eval_episodes", default=100, show_default=True, help="Closed-loop evaluation episodes.")
+@click.option("--out", type=click.Path(path_type=Path), default=POLICIES["pusht-unet"], help="LeRobot policy folder.")
+@click.option("--demos", type=click.Path(path_type=Path), default=None, help="Reuse (or write) demonstrations here.")
+def policy(episodes: int, steps: int, seed: int, eval_episodes: int, out: Path, demos: Path | None) -> None:
+    """Record expert PushT demonstrations, train the LeRobot-format UNet policy on them, evaluate it closed loop."""
+    from zoo.policy import (
+        evaluate_policy,
+        load_demonstrations,
+        record_demonstrations,
+        save_demonstrations,
+        train_policy,
+    )
+
+    if demos is not None and demos.exists():
+        data = load_demonstrations(demos)
+    else:
+        data = record_demonstrations(episodes, log=lambda m: click.echo(m, err=True))
+        if demos is not None:
+            save_demonstrations(demos, data)
+    record = {"demonstrations": data["record"]}
+    record["training"] = train_policy(data["frames"], out, steps, seed, log=lambda m: click.echo(m, err=True))
+    if eval_episodes:
+        record["evaluation"] = evaluate_policy(out, eval_episodes)
+    (out / "zoo-record.json").write_text(json.dumps(record, indent=2) + "\n")
+    click.echo(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

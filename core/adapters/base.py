@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import LoadError
-from core.ir import IMAGE_AXES, Conditioning, ModelSpec, Normalization
+from core.ir import IMAGE_AXES, Chunking, Conditioning, ModelSpec, Normalization
 from core.validate import is_int
 
 GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Denoiser adds it, per sample)
@@ -180,6 +180,10 @@ class Adapter:
         """The normalization of the samples a policy's output stage undoes (None: samples are the output)."""
         return None
 
+    def chunking(self, model: nn.Module) -> Chunking | None:
+        """How a policy executes its action chunks (None: not a policy)."""
+        return None
+
     def describe(self, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(blocks, temporal modules)."""
         raise NotImplementedError
@@ -201,4 +205,5 @@ class Adapter:
             temporal_modules=temporal,
             sample_axes=self.sample_axes(config),
             output_normalization=self.output_normalization(model),
+            chunking=self.chunking(model),
         )

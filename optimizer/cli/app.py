@@ -188,11 +188,25 @@ JUDGE_OPTIONS_LIST = (
         help="pytorch-fid's Inception-v3 FID weights (pt_inception-2015-12-05-*.pth or .safetensors): FID gate"
         " (max_fid_shift).",
     ),
+    click.option(
+        "--env",
+        "environment",
+        default=None,
+        help="Policies: the environment they are judged in, closed loop (pusht; default: the policy's training"
+        " config's env.type).",
+    ),
+    click.option(
+        "--episodes",
+        type=click.IntRange(1, 10_000),
+        default=100,
+        show_default=True,
+        help="Policies: closed-loop episodes the original and the candidate each run (success-rate gate).",
+    ),
 )
 
 
 def judge_options(fn: Any) -> Any:
-    """--clip and --inception, the user-supplied feature models of the judges that need them."""
+    """--clip and --inception (the user-supplied feature models of the judges that need them), --env and --episodes."""
     for option in reversed(JUDGE_OPTIONS_LIST):
         fn = option(fn)
     return fn

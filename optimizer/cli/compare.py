@@ -133,6 +133,8 @@ def judge_compare(
     json_out: Path | None,
     clip: Path | None,
     inception: Path | None,
+    environment: str | None,
+    episodes: int,
     prompts: Path | None,
     allow_large: bool,
 ) -> None:
@@ -146,7 +148,7 @@ def judge_compare(
 
     if json_out is not None:
         check_out_file(json_out, input_paths(model), "--json-out")
-    options = JudgeOptions(clip=clip, inception=inception)
+    options = JudgeOptions(clip=clip, inception=inception, episodes=episodes, environment=environment)
     program = load_for_job(model, allow_large, prompts)
     plan_judges(program, options)  # a bad feature model: one line before any work
     if seed_sets * samples > MAX_SAMPLES:

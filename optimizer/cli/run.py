@@ -135,6 +135,8 @@ def run(
     extra_gates: tuple[str, ...],
     clip: Path | None,
     inception: Path | None,
+    environment: str | None,
+    episodes: int,
     overwrite: bool,
     latency_repeats: int,
     as_json: bool,
@@ -189,7 +191,7 @@ def run(
         workers=workers,
         storage=storage,
         trials_only=trials_only,
-        judges=JudgeOptions(clip=clip, inception=inception),
+        judges=JudgeOptions(clip=clip, inception=inception, episodes=episodes, environment=environment),
     )
     result = run_job(model, opts, show_progress, log)
     if not result.report:  # a torchrun worker (rank > 0): rank 0 writes and reports

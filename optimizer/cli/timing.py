@@ -158,3 +158,45 @@ def _bench_scale(artifact: Path, geometry: str, repeats: int) -> None:
     report = read_json_object(artifact / "report.json", ConfigError, "report")
     result = compare_at_scale(report, plan.backend, GEOMETRIES[geometry], min(repeats, SCALE_REPEATS), log)
     click.echo(json.dumps(result, indent=2))
+
+
+@main.command("policy-latency")
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The original policy (default: the source path recorded in plan.json).",
+)
+@click.option("--env", "environment", default=None, help="Environment (default: the one plan.json records).")
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=12, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the timings as JSON.")
+def policy_latency(artifact: Path, model: Path | None, environment: str | None, repeats: int, json_out: Path | None):
+    """Time a policy artifact per control decision at batch 1 against the original as LeRobot runs it (its own
+    plan in torch fp32, and DDIM 10), interleaved in one run."""
+    from backends.plan import read_plan
+    from backends.registry import get_backend
+    from bench.policy_latency import lines, measure
+    from core.fileio import write_json
+    from core.loading import load_program
+    from core.outputs import check_out_file
+
+    if json_out is not None:
+        check_out_file(json_out, [artifact], "--json-out")
+    plan = read_plan(artifact)
+    if plan.chunking is None:
+        raise ConfigError(f"{artifact}: not a policy's artifact (plan.json records no policy)")
+    source = plan.document["model"]["source"]
+    program = load_program(model or source["path"])
+    if program.source.digest != source["digest"]:
+        raise ConfigError(f"{program.source.path} is not the model this artifact was built from")
+    env_name = environment or plan.environment or program.stages.environment
+    if env_name is None:
+        raise ConfigError("the artifact records no environment: pass --env")
+    backend = get_backend(plan.backend)
+    with artifact_errors(artifact, backend):
+        result = measure(program, backend.runner(artifact), env_name, repeats)
+    for line in lines(result):
+        click.echo(line)
+    if json_out is not None:
+        write_json(json_out, result)

@@ -26,10 +26,13 @@ class Metric:
 
 @dataclass(frozen=True)
 class JudgeOptions:
-    """User-supplied feature models (paths the user holds locally), for the judges that need them."""
+    """User-supplied feature models (paths the user holds locally), for the judges that need them; a policy's
+    environment and how many closed-loop episodes judge it."""
 
     clip: Path | None = None  # a transformers CLIPModel folder
     inception: Path | None = None  # an Inception-v3 FID state dict (pytorch-fid's pt_inception-2015-12-05)
+    episodes: int = 100  # closed-loop episodes of a policy, per program judged
+    environment: str | None = None  # a policy's environment (default: the one it was loaded with)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class Outputs:
     output in [-1, 1] ([N, C, H, W] or [N, C, F, H, W]; the samples themselves for a pixel model; None
     when the outputs are no images); `conditions`: per sample its class or prompt (None: unconditional).
     `decoded`: the images come from the pipeline's decoder (a latent pipeline). A candidate's set also
-    carries its per-step model-output errors on the reference's trajectories."""
+    carries its per-step model-output errors on the reference's trajectories, and a policy's, itself as a
+    closed-loop policy."""
 
     samples: torch.Tensor
     images: torch.Tensor | None
@@ -48,6 +52,7 @@ class Outputs:
     decoded: bool = False
     step_errors: Sequence[float] | None = None
     timesteps: Sequence[float] | None = None
+    policy: Any = None  # a candidate policy's closed-loop form (core.environments.rollout.Policy)
 
 
 Evaluate = Callable[[Outputs], dict[str, Any]]

@@ -1,0 +1,59 @@
+"""A policy's observation set (what calibration and verification condition on): the observations the original
+policy itself meets, closed loop in its environment, at its first decisions of a few fixed episodes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from core.environments import check_fits, environment, programs, rollout
+from core.errors import ConfigError
+from core.ir import DiffusionProgram
+
+EPISODE_SEED = 300_000  # initial states of the episodes observations are collected in
+DECISIONS = 8  # decisions kept per episode
+ROWS = 64  # observations in a policy's set (calibration and verification cycle through them)
+
+
+def attach(program: DiffusionProgram, name: str | None, where: str) -> DiffusionProgram:
+    """A policy with its environment (`name`, else the one it was loaded with) checked against its inputs and
+    its observation set collected there (kept when it has one); any other model as it is (`name` refused)."""
+    conditioning, stages = program.spec.conditioning, program.stages
+    if not conditioning.observation:
+        if name is not None:
+            raise ConfigError(f"--env: {where} is not a policy (it takes no observations)")
+        return program
+    name = name or stages.environment
+    if name is None:
+        raise ConfigError(f"{where}: a policy is judged in its environment: pass --env (known: pusht)")
+    shapes = {c.name: c.shape[1:] for c in conditioning.observation}
+    check_fits(name, shapes, program.spec.sample_shape[-1], where)
+    observed = stages.observations or collect(
+        program.replace(stages=dataclasses.replace(stages, environment=name)), name, ROWS
+    )
+    return program.replace(stages=dataclasses.replace(stages, environment=name, observations=observed))
+
+
+def collect(program: DiffusionProgram, env_name: str, rows: int) -> dict[str, torch.Tensor]:
+    """`rows` observations (name -> [rows, n_obs_steps, dim], raw): ceil(rows / DECISIONS) episodes of the
+    original policy, DECISIONS decisions each, interleaved episode by episode."""
+    environment(env_name)
+    chunking = program.spec.chunking
+    assert chunking is not None, "only a policy has observations to collect"
+    episodes = math.ceil(rows / DECISIONS)
+    seeds = list(range(EPISODE_SEED, EPISODE_SEED + episodes))
+    done = rollout.run(
+        env_name,
+        programs.torch_policy(program, EPISODE_SEED),
+        seeds,
+        chunking,
+        max_steps=DECISIONS * chunking.n_action_steps,
+        record=True,
+        desc=f"observation set: the original closed loop, {episodes} episodes",
+    )
+    names = list(done.decisions[0])
+    stacked = {k: np.concatenate([d[k] for d in done.decisions]) for k in names}  # decision-major
+    return {k: torch.from_numpy(v[:rows]).float() for k, v in stacked.items()}

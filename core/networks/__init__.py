@@ -1,0 +1,1 @@
+"""Denoiser networks of families whose own library cannot be imported here (see each module)."""

@@ -1,0 +1,74 @@
+"""Policies are judged closed loop: the success-rate gate reads the candidate's episodes against the original's
+interval on the same episodes, an `optimize` run measures it end to end, and a policy without an environment
+(or an environment for a model that is no policy) is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from lerobot_layout import save
+
+from backends.plan import read_plan
+from core.environments.rollout import Episodes
+from core.errors import EXIT_BAD_INPUT, EXIT_PASS
+from optimizer.cli import main
+from verify.gates import GATES
+from verify.judges.closed_loop import compare
+
+
+def episodes(successes: int, n: int = 40) -> Episodes:
+    success = np.arange(n) < successes
+    return Episodes(list(range(n)), success, np.where(success, 0.97, 0.5), np.full(n, 100), 13)
+
+
+def test_a_candidate_below_the_originals_interval_falls_short_and_one_inside_does_not():
+    original = episodes(30)
+    low, _ = original.interval()
+    short = compare(original, episodes(20))
+    assert short["success_shortfall"] == pytest.approx(low - 0.5) and short["success_shortfall"] > 0
+    assert compare(original, episodes(26))["success_shortfall"] == 0.0  # 0.65: inside the interval
+    assert compare(original, episodes(40))["success_shortfall"] == 0.0
+    assert short["coverage_drop"] == pytest.approx((30 - 20) * 0.47 / 40)
+    assert GATES["max_success_shortfall"].metric == "success_shortfall"
+
+
+@pytest.fixture(scope="module")
+def policy_folder(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("policy") / "pusht")
+
+
+def test_optimize_measures_a_policys_success_closed_loop(policy_folder, tmp_path):
+    out = tmp_path / "out"
+    args = ["--target", "cpu-fp32", "--out", str(out), "--episodes", "2", "--samples", "8"]
+    args += ["--calibration-samples", "4", "--latency-repeats", "0", "--seed-sets", "1"]
+    result = CliRunner().invoke(main, [str(policy_folder), *args])
+    assert result.exit_code == EXIT_PASS, result.output
+    report = json.loads((out / "report.json").read_text())
+    verification = report["verification"]
+    assert "closed-loop" in verification["judges"]
+    assert verification["episodes"] == 2 and verification["policy_calls"] == 75  # 300 steps, 4 actions per chunk
+    assert verification["success_rate"] == verification["success_rate_reference"]  # ORT = torch, same noise
+    assert report["gates"]["max_success_shortfall"] == 0.0 and "max_success_shortfall" in result.output
+    assert verification["success_shortfall"] == 0.0
+    assert report["model"]["stages"]["output"].startswith("actions") and (out / "grid.png").stat().st_size > 0
+    plan = read_plan(out)
+    assert (plan.chunking.n_obs_steps, plan.chunking.n_action_steps, plan.environment) == (2, 4, "pusht")
+    timed = CliRunner().invoke(
+        main, ["policy-latency", str(out), "--repeats", "1", "--json-out", str(tmp_path / "t.json")]
+    )
+    assert timed.exit_code == EXIT_PASS, timed.output
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["network_evaluations"] for r in rows.values()] == [4, 10, 4]  # its plan, DDIM 10, the artifact's
+    assert all(r["ms_per_decision"] > 0 for r in rows.values())
+
+
+def test_a_policy_needs_an_environment_and_only_a_policy_takes_one(tmp_path, tiny_digits_dit):
+    no_env = save(tmp_path / "no-env", env=None)
+    result = CliRunner().invoke(main, [str(no_env), "--out", str(tmp_path / "o")])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "a policy is judged in its environment: pass --env (known: pusht)" in result.output
+    result = CliRunner().invoke(main, [str(tiny_digits_dit), "--env", "pusht", "--out", str(tmp_path / "o2")])
+    assert result.exit_code == EXIT_BAD_INPUT and "is not a policy (it takes no observations)" in result.output

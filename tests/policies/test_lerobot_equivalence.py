@@ -1,0 +1,80 @@
+"""A LeRobot diffusion-policy folder acts under us as under LeRobot's own DiffusionPolicy.select_action
+(lerobot 0.3.2, run in .venv-lerobot, made by `.ci/lerobot-env`: lerobot does not import beside this project's
+torch; see the README): the same observations and noise give the same executed actions, for DDIM and DDPM
+(whose every step draws noise), on the first decision of an episode (the observation queue filled with
+copies) and on a later one. Folders in the layout lerobot 0.3.2 reads (the stats inside the weights); random
+weights (no fidelity claim)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lerobot_layout import QUICK, save
+
+from core.environments import pusht
+from core.loading import load_program
+from core.variants import sample_program
+
+SIDE = Path(__file__).resolve().parents[2] / ".venv-lerobot" / "bin" / "python"
+
+PEER = """
+import json, sys, types
+sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+import numpy as np, torch
+from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+observations, seeds = np.load(sys.argv[1]), json.loads(sys.argv[2])
+state, env = torch.from_numpy(observations["state"]), torch.from_numpy(observations["env"])
+found = {}
+for folder in sys.argv[3:]:
+    policy = DiffusionPolicy.from_pretrained(folder).eval()
+    executed = []
+    for decision, seed in enumerate(seeds):  # select_action once per control step, as a rollout calls it
+        steps = range(decision * policy.config.n_action_steps, (decision + 1) * policy.config.n_action_steps)
+        torch.manual_seed(seed)  # the chunk is sampled on the decision's first call
+        for t in steps:
+            batch = {"observation.state": state[t : t + 1], "observation.environment_state": env[t : t + 1]}
+            executed.append(policy.select_action(batch)[0].tolist())
+    found[folder] = executed
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(not SIDE.exists(), reason="no .venv-lerobot (make it with .ci/lerobot-env; .ci/run does)")
+def test_our_actions_equal_lerobots_select_action(tmp_path):
+    folders = {}
+    for scheduler, steps in (("DDIM", 4), ("DDPM", 20)):
+        config = dict(QUICK, noise_scheduler_type=scheduler, num_inference_steps=steps)
+        folders[scheduler] = save(tmp_path / scheduler, old=True, scheduler=config)
+    rng = np.random.default_rng(0)
+    n_action = load_program(folders["DDIM"]).spec.chunking.n_action_steps
+    observations = {"state": rng.uniform(0, 512, (2 * n_action, 2)), "env": rng.uniform(0, 512, (2 * n_action, 16))}
+    observations = {k: v.astype(np.float32) for k, v in observations.items()}
+    np.savez(tmp_path / "obs.npz", **observations)
+    seeds = [11, 12]  # two decisions
+    peer = subprocess.run(
+        [str(SIDE), "-c", PEER, str(tmp_path / "obs.npz"), json.dumps(seeds), *map(str, folders.values())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert peer.returncode == 0, peer.stderr[-2000:]
+    theirs = json.loads(peer.stdout.strip().splitlines()[-1])
+    for folder in folders.values():
+        program = load_program(folder)
+        chunking = program.spec.chunking
+        ours = []
+        for decision, seed in enumerate(seeds):
+            t = decision * chunking.n_action_steps  # the queue: the previous observation and this one
+            history = [max(t - 1, 0), t]
+            row = {
+                pusht.STATE: torch.from_numpy(observations["state"][history]),
+                pusht.ENV_STATE: torch.from_numpy(observations["env"][history]),
+            }
+            chunk = program.spec.output_normalization.denormalize(sample_program(program, [seed], [row]))[0]
+            ours.append(chunk[chunking.first : chunking.first + chunking.n_action_steps])
+        torch.testing.assert_close(torch.cat(ours), torch.tensor(theirs[str(folder)]), rtol=1e-4, atol=1e-3)
