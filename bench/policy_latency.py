@@ -46,7 +46,7 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
         f"original, DDIM {DDIM_STEPS}": (torch_policy(ddim), ddim.plan),
         "artifact": (as_policy(lambda seeds, rows: runner.sample(seeds, rows), runner.decode, 0), runner.plan.sampling),
     }
-    calls = {k: functools.partial(policy, obs) for k, (policy, _) in contenders.items()}
+    calls = {k: functools.partial(policy, 0, np.zeros(1, int), obs) for k, (policy, _) in contenders.items()}
     medians = paired_median_ms(calls, repeats, warmup=1)
     rows = {}
     for name, (_, plan) in contenders.items():

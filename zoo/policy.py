@@ -174,16 +174,20 @@ def train_policy(
     }
 
 
-def evaluate_policy(folder: Path, episodes: int, seed: int = EVAL_SEED, steps: int | None = None) -> dict[str, Any]:
-    """Closed-loop success of the policy folder (torch; `steps`: its sampling steps, default its config's)."""
+def evaluate_policy(
+    folder: Path, episodes: int, seed: int = EVAL_SEED, scheduler: str | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """Closed-loop success of the policy folder in torch (`scheduler`, `steps`: another sampler or step count
+    than its config's, e.g. ddim and 10)."""
     import dataclasses
 
     from core.environments import programs, rollout
     from core.loading import load_program
+    from core.schedulers import with_scheduler
 
     program = load_program(folder)
-    if steps is not None:
-        program = program.replace(plan=dataclasses.replace(program.plan, num_inference_steps=steps))
+    plan = program.plan if scheduler is None else with_scheduler(program.plan, scheduler)
+    program = program.replace(plan=dataclasses.replace(plan, num_inference_steps=steps or plan.num_inference_steps))
     assert program.spec.chunking is not None
     start = time.time()
     done = rollout.run(
@@ -197,6 +201,7 @@ def evaluate_policy(folder: Path, episodes: int, seed: int = EVAL_SEED, steps: i
     return {
         "episodes": episodes,
         "seeds": [seed, seed + episodes - 1],
+        "scheduler": program.plan.scheduler_class,
         "sampling_steps": program.plan.num_inference_steps,
         "success": successes,
         "success_rate": successes / episodes,

@@ -1,7 +1,8 @@
 """A program (or a lowered artifact's sampler) as a closed-loop policy (core.environments.rollout.Policy):
 raw observations in, normalized by the program's observation stage, sampled with fresh seeds per call (the
-i-th call's episode j draws seed `seed + i * stride + j`, so the original and a candidate draw the same
-noise on the same decision), un-normalized by its output stage into raw actions."""
+i-th decision's episode j draws seed `seed + i * stride + j`, so the original and a candidate draw the same
+noise on the same decision, whichever other episodes still run), un-normalized by its output stage into raw
+actions."""
 
 from __future__ import annotations
 
@@ -22,13 +23,9 @@ Sampler = Callable[[Sequence[int], list[dict[str, torch.Tensor]]], torch.Tensor]
 
 
 def as_policy(sampler: Sampler, decode: Callable[[torch.Tensor], torch.Tensor], seed: int) -> Policy:
-    calls = 0
-
-    def policy(observed: dict[str, np.ndarray]) -> np.ndarray:
-        nonlocal calls
+    def policy(decision: int, episodes: np.ndarray, observed: dict[str, np.ndarray]) -> np.ndarray:
         rows = split_rows({k: torch.as_tensor(v, dtype=torch.float32) for k, v in observed.items()})
-        seeds = [seed + calls * STRIDE + j for j in range(len(rows))]
-        calls += 1
+        seeds = [seed + decision * STRIDE + int(e) for e in episodes]
         return decode(sampler(seeds, rows)).numpy()
 
     return policy

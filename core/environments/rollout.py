@@ -14,8 +14,9 @@ from core.environments import environment
 from core.ir import Chunking
 from core.progress import progress
 
-# observations (name -> [N, n_obs_steps, dim], raw) -> action chunks ([N, horizon, action_dim], raw)
-Policy = Callable[[dict[str, np.ndarray]], np.ndarray]
+# (decision index, the running episodes' indices [M], their observations (name -> [M, n_obs_steps, dim], raw))
+# -> their action chunks ([M, horizon, action_dim], raw)
+Policy = Callable[[int, np.ndarray, dict[str, np.ndarray]], np.ndarray]
 
 
 @dataclass
@@ -64,6 +65,7 @@ def run(
     module = environment(env)
     max_steps = module.MAX_STEPS if max_steps is None else max_steps
     batch = module.Batch(seeds)
+    chunk_shape = (chunking.first + n_action_steps, module.ACTION_DIM)  # the part of a chunk that runs
     try:
         history = [batch.observations()] * n_obs_steps
         calls, decisions = 0, []
@@ -74,7 +76,10 @@ def run(
             observed = {k: np.stack([h[k] for h in history], axis=1) for k in history[0]}
             if record:
                 decisions.append(observed)
-            chunk = np.asarray(policy(observed), np.float64)
+            running = np.flatnonzero(~batch.success)  # finished episodes are not sampled for
+            chunk = np.zeros((len(seeds), *chunk_shape))
+            actions = policy(calls, running, {k: v[running] for k, v in observed.items()})
+            chunk[running] = np.asarray(actions, np.float64)[:, : chunk_shape[0]]
             calls += 1
             start = chunking.first
             for j in range(min(n_action_steps, max_steps - step)):

@@ -46,7 +46,8 @@ def test_an_unknown_environment_or_a_policy_that_does_not_fit_it_is_refused():
 def test_a_chunked_episode_calls_the_policy_every_n_action_steps_from_the_current_observation():
     seen = []
 
-    def policy(observed):
+    def policy(decision, episodes, observed):
+        assert decision == len(seen) and list(episodes) == [0, 1]  # no episode succeeds in 10 steps
         seen.append({k: v.copy() for k, v in observed.items()})
         chunk = np.full((len(observed[pusht.STATE]), 8, 2), np.nan)
         chunk[:, 1:4] = observed[pusht.STATE][:, -1:, :] + 5.0  # only chunk[first : first + n_action_steps] is valid
@@ -81,3 +82,20 @@ def test_the_scripted_expert_solves_episodes_from_privileged_state():
             if terminated:
                 break
         assert info["is_success"] and info["coverage"] > 0.95
+
+
+def test_an_episode_draws_its_noise_by_decision_and_episode_whichever_others_still_run():
+    import torch
+
+    from core.environments.programs import STRIDE, as_policy
+
+    drawn = []
+
+    def sampler(seeds, rows):
+        drawn.append(list(seeds))
+        return torch.zeros(len(rows), 8, 2)
+
+    policy = as_policy(sampler, lambda x: x + 1, seed=7)
+    obs = {pusht.STATE: np.zeros((2, 2, 2), np.float32)}
+    out = policy(3, np.array([1, 4]), obs)
+    assert drawn == [[7 + 3 * STRIDE + 1, 7 + 3 * STRIDE + 4]] and out.shape == (2, 8, 2) and (out == 1).all()
