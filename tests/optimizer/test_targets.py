@@ -17,6 +17,7 @@ EXPECTED = {
     "cpu-prune",
     "cpu-steps",
     "cpu-auto",
+    "cpu-policy",
     "a100-int8",
     "h100-fp8",
     "h100-fp4",
@@ -50,7 +51,8 @@ def test_planned_target_is_refused_clearly():
         assert [step["pass"] for step in target.recipe] == composed
         assert target.recipe[-1]["config"]["weights"] == weights
         assert target.recipe[-1]["config"]["activations"] == activations
-        assert set(target.gates) == {"max_class_agreement_drop", "max_fd_self_shift", "max_fd_digits_shift"}
+        gates = {"max_class_agreement_drop", "max_fd_self_shift", "max_fd_digits_shift", "max_success_shortfall"}
+        assert set(target.gates) == gates
         assert target.recipe[-1]["config"].get("fallback_formats", []) == (["fp8"] if weights == "int4" else [])
         assert target.recipe[-1]["config"]["max_sample_error"] == 0.05  # end to end: a few-step loop compounds
         # The distribution checks stay on (the CLI tests turn them off for speed, so nothing else would notice):
