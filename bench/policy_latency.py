@@ -37,6 +37,8 @@ def observation(program: DiffusionProgram, env_name: str) -> dict[str, np.ndarra
 
 def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int) -> dict[str, Any]:
     """Median ms per decision of the original (its plan), the original with DDIM 10 and the artifact."""
+    chunking = program.spec.chunking
+    assert chunking is not None
     ddim = program.replace(
         plan=dataclasses.replace(with_scheduler(program.plan, "ddim"), num_inference_steps=DDIM_STEPS)
     )
@@ -44,7 +46,7 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
     contenders = {
         "original": (torch_policy(program), program.plan),
         f"original, DDIM {DDIM_STEPS}": (torch_policy(ddim), ddim.plan),
-        "artifact": (as_policy(lambda seeds, rows: runner.sample(seeds, rows), runner.decode, 0), runner.plan.sampling),
+        "artifact": (as_policy(runner.sample, runner.decode, 0), runner.plan.sampling),
     }
     calls = {k: functools.partial(policy, 0, np.zeros(1, int), obs) for k, (policy, _) in contenders.items()}
     medians = paired_median_ms(calls, repeats, warmup=1)
@@ -60,8 +62,6 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
     artifact = medians["artifact"]
     for name in rows:
         rows[name]["speedup_of_artifact"] = medians[name] / artifact
-    chunking = program.spec.chunking
-    assert chunking is not None
     return {"repeats": repeats, "batch": 1, "n_action_steps": chunking.n_action_steps, "rows": rows}
 
 

@@ -96,7 +96,7 @@ def read(folder: Path) -> Policy:
         if mode not in MODES:
             raise LoadError(f"{where}: normalization_mapping.{kinds[name]} '{mode}' is not one of {', '.join(MODES)}")
         if mode != "IDENTITY":
-            normalization[name] = _center_spread(stats, name, mode, dim, where)
+            normalization[name] = center_spread(stats, name, mode, dim, where)
     config = {
         "horizon": horizon,
         "action_dim": action_dim,
@@ -177,17 +177,20 @@ def _stats(folder: Path, where: str) -> tuple[dict[str, dict[str, torch.Tensor]]
                     stats.setdefault(feature, {})[stat] = value.float()
     if files:
         return stats, files, ()
-    buffers = load_file(str(folder / WEIGHTS))
-    for key, value in buffers.items():
-        prefix = next((p for p in OLD_BUFFERS if key.startswith(p)), None)
-        if prefix is not None:
-            feature, stat = key[len(prefix) :].rsplit(".", 1)
-            name = {STATE.replace(".", "_"): STATE, ENV_STATE.replace(".", "_"): ENV_STATE}.get(feature, feature)
-            stats.setdefault(name, {})[stat] = value.float()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS), "pt") as weights:  # the buffers only: the UNet is read when it is built
+        for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a mapping)
+            prefix = next((p for p in OLD_BUFFERS if key.startswith(p)), None)
+            if prefix is not None:
+                feature, stat = key[len(prefix) :].rsplit(".", 1)
+                name = {STATE.replace(".", "_"): STATE, ENV_STATE.replace(".", "_"): ENV_STATE}.get(feature, feature)
+                stats.setdefault(name, {})[stat] = weights.get_tensor(key).float()
     return stats, files, ("normalization stats read from model.safetensors (the layout before lerobot 0.4)",)
 
 
-def _center_spread(stats: dict[str, dict[str, torch.Tensor]], name: str, mode: str, dim: int, where: str) -> list:
+def center_spread(stats: dict[str, dict[str, torch.Tensor]], name: str, mode: str, dim: int, where: str) -> list:
+    """Feature `name`'s LeRobot normalization (`mode`) from its stats as [center, spread] (core.ir.Normalization)."""
     need = ("min", "max") if mode == "MIN_MAX" else ("mean", "std")
     found = stats.get(name, {})
     missing = [s for s in need if s not in found]

@@ -43,26 +43,23 @@ def save_grid(path: Path, reference: torch.Tensor, candidate: torch.Tensor, colu
     labels = ["reference (torch)", "candidate (lowered)", "|diff| x10"]
     if reference.dim() == 3:
         tiles = [[_chunk_tile(row[i]) for i in range(n)] for row in rows]
-        return _save_tiles(path, tiles, labels)
-    _, c, h, w = reference.shape
-    cell_h, cell_w, label_w, pad = h * scale, w * scale, 130, 2
-    canvas = Image.new("RGB", (label_w + n * (cell_w + pad), len(rows) * (cell_h + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (row, label) in enumerate(zip(rows, labels, strict=True)):
-        y0 = r * (cell_h + pad)
-        draw.text((4, y0 + cell_h // 2 - 6), label, fill="black")
-        for i in range(n):
-            img = (row[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            tile = Image.fromarray(img[..., 0] if c == 1 else img).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile.convert("RGB"), (label_w + i * (cell_w + pad), y0))
-    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+        return _save_tiles(path, tiles, labels, "lightgray")
+    _save_tiles(path, [[_image_tile(row[i], scale) for i in range(n)] for row in rows], labels, "white")
+
+
+def _image_tile(image: torch.Tensor, scale: int) -> Image.Image:
+    """An image ([C, H, W], values in [0, 1]) enlarged `scale` times, nearest neighbour."""
+    c, h, w = image.shape
+    img = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(img[..., 0] if c == 1 else img).resize((w * scale, h * scale), Image.NEAREST).convert("RGB")
 
 
 def _save_tiles(
-    path: Path, tiles: list[list[Image.Image]], labels: list[str], label_w: int = 130, pad: int = 2
+    path: Path, tiles: list[list[Image.Image]], labels: list[str], background: str, label_w: int = 130, pad: int = 2
 ) -> None:
+    """Rows of equal tiles, each row labelled on its left."""
     cell_w, cell_h = tiles[0][0].size
-    canvas = Image.new("RGB", (label_w + len(tiles[0]) * (cell_w + pad), len(tiles) * (cell_h + pad)), "lightgray")
+    canvas = Image.new("RGB", (label_w + len(tiles[0]) * (cell_w + pad), len(tiles) * (cell_h + pad)), background)
     draw = ImageDraw.Draw(canvas)
     for r, (row, label) in enumerate(zip(tiles, labels, strict=True)):
         y0 = r * (cell_h + pad)

@@ -116,6 +116,7 @@ def train_policy(
     from diffusers.optimization import get_scheduler
 
     from core import lerobot_folder
+    from core.ir import Normalization
     from core.networks.lerobot_unet import LeRobotDiffusionUnet
 
     torch.manual_seed(seed)
@@ -130,9 +131,9 @@ def train_policy(
     drop = POLICY["horizon"] - POLICY["n_action_steps"] - POLICY["n_obs_steps"] + 1
     data = windows(frames, POLICY["horizon"], POLICY["n_obs_steps"], drop)
 
-    def normalized(name: str, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = stats[name]["min"], stats[name]["max"]
-        return 2 * (x - lo) / torch.where(hi - lo == 0, torch.full_like(hi, 1e-8), hi - lo) - 1
+    def normalized(name: str, x: torch.Tensor) -> torch.Tensor:  # as the loaded policy normalizes (LeRobot's)
+        center, spread = lerobot_folder.center_spread(stats, name, "MIN_MAX", x.shape[-1], "training stats")
+        return Normalization(tuple(center), tuple(spread)).normalize(x)
 
     data = {k: normalized(k, v) for k, v in data.items()}
     noise = DDPMScheduler(

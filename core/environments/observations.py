@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from core.environments import check_fits, environment, programs, rollout
+from core.environments import check_fits, programs, rollout
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 
@@ -31,16 +31,13 @@ def attach(program: DiffusionProgram, name: str | None, where: str) -> Diffusion
         raise ConfigError(f"{where}: a policy is judged in its environment: pass --env (known: pusht)")
     shapes = {c.name: c.shape[1:] for c in conditioning.observation}
     check_fits(name, shapes, program.spec.sample_shape[-1], where)
-    observed = stages.observations or collect(
-        program.replace(stages=dataclasses.replace(stages, environment=name)), name, ROWS
-    )
+    observed = stages.observations or collect(program, name, ROWS)
     return program.replace(stages=dataclasses.replace(stages, environment=name, observations=observed))
 
 
 def collect(program: DiffusionProgram, env_name: str, rows: int) -> dict[str, torch.Tensor]:
     """`rows` observations (name -> [rows, n_obs_steps, dim], raw): ceil(rows / DECISIONS) episodes of the
     original policy, DECISIONS decisions each, interleaved episode by episode."""
-    environment(env_name)
     chunking = program.spec.chunking
     assert chunking is not None, "only a policy has observations to collect"
     episodes = math.ceil(rows / DECISIONS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,24 +48,14 @@ def observation(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-@dataclass
-class StepResult:
-    observations: dict[str, np.ndarray]  # name -> [N, *shape], the episodes still running and those done alike
-    coverage: np.ndarray  # [N]
-    done: np.ndarray  # [N] bool: succeeded (stays done)
-
-
 class Batch:
     """N episodes in lockstep, episode i reset from `seeds[i]`. A finished (successful) episode is no longer
     stepped; its last observation stays in the batch so the policy's batch keeps its shape."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
         self.envs = [make_env() for _ in seeds]
-        self.seeds = list(seeds)
-        first = [observation(env.reset(seed=int(s))[0]) for env, s in zip(self.envs, seeds, strict=True)]
-        self.last = first
+        self.last = [observation(env.reset(seed=int(s))[0]) for env, s in zip(self.envs, seeds, strict=True)]
         n = len(seeds)
-        self.coverage = np.zeros(n)
         self.max_coverage = np.zeros(n)
         self.success: np.ndarray = np.zeros(n, dtype=bool)
         self.steps: np.ndarray = np.zeros(n, dtype=int)
@@ -74,18 +63,17 @@ class Batch:
     def observations(self) -> dict[str, np.ndarray]:
         return {k: np.stack([o[k] for o in self.last]) for k in OBSERVATIONS}
 
-    def step(self, actions: np.ndarray) -> StepResult:
-        """Apply one action per episode ([N, 2]); finished episodes ignore theirs."""
+    def step(self, actions: np.ndarray) -> dict[str, np.ndarray]:
+        """Apply one action per episode ([N, 2]); finished episodes ignore theirs. Returns the observations."""
         for i, env in enumerate(self.envs):
             if self.success[i]:
                 continue
             obs, _, terminated, _, info = env.step(np.asarray(actions[i], np.float64))
             self.last[i] = observation(obs)
-            self.coverage[i] = info["coverage"]
             self.max_coverage[i] = max(self.max_coverage[i], info["coverage"])
             self.success[i] = bool(info["is_success"]) or bool(terminated)
             self.steps[i] += 1
-        return StepResult(self.observations(), self.coverage.copy(), self.success.copy())
+        return self.observations()
 
     def close(self) -> None:
         for env in self.envs:

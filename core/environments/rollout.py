@@ -83,8 +83,7 @@ def run(
             calls += 1
             start = chunking.first
             for j in range(min(n_action_steps, max_steps - step)):
-                result = batch.step(chunk[:, start + j])
-                history = [*history[1:], result.observations]
+                history = [*history[1:], batch.step(chunk[:, start + j])]
         return Episodes(
             list(seeds), batch.success.copy(), batch.max_coverage.copy(), batch.steps.copy(), calls, decisions
         )

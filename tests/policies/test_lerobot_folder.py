@@ -58,12 +58,12 @@ def test_normalization_is_lerobots_min_max_in_both_layouts(tmp_path, old):
 
 
 def test_a_constant_feature_normalizes_with_lerobots_epsilon(tmp_path):
-    from core.lerobot_folder import _center_spread
+    from core.lerobot_folder import center_spread
 
     stats = {"f": {"min": torch.tensor([3.0, 1.0]), "max": torch.tensor([3.0, 5.0])}}
     from core.ir import Normalization
 
-    norm = Normalization(*map(tuple, _center_spread(stats, "f", "MIN_MAX", 2, "here")))
+    norm = Normalization(*map(tuple, center_spread(stats, "f", "MIN_MAX", 2, "here")))
     x = torch.tensor([[3.0, 2.0], [3.0, 5.0]])  # the constant feature at its value: LeRobot gives -1
     torch.testing.assert_close(norm.normalize(x), lerobot_min_max(x, stats["f"]))
 
