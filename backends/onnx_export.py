@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -111,6 +112,7 @@ def export_graph(
                     dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]},
                 )
                 model = onnx.load_from_string(buffer.getvalue())
+        conv1d_as_conv2d(model)
         save_model(model, path)
         check_graph_file(path)
     except ExportError:
@@ -206,6 +208,41 @@ def drop_noop_squeezes(model: onnx.ModelProto) -> None:
         if dims and all(d.HasField("dim_value") and d.dim_value != 1 for d in dims):
             node.op_type = "Identity"
             del node.input[1:]
+
+
+def conv1d_as_conv2d(model: onnx.ModelProto) -> None:
+    """Each 1-D Conv with its weight as an initializer becomes Unsqueeze -> 2-D Conv over a height of 1 ->
+    Squeeze (in place; the same outputs, the weight's bytes unchanged). ONNX Runtime's CPU Conv runs 1-D
+    convolutions on its generic path and 2-D ones on its blocked (NCHWc) kernels: measured on the PushT policy
+    UNet (BENCHMARKS.md), about 1.5x faster at batch 1 and 2x at batch 100."""
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    axis = "conv1d_as_conv2d.axis"
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight is None or len(weight.dims) != 3 or uses[weight.name] != 1:
+            nodes.append(node)
+            continue
+        weight.dims.insert(2, 1)
+        for attr in node.attribute:
+            if attr.name in ("kernel_shape", "strides", "dilations"):
+                attr.ints[:] = [1, *attr.ints]
+            elif attr.name == "pads":
+                attr.ints[:] = [0, attr.ints[0], 0, attr.ints[1]]
+        source, result = node.input[0], node.output[0]
+        node.input[0], node.output[0] = f"{source}.as_2d.{result}", f"{result}.as_2d"
+        unsqueeze = onnx.helper.make_node("Unsqueeze", [source, axis], [node.input[0]])
+        squeeze = onnx.helper.make_node("Squeeze", [node.output[0], axis], [result])
+        nodes += [unsqueeze, node, squeeze]
+    if len(nodes) != len(graph.node):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), axis))
+        del graph.node[:]
+        graph.node.extend(nodes)
 
 
 def check_graph_file(path: Path) -> None:

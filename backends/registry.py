@@ -15,7 +15,7 @@ import torch
 
 from core.discovery import module_members
 from core.errors import ConfigError
-from core.ir import DiffusionProgram
+from core.ir import DiffusionProgram, SamplingPlan
 from core.sampling import DenoiseFn, Variants
 
 from .plan import LoadedPlan, read_plan
@@ -44,7 +44,13 @@ class Runner(Protocol):
     denoise: DenoiseFn  # the graph of step 0 as a plain denoise function (latency of one call)
 
     def sample(
-        self, seeds: Sequence[int], conditions: Sequence[Any] | None = None, progress: Callable[[Any], Any] = ...
+        self,
+        seeds: Sequence[int],
+        conditions: Sequence[Any] | None = None,
+        progress: Callable[[Any], Any] = ...,
+        *,
+        plan: SamplingPlan | None = None,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def decode(self, final: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from core.conditions import class_batch, observation_batch, prompt_batch
 from core.errors import LoadError
+from core.ir import SamplingPlan
 from core.sampling import ConditionBatch, Variants, sample
 
 from .onnx_export import LOOP_INPUTS
@@ -118,7 +119,12 @@ class PlanRunner:
         seeds: Sequence[int],
         conditions: Sequence[Any] | None = None,
         progress: Callable[[Any], Any] = lambda it: it,
+        *,
+        plan: SamplingPlan | None = None,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final samples for `seeds` with one condition (class, prompt or observation) per seed."""
+        """Final samples for `seeds` with one condition (class, prompt or observation) per seed. `plan`: a loop
+        on the same graphs other than plan.json's (a warm-started chunk's tail, core.warm_start), from `start`."""
         batch = self.encode(conditions, len(seeds))
-        return sample(self.plan.sampling, self.plan.sample_shape, self.loop, seeds, batch, progress=progress)
+        loop = self.plan.sampling if plan is None else plan
+        return sample(loop, self.plan.sample_shape, self.loop, seeds, batch, progress=progress, start=start)

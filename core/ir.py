@@ -304,6 +304,11 @@ class SamplingPlan:
     # Custom timesteps (train-timestep units, descending), e.g. a searched schedule or a distilled
     # student's grid; None: the scheduler's own spacing for `num_inference_steps`.
     timesteps: tuple[float, ...] | None = None
+    # A policy's warm-started chunks (Streaming Diffusion Policy, Høeg et al. 2024; Real-Time Iteration,
+    # Duan et al. 2025): after an episode's first decision, the loop starts from the previous chunk's
+    # unexecuted remainder noised to this timestep and runs only its timesteps at or below it
+    # (core.warm_start). None: every chunk starts from noise.
+    warm_start: float | None = None
 
     def __post_init__(self) -> None:
         n = self.num_inference_steps
@@ -311,6 +316,8 @@ class SamplingPlan:
             ts = self.timesteps
             if len(ts) != n or any(not a > b for a, b in itertools.pairwise(ts)) or min(ts) < 0:
                 raise ConfigError(f"sampling.timesteps must be {n} descending values >= 0")
+        if self.warm_start is not None and self.cache is not None:
+            raise ConfigError("sampling: warm-started chunks do not combine with a cache schedule")
         # guided_steps and cache.refresh hold one entry per model call (core.schedulers.model_calls: a step of
         # PNDM's warm-up or of Heun's second order calls the model more than once), checked there.
         if self.cache is None:
@@ -336,7 +343,8 @@ class SamplingPlan:
         return FULL if self.cache.refresh[step] else CACHED
 
     def without_loop_policy(self) -> SamplingPlan:
-        return dataclasses.replace(self, guided_steps=None, cache=None)
+        """The loop of one sample from noise: no per-call guidance or cache policy, no warm start."""
+        return dataclasses.replace(self, guided_steps=None, cache=None, warm_start=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -361,6 +369,7 @@ class SamplingPlan:
             _optional_number(get(data, "mu", (int, float, type(None)), where, None), f"{where}.mu"),
             get(data, "linear_sigmas", bool, where, False),
             _timesteps(get(data, "timesteps", (list, type(None)), where, None), f"{where}.timesteps"),
+            _optional_timestep(get(data, "warm_start", (int, float, type(None)), where, None), f"{where}.warm_start"),
         )
 
 
@@ -368,6 +377,10 @@ def _timesteps(values: list | None, where: str) -> tuple[float, ...] | None:
     if values is None:
         return None
     return tuple(number(v, where, 0.0, float(MAX_TRAIN_TIMESTEPS)) for v in values)
+
+
+def _optional_timestep(value: float | None, where: str) -> float | None:
+    return None if value is None else number(value, where, 0.0, float(MAX_TRAIN_TIMESTEPS))
 
 
 def _optional_number(value: float | None, where: str) -> float | None:

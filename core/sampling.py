@@ -7,6 +7,7 @@ the loop owns the carried tensors, so every backend executes a plan the same way
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,11 +145,17 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     """What diffusers' pipelines pass to `scheduler.step` besides the output (StableDiffusionPipeline's
     `prepare_extra_step_kwargs`): the per-sample generators of a stochastic sampler, and eta 0 where the step
     takes one (DDIM's default already; TCD's own default, 0.3, is not what its pipelines run)."""
-    params = inspect.signature(scheduler.step).parameters
+    params = _step_parameters(type(scheduler))
     kwargs: dict[str, Any] = {"generator": generators} if "generator" in params else {}
     if "eta" in params:
         kwargs["eta"] = 0.0
     return kwargs
+
+
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    """The parameter names of a scheduler class's `step` (read once per class: a policy samples per decision)."""
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
 
 
 def guide(out: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:

@@ -100,7 +100,7 @@ def closed_loop(program: DiffusionProgram, runner: Runner) -> Any:
     from core.environments.programs import as_policy
     from verify.judges.closed_loop import NOISE_SEED
 
-    return as_policy(runner.sample, runner.decode, NOISE_SEED)
+    return as_policy(runner.sample, runner.decode, NOISE_SEED, runner.plan.sampling, program.spec.chunking)
 
 
 def precision_floor(

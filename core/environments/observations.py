@@ -4,7 +4,6 @@ policy itself meets, closed loop in its environment, at its first decisions of a
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -14,8 +13,8 @@ from core.errors import ConfigError
 from core.ir import DiffusionProgram
 
 EPISODE_SEED = 300_000  # initial states of the episodes observations are collected in
-DECISIONS = 8  # decisions kept per episode
-ROWS = 64  # observations in a policy's set (calibration and verification cycle through them)
+EPISODES = 32  # episodes observed, each to its end (success or the environment's limit)
+ROWS = 1024  # observations in a policy's set (calibration, verification and distillation cycle through them)
 
 
 def attach(program: DiffusionProgram, name: str | None, where: str) -> DiffusionProgram:
@@ -36,21 +35,22 @@ def attach(program: DiffusionProgram, name: str | None, where: str) -> Diffusion
 
 
 def collect(program: DiffusionProgram, env_name: str, rows: int) -> dict[str, torch.Tensor]:
-    """`rows` observations (name -> [rows, n_obs_steps, dim], raw): ceil(rows / DECISIONS) episodes of the
-    original policy, DECISIONS decisions each, interleaved episode by episode."""
+    """`rows` observations (name -> [rows, n_obs_steps, dim], raw), drawn without replacement (a fixed
+    permutation) from every decision of EPISODES whole episodes of the original policy: the states a
+    policy meets late in an episode as well as early (a student distilled on early states alone fails
+    closed loop: measured, BENCHMARKS.md)."""
     chunking = program.spec.chunking
     assert chunking is not None, "only a policy has observations to collect"
-    episodes = math.ceil(rows / DECISIONS)
-    seeds = list(range(EPISODE_SEED, EPISODE_SEED + episodes))
+    seeds = list(range(EPISODE_SEED, EPISODE_SEED + EPISODES))
     done = rollout.run(
         env_name,
         programs.torch_policy(program, EPISODE_SEED),
         seeds,
         chunking,
-        max_steps=DECISIONS * chunking.n_action_steps,
         record=True,
-        desc=f"observation set: the original closed loop, {episodes} episodes",
+        desc=f"observation set: the original closed loop, {EPISODES} episodes",
     )
     names = list(done.decisions[0])
-    stacked = {k: np.concatenate([d[k] for d in done.decisions]) for k in names}  # decision-major
-    return {k: torch.from_numpy(v[:rows]).float() for k, v in stacked.items()}
+    stacked = {k: np.concatenate([d[k] for d in done.decisions]) for k in names}
+    order = np.random.default_rng(EPISODE_SEED).permutation(len(stacked[names[0]]))[:rows]
+    return {k: torch.from_numpy(v[order]).float() for k, v in stacked.items()}

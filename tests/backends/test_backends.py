@@ -141,3 +141,31 @@ def test_weights_over_the_inline_limit_go_to_a_recorded_data_file(tiny_digits_pr
     (folder / "plan.json").write_text(json.dumps(doc))
     with pytest.raises(LoadError, match="refers to external data"):
         read_plan(folder)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_1d_convolutions_are_written_as_2d_with_the_same_outputs(tmp_path, dynamo):
+    # ORT's CPU Conv is faster on 2-D convolutions (backends.onnx_export.conv1d_as_conv2d); every 1-D setting
+    # (stride, padding, dilation, groups, no bias) must map onto the 2-D form exactly.
+    import onnxruntime as ort
+
+    from backends.onnx_export import export_graph
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(4, 8, 5, padding=2),
+        torch.nn.Mish(),
+        torch.nn.Conv1d(8, 8, 3, stride=2, padding=1, dilation=1, groups=2, bias=False),
+        torch.nn.Conv1d(8, 6, 3, padding=2, dilation=2),
+        torch.nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1),
+    )
+    x = torch.randn(3, 4, 16)
+    path = export_graph(net, (x,), ["x"], ["y"], tmp_path / "net.onnx", dynamo=dynamo)
+    model = onnx.load(str(path))
+    weights = {i.name: len(i.dims) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and all(weights[n.input[1]] == 4 for n in convs)
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert got.shape == want.shape and float(abs(got - want).max()) < 1e-5

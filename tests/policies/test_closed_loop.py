@@ -72,3 +72,40 @@ def test_a_policy_needs_an_environment_and_only_a_policy_takes_one(tmp_path, tin
     assert "a policy is judged in its environment: pass --env (known: pusht)" in result.output
     result = CliRunner().invoke(main, [str(tiny_digits_dit), "--env", "pusht", "--out", str(tmp_path / "o2")])
     assert result.exit_code == EXIT_BAD_INPUT and "is not a policy (it takes no observations)" in result.output
+
+
+def test_cpu_policy_warm_starts_the_artifacts_chunks_as_the_torch_loop_does(policy_folder, tmp_path):
+    from backends.registry import open_runner
+    from core.environments import programs, pusht
+    from core.loading import load_program
+
+    out = tmp_path / "out"
+    args = ["--target", "cpu-policy", "--out", str(out), "--episodes", "2", "--samples", "8"]
+    args += ["--calibration-samples", "4", "--latency-repeats", "0", "--seed-sets", "1"]
+    args += ["--gate", "max_fd_self_shift=100"]  # random weights: the mechanics, not the distribution
+    result = CliRunner().invoke(main, [str(policy_folder), *args])
+    assert result.exit_code == EXIT_PASS, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["policy_calls"] == 75 and "success_shortfall" in report["verification"]
+    runner = open_runner(out)
+    assert runner.plan.sampling.warm_start == 30.0 and runner.plan.sampling.scheduler_class == "DDPMScheduler"
+    # The artifact's policy and the torch loop on its plan: the same actions at a first and at warm decisions.
+    program = load_program(policy_folder)
+    chunking = program.spec.chunking
+    artifact = programs.as_policy(runner.sample, runner.decode, 9, runner.plan.sampling, chunking)
+    in_torch = programs.torch_policy(program.replace(plan=runner.plan.sampling), 9)
+    rng = np.random.default_rng(0)
+    for decision in range(3):
+        obs = {pusht.STATE: rng.uniform(50, 450, (2, 2, 2)), pusht.ENV_STATE: rng.uniform(50, 450, (2, 2, 16))}
+        obs = {k: v.astype(np.float32) for k, v in obs.items()}
+        got, want = artifact(decision, np.array([0, 1]), obs), in_torch(decision, np.array([0, 1]), obs)
+        assert np.allclose(got, want, atol=1e-2), (decision, np.abs(got - want).max())
+    timed = CliRunner().invoke(
+        main, ["policy-latency", str(out), "--repeats", "1", "--json-out", str(tmp_path / "t.json")]
+    )
+    assert timed.exit_code == EXIT_PASS, timed.output
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    # its plan, DDIM 10, the artifact's first decision, a warm one, and an episode's mean (75 decisions)
+    evaluations = [r["network_evaluations"] for r in rows.values()]
+    assert evaluations == [4, 10, 16, 6, pytest.approx((16 + 74 * 6) / 75)]
+    assert "warm-started" in timed.output

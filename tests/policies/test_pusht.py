@@ -88,14 +88,16 @@ def test_an_episode_draws_its_noise_by_decision_and_episode_whichever_others_sti
     import torch
 
     from core.environments.programs import STRIDE, as_policy
+    from core.ir import Chunking, SamplingPlan
 
     drawn = []
 
-    def sampler(seeds, rows):
+    def sampler(seeds, rows, *, plan, start):
         drawn.append(list(seeds))
         return torch.zeros(len(rows), 8, 2)
 
-    policy = as_policy(sampler, lambda x: x + 1, seed=7)
+    plan = SamplingPlan("DDPMScheduler", {"num_train_timesteps": 100}, 10)
+    policy = as_policy(sampler, lambda x: x + 1, 7, plan, Chunking(2, 4))
     obs = {pusht.STATE: np.zeros((2, 2, 2), np.float32)}
     out = policy(3, np.array([1, 4]), obs)
     assert drawn == [[7 + 3 * STRIDE + 1, 7 + 3 * STRIDE + 4]] and out.shape == (2, 8, 2) and (out == 1).all()
