@@ -155,6 +155,10 @@ def _quantize_weight(
     layout = _layout(node)
     w = layer.inner.weight.detach().numpy()
     as_torch = graph_w.T if layout == "in_out" else graph_w
+    # A 1-D convolution the export wrote as 2-D (onnx_export.conv1d_as_conv2d): [out, in, 1, k] for [out, in, k].
+    as_2d = node.op_type == "Conv" and w.ndim == 3 and as_torch.shape == (*w.shape[:2], 1, w.shape[2])
+    if as_2d:
+        as_torch = as_torch.reshape(w.shape)
     if as_torch.shape != w.shape or not np.allclose(as_torch, w, rtol=1e-5, atol=1e-6):
         raise ExportError(f"graph weight '{init.name}' does not match layer '{name}'")
     fmt, scales = layer.fmt, layer.weight_scales.detach()
@@ -183,6 +187,10 @@ def _quantize_weight(
         zero = None
         scale = np.ascontiguousarray(scale, np.float32)
         attrs.update(axis=0 if layout == "in_out" else 1, block_size=fmt.block)
+    if as_2d:  # the same values in the graph's 2-D form (per-channel scales along axis 0 keep their shape)
+        tensor.dims.insert(2, 1)
+        if scale.ndim == 3:
+            scale = scale[:, :, None, :]
     model.graph.initializer.remove(init)
     model.graph.initializer.extend([tensor, numpy_helper.from_array(scale, f"{base}_scale")])
     inputs = [tensor.name, f"{base}_scale"]

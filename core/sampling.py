@@ -145,7 +145,7 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     """What diffusers' pipelines pass to `scheduler.step` besides the output (StableDiffusionPipeline's
     `prepare_extra_step_kwargs`): the per-sample generators of a stochastic sampler, and eta 0 where the step
     takes one (DDIM's default already; TCD's own default, 0.3, is not what its pipelines run)."""
-    params = _step_parameters(type(scheduler))
+    params = _step_parameters(scheduler.__class__)
     kwargs: dict[str, Any] = {"generator": generators} if "generator" in params else {}
     if "eta" in params:
         kwargs["eta"] = 0.0
@@ -153,7 +153,7 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
 
 
 @functools.cache
-def _step_parameters(scheduler_class: type) -> frozenset[str]:
+def _step_parameters(scheduler_class: Any) -> frozenset[str]:
     """The parameter names of a scheduler class's `step` (read once per class: a policy samples per decision)."""
     return frozenset(inspect.signature(scheduler_class.step).parameters)
 

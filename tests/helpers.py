@@ -442,3 +442,12 @@ def shortened(name: str, folder, first: dict | None = None) -> str:
     path = folder / f"{name}-short.json"
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def invoke(*args):
+    """`optimize` in this process, every argument as a string; exceptions propagate."""
+    from click.testing import CliRunner
+
+    from optimizer.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -1,5 +1,5 @@
 """bench --scale: the geometries the CLI offers, and a family mismatch refused with one line. The replay
-itself runs on the cpu-int8 and cpu-prune outputs in tests/optimizer/test_cli.py."""
+itself runs on the cpu-int8 and cpu-prune outputs in tests/optimizer/test_cli_recipes.py."""
 
 import pytest
 

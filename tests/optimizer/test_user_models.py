@@ -18,11 +18,12 @@ UNIVERSAL = ("min_psnr_db", "min_ssim", "max_eps_rel_error", "max_fd_self_shift"
 AVAILABLE = [t.name for t in list_targets() if t.status == "available"]
 DISTILLED = {t.name for t in list_targets() if t.search or any(s["pass"] == "progressive_distill" for s in t.recipe)}
 SEARCHED = {t.name for t in list_targets() if t.search}
+POLICY_ONLY = {t.name for t in list_targets() if any(s["pass"] == "warm_start" for s in t.recipe)}
 
 
 # The DiT on every target; the pipeline (its stages lowered and judged on decoded RGB images) on a target
 # that keeps the loop and one that distills it.
-RUNS = [*((t, "dit") for t in AVAILABLE), ("cpu-fp32", "sd"), ("cpu-steps", "sd")]
+RUNS = [*((t, "dit") for t in AVAILABLE if t not in POLICY_ONLY), ("cpu-fp32", "sd"), ("cpu-steps", "sd")]
 # A search target's one trial: INT8 on the original loop (a Q/DQ graph lowered and timed inside the search, its
 # prefix the trial itself); the distilled recipes' mechanics are cpu-steps' here and the search's in
 # tests/optimizer/test_search_cli.py. Each of its shipped first recipes lowered five graphs (41 s of 123 s here).
@@ -47,6 +48,16 @@ def test_every_target_on_a_model_no_judge_knows_passes_only_on_measured_gates(ta
     measured = [g for g in report["gates"] if g in UNIVERSAL]
     assert measured and all(report["verification"].get(GATE_METRICS[g]) is not None for g in measured)
     assert report["verification"]["judges"] == ["paired", "denoiser-features"]
+
+
+def test_a_policy_only_target_refuses_an_image_model_in_one_line_before_any_work(user_models, tmp_path):
+    assert {"cpu-policy"} == POLICY_ONLY
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, [str(user_models["dit"]), "--target", "cpu-policy", "--out", str(out)])
+    assert result.exit_code == EXIT_BAD_INPUT and not out.exists()
+    assert result.stderr.strip() == (
+        "error: warm_start: applies to policies (action chunks executed in part, then re-planned)"
+    )
 
 
 GATE_METRICS = {"min_psnr_db": "psnr_db_mean", "min_ssim": "ssim_mean", "max_eps_rel_error": "eps_rel_error_max"}

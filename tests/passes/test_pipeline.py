@@ -251,6 +251,7 @@ def test_discovery_finds_the_shipped_passes_with_their_phases():
         "quantize": Phase.NUMERICS,
         "guidance": Phase.GUIDANCE_POLICY,
         "cache": Phase.REUSE_POLICY,
+        "warm_start": Phase.REUSE_POLICY,
     }
     assert found["sampler"].invalidates == {CALIBRATION, FLOPS}
     assert {name for name, p in found.items() if p.new_reference} == {"guidance_distill", "progressive_distill"}

@@ -53,6 +53,9 @@ def test_optimize_measures_a_policys_success_closed_loop(policy_folder, tmp_path
     assert verification["success_rate"] == verification["success_rate_reference"]  # ORT = torch, same noise
     assert report["gates"]["max_success_shortfall"] == 0.0 and "max_success_shortfall" in result.output
     assert verification["success_shortfall"] == 0.0
+    # Paired action error in the environment's units: ORT = torch here, while two noise seeds of the original
+    # (its own spread on the same observations) differ by whole pixels.
+    assert verification["action_rmse_mean"] < 1e-2 < 1.0 < verification["action_rmse_floor"]
     assert report["model"]["stages"]["output"].startswith("actions") and (out / "grid.png").stat().st_size > 0
     plan = read_plan(out)
     assert (plan.chunking.n_obs_steps, plan.chunking.n_action_steps, plan.environment) == (2, 4, "pusht")
@@ -109,3 +112,10 @@ def test_cpu_policy_warm_starts_the_artifacts_chunks_as_the_torch_loop_does(poli
     evaluations = [r["network_evaluations"] for r in rows.values()]
     assert evaluations == [4, 10, 16, 6, pytest.approx((16 + 74 * 6) / 75)]
     assert "warm-started" in timed.output
+
+
+def test_action_errors_are_measured_for_policies_only(tiny_digits_program):
+    from verify.judges.base import JudgeOptions
+    from verify.judges.paired import ACTION_METRICS, JUDGE
+
+    assert not JUDGE.provides(tiny_digits_program, JudgeOptions()) & ACTION_METRICS
