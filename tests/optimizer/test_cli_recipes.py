@@ -17,7 +17,7 @@ SMALL_DIT = Geometry("small-dit", "DiTTransformer2DModel", dit_config(4, 4, 16, 
 
 def test_cpu_int8_on_the_shipped_dit_passes_its_default_gates(tmp_path, dit_copy):
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "1", "--seed-sets", "1"]
+    args = ["--samples", "12", "--calibration-samples", "2", "--latency-repeats", "1", "--seed-sets", "1"]
     result = invoke(dit_copy, "--target", "cpu-int8", "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -47,7 +47,7 @@ def test_cpu_cache_on_the_shipped_dit_halves_the_flops_and_passes_its_default_ga
     target = tmp_path / "cpu-cache.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "2", "--latency-repeats", "0", "--seed-sets", "1"]
+    args = ["--samples", "12", "--calibration-samples", "2", "--latency-repeats", "0", "--seed-sets", "1"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -76,7 +76,7 @@ def test_cpu_prune_recipe_end_to_end_on_the_shipped_dit(tmp_path, dit_copy):
     target = tmp_path / "short.json"
     target.write_text(json.dumps(data))
     out = tmp_path / "out"
-    args = ["--samples", "20", "--calibration-samples", "8", "--latency-repeats", "0", "--seed-sets", "1", "--json"]
+    args = ["--samples", "12", "--calibration-samples", "8", "--latency-repeats", "0", "--seed-sets", "1", "--json"]
     result = invoke(dit_copy, "--target", target, "--out", out, *args)
     report = assert_exit_matches_report(result, out)
     assert [p["name"] for p in report["passes"]] == ["layer_removal", "prune", "recover"]
