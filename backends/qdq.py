@@ -187,10 +187,8 @@ def _quantize_weight(
         zero = None
         scale = np.ascontiguousarray(scale, np.float32)
         attrs.update(axis=0 if layout == "in_out" else 1, block_size=fmt.block)
-    if as_2d:  # the same values in the graph's 2-D form (per-channel scales along axis 0 keep their shape)
-        tensor.dims.insert(2, 1)
-        if scale.ndim == 3:
-            scale = scale[:, :, None, :]
+    if as_2d:  # the same values in the graph's 2-D form (per-channel scales along axis 0 keep their shape; block
+        tensor.dims.insert(2, 1)  # formats quantize Linear layers only, core.quantized)
     model.graph.initializer.remove(init)
     model.graph.initializer.extend([tensor, numpy_helper.from_array(scale, f"{base}_scale")])
     inputs = [tensor.name, f"{base}_scale"]

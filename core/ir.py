@@ -305,8 +305,8 @@ class SamplingPlan:
     # student's grid; None: the scheduler's own spacing for `num_inference_steps`.
     timesteps: tuple[float, ...] | None = None
     # A policy's warm-started chunks (Streaming Diffusion Policy, Høeg et al. 2024; Real-Time Iteration,
-    # Duan et al. 2025): after an episode's first decision, the loop starts from the previous chunk's
-    # unexecuted remainder noised to this timestep and runs only its timesteps at or below it
+    # Duan et al. 2025): after an episode's first decision, the loop runs only its timesteps at or below this
+    # one, from the previous chunk's unexecuted remainder noised to the first of them
     # (core.warm_start). None: every chunk starts from noise.
     warm_start: float | None = None
 

@@ -2,8 +2,8 @@
 policies, Duan et al. 2025). A policy's consecutive chunks overlap in time: after n_action_steps executed
 actions, the previous chunk's remainder is where the next chunk begins. So an episode's first decision runs
 the whole loop from noise, and every later one starts from the previous chunk shifted by n_action_steps (its
-last action repeated to fill the horizon), noised by the forward process to `plan.warm_start`, and runs only
-the plan's timesteps at or below it: fewer network evaluations per decision."""
+last action repeated to fill the horizon), noised by the forward process to the first of the plan's timesteps at
+or below `plan.warm_start`, and runs only those timesteps: fewer network evaluations per decision."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from core.errors import ConfigError
 from core.ir import Chunking, SamplingPlan
 from core.sampling import initial_noise
-from core.schedulers import build_scheduler
+from core.schedulers import build_scheduler, on_grid
 
 WARM_NOISE = 1 << 40  # a warm start's noise draws from seed + WARM_NOISE (the loop's own steps from seed)
 
@@ -35,7 +35,13 @@ def tail(plan: SamplingPlan) -> SamplingPlan:
         raise ConfigError(f"{where}: must lie within the loop's timesteps {[round(t) for t in timesteps]}")
     if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 or not hasattr(scheduler, "add_noise"):
         raise ConfigError(f"{where}: {plan.scheduler_class} has no variance-preserving forward process to noise with")
-    return dataclasses.replace(plan, num_inference_steps=len(kept), timesteps=kept, warm_start=None)
+    if plan.guided_steps is not None:
+        raise ConfigError(f"{where}: a per-step guidance policy does not carry over to a warm loop's tail")
+    if plan.scheduler_class == "DDIMScheduler":  # diffusers' DDIM takes no custom timesteps; ours does, equal
+        return dataclasses.replace(on_grid(plan, "ddim", kept), warm_start=None)
+    warm = dataclasses.replace(plan, num_inference_steps=len(kept), timesteps=kept, warm_start=None)
+    build_scheduler(warm)  # the tail as its sampler plans it (a ConfigError here, not at the first warm decision)
+    return warm
 
 
 class WarmStart:

@@ -1,5 +1,5 @@
-"""A policy's observation set (what calibration and verification condition on): the observations the original
-policy itself meets, closed loop in its environment, at its first decisions of a few fixed episodes."""
+"""A policy's observation set (what calibration, verification and distillation condition on): the observations
+the original policy itself meets, closed loop in its environment, at every decision of a few fixed episodes."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def attach(program: DiffusionProgram, name: str | None, where: str) -> Diffusion
 
 
 def collect(program: DiffusionProgram, env_name: str, rows: int) -> dict[str, torch.Tensor]:
-    """`rows` observations (name -> [rows, n_obs_steps, dim], raw), drawn without replacement (a fixed
-    permutation) from every decision of EPISODES whole episodes of the original policy: the states a
-    policy meets late in an episode as well as early (a student distilled on early states alone fails
-    closed loop: measured, BENCHMARKS.md)."""
+    """Up to `rows` observations (name -> [rows, n_obs_steps, dim], raw), drawn without replacement (a fixed
+    permutation) from every decision of EPISODES whole episodes of the original policy, each episode's while it
+    runs: the states a policy meets late in an episode as well as early (a student distilled on early states
+    alone failed closed loop: BENCHMARKS.md). Fewer when the episodes end sooner (at most 32 x 38 on PushT)."""
     chunking = program.spec.chunking
     assert chunking is not None, "only a policy has observations to collect"
     seeds = list(range(EPISODE_SEED, EPISODE_SEED + EPISODES))

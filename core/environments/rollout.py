@@ -59,7 +59,8 @@ def run(
     desc: str | None = None,
 ) -> Episodes:
     """One episode per seed in environment `env` (core.environments), at most `max_steps` control steps
-    (default: the environment's episode limit); `record`: keep the observations each policy call saw; `desc`:
+    (default: the environment's episode limit); `record`: keep the observations each policy call saw (the
+    running episodes'; a finished episode's frozen state is not asked about); `desc`:
     show progress (core.progress: a bar on a terminal, lines in a CI log)."""
     n_obs_steps, n_action_steps = chunking.n_obs_steps, chunking.n_action_steps
     module = environment(env)
@@ -74,11 +75,12 @@ def run(
             if batch.success.all():
                 break
             observed = {k: np.stack([h[k] for h in history], axis=1) for k in history[0]}
-            if record:
-                decisions.append(observed)
             running = np.flatnonzero(~batch.success)  # finished episodes are not sampled for
+            asked = {k: v[running] for k, v in observed.items()}
+            if record:
+                decisions.append(asked)
             chunk = np.zeros((len(seeds), *chunk_shape))
-            actions = policy(calls, running, {k: v[running] for k, v in observed.items()})
+            actions = policy(calls, running, asked)
             chunk[running] = np.asarray(actions, np.float64)[:, : chunk_shape[0]]
             calls += 1
             start = chunking.first

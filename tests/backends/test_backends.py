@@ -169,3 +169,22 @@ def test_1d_convolutions_are_written_as_2d_with_the_same_outputs(tmp_path, dynam
     with torch.no_grad():
         want = net(x).numpy()
     assert got.shape == want.shape and float(abs(got - want).max()) < 1e-5
+
+
+def test_a_conv_weight_that_is_also_a_graph_input_stays_1d():
+    import numpy as np
+
+    from backends.onnx_export import conv1d_as_conv2d
+
+    w = onnx.numpy_helper.from_array(np.ones((6, 4, 3), np.float32), "W")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [1, 4, 8]), ("W", [6, 4, 3]))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3])],
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 6])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    conv1d_as_conv2d(model)
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and list(model.graph.initializer[0].dims) == [6, 4, 3]

@@ -101,3 +101,31 @@ def test_an_episode_draws_its_noise_by_decision_and_episode_whichever_others_sti
     obs = {pusht.STATE: np.zeros((2, 2, 2), np.float32)}
     out = policy(3, np.array([1, 4]), obs)
     assert drawn == [[7 + 3 * STRIDE + 1, 7 + 3 * STRIDE + 4]] and out.shape == (2, 8, 2) and (out == 1).all()
+
+
+def test_only_running_episodes_observations_are_recorded(monkeypatch):
+    # Episode 0 succeeds after the first chunk; its frozen state is not asked about, so not recorded either.
+    import types
+
+    class Batch:
+        def __init__(self, seeds):
+            self.success, self.t = np.zeros(len(seeds), bool), 0
+            self.max_coverage, self.steps = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+
+        def observations(self):
+            return {"s": np.array([[0.0], [100.0]]) + self.t}
+
+        def step(self, actions):
+            self.t += 1
+            self.success[0] |= self.t >= 3
+            return self.observations()
+
+        def close(self):
+            pass
+
+    fake = types.SimpleNamespace(Batch=Batch, MAX_STEPS=9, ACTION_DIM=2)
+    monkeypatch.setattr(rollout, "environment", lambda name: fake)
+    policy = lambda decision, episodes, observed: np.zeros((len(episodes), 4, 2))  # noqa: E731
+    done = rollout.run("fake", policy, [0, 1], Chunking(n_obs_steps=1, n_action_steps=3), record=True)
+    assert [len(d["s"]) for d in done.decisions] == [2, 1, 1]
+    assert [float(d["s"][-1, 0, 0]) for d in done.decisions] == [100.0, 103.0, 106.0]

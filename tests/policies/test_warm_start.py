@@ -86,3 +86,13 @@ def test_plan_json_keeps_the_warm_start_and_refuses_a_bad_one():
     with pytest.raises(ConfigError, match="'warm_start' must be int or float or null"):
         SamplingPlan.from_dict({**plan.to_dict(), "warm_start": "30"})
     assert dataclasses.replace(plan, warm_start=None).without_loop_policy() == plan.without_loop_policy()
+
+
+def test_a_ddim_plan_warm_starts_on_the_grid_ddim_sampler_and_a_guided_plan_is_refused():
+    plan = SamplingPlan("DDIMScheduler", dict(DDPM), 10, warm_start=30.0)
+    tail = warm_start.tail(plan)
+    assert tail.scheduler_class == "GridDDIMScheduler" and tail.timesteps == (30.0, 20.0, 10.0, 0.0)
+    assert [int(t) for t in build_scheduler(tail).timesteps] == [30, 20, 10, 0]
+    guided = SamplingPlan("DDPMScheduler", dict(DDPM), 10, 2.0, (True,) * 10, warm_start=30.0)
+    with pytest.raises(ConfigError, match="per-step guidance policy"):
+        warm_start.tail(guided)
