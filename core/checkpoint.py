@@ -1,7 +1,8 @@
 """The project's own checkpoint format: `<stem>.safetensors` (or `.ckpt`) plus a `<stem>.json` sidecar.
 
-The sidecar names the diffusers model class and its config, the conditioning (class count and the
-null class used for guidance) and the default sampling plan.
+The sidecar names the model class (a diffusers class, or one of core.networks) and its config, the
+conditioning (class count and the null class used for guidance), the default sampling plan and, for a
+policy, the environment it acts in (`environment`, e.g. "pusht").
 """
 
 from __future__ import annotations

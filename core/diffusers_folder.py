@@ -22,6 +22,12 @@ from core.validate import get, is_int, is_number, read_json_object
 
 SCHEDULER_FILE = "scheduler_config.json"
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 2.0  # a folder whose pipeline class states none
+# Pipelines whose sampling loop does more than call the denoiser (refused: another loop would be judged).
+OWN_LOOPS = {
+    "ValueGuidedRLPipeline": "plans by guiding its unet with value_function gradients and in-painting the"
+    " observation at every step, which the optimized loop would not do; load its unet/ folder to optimize the"
+    " trajectory denoiser alone (unconditional)",
+}
 # What transformers and diffusers read from a component folder besides weights: configs and vocabularies.
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 MAX_CONFIG_BYTES = 256 << 20  # the largest tokenizer.json on the hub is tens of MB; a sparse 200 GB file is not one
@@ -54,6 +60,8 @@ def read(folder: Path, variant: str | None = None) -> FolderModel:
             raise LoadError(f"{folder}: not a diffusers folder (no config.json or model_index.json)")
         return _model(folder, None, variant, (), None, None, {})
     index = read_third_party_json(folder / "model_index.json")
+    if index.get("_class_name") in OWN_LOOPS:
+        raise LoadError(f"{folder}: {index['_class_name']} {OWN_LOOPS[index['_class_name']]}")
     component = next((c for c in ("transformer", "unet") if index.get(c) not in (None, [None, None])), None)
     if component is None:
         raise LoadError(f"{folder}: model_index.json names no 'transformer' or 'unet' component")

@@ -137,6 +137,7 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
         raise LoadError(f"{where}: not a {FORMAT} config (format={meta.get('format')!r})")
     model_meta = get(meta, "model", dict, where, error=LoadError)
     cond = get(meta, "conditioning", (dict, type(None)), where, default=None, error=LoadError)
+    environment = get(meta, "environment", (str, type(None)), where, default=None, error=LoadError)
     return _assemble(
         model_class=get(model_meta, "class", str, f"{where}: model", error=LoadError),
         config=get(model_meta, "config", dict, f"{where}: model", error=LoadError),
@@ -147,6 +148,7 @@ def _load_checkpoint(weights: Path, allow_large: bool) -> DiffusionProgram:
         hash_source=lambda: Source(str(weights), "checkpoint", file_digest([weights, sidecar])),
         where=where,
         allow_large=allow_large,
+        stages=Stages(environment=environment),
     )
 
 

@@ -55,6 +55,28 @@ def infer(client: Any, seed: int, condition: int | str | None) -> tuple[np.ndarr
     return response.as_numpy("image"), response.as_numpy("latents")
 
 
+def policy_inputs(seed: int, episode: int, decision: int, observation: dict[str, np.ndarray]) -> list[Any]:
+    """A policy's pipeline model inputs for one decision: seed, episode, decision index and the observation
+    history (name -> [n_obs_steps, dim], raw units)."""
+    http = client_module()
+    inputs = []
+    for name, value in (("seed", seed), ("episode", episode), ("decision", decision)):
+        tensor = http.InferInput(name, [1, 1], "INT64")
+        tensor.set_data_from_numpy(np.array([[value]], np.int64))
+        inputs.append(tensor)
+    for name, array in observation.items():
+        batch = np.ascontiguousarray(array, np.float32)[None]
+        tensor = http.InferInput(name, list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer_action(client: Any, seed: int, episode: int, decision: int, observation: dict[str, np.ndarray]) -> np.ndarray:
+    """The action chunk ([1, horizon, action_dim], raw units) of one decision sent to a served policy."""
+    return client.infer(PIPELINE, policy_inputs(seed, episode, decision, observation)).as_numpy("action")
+
+
 def load_test(
     url: str, conditions: Sequence[int | str | None], clients: int, requests: int, first_seed: int = 0
 ) -> dict[str, Any]:

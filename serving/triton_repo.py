@@ -6,7 +6,8 @@ One model per graph of the plan (denoiser variants, prompt encoder, decoder), ei
 the denoiser graphs of a TensorRT artifact whose engines were built, `tensorrt_plan` (`graphs="tensorrt"`;
 the engines only run on the GPU model and TensorRT version that built them); and a
 Python-backend `pipeline` model that runs the plan (scheduler, guidance, cache carry-over between the
-graph variants, decoder) through BLS calls to them, with dynamic batching of one-image requests.
+graph variants, decoder) through BLS calls to them, with dynamic batching of one-image requests; for a
+policy's artifact the `pipeline` model takes one decision's observations and returns the action chunk.
 The pipeline model needs this package, torch and diffusers in the server's Python environment.
 """
 
@@ -85,6 +86,19 @@ def _pipeline_config(plan: Any, max_batch: int, instances: int, delay_us: int) -
     return "\n".join(lines) + "\n"
 
 
+def _policy_config(plan: Any, max_batch: int, delay_us: int) -> str:
+    """One decision of one episode per request: seed, episode, decision and the observation history in, the
+    action chunk out. One instance: it keeps the episodes' last chunks (warm starts)."""
+    inputs = [(name, "TYPE_INT64", [1]) for name in ("seed", "episode", "decision")]
+    inputs += [(c.name, "TYPE_FP32", list(c.shape)) for c in plan.conditioning.observation]
+    lines = [f'name: "{PIPELINE}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
+    lines += _tensor_lines("input", inputs)
+    lines += _tensor_lines("output", [("action", "TYPE_FP32", list(plan.sample_shape))])
+    lines += [f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}"]
+    lines += ["instance_group [ { kind: KIND_CPU count: 1 } ]"]
+    return "\n".join(lines) + "\n"
+
+
 def export_repository(
     artifact: Path,
     repo: Path,
@@ -142,8 +156,13 @@ def export_repository(
                 name = Path(tokenizer["folder"]) / file
                 shutil.copyfile(plan.folder / name, version / "artifact" / name, follow_symlinks=False)
         (version / "artifact" / "models.json").write_text(json.dumps(models, indent=1))
-        shutil.copy2(MODELS / "pipeline_model.py", version / "model.py")
-        (tmp / PIPELINE / "config.pbtxt").write_text(_pipeline_config(plan, max_batch, instances, delay_us))
+        if plan.chunking is not None:  # a policy: observations in, action chunks out
+            shutil.copy2(MODELS / "policy_model.py", version / "model.py")
+            config = _policy_config(plan, max_batch, delay_us)
+        else:
+            shutil.copy2(MODELS / "pipeline_model.py", version / "model.py")
+            config = _pipeline_config(plan, max_batch, instances, delay_us)
+        (tmp / PIPELINE / "config.pbtxt").write_text(config)
         tmp.rename(repo)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

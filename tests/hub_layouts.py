@@ -130,7 +130,10 @@ SCHNELL_FLOW = {
     "use_dynamic_shifting": False,
 }
 PROMPTS = "a thick seven\na thin one\n"
-LAYOUTS = ("sd15", "sd21v", "sdxl", "sd3", "flux-schnell", "pixart-alpha", "pixart-sigma", "dit", "ddpm", "lcm")
+LAYOUTS = (
+    *("sd15", "sd21v", "sdxl", "sd3", "flux-schnell", "pixart-alpha", "pixart-sigma"),
+    *("dit", "ddpm", "lcm", "dance"),
+)
 
 
 def build(name: str, root: Path) -> Path:
@@ -138,7 +141,7 @@ def build(name: str, root: Path) -> Path:
     torch.manual_seed(0)
     folder = root / name
     BUILDERS[name](folder, root)
-    if name not in ("dit", "ddpm"):
+    if name not in ("dit", "ddpm", "dance"):
         (folder / "prompts.txt").write_text(PROMPTS)
     return folder
 
@@ -334,6 +337,25 @@ def _lcm(folder: Path, root: Path) -> None:
     ).save_pretrained(folder)
 
 
+def _dance(folder: Path, root: Path) -> None:
+    """Dance Diffusion (audio): UNet1DModel with its Fourier time features as extra input channels, IPNDM."""
+    from diffusers import DanceDiffusionPipeline, IPNDMScheduler, UNet1DModel
+
+    unet = UNet1DModel(
+        sample_size=512,
+        sample_rate=16000,
+        in_channels=2,
+        out_channels=2,
+        extra_in_channels=16,
+        time_embedding_dim=16,
+        block_out_channels=(32, 32, 64),  # its 1-D attention takes a head per 32 channels
+        time_embedding_type="fourier",
+        flip_sin_to_cos=True,
+        use_timestep_embedding=False,
+    )
+    DanceDiffusionPipeline(unet=unet, scheduler=IPNDMScheduler()).save_pretrained(folder)
+
+
 def _edit_config(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
 
@@ -349,4 +371,5 @@ BUILDERS = {
     "dit": _dit,
     "ddpm": _ddpm,
     "lcm": _lcm,
+    "dance": _dance,
 }

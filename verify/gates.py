@@ -65,6 +65,13 @@ GATES = {
             "policies, closed loop: how far the candidate's success rate lies below the low end of the original's"
             " 95% interval on the same episodes (0: within it)",
         ),
+        Gate(
+            "max_mode_recall_drop",
+            "mode_recall_drop",
+            "max",
+            "policies: how much less of the original's action-chunk modes the candidate covers per observation than"
+            " a second draw of the original does (improved recall, Kynkäänniemi et al. 2019; 0: as the original)",
+        ),
     )
 }
 

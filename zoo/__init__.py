@@ -15,7 +15,8 @@ PIPELINES = {  # diffusers pipeline folders, each with prompts.txt and training.
     "sd-digits": WEIGHTS / "sd-digits",
     "pixart-digits": WEIGHTS / "pixart-digits",
 }
-POLICIES = {"pusht-unet": WEIGHTS / "pusht-unet"}  # LeRobot diffusion-policy folders (zoo.policy)
+# zoo.policy's PushT policies: a LeRobot diffusion-policy folder and a transformer policy checkpoint.
+POLICIES = {"unet": WEIGHTS / "pusht-unet", "transformer": WEIGHTS / "pusht-transformer.safetensors"}
 
 
 def load_classifier():  # -> DigitsClassifier

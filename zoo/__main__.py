@@ -1,6 +1,9 @@
 """`python -m zoo train {dit,unet,classifier,vae-digits,sd-digits,pixart-digits}`: reproduce the shipped weights.
 
 `python -m zoo evaluate {sd-digits,pixart-digits}`: prompt adherence of a text-to-image pipeline folder.
+
+`python -m zoo policy --network {unet,transformer}`: PushT expert demonstrations, a diffusion policy trained on
+them, its closed-loop success.
 """
 
 from __future__ import annotations
@@ -74,14 +77,18 @@ def evaluate(which: str, folder: Path | None, seeds: int, steps: int, guidances:
 
 
 @main.command()
+@click.option("--network", type=click.Choice(["unet", "transformer"]), default="unet", show_default=True)
 @click.option("--episodes", default=100, show_default=True, help="Expert episodes (the successful ones are kept).")
 @click.option("--steps", default=20000, show_default=True, help="Training steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--evaluate", "eval_episodes", default=100, show_default=True, help="Closed-loop evaluation episodes.")
-@click.option("--out", type=click.Path(path_type=Path), default=POLICIES["pusht-unet"], help="LeRobot policy folder.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Where to write (default: the zoo's).")
 @click.option("--demos", type=click.Path(path_type=Path), default=None, help="Reuse (or write) demonstrations here.")
-def policy(episodes: int, steps: int, seed: int, eval_episodes: int, out: Path, demos: Path | None) -> None:
-    """Record expert PushT demonstrations, train the LeRobot-format UNet policy on them, evaluate it closed loop."""
+def policy(
+    network: str, episodes: int, steps: int, seed: int, eval_episodes: int, out: Path | None, demos: Path | None
+) -> None:
+    """Record expert PushT demonstrations, train a policy on them (the LeRobot-format UNet or the transformer),
+    evaluate it closed loop."""
     from zoo.policy import (
         evaluate_policy,
         load_demonstrations,
@@ -90,17 +97,21 @@ def policy(episodes: int, steps: int, seed: int, eval_episodes: int, out: Path, 
         train_policy,
     )
 
+    out = out or POLICIES[network]
     if demos is not None and demos.exists():
         data = load_demonstrations(demos)
     else:
         data = record_demonstrations(episodes, log=lambda m: click.echo(m, err=True))
         if demos is not None:
             save_demonstrations(demos, data)
-    record = {"demonstrations": data["record"]}
-    record["training"] = train_policy(data["frames"], out, steps, seed, log=lambda m: click.echo(m, err=True))
+    command = f"python -m zoo policy --network {network} --episodes {episodes} --steps {steps} --seed {seed}"
+    record = {"command": f"{command} --evaluate {eval_episodes}", "demonstrations": data["record"]}
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    record["training"] = train_policy(data["frames"], out, steps, seed, log=log, network=network)
     if eval_episodes:
         record["evaluation"] = evaluate_policy(out, eval_episodes)
-    (out / "zoo-record.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_path = out / "zoo-record.json" if out.is_dir() else out.with_suffix(".record.json")
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
     click.echo(json.dumps(record, indent=2))
 
 

@@ -1,7 +1,8 @@
-"""The in-tree PushT policies: demonstrations from the scripted expert (zoo.pusht_expert), then a
-LeRobot-format diffusion policy trained on them the way LeRobot trains one (its windows, normalization,
-DDPM loss and optimizer preset), written as LeRobot's `save_pretrained` lays it out, and evaluated in
-closed loop (core.environments)."""
+"""The in-tree PushT policies: demonstrations from the scripted expert (zoo.pusht_expert), then a diffusion
+policy trained on them the way LeRobot trains one (its windows, normalization, DDPM loss and optimizer preset):
+LeRobot's 1-D UNet, written as LeRobot's `save_pretrained` lays it out, or the transformer action denoiser
+(core.networks.action_transformer), written as our checkpoint; each evaluated in closed loop
+(core.environments)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ SCHEDULER = {
     "clip_sample": True,
     "clip_sample_range": 1.0,
     "num_inference_steps": None,
+}
+# The transformer action denoiser (core.networks.action_transformer): 6 adaLN-Zero blocks of width 128, MLPs
+# twice as wide (1.3 M parameters).
+TRANSFORMER: dict[str, Any] = {
+    "horizon": 16,
+    "n_obs_steps": 2,
+    "n_action_steps": 8,
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "mlp_ratio": 2,
+    "diffusion_step_embed_dim": 128,
+}
+# Optimizers: LeRobot's diffusion preset for the UNet; DiT's AdamW at a higher rate for the transformer, whose
+# zero-initialized modulation learns slowly at 1e-4 (Chi et al. train theirs with weight decay 1e-3).
+OPTIMIZER = {
+    "unet": {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-8, "weight_decay": 1e-6},
+    "transformer": {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-3},
 }
 FEATURES = (pusht.STATE, pusht.ENV_STATE)
 
@@ -108,28 +127,30 @@ def min_max_stats(frames: dict[str, np.ndarray]) -> dict[str, dict[str, torch.Te
 
 
 def train_policy(
-    frames: dict[str, np.ndarray], out: Path, steps: int, seed: int = 0, batch: int = 64, log: Any = print
+    frames: dict[str, np.ndarray],
+    out: Path,
+    steps: int,
+    seed: int = 0,
+    batch: int = 64,
+    log: Any = print,
+    network: str = "unet",
 ) -> dict[str, Any]:
-    """Train the UNet policy (LeRobot's recipe: DDPM epsilon loss, AdamW 1e-4 (0.95, 0.999) wd 1e-6, cosine
-    schedule with 500 warm-up steps) and write it to `out` as a LeRobot folder."""
+    """Train a policy (LeRobot's recipe: DDPM epsilon loss, AdamW, cosine schedule with 500 warm-up steps; the
+    optimizer of `network` in OPTIMIZER) and write it to `out`: the UNet as a LeRobot folder, the transformer
+    as our checkpoint (weights + sidecar)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     from core import lerobot_folder
     from core.ir import Normalization
-    from core.networks.lerobot_unet import LeRobotDiffusionUnet
 
     torch.manual_seed(seed)
     stats = min_max_stats(frames)
     observations = [[k, int(frames[k].shape[1])] for k in FEATURES]
-    model = LeRobotDiffusionUnet(
-        action_dim=2,
-        observations=observations,
-        **{k: v for k, v in POLICY.items() if k != "down_dims"},
-        down_dims=tuple(POLICY["down_dims"]),
-    )
-    drop = POLICY["horizon"] - POLICY["n_action_steps"] - POLICY["n_obs_steps"] + 1
-    data = windows(frames, POLICY["horizon"], POLICY["n_obs_steps"], drop)
+    config = POLICY if network == "unet" else TRANSFORMER
+    model = _network(network, observations, stats)
+    drop = config["horizon"] - config["n_action_steps"] - config["n_obs_steps"] + 1
+    data = windows(frames, config["horizon"], config["n_obs_steps"], drop)
 
     def normalized(name: str, x: torch.Tensor) -> torch.Tensor:  # as the loaded policy normalizes (LeRobot's)
         center, spread = lerobot_folder.center_spread(stats, name, "MIN_MAX", x.shape[-1], "training stats")
@@ -139,7 +160,7 @@ def train_policy(
     noise = DDPMScheduler(
         **{k: v for k, v in SCHEDULER.items() if k not in ("noise_scheduler_type", "num_inference_steps")}
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), **OPTIMIZER[network])
     lr = get_scheduler("cosine", opt, num_warmup_steps=500, num_training_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     n = data["action"].shape[0]
@@ -163,8 +184,14 @@ def train_policy(
     model.eval()
     train = {"env": {"type": "pusht", "obs_type": "environment_state_agent_pos"}, "seed": seed, "steps": steps}
     train["batch_size"] = batch
-    lerobot_folder.write(out, model, stats, SCHEDULER, train)
+    if network == "unet":
+        lerobot_folder.write(out, model, stats, SCHEDULER, train)
+    else:
+        _write_checkpoint(out, model)
     return {
+        "network": network,
+        "config": config,
+        "optimizer": OPTIMIZER[network],
         "steps": steps,
         "batch": batch,
         "seed": seed,
@@ -173,6 +200,40 @@ def train_policy(
         "seconds": round(time.time() - start, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _network(network: str, observations: list[list[Any]], stats: dict[str, dict[str, torch.Tensor]]) -> Any:
+    if network == "unet":
+        from core.networks.lerobot_unet import LeRobotDiffusionUnet
+
+        unet = {k: v for k, v in POLICY.items() if k != "down_dims"}
+        return LeRobotDiffusionUnet(
+            action_dim=2, observations=observations, **unet, down_dims=tuple(POLICY["down_dims"])
+        )
+    from core import lerobot_folder
+    from core.networks.action_transformer import ActionTransformer
+
+    normalization = {}  # as a LeRobot folder's MIN_MAX stats load (core.lerobot_folder.center_spread)
+    for name, dims in [*observations, ["action", 2]]:
+        normalization[name] = lerobot_folder.center_spread(stats, name, "MIN_MAX", dims, "training stats")
+    return ActionTransformer(action_dim=2, observations=observations, normalization=normalization, **TRANSFORMER)
+
+
+def _write_checkpoint(weights: Path, model: Any) -> None:
+    """The transformer policy as our checkpoint: its config (normalization and chunking inside), LeRobot's
+    DDPM scheduler fields as a diffusers scheduler, and the environment it acts in."""
+    from core.checkpoint import save_checkpoint
+
+    scheduler = {k: v for k, v in SCHEDULER.items() if k not in ("noise_scheduler_type", "num_inference_steps")}
+    steps = SCHEDULER["num_train_timesteps"]
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    meta = {
+        "model": {"class": type(model).__name__, "config": config},
+        "scheduler": {"class": "DDPMScheduler", "config": scheduler},
+        "sampling": {"scheduler": "DDPMScheduler", "num_inference_steps": steps, "guidance_scale": 1.0},
+        "environment": "pusht",
+    }
+    save_checkpoint(weights, model.state_dict(), meta)
 
 
 def evaluate_policy(

@@ -32,7 +32,7 @@ __all__ = [
 @cache
 def adapters() -> dict[str, Adapter]:
     """Every adapter module's ADAPTER, by the model class it handles."""
-    return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base", "text")).values()}
+    return {a.model_class: a for a in module_members(__name__, "ADAPTER", ("base", "policy", "text")).values()}
 
 
 def register(adapter: Adapter) -> None:

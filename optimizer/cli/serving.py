@@ -65,6 +65,13 @@ def serving_env(folder: Path) -> None:
 )
 @click.option("--prompt", "prompts", multiple=True, help="Prompts to send to a text-to-image artifact (repeat).")
 @click.option("--url", default=None, help="HOST:PORT of a running Triton server that already serves ARTIFACT (HTTP).")
+@click.option(
+    "--episodes",
+    type=click.IntRange(1, 1000),
+    default=2,
+    show_default=True,
+    help="A policy's artifact: whole episodes driven through the server, one decision per request.",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
 def bench_serving(
     artifact: Path,
@@ -75,19 +82,31 @@ def bench_serving(
     instances: int,
     prompts: tuple[str, ...],
     url: str | None,
+    episodes: int,
     json_out: Path | None,
 ) -> None:
     """Serve an `optimize` output on a local Triton server (graphs in onnxruntime inside Python-backend
     models) or use one that serves it (--url), check served images against the in-process runner, and
-    load it with concurrent clients; exit 1 when a request failed."""
+    load it with concurrent clients; exit 1 when a request failed. A policy's artifact: its environment's
+    episodes through the server at batch 1, each decision checked against the runner, p50/p99 per decision."""
+    from backends.plan import read_plan
     from core.fileio import write_json
     from core.outputs import check_out_file
     from serving.bench import bench_serving as run_bench
+    from serving.policy_bench import bench_policy_serving
 
     if json_out is not None:
         check_out_file(json_out, [artifact], "--json-out")
     if url is None and not (env / "bin" / "python").exists():
         raise ConfigError(f"no server environment at {env}: create it with 'optimize serving-env {env}'")
+    if read_plan(artifact).chunking is not None:
+        result = bench_policy_serving(artifact, env, episodes, log, url)
+        if json_out is not None:
+            write_json(json_out, result)
+        click.echo(json.dumps(result, indent=2))
+        if result["served_vs_runner_max_action_difference"] != 0.0:
+            raise SystemExit(1)
+        return
     result = run_bench(artifact, env, clients, requests, max_batch, instances, prompts, log, url)
     load = result["load"]
     rates = ", ".join(f"{name} {rate['images_per_s']:.2f}" for name, rate in result["in_process"].items())

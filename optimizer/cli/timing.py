@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -171,7 +172,20 @@ def _bench_scale(artifact: Path, geometry: str, repeats: int) -> None:
 @click.option("--env", "environment", default=None, help="Environment (default: the one plan.json records).")
 @click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=12, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the timings as JSON.")
-def policy_latency(artifact: Path, model: Path | None, environment: str | None, repeats: int, json_out: Path | None):
+@click.option(
+    "--threads",
+    type=click.IntRange(0, os.cpu_count() or 1),
+    default=None,
+    help="The artifact's intra-op threads (ONNX Runtime; 0: its default; default: as plan.json's backend says).",
+)
+def policy_latency(
+    artifact: Path,
+    model: Path | None,
+    environment: str | None,
+    repeats: int,
+    json_out: Path | None,
+    threads: int | None,
+):
     """Time a policy artifact per control decision at batch 1 against the original as LeRobot runs it (its own
     plan in torch fp32, and DDIM 10), interleaved in one run."""
     from backends.plan import read_plan
@@ -193,9 +207,10 @@ def policy_latency(artifact: Path, model: Path | None, environment: str | None, 
     env_name = environment or plan.environment or program.stages.environment
     if env_name is None:
         raise ConfigError("the artifact records no environment: pass --env")
-    backend = get_backend(plan.backend)
+    backend = get_backend(plan.backend if threads is None else {**plan.backend, "threads": threads})
     with artifact_errors(artifact, backend):
         result = measure(program, backend.runner(artifact), env_name, repeats)
+    result["artifact_threads"] = threads
     for line in lines(result):
         click.echo(line)
     if json_out is not None:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from hub_layouts import LAYOUTS
 from safetensors.torch import load_file
 
+from core.errors import EXIT_BAD_INPUT
 from core.loading import load_program
 from core.pixels import to_images
 from core.schedulers import model_calls, with_scheduler
@@ -34,6 +35,7 @@ EXPECTED = {
     "dit": ("DDIMScheduler", 50, 4.0, "dit"),
     "ddpm": ("DDPMScheduler", 1000, 1.0, "unet"),
     "lcm": ("LCMScheduler", 4, 1.0, "sd-unet"),  # guidance_scale 8.5 feeds the UNet's embedding, no CFG
+    "dance": ("IPNDMScheduler", 100, 1.0, "unet1d"),  # unconditional audio: no guidance
 }
 EMBEDDED = {"lcm": 8.5}  # the guidance-embedding input, from the pipeline's own guidance_scale
 
@@ -73,6 +75,8 @@ def theirs(folder, name, program, seeds, steps):
     if name == "ddpm":
         images = pipe(batch_size=len(seeds), output_type="np", **kwargs).images
         return torch.from_numpy(images).permute(0, 3, 1, 2)
+    if name == "dance":  # its audio clamped to [-1, 1]
+        return torch.from_numpy(pipe(batch_size=len(seeds), **kwargs).audios)
     if name == "dit":
         images = pipe(class_labels=[1, 2], guidance_scale=program.plan.guidance_scale, output_type="np", **kwargs)
         return torch.from_numpy(images.images).permute(0, 3, 1, 2)
@@ -93,6 +97,8 @@ def test_the_loop_reproduces_diffusers_own_pipeline(hub, name):
     reference = theirs(hub[name], name, program, [0, 1], steps)
     if name == "ddpm":  # stochastic: the per-sample generators draw DDPM's noise as diffusers' do
         ours = to_images(sample_program(program, [0, 1], None))
+    elif name == "dance":
+        ours = sample_program(program, [0, 1], None).clamp(-1, 1)
     elif name == "dit":  # learned sigma split off, guidance on the eps half, VAE decode
         ours = to_images(decode(program.stages, sample_program(program, [0, 1], [1, 2])))
     else:
@@ -221,3 +227,21 @@ def test_a_bin_only_folder_loads_every_component_with_weights_only(hub, tmp_path
     for ours, theirs in ((program.denoiser, reference.denoiser), (program.stages.vae, reference.stages.vae)):
         mine, other = ours.state_dict(), theirs.state_dict()
         assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
+
+
+def test_a_value_guided_planner_is_refused_and_its_unet_loads_alone(hub, tmp_path):
+    """ValueGuidedRLPipeline's loop guides its UNet1DModel with a value function and in-paints the observation:
+    optimizing the unet's plain loop would judge another loop, so the pipeline is one line; its unet/ loads."""
+    import shutil
+
+    folder = tmp_path / "planner"
+    shutil.copytree(hub["dance"], folder)
+    shutil.copytree(folder / "unet", folder / "value_function")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="ValueGuidedRLPipeline", value_function=["diffusers", "UNet1DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    result = CliRunner().invoke(main, [str(folder), "--out", str(tmp_path / "o")])
+    assert result.exit_code == EXIT_BAD_INPUT and "load its unet/ folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    program = load_program(folder / "unet")
+    assert program.spec.family == "unet1d" and program.spec.sample_shape == (2, 512)

@@ -103,11 +103,12 @@ def test_cpu_policy_warm_starts_the_artifacts_chunks_as_the_torch_loop_does(poli
         obs = {k: v.astype(np.float32) for k, v in obs.items()}
         got, want = artifact(decision, np.array([0, 1]), obs), in_torch(decision, np.array([0, 1]), obs)
         assert np.allclose(got, want, atol=1e-2), (decision, np.abs(got - want).max())
-    timed = CliRunner().invoke(
-        main, ["policy-latency", str(out), "--repeats", "1", "--json-out", str(tmp_path / "t.json")]
-    )
+    args = ["policy-latency", str(out), "--repeats", "1", "--threads", "1", "--json-out", str(tmp_path / "t.json")]
+    timed = CliRunner().invoke(main, args)
     assert timed.exit_code == EXIT_PASS, timed.output
-    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    timings = json.loads((tmp_path / "t.json").read_text())
+    rows = timings["rows"]
+    assert timings["artifact_threads"] == 1
     # its plan, DDIM 10, the artifact's first decision, a warm one, and an episode's mean (75 decisions)
     evaluations = [r["network_evaluations"] for r in rows.values()]
     assert evaluations == [4, 10, 16, 6, pytest.approx((16 + 74 * 6) / 75)]
