@@ -139,3 +139,17 @@ def test_optimize_judges_the_transformer_policy_closed_loop(checkpoint, tmp_path
     assert verification["episodes"] == 2 and verification["policy_calls"] == 75
     assert verification["success_rate"] == verification["success_rate_reference"]  # ORT = torch, same noise
     assert verification["action_rmse_mean"] < 1e-2 < 1.0 < verification["action_rmse_floor"]
+
+
+def test_the_zoos_policies_load_as_their_families():
+    from zoo import POLICIES
+
+    transformer, unet = load_program(POLICIES["transformer"]), load_program(POLICIES["unet"])
+    assert transformer.spec.family == "action-transformer" and len(transformer.spec.blocks) == 6
+    assert unet.spec.family == "lerobot-diffusion"
+    for program in (transformer, unet):
+        assert program.stages.environment == "pusht" and program.plan.num_inference_steps == 100
+        assert program.spec.conditioning.input_names == (STATE, ENV_STATE)
+        assert program.spec.output_normalization is not None
+    record = json.loads(POLICIES["transformer"].with_suffix(".record.json").read_text())
+    assert record["command"].startswith("python -m zoo policy --network transformer")
