@@ -136,9 +136,8 @@ def test_unknown_architecture(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UVit2DModel"}))
     save_file({"w": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
-    supported = "DiTTransformer2DModel, FluxTransformer2DModel, LeRobotDiffusionUnet, PixArtTransformer2DModel, "
-    supported += "SD3Transformer2DModel, "
-    supported += "UNet2DConditionModel, UNet2DModel"
+    supported = "ActionTransformer, DiTTransformer2DModel, FluxTransformer2DModel, LeRobotDiffusionUnet, "
+    supported += "PixArtTransformer2DModel, SD3Transformer2DModel, UNet1DModel, UNet2DConditionModel, UNet2DModel"
     with pytest.raises(LoadError, match=f"unsupported architecture 'UVit2DModel' \\(supported: {supported}\\)"):
         load_program(folder)
 
