@@ -19,8 +19,8 @@ from core.errors import ConfigError
 from serving.load import client_module, infer_action
 from serving.local_server import TritonServer
 from serving.triton_repo import export_repository
+from verify.judges.closed_loop import EPISODE_SEED  # the closed-loop judge's episodes
 
-EPISODE_SEED = 400_000  # the closed-loop judge's first episode
 NOISE_SEED = 900_000
 
 

@@ -101,25 +101,22 @@ def bench_serving(
         raise ConfigError(f"no server environment at {env}: create it with 'optimize serving-env {env}'")
     if read_plan(artifact).chunking is not None:
         result = bench_policy_serving(artifact, env, episodes, log, url)
-        if json_out is not None:
-            write_json(json_out, result)
-        click.echo(json.dumps(result, indent=2))
-        if result["served_vs_runner_max_action_difference"] != 0.0:
-            raise SystemExit(1)
-        return
-    result = run_bench(artifact, env, clients, requests, max_batch, instances, prompts, log, url)
-    load = result["load"]
-    rates = ", ".join(f"{name} {rate['images_per_s']:.2f}" for name, rate in result["in_process"].items())
-    if load["succeeded"]:
-        log(
-            f"{load['requests']} requests, {load['failed']} failed: p50 {load['p50_ms']:.1f} ms, "
-            f"p90 {load['p90_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['images_per_s']:.2f} images/s "
-            f"(in-process runner, images/s: {rates})"
-        )
+        failed = result["served_vs_runner_max_action_difference"] != 0.0
     else:
-        log(f"all {load['requests']} requests failed, e.g. {load['failures'][0]}")
+        result = run_bench(artifact, env, clients, requests, max_batch, instances, prompts, log, url)
+        load = result["load"]
+        rates = ", ".join(f"{name} {rate['images_per_s']:.2f}" for name, rate in result["in_process"].items())
+        if load["succeeded"]:
+            log(
+                f"{load['requests']} requests, {load['failed']} failed: p50 {load['p50_ms']:.1f} ms, "
+                f"p90 {load['p90_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['images_per_s']:.2f} images/s "
+                f"(in-process runner, images/s: {rates})"
+            )
+        else:
+            log(f"all {load['requests']} requests failed, e.g. {load['failures'][0]}")
+        failed = bool(load["failed"])
     if json_out is not None:
         write_json(json_out, result)
     click.echo(json.dumps(result, indent=2))
-    if load["failed"]:
+    if failed:
         raise SystemExit(1)

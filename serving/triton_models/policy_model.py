@@ -84,9 +84,9 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)[:500]))
         if parsed:
             try:
-                finals = self._act([p for _, p in parsed])
-                for (i, _), final in zip(parsed, finals, strict=True):
-                    action = self.runner.decode(final[None]).numpy().astype(np.float32)
+                actions = self.runner.decode(torch.stack(self._act([p for _, p in parsed]))).numpy()
+                for k, (i, _) in enumerate(parsed):
+                    action = actions[k : k + 1].astype(np.float32)
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("action", action)])
             except Exception as exc:
                 for i, _ in parsed:
