@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import numpy as np
 
 from core import warm_start
-from core.environments import environment
+from core.environments import decisions_per_episode, environment
 from core.environments.programs import as_policy, torch_policy
 from core.ir import DiffusionProgram
 from core.sampling import network_evaluations
@@ -63,7 +62,7 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
         contenders[WARM] = (warm, warm_start.tail(plan), 1)
     calls = {k: functools.partial(p, d, np.zeros(1, int), obs) for k, (p, _, d) in contenders.items()}
     medians = paired_median_ms(calls, repeats, warmup=1)
-    decisions = math.ceil(environment(env_name).MAX_STEPS / chunking.n_action_steps)
+    decisions = decisions_per_episode(env_name, chunking.n_action_steps)
     rows: dict[str, dict[str, Any]] = {}
     for name, (_, loop, _) in contenders.items():
         rows[name] = {

@@ -126,8 +126,9 @@ def load_checked(model_path: Path, target: Target, opts: JobOptions) -> Loaded:
     program = attach(
         apply_sampling_options(place(loaded, opts.placement), opts), opts.judges.environment, str(model_path)
     )
-    if target.search is not None:
-        check_space(target.search, program, target.capabilities)
+    space, _ = target.space_for(program)
+    if space is not None:
+        check_space(space, program, target.capabilities)
     recipes = [plan_passes(recipe, target.capabilities, program=program) for recipe in target.recipes]
     # The largest batch is the verification set or the calibration set, each sampled at once.
     workers = opts.workers if target.search is not None else 1

@@ -48,7 +48,7 @@ def study_name(program: DiffusionProgram, target: Target, opts: JobOptions) -> s
     """What the trials depend on: the model, the target's space and gates, the options that shape the loop."""
     what = {
         "model": program.source.digest,
-        "target": [target.name, target.search_data, target.gates, opts.gates, str(opts.judges)],
+        "target": [target.name, target.space_for(program)[1], target.gates, opts.gates, str(opts.judges)],
         "options": [opts.calibration_samples, opts.seed, opts.scheduler, opts.steps, opts.guidance, str(opts.prompts)],
     }
     return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -177,13 +177,14 @@ def run_trials_only(
     """Trials of the shared study `name` until it holds enough; returns its evaluated count."""
     from backends.registry import get_backend
 
-    assert target.search is not None and opts.storage
-    study = open_study(opts.storage, name, target.search, opts.seed, index)
+    space, _ = target.space_for(loaded.program)
+    assert space is not None and opts.storage
+    study = open_study(opts.storage, name, space, opts.seed, index)
     backend = get_backend(target.backend)
-    runner = TrialRunner(loaded.program, ctx, target.search, loaded.gates.applicable, backend, log, loaded.judges)
+    runner = TrialRunner(loaded.program, ctx, space, loaded.gates.applicable, backend, log, loaded.judges)
     try:
         requeue_stale(study, log)
-        run_trials(study, target.search, runner.evaluate, log)
+        run_trials(study, space, runner.evaluate, log)
     finally:
         runner.close()
     return len(evaluated(study))
@@ -205,9 +206,9 @@ def run_search_stage(
     reference images, candidate images))."""
     from optimizer.tasks import verify_lowered
 
-    space = target.search
-    assert space is not None
     program, gates = loaded.program, loaded.gates.applicable
+    space, _ = target.space_for(program)
+    assert space is not None
     name = study_name(program, target, opts)
     url = storage_url(opts, opts.out, name, log)
     study = open_study(url, name, space, opts.seed)

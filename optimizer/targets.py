@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.ir import DiffusionProgram
 from core.validate import finite_tree, get, read_json_file, read_json_object, string_list
 from search.space import SearchSpace, parse_space
 from verify.gates import check_gate_names
@@ -32,6 +33,15 @@ class Target:
     # A search space (`*-auto` targets): the job searches the recipe instead of running `recipe`.
     search: SearchSpace | None = None
     search_data: dict[str, Any] | None = None  # as written, for naming the study
+    # The space a policy's search runs instead (its loop knobs differ: sampler, warm starts), if any.
+    policy_search: SearchSpace | None = None
+    policy_search_data: dict[str, Any] | None = None
+
+    def space_for(self, program: DiffusionProgram) -> tuple[SearchSpace | None, dict[str, Any] | None]:
+        """The search space for `program` and its data as written: a policy's own where the target has one."""
+        if self.policy_search is not None and program.spec.chunking is not None:
+            return self.policy_search, self.policy_search_data
+        return self.search, self.search_data
 
     @property
     def recipes(self) -> tuple[list[dict[str, Any]], ...]:
@@ -68,16 +78,31 @@ def parse_target(data: Any, where: str) -> Target:
             raise ConfigError(f"{where}: alternatives[{i}] must be a recipe (a list of passes)")
         _check_recipe(recipe, f"{where}: alternatives[{i}]")
     check_gate_names(get(data, "gates", dict, where), where)
-    search, search_data = None, get(data, "search", dict, where, None)
-    if search_data is not None:
-        search = parse_space(search_data, f"{where}: search")
-        for knob in search.knobs:
-            for choice, fragment in knob.choices.items():
-                _check_recipe(fragment, f"{where}: search.knobs.{knob.name}.{choice}")
-        if data["recipe"] or alternatives:
-            raise ConfigError(f"{where}: a target with a search space has an empty recipe and no alternatives")
+    search_data = get(data, "search", dict, where, None)
+    search = None if search_data is None else _space(search_data, f"{where}: search")
+    policy_data = get(data, "policy_search", dict, where, None)
+    policy = None if policy_data is None else _space(policy_data, f"{where}: policy_search")
+    if search_data is not None and (data["recipe"] or alternatives):
+        raise ConfigError(f"{where}: a target with a search space has an empty recipe and no alternatives")
+    if policy is not None and search is None:
+        raise ConfigError(f"{where}: 'policy_search' is a policy's space beside 'search'; give 'search' too")
     fields = {k: data[k] for k in (*REQUIRED, "planned_in") if k in data}
-    return Target(**fields, alternatives=tuple(alternatives), search=search, search_data=search_data)
+    return Target(
+        **fields,
+        alternatives=tuple(alternatives),
+        search=search,
+        search_data=search_data,
+        policy_search=policy,
+        policy_search_data=policy_data,
+    )
+
+
+def _space(data: dict[str, Any], where: str) -> SearchSpace:
+    space = parse_space(data, where)
+    for knob in space.knobs:
+        for choice, fragment in knob.choices.items():
+            _check_recipe(fragment, f"{where}.knobs.{knob.name}.{choice}")
+    return space
 
 
 def _check_recipe(recipe: list[Any], where: str) -> None:

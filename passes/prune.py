@@ -1,4 +1,5 @@
-"""Width pruning: remove attention heads and MLP hidden units (DiT) or resnet inner channels (UNet).
+"""Width pruning: remove attention heads and MLP hidden units (DiT, the action transformer) or residual
+blocks' inner channels (UNet, LeRobot's 1-D UNet), as each family's adapter lists them (prunable_units).
 
 The network is made physically smaller (core.surgery): the same fraction of units goes in every
 layer, so shapes stay uniform. Units are ranked by an importance accumulated over the plan's own
@@ -8,7 +9,7 @@ timesteps (calibration inputs stratified over the steps, see calibration.selecti
 - `distortion`: the energy of a unit's contribution to its layer's output on the calibration inputs
   (exact for heads and MLP units; for conv channels, per-channel input energy times weight norm);
 - `magnitude`: the squared norm of a unit's weights, the naive baseline.
-UNet channels go in whole GroupNorm groups (norm2), so the kept channels' normalization is unchanged.
+Channels go in whole GroupNorm groups, so the kept channels' normalization is unchanged.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ FIELDS = (HEADS, CROSS_HEADS, MLP, CHANNELS)  # a config field per unit kind (th
 @dataclass
 class Config:
     # A family reads the fields of the unit kinds its adapter lists as prunable: transformer blocks (DiT,
-    # PixArt and an SD UNet's attention blocks) `heads`, `cross_heads` and `mlp`; resnets (UNet, SD UNet)
-    # `channels`.
+    # PixArt, an SD UNet's attention blocks, the action transformer) `heads`, `cross_heads` and `mlp`;
+    # residual blocks (UNet, SD UNet, LeRobot's 1-D UNet) `channels`.
     heads: float = 0.0  # fraction of self-attention heads removed in every transformer block
     cross_heads: float = 0.0  # fraction of cross-attention (prompt) heads removed in every transformer block
     mlp: float = 0.25  # fraction of MLP hidden units removed in every transformer block
-    channels: float = 0.25  # fraction of inner channels (whole groups) removed in every UNet resnet
+    channels: float = 0.25  # fraction of inner channels (whole groups) removed in every residual block
     criterion: str = "taylor"
     samples: int = 256  # timestep-stratified calibration inputs that score the units
     batch: int = 64
@@ -125,10 +126,10 @@ def _kinds(program: DiffusionProgram) -> tuple[str, ...]:
 
 def _groups(program: DiffusionProgram, model: nn.Module, config: Config) -> Iterator[Group]:
     """A group per prunable site the family's adapter lists, of the kinds this config removes."""
-    build = {HEADS: _head_group, CROSS_HEADS: _head_group, MLP: _mlp_group, CHANNELS: _resnet_group}
-    for name, kind, module in adapter_for(program.spec.model_class).prunable_units(model):
+    build = {HEADS: _head_group, CROSS_HEADS: _head_group, MLP: _mlp_group, CHANNELS: _channel_group}
+    for name, kind, site in adapter_for(program.spec.model_class).prunable_units(model):
         if getattr(config, kind):
-            yield build[kind](name, module, getattr(config, kind))
+            yield build[kind](name, site, getattr(config, kind))
 
 
 def _count(units: int, fraction: float) -> int:
@@ -154,8 +155,8 @@ def _head_group(name: str, attn: nn.Module, fraction: float) -> Group:
     )  # fmt: skip
 
 
-def _mlp_group(name: str, ff: nn.Module, fraction: float) -> Group:
-    up, down = ff.net[0].proj, ff.net[2]
+def _mlp_group(name: str, site: surgery.MlpSite, fraction: float) -> Group:
+    up, down = site.up, site.down
 
     def contribution(h: torch.Tensor) -> torch.Tensor:  # h: [B, N, units], down's input
         return h.flatten(0, -2).square().sum(0) * down.weight.detach().square().sum(0)
@@ -163,22 +164,23 @@ def _mlp_group(name: str, ff: nn.Module, fraction: float) -> Group:
     return Group(
         name, down.in_features, _count(down.in_features, fraction), 1, [(up.weight, 0), (down.weight, 1)],
         down, contribution,
-        lambda keep: surgery.prune_mlp(ff, keep),
+        lambda keep: surgery.prune_mlp(site, keep),
     )  # fmt: skip
 
 
-def _resnet_group(name: str, resnet: nn.Module, fraction: float) -> Group:
-    norm, conv2 = resnet.norm2, resnet.conv2
+def _channel_group(name: str, site: surgery.ChannelSite, fraction: float) -> Group:
+    norm, conv2 = site.norm, site.conv2
     groups, size = norm.num_groups, norm.num_channels // norm.num_groups
 
-    def contribution(a: torch.Tensor) -> torch.Tensor:  # a: [B, C, H, W], conv2's input
-        energy = a.square().sum((0, 2, 3)) * conv2.weight.detach().square().sum((0, 2, 3))
+    def contribution(a: torch.Tensor) -> torch.Tensor:  # a: [B, C, *positions], conv2's input
+        per_channel = lambda w: w.square().transpose(0, 1).flatten(1).sum(1)  # noqa: E731
+        energy = per_channel(a) * per_channel(conv2.weight.detach())
         return energy.unflatten(0, (groups, size)).sum(1)
 
     return Group(
-        name, groups, _count(groups, fraction), size, [(resnet.conv1.weight, 0), (conv2.weight, 1)],
+        name, groups, _count(groups, fraction), size, [(site.conv1.weight, 0), (conv2.weight, 1)],
         conv2, contribution,
-        lambda keep: surgery.prune_resnet(resnet, keep),
+        lambda keep: surgery.prune_channels(site, keep),
     )  # fmt: skip
 
 

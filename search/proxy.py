@@ -3,23 +3,28 @@ seed set of its own (disjoint from the calibration and verification seeds), as c
 
 Paired PSNR and the judges' metrics (distribution against a floor set of the proxies' own, adherence)
 come from the same `verify.verdict.Verdict` the final verification uses; the teacher-forced error from the
-pass manager's quick fidelity (on the calibration trajectories). A gate whose metric a candidate lacks (the
-teacher-forced error of a distilled student) was not measured: the candidate is infeasible for it.
+pass manager's quick fidelity (on the calibration trajectories). A policy runs closed loop (in torch) on as
+many episodes as proxy seeds, of their own (PROXY_EPISODE_SEED), the original once. A gate whose metric a
+candidate lacks (the teacher-forced error of a distilled student) was not measured: the candidate is
+infeasible for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from calibration.capture import capture, evaluation_set
 from core import seeds
 from core.conditions import encode
+from core.environments.programs import torch_policy
 from core.ir import DiffusionProgram
 from core.sampling import sample
 from core.variants import torch_loop
 from verify.gates import GATES
-from verify.judges import JudgePlan
+from verify.judges import JudgeOptions, JudgePlan, plan_judges
+from verify.judges.closed_loop import NOISE_SEED, PROXY_EPISODE_SEED
 from verify.verdict import Verdict, sample_floor
 
 PROXY_SEED = seeds.PROXY  # + the run's --seed; disjoint from every other family (core.seeds)
@@ -29,13 +34,21 @@ class ProxySet:
     def __init__(self, program: DiffusionProgram, samples: int, seed: int = 0, plan: JudgePlan | None = None) -> None:
         self.seeds, self.conditions = evaluation_set(program, samples, PROXY_SEED + seed)
         self.reference = capture(program, self.seeds, self.conditions)
+        self.policy = program.spec.chunking is not None
+        if self.policy:  # closed loop on episodes of the proxies' own, as many as seeds
+            options = dataclasses.replace(
+                plan.options if plan is not None else JudgeOptions(), episodes=samples, episode_seed=PROXY_EPISODE_SEED
+            )
+            plan = plan_judges(program, options)
         self.verdict = Verdict(program, self.reference, sample_floor(program, self.reference), plan=plan)
 
     def measure(self, candidate: DiffusionProgram) -> dict[str, Any]:
         """The candidate's loop (torch) on the proxy seeds, judged against the original's samples."""
         batch = encode(candidate, self.conditions, len(self.seeds))
-        final = sample(candidate.plan, candidate.spec.sample_shape, torch_loop(candidate), self.seeds, batch)
-        summary = self.verdict(final, [float("nan")])
+        loop = torch_loop(candidate)
+        final = sample(candidate.plan, candidate.spec.sample_shape, loop, self.seeds, batch)
+        policy = torch_policy(candidate, NOISE_SEED, loop) if self.policy else None
+        summary = self.verdict(final, [float("nan")], policy=policy)
         return {k: v for k, v in summary.items() if not isinstance(v, list) and not k.startswith("eps_")}
 
 

@@ -2,7 +2,10 @@
 
 Speed is measured, not estimated: the candidate is lowered on the target's backend and its whole loop
 for one image is timed in alternating blocks with the original's fp32 graph on the same backend
-(verify.timing), so the objective is a ratio taken side by side, robust to the machine's drift.
+(verify.timing), so the objective is a ratio taken side by side, robust to the machine's drift. A policy's
+is its time per decision at batch 1 over an episode: with warm-started chunks (core.warm_start), the first
+decision's whole loop and the later decisions' tail, weighed as an episode of its environment's step limit
+holds them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core import warm_start
+from core.environments import decisions_per_episode
 from core.errors import ConfigError
 from core.ir import DiffusionProgram
 from core.sampling import network_evaluations
@@ -101,13 +106,33 @@ class TrialRunner:
         for i, program in enumerate(programs):
             runners[f"c{i}"] = self._lower(program)
         loops = {k: (lambda r=r: r.sample(self.seeds, self.conditions)) for k, r in runners.items()}
+        warm = {f"{k} warm": loop for k, r in runners.items() if (loop := self._warm_loop(r)) is not None}
         ms = paired_median_ms(
-            loops, repeats=self.space.latency_repeats, warmup=1, rounds=min(4, self.space.latency_repeats)
+            loops | warm, repeats=self.space.latency_repeats, warmup=1, rounds=min(4, self.space.latency_repeats)
         )
+        decisions = self._decisions()
+        for k in runners:  # a warm-started policy's mean decision over an episode
+            if f"{k} warm" in ms:
+                ms[k] = (ms[k] + (decisions - 1) * ms[f"{k} warm"]) / decisions
         return [
             {"loop_ms": ms[f"c{i}"], "original_loop_ms": ms["original"], "speedup": ms["original"] / ms[f"c{i}"]}
             for i in range(len(programs))
         ]
+
+    def _decisions(self) -> int:
+        """Decisions per episode of a policy with an environment; 1 otherwise (the first decision is timed)."""
+        chunking, env = self.program.spec.chunking, self.proxy.verdict.plan.options.environment
+        env = env or self.program.stages.environment
+        return 1 if chunking is None or env is None else decisions_per_episode(env, chunking.n_action_steps)
+
+    def _warm_loop(self, runner: Any) -> Callable[[], Any] | None:
+        """A warm-started decision of the runner's plan (from its first decision's chunk), or None."""
+        plan, chunking = runner.plan.sampling, self.program.spec.chunking
+        if plan.warm_start is None or chunking is None:
+            return None
+        warm = warm_start.WarmStart(plan, chunking)
+        start = warm.start(runner.sample(self.seeds, self.conditions), self.seeds)
+        return lambda: runner.sample(self.seeds, self.conditions, plan=warm.plan, start=start)
 
     def _lower(self, program: DiffusionProgram) -> Any:
         """The program lowered on the backend, once per program (an empty recipe is the original itself;

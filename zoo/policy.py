@@ -58,6 +58,12 @@ OPTIMIZER = {
     "unet": {"lr": 1e-4, "betas": (0.95, 0.999), "eps": 1e-8, "weight_decay": 1e-6},
     "transformer": {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-3},
 }
+# Weight averaging: Chi et al. evaluate an EMA of the weights (warm-up power 0.75, decay up to 0.9999), through
+# diffusers' EMAModel. The UNet reference was trained without it (its record says so), the transformer with it.
+EMA: dict[str, dict[str, Any] | None] = {
+    "unet": None,
+    "transformer": {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75},
+}
 FEATURES = (pusht.STATE, pusht.ENV_STATE)
 
 
@@ -136,10 +142,11 @@ def train_policy(
     network: str = "unet",
 ) -> dict[str, Any]:
     """Train a policy (LeRobot's recipe: DDPM epsilon loss, AdamW, cosine schedule with 500 warm-up steps; the
-    optimizer of `network` in OPTIMIZER) and write it to `out`: the UNet as a LeRobot folder, the transformer
-    as our checkpoint (weights + sidecar)."""
+    optimizer of `network` in OPTIMIZER, its weight average in EMA) and write it to `out`: the UNet as a LeRobot
+    folder, the transformer as our checkpoint (weights + sidecar)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
 
     from core import lerobot_folder
     from core.ir import Normalization
@@ -162,6 +169,7 @@ def train_policy(
     )
     opt = torch.optim.AdamW(model.parameters(), **OPTIMIZER[network])
     lr = get_scheduler("cosine", opt, num_warmup_steps=500, num_training_steps=steps)
+    ema = EMAModel(model.parameters(), **EMA[network]) if EMA[network] else None
     generator = torch.Generator().manual_seed(seed)
     n = data["action"].shape[0]
     model.train()
@@ -178,9 +186,13 @@ def train_policy(
         loss.backward()
         opt.step()
         lr.step()
+        if ema is not None:
+            ema.step(model.parameters())
         losses.append(loss.item())
         if (step + 1) % 500 == 0 or step + 1 == steps:
             log(f"train: step {step + 1}/{steps} loss {np.mean(losses[-500:]):.4f} ({time.time() - start:.0f} s)")
+    if ema is not None:
+        ema.copy_to(model.parameters())
     model.eval()
     train = {"env": {"type": "pusht", "obs_type": "environment_state_agent_pos"}, "seed": seed, "steps": steps}
     train["batch_size"] = batch
@@ -192,6 +204,7 @@ def train_policy(
         "network": network,
         "config": config,
         "optimizer": OPTIMIZER[network],
+        "ema": EMA[network],
         "steps": steps,
         "batch": batch,
         "seed": seed,

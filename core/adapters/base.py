@@ -14,6 +14,7 @@ from torch import nn
 
 from core.errors import LoadError
 from core.ir import IMAGE_AXES, Chunking, Conditioning, ModelSpec, Normalization
+from core.surgery import ChannelSite, MlpSite
 from core.validate import is_int
 
 GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Denoiser adds it, per sample)
@@ -21,8 +22,8 @@ GUIDANCE = "guidance"  # the embedded guidance scale in an adapter's `cond` (Den
 # Cache cut points (core.caching): a range of the block stack whose summed residual is reused (FORA,
 # Δ-DiT), or the levels of a UNet whose up-path feature is reused (DeepCache).
 BLOCK_RANGE, UNET_LEVELS = "block-range", "unet-levels"
-# Prunable units (passes.prune): an Attention's heads (self / cross), a FeedForward's hidden units, a
-# ResnetBlock2D's inner channels (whole GroupNorm groups).
+# Prunable units (passes.prune): an Attention's heads (self / cross), an MLP's hidden units, a residual
+# block's inner channels (whole GroupNorm groups).
 HEADS, CROSS_HEADS, MLP, CHANNELS = "heads", "cross_heads", "mlp", "channels"
 
 
@@ -79,21 +80,22 @@ class Adapter:
         or None: the generic variant of `cache_cut` runs this adapter's forward with blocks substituted."""
         return None
 
-    def prunable_units(self, model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-        """(name, unit kind, module) of every prunable site, in module order: a BasicTransformerBlock's
-        self-attention heads, cross-attention heads and MLP units; a ResnetBlock2D's channels; the kinds
-        in `prunable` only."""
+    def prunable_units(self, model: nn.Module) -> Iterator[tuple[str, str, Any]]:
+        """(name, unit kind, site) of every prunable site, in module order, the kinds in `prunable` only: a
+        diffusers `Attention` for heads, a core.surgery.MlpSite for MLP units, a ChannelSite for inner
+        channels. Here diffusers' blocks: a BasicTransformerBlock's self- and cross-attention heads and MLP
+        units, a ResnetBlock2D's channels."""
         for name, module in model.named_modules():
             kind = type(module).__name__
             if kind == "ResnetBlock2D" and CHANNELS in self.prunable:
-                yield name, CHANNELS, module
+                yield name, CHANNELS, ChannelSite.resnet(module)
             elif kind == "BasicTransformerBlock":
                 if HEADS in self.prunable:
                     yield f"{name}.attn1", HEADS, module.attn1
                 if CROSS_HEADS in self.prunable and module.attn2 is not None:
                     yield f"{name}.attn2", CROSS_HEADS, module.attn2
                 if MLP in self.prunable:
-                    yield f"{name}.ff", MLP, module.ff
+                    yield f"{name}.ff", MLP, MlpSite.feed_forward(module.ff)
 
     def prompt_projections(self, model: nn.Module) -> tuple[str, ...]:
         """The layers that read the prompt embeddings (cross-attention keys and values): the same for every

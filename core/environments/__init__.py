@@ -4,6 +4,7 @@ config). Each module gives the observation names and shapes it reports, its acti
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 from core.errors import ConfigError
@@ -17,6 +18,11 @@ def environment(name: str) -> ModuleType:
     from core.environments import pusht
 
     return pusht
+
+
+def decisions_per_episode(name: str, n_action_steps: int) -> int:
+    """Decisions in an episode of the environment's step limit, each executing `n_action_steps` actions."""
+    return math.ceil(environment(name).MAX_STEPS / n_action_steps)
 
 
 def check_fits(name: str, observations: dict[str, tuple[int, ...]], action_dim: int, where: str) -> None:

@@ -55,7 +55,7 @@ def test_surgery_equals_zeroing_the_removed_units(dit_program, unet_program):
     attn.to_out[0].weight = zeroed(attn.to_out[0].weight, 1, gone)
     ff.net[2].weight = zeroed(ff.net[2].weight, 1, torch.arange(96))
     surgery.prune_heads(pruned.transformer_blocks[0].attn1, [0, 2, 3, 5])
-    surgery.prune_mlp(pruned.transformer_blocks[1].ff, list(range(96, 384)))
+    surgery.prune_mlp(surgery.MlpSite.feed_forward(pruned.transformer_blocks[1].ff), list(range(96, 384)))
     assert pruned.transformer_blocks[1].ff.net[0].proj.weight.shape == (288, 96)
     assert pruned.transformer_blocks[0].attn1.to_q.weight.shape == (64, 96)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_surgery_equals_zeroing_the_removed_units(dit_program, unet_program):
     size = resnet.norm2.num_channels // resnet.norm2.num_groups
     gone = torch.cat([torch.arange(0, size), torch.arange(5 * size, 6 * size)])
     resnet.conv2.weight = zeroed(resnet.conv2.weight, 1, gone)
-    surgery.prune_resnet(pruned.down_blocks[1].resnets[0], [1, 2, 3, 4, 6, 7])
+    surgery.prune_channels(surgery.ChannelSite.resnet(pruned.down_blocks[1].resnets[0]), [1, 2, 3, 4, 6, 7])
     assert pruned.down_blocks[1].resnets[0].conv1.weight.shape[0] == 6 * size
     with torch.no_grad():
         expected = denoiser_module(unet_program.replace(denoiser=masked))(x, t, y)

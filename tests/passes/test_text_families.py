@@ -115,7 +115,7 @@ def test_gated_mlp_and_cross_attention_surgery_is_exact(programs):
     ff.net[2].weight = torch.nn.Parameter(ff.net[2].weight.detach().index_fill(1, gone, 0.0))
     heads_gone = torch.arange(0, head)  # head 0
     attn2.to_out[0].weight = torch.nn.Parameter(attn2.to_out[0].weight.detach().index_fill(1, heads_gone, 0.0))
-    surgery.prune_mlp(pruned.get_submodule(f"{block}.ff"), list(range(1, inner, 2)))
+    surgery.prune_mlp(surgery.MlpSite.feed_forward(pruned.get_submodule(f"{block}.ff")), list(range(1, inner, 2)))
     surgery.prune_heads(pruned.get_submodule(f"{block}.attn2"), list(range(1, attn2.heads)))
     assert pruned.get_submodule(f"{block}.ff").net[0].proj.out_features == inner  # 2 x (inner / 2)
     args = [cond[n] for n in program.spec.conditioning.input_names]

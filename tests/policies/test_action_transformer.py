@@ -6,6 +6,7 @@ torch in closed loop), never fidelity."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -153,3 +154,38 @@ def test_the_zoos_policies_load_as_their_families():
         assert program.spec.output_normalization is not None
     record = json.loads(POLICIES["transformer"].with_suffix(".record.json").read_text())
     assert record["command"].startswith("python -m zoo policy --network transformer")
+
+
+def test_pruned_heads_and_mlp_units_compute_what_zeroing_them_computes(program):
+    """The adapter's sites (self-attention heads, MLP units of ff = Linear, GELU, Linear) shrink exactly."""
+    from core import surgery
+    from core.adapters import adapter_for
+
+    masked, pruned = copy.deepcopy(program.denoiser), copy.deepcopy(program.denoiser)
+    attn, ff = masked.transformer_blocks[0].attn, masked.transformer_blocks[1].ff
+    size = attn.inner_dim // attn.heads
+    with torch.no_grad():
+        attn.to_out[0].weight[:, size : 2 * size] = 0  # head 1
+        ff[2].weight[:, :5] = 0  # units 0..4
+    sites = {name: site for name, _, site in adapter_for("ActionTransformer").prunable_units(pruned)}
+    surgery.prune_heads(sites["transformer_blocks.0.attn"], [h for h in range(attn.heads) if h != 1])
+    surgery.prune_mlp(sites["transformer_blocks.1.ff"], list(range(5, ff[2].in_features)))
+    assert pruned.transformer_blocks[1].ff[0].out_features == ff[2].in_features - 5
+    x, t = torch.randn(2, 8, 2), torch.tensor([90.0, 10.0])
+    obs = (torch.randn(2, 2, 2), torch.randn(2, 2, 16))
+    with torch.no_grad():
+        want = denoiser_module(program.replace(denoiser=masked))(x, t, *obs)
+        got = denoiser_module(program.replace(denoiser=pruned))(x, t, *obs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prune_pass_removes_heads_and_mlp_units_of_the_transformer(program):
+    observed = {STATE: torch.rand(8, 2, 2) * 512, ENV_STATE: torch.rand(8, 2, 16) * 512}
+    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    calibration = capture_calibration(program, 2)
+    recipe = [{"pass": "prune", "config": {"heads": 0.5, "mlp": 0.5, "criterion": "taylor", "samples": 16}}]
+    pruned = run_recipe(program, calibration, recipe)
+    blocks = pruned.denoiser.transformer_blocks
+    assert [b.attn.heads for b in blocks] == [1] * 4 and [b.ff[2].in_features for b in blocks] == [16] * 4
+    removed = pruned.decision("prune").to_dict()
+    assert removed["parameters_after"] < removed["parameters_before"]

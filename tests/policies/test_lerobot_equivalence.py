@@ -3,7 +3,8 @@
 torch; see the README): the same observations and noise give the same executed actions, for DDIM and DDPM
 (whose every step draws noise), on the first decision of an episode (the observation queue filled with
 copies) and on a later one. Folders in the layout lerobot 0.3.2 reads (the stats inside the weights); random
-weights (no fidelity claim)."""
+weights (no fidelity claim). LeRobot's image encoder (ResNet-18 + spatial soft-argmax), written here because
+torchvision does not import beside our torch, gives LeRobot's features from LeRobot's weights."""
 
 from __future__ import annotations
 
@@ -78,3 +79,61 @@ def test_our_actions_equal_lerobots_select_action(tmp_path):
             chunk = program.spec.output_normalization.denormalize(sample_program(program, [seed], [row]))[0]
             ours.append(chunk[chunking.first : chunking.first + chunking.n_action_steps])
         torch.testing.assert_close(torch.cat(ours), torch.tensor(theirs[str(folder)]), rtol=1e-4, atol=1e-3)
+
+
+RGB_PEER = """
+import sys, types
+sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+import numpy as np, torch
+from safetensors.torch import save_file
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+from lerobot.policies.diffusion.modeling_diffusion import DiffusionRgbEncoder
+found = {}
+for group_norm in (True, False):
+    torch.manual_seed(0)
+    image = PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96))
+    state = PolicyFeature(type=FeatureType.STATE, shape=(2,))
+    config = DiffusionConfig(
+        input_features={"observation.image": image, "observation.state": state},
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
+        use_group_norm=group_norm,
+    )
+    encoder = DiffusionRgbEncoder(config).eval()
+    for m in encoder.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():
+        found[f"{group_norm}.features"] = encoder(torch.from_numpy(np.load(sys.argv[1])))
+    found.update({f"{group_norm}.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
+save_file(found, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not SIDE.exists(), reason="no .venv-lerobot (make it with .ci/lerobot-env; .ci/run does)")
+def test_our_image_encoder_gives_lerobots_features_from_lerobots_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from core.networks.lerobot_rgb import RgbEncoder
+
+    images = np.random.default_rng(0).uniform(0, 1, (3, 3, 96, 96)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    peer = subprocess.run(
+        [str(SIDE), "-c", RGB_PEER, str(tmp_path / "images.npy"), str(tmp_path / "theirs.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert peer.returncode == 0, peer.stderr[-2000:]
+    theirs = load_file(str(tmp_path / "theirs.safetensors"))
+    for group_norm in (True, False):
+        prefix = f"{group_norm}."
+        state = {k.removeprefix(prefix): v for k, v in theirs.items() if k.startswith(prefix)}
+        want = state.pop("features")
+        ours = RgbEncoder((3, 96, 96), (84, 84), "resnet18", group_norm, 32).eval()
+        ours.load_state_dict(state, strict=True)  # LeRobot's names, every one
+        with torch.no_grad():
+            got = ours(torch.from_numpy(images))
+        assert got.shape == (3, 64) and want.abs().max() > 0.1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

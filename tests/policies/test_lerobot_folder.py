@@ -132,3 +132,49 @@ def test_weights_outside_the_denoiser_are_refused(tmp_path):
 def test_a_diffusers_model_folder_is_not_read_as_a_policy(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet1DModel", "type": "x"}))
     assert not lerobot_folder.is_policy(tmp_path)
+
+
+def test_pruned_channels_of_the_1d_unet_compute_what_zeroing_them_computes(folder):
+    """The adapter's channel sites (conv, GroupNorm groups, FiLM scale and bias rows, the next conv's inputs)
+    shrink exactly; the block splits its FiLM by the new width."""
+    import copy
+
+    from core import surgery
+    from core.adapters import adapter_for, denoiser_module
+
+    program = load_program(folder)
+    masked, pruned = copy.deepcopy(program.denoiser), copy.deepcopy(program.denoiser)
+    block = masked.down_modules[1][0]
+    norm = block.conv1.block[1]
+    size = norm.num_channels // norm.num_groups
+    with torch.no_grad():
+        block.conv2.block[0].weight[:, size : 2 * size] = 0  # group 1
+    sites = {name: site for name, _, site in adapter_for("LeRobotDiffusionUnet").prunable_units(pruned)}
+    assert len(sites) == 2 * 2 + 2 + 2 * 1  # two per down level, two in the middle, two per up level
+    surgery.prune_channels(sites["down_modules.1.0"], [g for g in range(norm.num_groups) if g != 1])
+    assert pruned.down_modules[1][0].out_channels == norm.num_channels - size
+    x, t = torch.randn(2, 8, 2), torch.tensor([90.0, 10.0])
+    obs = (torch.randn(2, 2, 2), torch.randn(2, 2, 16))
+    with torch.no_grad():
+        want = denoiser_module(program.replace(denoiser=masked))(x, t, *obs)
+        got = denoiser_module(program.replace(denoiser=pruned))(x, t, *obs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prune_pass_removes_channel_groups_of_the_1d_unet(folder):
+    import dataclasses
+
+    from helpers import run_recipe
+
+    from calibration.capture import capture_calibration
+
+    program = load_program(folder)
+    observed = {pusht.STATE: torch.rand(8, 2, 2) * 512, pusht.ENV_STATE: torch.rand(8, 2, 16) * 512}
+    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    calibration = capture_calibration(program, 2)
+    recipe = [{"pass": "prune", "config": {"channels": 0.25, "criterion": "distortion", "samples": 16}}]
+    pruned = run_recipe(program, calibration, recipe)
+    widths = [b.conv1.block[1].num_groups for b in pruned.denoiser.down_modules[0][:2]]
+    assert widths == [3, 3]  # 4 groups, one removed
+    removed = pruned.decision("prune").to_dict()
+    assert removed["parameters_after"] < removed["parameters_before"]

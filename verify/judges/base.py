@@ -32,6 +32,7 @@ class JudgeOptions:
     clip: Path | None = None  # a transformers CLIPModel folder
     inception: Path | None = None  # an Inception-v3 FID state dict (pytorch-fid's pt_inception-2015-12-05)
     episodes: int = 100  # closed-loop episodes of a policy, per program judged
+    episode_seed: int | None = None  # their initial states' first seed (default: the closed-loop judge's own)
     environment: str | None = None  # a policy's environment (default: the one it was loaded with)
 
 

@@ -12,6 +12,7 @@ from core.ir import DiffusionProgram
 from verify.judges.base import ADHERENCE, Evaluate, Judge, JudgeOptions, Metric, Outputs
 
 EPISODE_SEED = 400_000  # initial states of the judged episodes (disjoint from the observation set's)
+PROXY_EPISODE_SEED = 450_000  # the search's proxy episodes (disjoint from the judged ones: at most 10,000)
 NOISE_SEED = 500_000  # the policies' noise: decision i of episode j draws NOISE_SEED + i * STRIDE + j
 
 
@@ -43,7 +44,8 @@ class ClosedLoopJudge(Judge):
     def prepare(self, program: DiffusionProgram, options: JudgeOptions, reference: Outputs, floor: Outputs) -> Evaluate:
         chunking = program.spec.chunking
         assert chunking is not None
-        seeds = list(range(EPISODE_SEED, EPISODE_SEED + options.episodes))
+        first = EPISODE_SEED if options.episode_seed is None else options.episode_seed
+        seeds = list(range(first, first + options.episodes))
         env = options.environment or program.stages.environment
         assert env is not None, "provides() applies the judge only to a policy with an environment"
         originals: list[rollout.Episodes] = []  # run once, when a candidate is first judged
