@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,7 +127,12 @@ def _kinds(program: DiffusionProgram) -> tuple[str, ...]:
 
 def _groups(program: DiffusionProgram, model: nn.Module, config: Config) -> Iterator[Group]:
     """A group per prunable site the family's adapter lists, of the kinds this config removes."""
-    build = {HEADS: _head_group, CROSS_HEADS: _head_group, MLP: _mlp_group, CHANNELS: _channel_group}
+    build: dict[str, Callable[[str, Any, float], Group]] = {
+        HEADS: _head_group,
+        CROSS_HEADS: _head_group,
+        MLP: _mlp_group,
+        CHANNELS: _channel_group,
+    }
     for name, kind, site in adapter_for(program.spec.model_class).prunable_units(model):
         if getattr(config, kind):
             yield build[kind](name, site, getattr(config, kind))

@@ -169,7 +169,8 @@ def train_policy(
     )
     opt = torch.optim.AdamW(model.parameters(), **OPTIMIZER[network])
     lr = get_scheduler("cosine", opt, num_warmup_steps=500, num_training_steps=steps)
-    ema = EMAModel(model.parameters(), **EMA[network]) if EMA[network] else None
+    averaging = EMA[network]
+    ema = None if averaging is None else EMAModel(model.parameters(), **averaging)
     generator = torch.Generator().manual_seed(seed)
     n = data["action"].shape[0]
     model.train()

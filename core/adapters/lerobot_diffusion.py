@@ -5,6 +5,7 @@ folders by core.lerobot_folder."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -39,14 +40,13 @@ class LeRobotDiffusionAdapter(PolicyAdapter):
         (scale and bias), the second block's conv; the block splits FiLM by its new width."""
         for name in self.describe(model)[0]:
             block = model.get_submodule(name)
-            film = block.cond_encoder[1]
             site = ChannelSite(
                 block.conv1.block[0],
                 block.conv1.block[1],
                 block.conv2.block[0],
-                film,
+                block.cond_encoder[1],
                 2 if block.film_scale else 1,
-                lambda width, block=block: setattr(block, "out_channels", width),
+                functools.partial(setattr, block, "out_channels"),
             )
             yield name, CHANNELS, site
 

@@ -65,6 +65,8 @@ class SpatialSoftmax(nn.Module):
         super().__init__()
         self.nets = nn.Conv2d(channels, keypoints, 1)
         self.keypoints, self.positions = keypoints, height * width
+        xs: np.ndarray
+        ys: np.ndarray
         xs, ys = np.meshgrid(np.linspace(-1.0, 1.0, width), np.linspace(-1.0, 1.0, height))
         grid = np.stack([xs.reshape(-1), ys.reshape(-1)], axis=1)
         self.register_buffer("pos_grid", torch.from_numpy(grid).float())
