@@ -134,7 +134,8 @@ def _markdown(record: dict[str, Any], space: SearchSpace, chosen: int) -> list[s
         "",
         "### Candidates",
         "",
-        "Speedup: the candidate's whole loop for one image vs the original's fp32 graph, same backend, side by side.",
+        "Speedup: the candidate's whole loop for one sample (a policy's: its time per decision over an episode) vs"
+        " the original's fp32 graph, same backend, side by side.",
         "",
         *pareto.table(rows, knobs, chosen),
         "",
