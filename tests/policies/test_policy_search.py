@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from lerobot_layout import save
 
-from core.errors import EXIT_PASS, ConfigError
+from core.errors import ConfigError
 from core.loading import load_program
-from optimizer.cli import main
 from optimizer.targets import TARGETS_DIR, get_target, parse_target
 from verify.judges.closed_loop import PROXY_EPISODE_SEED
 
@@ -23,20 +21,6 @@ COLD_MS, WARM_MS = 10.0, 2.0
 @pytest.fixture(scope="module")
 def policy_folder(tmp_path_factory):
     return save(tmp_path_factory.mktemp("policy") / "pusht")
-
-
-def small_target(folder) -> str:
-    data = json.loads((TARGETS_DIR / "cpu-auto.json").read_text())
-    space = data["policy_search"]
-    space.update(trials=3, startup_trials=1, finalists=1, proxy_samples=2, latency_repeats=1)
-    space["knobs"] = {
-        "steps": {k: space["knobs"]["steps"][k] for k in ("DDPM 16", "DDIM 10")},
-        "warm start": {k: space["knobs"]["warm start"][k] for k in ("none", "from timestep 30")},
-    }
-    space["first"] = [{"steps": "DDPM 16", "warm start": "from timestep 30"}]
-    path = folder / "auto.json"
-    path.write_text(json.dumps({**data, "name": "tiny-auto"}))
-    return str(path)
 
 
 def test_cpu_auto_gives_a_policy_its_own_space_and_an_image_model_the_image_space(policy_folder, tiny_digits_program):
@@ -49,28 +33,44 @@ def test_cpu_auto_gives_a_policy_its_own_space_and_an_image_model_the_image_spac
         parse_target({k: v for k, v in data.items() if k != "search"}, "t")
 
 
-def test_a_policys_trials_run_closed_loop_and_are_timed_per_decision_over_an_episode(
-    policy_folder, tmp_path, monkeypatch
-):
+def test_a_policys_trials_run_closed_loop_and_are_timed_per_decision_over_an_episode(policy_folder, monkeypatch):
+    import dataclasses
+
+    import torch
+
     import search.trials
+    from backends.registry import get_backend
+    from calibration.capture import capture_calibration
+    from core.environments import pusht
+    from passes.manager import offline_context
+    from search.space import parse_space
+    from search.trials import TrialRunner
+    from verify.judges import JudgeOptions, plan_judges
 
     def fixed(loops, **_):  # a cold loop costs COLD_MS, a warm decision WARM_MS
         return {k: WARM_MS if k.endswith(" warm") else COLD_MS for k in loops}
 
     monkeypatch.setattr(search.trials, "paired_median_ms", fixed)
-    out = tmp_path / "out"
-    args = [str(policy_folder), "--target", small_target(tmp_path), "--out", str(out), "--episodes", "2"]
-    args += ["--samples", "8", "--calibration-samples", "4", "--latency-repeats", "0", "--seed-sets", "1"]
-    args += ["--gate", "max_fd_self_shift=1e9"]  # random weights: the mechanics, not the distribution
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == EXIT_PASS, result.output
-    record = json.loads((out / "report.json").read_text())["search"]
-    assert list(record["space"]["knobs"]) == ["steps", "warm start"]
+    program = load_program(policy_folder)
+    observed = {pusht.STATE: torch.rand(8, 2, 2) * 512, pusht.ENV_STATE: torch.rand(8, 2, 16) * 512}
+    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    data = json.loads((TARGETS_DIR / "cpu-auto.json").read_text())["policy_search"]
+    data.update(proxy_samples=2, latency_repeats=1, first=[])
+    space = parse_space(data, "test")
+    ctx = offline_context(program, capture_calibration(program, 2), frozenset({"fp32"}))
+    gates = {"max_success_shortfall": 0.0, "max_fd_self_shift": 1e9}
+    judges = plan_judges(program, JudgeOptions(episodes=2))
+    runner = TrialRunner(program, ctx, space, gates, get_backend({"name": "onnxruntime"}), print, judges)
     decisions = 300 // 4  # PushT's step limit, 4 actions per chunk
-    for row in record["trials"]:
-        metrics = row["metrics"]
-        assert metrics["episode_seeds"] == f"{PROXY_EPISODE_SEED}..{PROXY_EPISODE_SEED + 1}"  # its own episodes
-        assert metrics["success_shortfall"] == 0.0 and "max_success_shortfall" in metrics["constraints"]
-        warm = row["params"]["warm start"] != "none"
-        expected = (COLD_MS + (decisions - 1) * WARM_MS) / decisions if warm else COLD_MS
-        assert metrics["loop_ms"] == pytest.approx(expected) and metrics["original_loop_ms"] == COLD_MS
+    try:
+        for warm, expected in (
+            ("from timestep 30", (COLD_MS + (decisions - 1) * WARM_MS) / decisions),
+            ("none", COLD_MS),
+        ):
+            params = {"structure": "none", "steps": "DDPM 16", "warm start": warm, "numbers": "fp32"}
+            metrics = runner.evaluate(params)
+            assert metrics["episode_seeds"] == f"{PROXY_EPISODE_SEED}..{PROXY_EPISODE_SEED + 1}"  # its own episodes
+            assert metrics["success_shortfall"] == 0.0 and "max_success_shortfall" in metrics["constraints"]
+            assert metrics["loop_ms"] == pytest.approx(expected) and metrics["original_loop_ms"] == COLD_MS
+    finally:
+        runner.close()
