@@ -3,10 +3,11 @@ seed set of its own (disjoint from the calibration and verification seeds), as c
 
 Paired PSNR and the judges' metrics (distribution against a floor set of the proxies' own, adherence)
 come from the same `verify.verdict.Verdict` the final verification uses; the teacher-forced error from the
-pass manager's quick fidelity (on the calibration trajectories). A policy runs closed loop (in torch) on as
-many episodes as proxy seeds, of their own (PROXY_EPISODE_SEED), the original once. A gate whose metric a
-candidate lacks (the teacher-forced error of a distilled student) was not measured: the candidate is
-infeasible for it.
+pass manager's quick fidelity (on the calibration trajectories). A policy runs closed loop (in torch) on
+episodes of the proxies' own (PROXY_EPISODE_SEED), as many as the closed-loop judge runs (--episodes), the
+original once: the success gate's interval narrows with the episodes, and at half of them it let candidates
+through that the judge's episodes then failed (BENCHMARKS.md). A gate whose metric a candidate lacks (the
+teacher-forced error of a distilled student) was not measured: the candidate is infeasible for it.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ class ProxySet:
         self.seeds, self.conditions = evaluation_set(program, samples, PROXY_SEED + seed)
         self.reference = capture(program, self.seeds, self.conditions)
         self.policy = program.spec.chunking is not None
-        if self.policy:  # closed loop on episodes of the proxies' own, as many as seeds
-            options = dataclasses.replace(
-                plan.options if plan is not None else JudgeOptions(), episodes=samples, episode_seed=PROXY_EPISODE_SEED
-            )
-            plan = plan_judges(program, options)
+        if self.policy:  # closed loop on episodes of the proxies' own, as many as the judge runs
+            options = plan.options if plan is not None else JudgeOptions()
+            plan = plan_judges(program, dataclasses.replace(options, episode_seed=PROXY_EPISODE_SEED))
         self.verdict = Verdict(program, self.reference, sample_floor(program, self.reference), plan=plan)
 
     def measure(self, candidate: DiffusionProgram) -> dict[str, Any]:
