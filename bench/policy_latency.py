@@ -71,11 +71,11 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
             "ms_per_decision": medians[name],
         }
     if WARM in rows:  # the first decision cold, the rest warm
-        mean = lambda cold, warm: (cold + (decisions - 1) * warm) / decisions  # noqa: E731
+        evaluations = (rows["artifact"]["network_evaluations"], rows[WARM]["network_evaluations"])
         rows[EPISODE_MEAN] = {
             "scheduler": plan.scheduler_class,
-            "network_evaluations": mean(rows["artifact"]["network_evaluations"], rows[WARM]["network_evaluations"]),
-            "ms_per_decision": mean(medians["artifact"], medians[WARM]),
+            "network_evaluations": warm_start.episode_mean(*evaluations, decisions),
+            "ms_per_decision": warm_start.episode_mean(medians["artifact"], medians[WARM], decisions),
         }
     artifact_is = EPISODE_MEAN if WARM in rows else "artifact"  # the row the speedups are against
     for row in rows.values():

@@ -44,6 +44,12 @@ def tail(plan: SamplingPlan) -> SamplingPlan:
     return warm
 
 
+def episode_mean(first: float, later: float, decisions: int) -> float:
+    """A per-decision cost (time, evaluations) over an episode of `decisions`: the first decision's whole loop,
+    every later one's tail."""
+    return (first + (decisions - 1) * later) / decisions
+
+
 class WarmStart:
     """A plan's warm decisions: their loop (`tail`) and their initial samples (`start`), the noise schedule's
     coefficients at the loop's first timestep read once."""

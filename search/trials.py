@@ -113,16 +113,16 @@ class TrialRunner:
         decisions = self._decisions()
         for k in runners:  # a warm-started policy's mean decision over an episode
             if f"{k} warm" in ms:
-                ms[k] = (ms[k] + (decisions - 1) * ms[f"{k} warm"]) / decisions
+                ms[k] = warm_start.episode_mean(ms[k], ms[f"{k} warm"], decisions)
         return [
             {"loop_ms": ms[f"c{i}"], "original_loop_ms": ms["original"], "speedup": ms["original"] / ms[f"c{i}"]}
             for i in range(len(programs))
         ]
 
     def _decisions(self) -> int:
-        """Decisions per episode of a policy with an environment; 1 otherwise (the first decision is timed)."""
-        chunking, env = self.program.spec.chunking, self.proxy.verdict.plan.options.environment
-        env = env or self.program.stages.environment
+        """Decisions per episode of a policy with an environment (--env or its own: the job attached it); 1
+        otherwise (the first decision is timed)."""
+        chunking, env = self.program.spec.chunking, self.program.stages.environment
         return 1 if chunking is None or env is None else decisions_per_episode(env, chunking.n_action_steps)
 
     def _warm_loop(self, runner: Any) -> Callable[[], Any] | None:

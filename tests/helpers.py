@@ -451,3 +451,25 @@ def invoke(*args):
     from optimizer.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def with_pusht_observations(program, rows: int = 8):
+    """A PushT policy with an observation set of `rows` random raw observations (as the env reports them)."""
+    import dataclasses
+
+    from core.environments import pusht
+
+    observed = {pusht.STATE: torch.rand(rows, 2, 2) * 512, pusht.ENV_STATE: torch.rand(rows, 2, 16) * 512}
+    return program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+
+
+def assert_same_actions(program, want: nn.Module, got: nn.Module) -> None:
+    """Two denoisers of a tiny PushT policy (horizon 8) give the same outputs on random inputs."""
+    from core.adapters import denoiser_module
+
+    x, t = torch.randn(2, 8, 2), torch.tensor([90.0, 10.0])
+    obs = (torch.randn(2, 2, 2), torch.randn(2, 2, 16))
+    with torch.no_grad():
+        expected = denoiser_module(program.replace(denoiser=want))(x, t, *obs)
+        actual = denoiser_module(program.replace(denoiser=got))(x, t, *obs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -7,13 +7,12 @@ torch in closed loop), never fidelity."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import run_recipe
+from helpers import assert_same_actions, run_recipe, with_pusht_observations
 
 from calibration.capture import capture_calibration
 from core.adapters import denoiser_module
@@ -112,8 +111,7 @@ def test_block_caching_reuses_a_range_of_the_stack_through_the_generic_variant(p
 
 
 def test_layer_removal_cache_and_quantize_run_on_the_transformer_from_its_description(program):
-    observed = {STATE: torch.rand(8, 2, 2) * 512, ENV_STATE: torch.rand(8, 2, 16) * 512}  # as an env gives them
-    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    program = with_pusht_observations(program)
     calibration = capture_calibration(program, 2)
     removed = run_recipe(program, calibration, [{"pass": "layer_removal", "config": {"blocks": 1}}])
     assert len(removed.denoiser.transformer_blocks) == 3 == removed.denoiser.config.num_layers
@@ -171,17 +169,11 @@ def test_pruned_heads_and_mlp_units_compute_what_zeroing_them_computes(program):
     surgery.prune_heads(sites["transformer_blocks.0.attn"], [h for h in range(attn.heads) if h != 1])
     surgery.prune_mlp(sites["transformer_blocks.1.ff"], list(range(5, ff[2].in_features)))
     assert pruned.transformer_blocks[1].ff[0].out_features == ff[2].in_features - 5
-    x, t = torch.randn(2, 8, 2), torch.tensor([90.0, 10.0])
-    obs = (torch.randn(2, 2, 2), torch.randn(2, 2, 16))
-    with torch.no_grad():
-        want = denoiser_module(program.replace(denoiser=masked))(x, t, *obs)
-        got = denoiser_module(program.replace(denoiser=pruned))(x, t, *obs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same_actions(program, masked, pruned)
 
 
 def test_the_prune_pass_removes_heads_and_mlp_units_of_the_transformer(program):
-    observed = {STATE: torch.rand(8, 2, 2) * 512, ENV_STATE: torch.rand(8, 2, 16) * 512}
-    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    program = with_pusht_observations(program)
     calibration = capture_calibration(program, 2)
     recipe = [{"pass": "prune", "config": {"heads": 0.5, "mlp": 0.5, "criterion": "taylor", "samples": 16}}]
     pruned = run_recipe(program, calibration, recipe)

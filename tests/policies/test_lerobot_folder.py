@@ -139,8 +139,10 @@ def test_pruned_channels_of_the_1d_unet_compute_what_zeroing_them_computes(folde
     shrink exactly; the block splits its FiLM by the new width."""
     import copy
 
+    from helpers import assert_same_actions
+
     from core import surgery
-    from core.adapters import adapter_for, denoiser_module
+    from core.adapters import adapter_for
 
     program = load_program(folder)
     masked, pruned = copy.deepcopy(program.denoiser), copy.deepcopy(program.denoiser)
@@ -153,24 +155,15 @@ def test_pruned_channels_of_the_1d_unet_compute_what_zeroing_them_computes(folde
     assert len(sites) == 2 * 2 + 2 + 2 * 1  # two per down level, two in the middle, two per up level
     surgery.prune_channels(sites["down_modules.1.0"], [g for g in range(norm.num_groups) if g != 1])
     assert pruned.down_modules[1][0].out_channels == norm.num_channels - size
-    x, t = torch.randn(2, 8, 2), torch.tensor([90.0, 10.0])
-    obs = (torch.randn(2, 2, 2), torch.randn(2, 2, 16))
-    with torch.no_grad():
-        want = denoiser_module(program.replace(denoiser=masked))(x, t, *obs)
-        got = denoiser_module(program.replace(denoiser=pruned))(x, t, *obs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same_actions(program, masked, pruned)
 
 
 def test_the_prune_pass_removes_channel_groups_of_the_1d_unet(folder):
-    import dataclasses
-
-    from helpers import run_recipe
+    from helpers import run_recipe, with_pusht_observations
 
     from calibration.capture import capture_calibration
 
-    program = load_program(folder)
-    observed = {pusht.STATE: torch.rand(8, 2, 2) * 512, pusht.ENV_STATE: torch.rand(8, 2, 16) * 512}
-    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    program = with_pusht_observations(load_program(folder))
     calibration = capture_calibration(program, 2)
     recipe = [{"pass": "prune", "config": {"channels": 0.25, "criterion": "distortion", "samples": 16}}]
     pruned = run_recipe(program, calibration, recipe)

@@ -34,14 +34,11 @@ def test_cpu_auto_gives_a_policy_its_own_space_and_an_image_model_the_image_spac
 
 
 def test_a_policys_trials_run_closed_loop_and_are_timed_per_decision_over_an_episode(policy_folder, monkeypatch):
-    import dataclasses
-
-    import torch
+    from helpers import with_pusht_observations
 
     import search.trials
     from backends.registry import get_backend
     from calibration.capture import capture_calibration
-    from core.environments import pusht
     from passes.manager import offline_context
     from search.space import parse_space
     from search.trials import TrialRunner
@@ -51,9 +48,7 @@ def test_a_policys_trials_run_closed_loop_and_are_timed_per_decision_over_an_epi
         return {k: WARM_MS if k.endswith(" warm") else COLD_MS for k in loops}
 
     monkeypatch.setattr(search.trials, "paired_median_ms", fixed)
-    program = load_program(policy_folder)
-    observed = {pusht.STATE: torch.rand(8, 2, 2) * 512, pusht.ENV_STATE: torch.rand(8, 2, 16) * 512}
-    program = program.replace(stages=dataclasses.replace(program.stages, observations=observed))
+    program = with_pusht_observations(load_program(policy_folder))
     data = json.loads((TARGETS_DIR / "cpu-auto.json").read_text())["policy_search"]
     data.update(proxy_samples=2, latency_repeats=1, first=[])
     space = parse_space(data, "test")
