@@ -113,6 +113,13 @@ class FirstOrder:
             x0 = x0.clamp(-self.clip, self.clip)
         return a1 * x0 + s1 * eps
 
+    def x0(self, out: torch.Tensor, z: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
+        """Per row: the unclipped sample the output `out` predicts from z at timestep t[i] (DDPM-type schedules)."""
+        if self.flow:
+            raise ConfigError("a flow-matching plan's sample prediction is not a DDPM-type x0")
+        alpha, _ = self._scales(t, z)
+        return x0_and_eps(self.prediction_type, out, z, alpha.square())[0]
+
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
         """x0 noised to timesteps t (the forward process)."""
         alpha, sigma = self._scales(t, x0)

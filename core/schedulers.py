@@ -187,7 +187,14 @@ def custom_timesteps(scheduler: Any, timesteps: Sequence[float]) -> None:
         scheduler.set_timesteps(sigmas=ts / train)
         return
     if "timesteps" in params:
-        scheduler.set_timesteps(timesteps=[round(t) for t in ts])
+        from diffusers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # a custom grid is meant: LCM's warning that it starts below T - 1 is noise
+        try:
+            scheduler.set_timesteps(timesteps=[round(t) for t in ts])
+        finally:
+            logging.set_verbosity(verbosity)
         return
     if not hasattr(scheduler, "sigmas") or not hasattr(scheduler, "alphas_cumprod"):
         raise ConfigError(f"{scheduler.__class__.__name__} cannot run a custom timestep grid")

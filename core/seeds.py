@@ -16,7 +16,8 @@ GUIDANCE_DISTILL = 30_000  # the teacher's samples of guidance distillation
 PROGRESSIVE_DISTILL = 40_000  # ... and of progressive distillation
 PROXY = 50_000  # the search's proxy seeds
 DISTRIBUTION_CHECK = 60_000  # the loop-changing passes' distribution check (verify.floor_check)
-LAST_FAMILY_END = DISTRIBUTION_CHECK + MAX_FAMILY
+CONSISTENCY_DISTILL = 70_000  # the teacher's samples of consistency distillation
+LAST_FAMILY_END = CONSISTENCY_DISTILL + MAX_FAMILY
 
 FLOOR = 1 << 30  # a set's floor set: FLOOR + each of its seeds (verify.verdict)
 NULL = 1 << 31  # fresh draws of the original judged as candidates (bench): NULL + draw * NULL_STRIDE + i

@@ -473,3 +473,41 @@ def assert_same_actions(program, want: nn.Module, got: nn.Module) -> None:
         expected = denoiser_module(program.replace(denoiser=want))(x, t, *obs)
         actual = denoiser_module(program.replace(denoiser=got))(x, t, *obs)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def tiny_transformer_policy(weights, environment: str | None = "pusht", **changes) -> None:
+    """A tiny PushT action transformer (horizon 8, 4 blocks, random weights) saved as our checkpoint at `weights`."""
+    from core.checkpoint import save_checkpoint
+    from core.networks.action_transformer import ActionTransformer
+
+    STATE, ENV_STATE = "observation.state", "observation.environment_state"
+    torch.manual_seed(0)
+    config = {
+        "horizon": 8,
+        "action_dim": 2,
+        "observations": [[STATE, 2], [ENV_STATE, 16]],
+        "n_obs_steps": 2,
+        "n_action_steps": 4,
+        "num_layers": 4,
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "mlp_ratio": 2,
+        "diffusion_step_embed_dim": 16,
+        "normalization": {
+            STATE: [[256.0, 256.0], [256.0, 256.0]],
+            ENV_STATE: [[256.0] * 16, [256.0] * 16],
+            "action": [[256.0, 256.0], [256.0, 256.0]],
+        },
+        **changes,
+    }
+    model = ActionTransformer(**config)
+    for p in model.parameters():  # adaLN-Zero starts as the identity: perturb so every block matters
+        torch.nn.init.normal_(p, std=0.2)
+    meta = {
+        "model": {"class": "ActionTransformer", "config": config},
+        "scheduler": {"class": "DDPMScheduler", "config": {"num_train_timesteps": 100, "clip_sample": True}},
+        "sampling": {"scheduler": "DDPMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0},
+    }
+    if environment is not None:
+        meta["environment"] = environment
+    save_checkpoint(weights, model.state_dict(), meta)

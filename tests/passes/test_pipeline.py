@@ -248,13 +248,15 @@ def test_discovery_finds_the_shipped_passes_with_their_phases():
         "recover": Phase.RECOVERY,
         "guidance_distill": Phase.DISTILLATION,
         "progressive_distill": Phase.DISTILLATION,
+        "consistency_distill": Phase.DISTILLATION,
         "quantize": Phase.NUMERICS,
         "guidance": Phase.GUIDANCE_POLICY,
         "cache": Phase.REUSE_POLICY,
         "warm_start": Phase.REUSE_POLICY,
     }
     assert found["sampler"].invalidates == {CALIBRATION, FLOPS}
-    assert {name for name, p in found.items() if p.new_reference} == {"guidance_distill", "progressive_distill"}
+    distillations = {"guidance_distill", "progressive_distill", "consistency_distill"}
+    assert {name for name, p in found.items() if p.new_reference} == distillations
     for p in found.values():
         assert dataclasses.is_dataclass(p.config) and callable(p.run)
 

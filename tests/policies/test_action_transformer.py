@@ -12,58 +12,23 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_same_actions, run_recipe, with_pusht_observations
+from helpers import assert_same_actions, run_recipe, tiny_transformer_policy, with_pusht_observations
 
 from calibration.capture import capture_calibration
 from core.adapters import denoiser_module
 from core.cache_variants import BlockRangeVariant
 from core.caching import variant_module
-from core.checkpoint import save_checkpoint
 from core.errors import EXIT_PASS, LoadError
 from core.loading import load_program
-from core.networks.action_transformer import ActionTransformer
 from optimizer.cli import main
 
 STATE, ENV_STATE = "observation.state", "observation.environment_state"
 
 
-def tiny(weights, environment: str | None = "pusht", **changes) -> None:
-    torch.manual_seed(0)
-    config = {
-        "horizon": 8,
-        "action_dim": 2,
-        "observations": [[STATE, 2], [ENV_STATE, 16]],
-        "n_obs_steps": 2,
-        "n_action_steps": 4,
-        "num_layers": 4,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "mlp_ratio": 2,
-        "diffusion_step_embed_dim": 16,
-        "normalization": {
-            STATE: [[256.0, 256.0], [256.0, 256.0]],
-            ENV_STATE: [[256.0] * 16, [256.0] * 16],
-            "action": [[256.0, 256.0], [256.0, 256.0]],
-        },
-        **changes,
-    }
-    model = ActionTransformer(**config)
-    for p in model.parameters():  # adaLN-Zero starts as the identity: perturb so every block matters
-        torch.nn.init.normal_(p, std=0.2)
-    meta = {
-        "model": {"class": "ActionTransformer", "config": config},
-        "scheduler": {"class": "DDPMScheduler", "config": {"num_train_timesteps": 100, "clip_sample": True}},
-        "sampling": {"scheduler": "DDPMScheduler", "num_inference_steps": 4, "guidance_scale": 1.0},
-    }
-    if environment is not None:
-        meta["environment"] = environment
-    save_checkpoint(weights, model.state_dict(), meta)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     weights = tmp_path_factory.mktemp("transformer") / "policy.safetensors"
-    tiny(weights)
+    tiny_transformer_policy(weights)
     return weights
 
 
@@ -87,13 +52,13 @@ def test_a_transformer_policy_loads_with_its_observations_chunking_and_environme
 
 def test_a_bad_environment_field_or_config_is_one_line(tmp_path):
     weights = tmp_path / "p.safetensors"
-    tiny(weights)
+    tiny_transformer_policy(weights)
     meta = json.loads(weights.with_suffix(".json").read_text())
     meta["environment"] = 3
     weights.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(LoadError, match="environment"):
         load_program(weights)
-    tiny(weights, num_layers=2000)
+    tiny_transformer_policy(weights, num_layers=2000)
     with pytest.raises(LoadError, match="num_layers"):
         load_program(weights)
 
