@@ -1,7 +1,9 @@
 """A policy's time per control decision at batch 1 (observation in, action chunk out: normalization, the
 whole sampling loop, un-normalization), the original as LeRobot users run it (its own plan in torch fp32:
 DDPM at 100 steps by default; and the same network with DDIM at 10 steps) beside the optimized artifact on its
-backend, timed interleaved in one run (verify.timing.paired_median_ms). The control rate a chunk allows when
+backend, timed interleaved in one run (verify.timing.paired_median_ms). The originals run diffusers' own
+scheduler steps, as LeRobot's `select_action` does; the artifact runs ours (core.ddpm_step: DDPM's step with
+its scalars computed once per plan, equal to diffusers' bit for bit). The control rate a chunk allows when
 it must be ready within one control period is 1000 / ms."""
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from core import warm_start
+from core.ddpm_step import diffusers_steps
 from core.environments import decisions_per_episode, environment
 from core.environments.programs import as_policy, torch_policy
 from core.ir import DiffusionProgram
@@ -61,6 +64,8 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
         warm(0, np.zeros(1, int), obs)  # the episode's first chunk, which the next decision starts from
         contenders[WARM] = (warm, warm_start.tail(plan), 1)
     calls = {k: functools.partial(p, d, np.zeros(1, int), obs) for k, (p, _, d) in contenders.items()}
+    for name in ("original", f"original, DDIM {DDIM_STEPS}"):  # as LeRobot runs them: diffusers' own steps
+        calls[name] = functools.partial(_with_diffusers_steps, calls[name])
     medians = paired_median_ms(calls, repeats, warmup=1)
     decisions = decisions_per_episode(env_name, chunking.n_action_steps)
     rows: dict[str, dict[str, Any]] = {}
@@ -89,6 +94,11 @@ def measure(program: DiffusionProgram, runner: Any, env_name: str, repeats: int)
         "artifact_is": artifact_is,
         "rows": rows,
     }
+
+
+def _with_diffusers_steps(call: Any) -> Any:
+    with diffusers_steps():
+        return call()
 
 
 def lines(result: dict[str, Any]) -> list[str]:

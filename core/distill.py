@@ -1,5 +1,5 @@
 """What the step-distillation passes share: the teacher's own samples as data, the (guided) model
-call, and the first-order step between any two timesteps.
+call, the first-order step between any two timesteps, and a consistency student's grid and loop.
 
 The first-order step is DDIM for DDPM-type schedules (Song et al. 2021, eq. 12, eta = 0) and Euler
 for flow matching, for any prediction type. Unclipped it is affine in the model output, so a student's
@@ -9,6 +9,7 @@ the landing point is that loss reweighted per timestep).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from core.errors import ConfigError
 from core.grid_ddim import x0_and_eps
 from core.ir import DiffusionProgram, SamplingPlan
 from core.sampling import ConditionBatch, guide
-from core.schedulers import build_scheduler, is_flow
+from core.schedulers import build_scheduler, is_flow, with_scheduler
 from core.variants import sample_program
 
 
@@ -130,3 +131,35 @@ def grid(plan: SamplingPlan) -> list[float]:
     """The plan's timesteps, once each (a step that calls the model twice at one timestep, PNDM's warm-up
     or a second-order step, is one step of the grid)."""
     return list(dict.fromkeys(float(t) for t in build_scheduler(plan).timesteps))
+
+
+MIN_SIGNAL = 1 / 32  # a consistency grid's points have a signal scale sqrt(alpha_bar) of at least this
+
+
+def consistency_grid(plan: SamplingPlan, teacher_steps: int) -> list[int]:
+    """The teacher ODE's grid for consistency distillation, ascending: LCM's (every train/N-th timestep, ending
+    at T - 1) less its top points where the signal scale is under MIN_SIGNAL. There the sample an epsilon output
+    predicts amplifies the network's error by 1/sqrt(alpha_bar): 2,000x at the last of LeRobot's 100 cosine
+    timesteps (13x at the next grid point down; Stable Diffusion's last is 15x, where LCM trains)."""
+    scheduler = build_scheduler(dataclasses.replace(plan, num_inference_steps=1, timesteps=None, warm_start=None))
+    alphas = scheduler.alphas_cumprod
+    gap = len(alphas) // teacher_steps
+    return [t for t in (gap * (n + 1) - 1 for n in range(teacher_steps)) if float(alphas[t]) ** 0.5 >= MIN_SIGNAL]
+
+
+def consistency_plan(plan: SamplingPlan, teacher_steps: int, sampling_steps: int) -> SamplingPlan:
+    """The plan run by diffusers' LCMScheduler on `sampling_steps` of the consistency grid's points, evenly
+    spaced from its top as LCM spaces them (the trained noise schedule kept)."""
+    swapped = with_scheduler(plan, "LCMScheduler")
+    swapped = dataclasses.replace(
+        swapped, scheduler_config={**swapped.scheduler_config, "original_inference_steps": teacher_steps}
+    )
+    grid = consistency_grid(swapped, teacher_steps)[::-1]
+    if len(grid) < sampling_steps:
+        raise ConfigError(
+            f"the consistency grid has {len(grid)} points with signal (sqrt(alpha_bar) >= {MIN_SIGNAL:g}),"
+            f" fewer than {sampling_steps} sampling steps"
+        )
+    picked = np.floor(np.linspace(0, len(grid), sampling_steps, endpoint=False)).astype(int)
+    timesteps = tuple(float(grid[i]) for i in picked)
+    return dataclasses.replace(swapped, num_inference_steps=len(timesteps), timesteps=timesteps)

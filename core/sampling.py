@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from core.ddpm_step import ddpm_steps
 from core.errors import ConfigError
 from core.ir import DENOISER, Conditioning, SamplingPlan
 from core.schedulers import build_scheduler, model_calls, scale_input
@@ -117,18 +118,19 @@ def sample(
     if any(v.shape[0] != len(seeds) for v in conditions.cond.values()):
         raise ConfigError("the condition tensors need one row per seed")
     variants = as_variants(denoise)
-    scheduler = build_scheduler(plan)
+    fast = ddpm_steps(plan)  # DDPM's step with its scalars computed once per plan (equal to diffusers')
+    scheduler = build_scheduler(plan) if fast is None else None
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    sigma = getattr(scheduler, "init_noise_sigma", 1.0)
+    sigma = 1.0 if scheduler is None else getattr(scheduler, "init_noise_sigma", 1.0)
     x = (initial_noise(sample_shape, generators) * sigma if start is None else start).to(device)
     cfg = plan.guidance_scale > 1.0 and conditions.uncond is not None
     on_device = conditions.to(device)
     cond, cond_guided = on_device.cond, on_device.guided() if cfg else on_device.cond
-    step_kwargs = _step_kwargs(scheduler, generators)
+    step_kwargs = {} if scheduler is None else _step_kwargs(scheduler, generators)
     carry: dict[str, torch.Tensor] = {}
-    for i, t in enumerate(progress(scheduler.timesteps)):
+    for i, t in enumerate(progress(fast.timesteps if scheduler is None else scheduler.timesteps)):
         guided = cfg and plan.guided(i)
-        x_in = scale_input(scheduler, x, t)
+        x_in = x if scheduler is None else scale_input(scheduler, x, t)  # DDPM scales no input
         if guided:
             x_in = torch.cat([x_in, x_in])
         c_in = cond_guided if guided else cond
@@ -137,7 +139,12 @@ def sample(
         carry.update(written)
         if observer is not None:
             observer(i, t_in, x_in, c_in, out)
-        x = scheduler.step(guide(out.to(x.device), plan.guidance_scale, guided), t, x, **step_kwargs).prev_sample
+        out = guide(out.to(x.device), plan.guidance_scale, guided)
+        if scheduler is None:
+            assert fast is not None
+            x = fast.step(i, out, x, generators)
+        else:
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x.cpu()
 
 

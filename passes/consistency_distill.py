@@ -20,19 +20,17 @@ previous chunk to a grid timestep and run the consistency steps at or below it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from core import seeds
 from core.adapters import denoiser_module
-from core.distill import FirstOrder, call, teacher_data
+from core.distill import FirstOrder, call, consistency_grid, consistency_plan, teacher_data
 from core.errors import ConfigError
-from core.ir import Decision, DiffusionProgram, SamplingPlan
+from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
-from core.schedulers import build_scheduler, is_flow, with_scheduler
+from core.schedulers import build_scheduler, is_flow
 from core.training import Trainer
 from passes.analyses import CALIBRATION, FLOPS
 from passes.base import Context, Pass, PassResult, Phase
@@ -90,49 +88,16 @@ def check_program(config: Config, program: DiffusionProgram) -> None:
     train = program.plan.scheduler_config.get("num_train_timesteps", 1000)
     if train % config.teacher_steps:
         raise ConfigError(f"consistency_distill: teacher_steps must divide the {train} train timesteps")
-    build_scheduler(student_plan(program.plan, config))
+    build_scheduler(consistency_plan(program.plan, config.teacher_steps, config.sampling_steps))
     FirstOrder(program.plan, program.spec.prediction_type)
-
-
-MIN_SIGNAL = 1 / 32  # the ODE grid's points where the signal scale sqrt(alpha_bar) is at least this
-
-
-def ode_grid(plan: SamplingPlan, teacher_steps: int) -> list[int]:
-    """The teacher ODE's grid, ascending: LCM's (every train/N-th timestep, ending at T - 1) less its top points
-    where the signal scale is under MIN_SIGNAL. There the sample an epsilon output predicts amplifies the
-    network's error by 1/sqrt(alpha_bar): 2,000x at the last of LeRobot's 100 cosine timesteps (13x at the next
-    grid point down; Stable Diffusion's last is 15x, where LCM trains)."""
-    cumprod = build_scheduler(
-        dataclasses.replace(plan, num_inference_steps=1, timesteps=None, warm_start=None)
-    ).alphas_cumprod
-    gap = len(cumprod) // teacher_steps
-    return [t for t in (gap * (n + 1) - 1 for n in range(teacher_steps)) if float(cumprod[t]) ** 0.5 >= MIN_SIGNAL]
-
-
-def student_plan(plan: SamplingPlan, config: Config) -> SamplingPlan:
-    """The plan run by diffusers' LCMScheduler on `sampling_steps` of the ODE grid's points, evenly spaced from
-    its top as LCM spaces them (its trained noise schedule kept)."""
-    swapped = with_scheduler(plan, "LCMScheduler")
-    swapped = dataclasses.replace(
-        swapped, scheduler_config={**swapped.scheduler_config, "original_inference_steps": config.teacher_steps}
-    )
-    grid = ode_grid(swapped, config.teacher_steps)[::-1]
-    if len(grid) < config.sampling_steps:
-        raise ConfigError(
-            f"consistency_distill: the ODE grid has {len(grid)} points with signal (sqrt(alpha_bar) >= {MIN_SIGNAL:g}),"
-            f" fewer than sampling_steps {config.sampling_steps}"
-        )
-    picked = np.floor(np.linspace(0, len(grid), config.sampling_steps, endpoint=False)).astype(int)
-    timesteps = tuple(float(grid[i]) for i in picked)
-    return dataclasses.replace(swapped, num_inference_steps=len(timesteps), timesteps=timesteps)
 
 
 def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
-    plan = student_plan(program.plan, config)
+    plan = consistency_plan(program.plan, config.teacher_steps, config.sampling_steps)
     lcm = build_scheduler(plan)
     gap = lcm.config.num_train_timesteps // config.teacher_steps
-    grid = ode_grid(plan, config.teacher_steps)
+    grid = consistency_grid(plan, config.teacher_steps)
     steps = FirstOrder(program.plan, program.spec.prediction_type)
     teacher = denoiser_module(program)
     student_model = copy.deepcopy(program.denoiser).eval()

@@ -10,7 +10,7 @@ import click
 
 from core.errors import ConfigError
 from core.limits import MAX_REPEATS
-from optimizer.cli.app import ALLOW_LARGE, artifact_errors, log, main
+from optimizer.cli.app import ALLOW_LARGE, SEED, artifact_errors, log, main
 
 SCALE_GEOMETRIES = (
     "dit-b2",
@@ -215,3 +215,65 @@ def policy_latency(
         click.echo(line)
     if json_out is not None:
         write_json(json_out, result)
+
+
+@main.command("policy-loops")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--loop", "loops", multiple=True, required=True, help="A loop spec (repeat): ddim:10, ddpm:16:30, ...")
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="A JSON list of pass steps run first (e.g. a distillation), as a target's recipe.",
+)
+@click.option("--env", "environment", default=None, help="Environment (default: the one the policy names).")
+@click.option("--episodes", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="The recipe's --seed, as optimize takes it.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON.")
+def policy_loops(
+    model: Path,
+    loops: tuple[str, ...],
+    recipe: Path | None,
+    environment: str | None,
+    episodes: int,
+    seed: int,
+    json_out: Path | None,
+):
+    """A policy's success under other loops (samplers, step counts, warm starts; a distilled student's own step
+    counts after --recipe), closed loop in torch on the judge's episodes, one row per --loop."""
+    import torch
+
+    from bench.policy_loops import judge_loops, loop_plan
+    from core.environments.observations import attach
+    from core.fileio import write_json
+    from core.loading import load_program
+    from core.outputs import check_out_file, input_paths
+    from optimizer.cli.app import show_progress
+    from passes.analyses import Analyses
+    from passes.base import Context
+    from passes.manager import plan_passes, run_passes
+
+    if json_out is not None:
+        check_out_file(json_out, input_paths(model), "--json-out")
+    program, planned, capabilities = load_program(model), None, frozenset({"fp32"})
+    if recipe is not None:  # the recipe and the loops checked before the observation set's episodes run
+        try:
+            steps = json.loads(recipe.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--recipe {recipe}: not a JSON file ({exc})") from None
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            raise ConfigError(f"--recipe {recipe}: must be a JSON list of pass steps ({{'pass': ..., 'config': ...}})")
+        planned = plan_passes(steps, capabilities, program=program)
+    else:
+        for spec in loops:
+            loop_plan(program, spec)
+    program = attach(program, environment, str(model))
+    if planned is not None:
+        rng = torch.Generator().manual_seed(seed)
+        ctx = Context(program, Analyses(), capabilities, rng=rng, seed=seed, progress=show_progress)
+        program = run_passes(program, planned, ctx)
+    assert program.stages.environment is not None  # attach() set it
+    rows = judge_loops(program, program.stages.environment, loops, episodes, log)
+    if json_out is not None:
+        write_json(json_out, rows)
+    click.echo(json.dumps(rows, indent=2))

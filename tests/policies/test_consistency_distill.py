@@ -15,7 +15,7 @@ from helpers import run_recipe, tiny_transformer_policy, with_pusht_observations
 
 from core import warm_start
 from core.adapters import denoiser_module
-from core.distill import FirstOrder
+from core.distill import FirstOrder, consistency_grid, consistency_plan
 from core.errors import EXIT_PASS, ConfigError
 from core.loading import load_program
 from core.schedulers import build_scheduler
@@ -60,11 +60,10 @@ def test_the_ode_grid_leaves_out_its_top_points_without_signal(program):
     is 2,000x the network's error; the grid and the loop start at 94 (LCM's would at 99). Linear betas keep 99."""
     cosine = {"num_train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2", "clip_sample": True}
     plan = dataclasses.replace(program.plan, scheduler_config=cosine)
-    config = consistency_distill.Config(sampling_steps=2, teacher_steps=20)
-    student = consistency_distill.student_plan(plan, config)
-    assert consistency_distill.ode_grid(student, 20) == list(range(4, 95, 5))
+    student = consistency_plan(plan, 20, 2)
+    assert consistency_grid(student, 20) == list(range(4, 95, 5))
     assert student.timesteps == (94.0, 49.0) and [int(t) for t in build_scheduler(student).timesteps] == [94, 49]
-    assert consistency_distill.student_plan(program.plan, config).timesteps == (99.0, 49.0)  # linear betas
+    assert consistency_plan(program.plan, 20, 2).timesteps == (99.0, 49.0)  # linear betas
 
 
 def test_training_moves_the_student_toward_the_teachers_ode_end(program):
