@@ -119,7 +119,7 @@ def sample(
         raise ConfigError("the condition tensors need one row per seed")
     variants = as_variants(denoise)
     fast = ddpm_steps(plan)  # DDPM's step with its scalars computed once per plan (equal to diffusers')
-    scheduler = build_scheduler(plan) if fast is None else None
+    scheduler: Any = build_scheduler(plan) if fast is None else None
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     sigma = 1.0 if scheduler is None else getattr(scheduler, "init_noise_sigma", 1.0)
     x = (initial_noise(sample_shape, generators) * sigma if start is None else start).to(device)
@@ -128,7 +128,8 @@ def sample(
     cond, cond_guided = on_device.cond, on_device.guided() if cfg else on_device.cond
     step_kwargs = {} if scheduler is None else _step_kwargs(scheduler, generators)
     carry: dict[str, torch.Tensor] = {}
-    for i, t in enumerate(progress(fast.timesteps if scheduler is None else scheduler.timesteps)):
+    timesteps = scheduler.timesteps if fast is None else fast.timesteps
+    for i, t in enumerate(progress(timesteps)):
         guided = cfg and plan.guided(i)
         x_in = x if scheduler is None else scale_input(scheduler, x, t)  # DDPM scales no input
         if guided:
@@ -140,8 +141,7 @@ def sample(
         if observer is not None:
             observer(i, t_in, x_in, c_in, out)
         out = guide(out.to(x.device), plan.guidance_scale, guided)
-        if scheduler is None:
-            assert fast is not None
+        if fast is not None:
             x = fast.step(i, out, x, generators)
         else:
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
