@@ -12,9 +12,11 @@ exponential moving average of the student (Song et al.'s theta^-; LCM's decay 0.
 
 The result samples with diffusers' LCMScheduler (multistep consistency sampling: denoise, re-noise to the next
 timestep with fresh noise, denoise) on `sampling_steps` of the grid's timesteps (a custom grid when its top
-was left out: the loop starts from noise there), and becomes the reference of
-later passes. A policy's warm start (passes/warm_start) runs on it unchanged: its later decisions re-noise the
-previous chunk to a grid timestep and run the consistency steps at or below it.
+was left out: the loop starts from noise there), and becomes the reference of later passes. A policy's warm
+start (passes/warm_start) runs on it unchanged: its later decisions re-noise the previous chunk to a grid
+timestep and run the consistency steps at or below it. Measured on the PushT references (BENCHMARKS.md, issue 35
+part 5): at 3,000 steps on 2 cores its 1-4-step students lost both policies' task (2-18% against 64-69%), so no
+shipped recipe uses it yet.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from core import seeds
-from core.adapters import denoiser_module
+from core.adapters import Denoiser, denoiser_module
 from core.distill import FirstOrder, call, consistency_grid, consistency_plan, teacher_data
 from core.errors import ConfigError
 from core.ir import Decision, DiffusionProgram
 from core.limits import MAX_INPUTS
+from core.sampling import ConditionBatch
 from core.schedulers import build_scheduler, is_flow
 from core.training import Trainer
 from passes.analyses import CALIBRATION, FLOPS
@@ -107,7 +110,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     scale = program.plan.guidance_scale
     trainer = Trainer(student_model, config.lr, config.steps, config.max_seconds)
 
-    def consistent(model, z: torch.Tensor, t: list[float], batch) -> torch.Tensor:
+    def consistent(model: Denoiser, z: torch.Tensor, t: list[float], batch: ConditionBatch) -> torch.Tensor:
         """f(z, t) = c_skip z + c_out x0: the LCM scheduler's own boundary scalings (sampling reads the same)."""
         c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(t, dtype=torch.float64))
         shape = (-1, *[1] * (z.dim() - 1))
