@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from core import warm_start
 from core.distill import consistency_plan
 from core.environments import programs, rollout
 from core.errors import ConfigError
@@ -60,8 +61,11 @@ def loop_plan(program: DiffusionProgram, spec: str) -> SamplingPlan:
             overrides[key] = _value(value)
         config = {**plan.scheduler_config, **overrides}
         plan = dataclasses.replace(plan, scheduler_config=config, num_inference_steps=steps or 0, timesteps=None)
-    plan = dataclasses.replace(plan, warm_start=warm)
-    build_scheduler(dataclasses.replace(plan, warm_start=None))
+    build_scheduler(plan)
+    if warm is not None or name != "plan":  # `plan` alone keeps the program's own warm start
+        plan = dataclasses.replace(plan, warm_start=warm)
+    if plan.warm_start is not None:
+        warm_start.tail(plan)  # a warm start the loop cannot take, refused before any episode
     return plan
 
 

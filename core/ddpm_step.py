@@ -23,7 +23,7 @@ import torch
 from core.ir import SamplingPlan
 from core.schedulers import build_scheduler
 
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large")  # `_get_variance(t) ** 0.5` scales the noise (diffusers' default branch)
 _DIFFUSERS_ONLY = contextvars.ContextVar("diffusers_only", default=False)
 
 
@@ -34,7 +34,7 @@ def diffusers_steps() -> Iterator[None]:
     try:
         yield
     finally:
-        _DIFFUSERS_ONLY.reset(token)  # `_get_variance(t) ** 0.5` scales the noise (diffusers' default branch)
+        _DIFFUSERS_ONLY.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)

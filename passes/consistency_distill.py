@@ -99,8 +99,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
     data = teacher_data(program, config.samples, DATA_SEED + ctx.seed, ctx.progress)
     plan = consistency_plan(program.plan, config.teacher_steps, config.sampling_steps)
     lcm = build_scheduler(plan)
-    gap = lcm.config.num_train_timesteps // config.teacher_steps
-    grid = consistency_grid(plan, config.teacher_steps)
+    grid = consistency_grid(plan, config.teacher_steps)  # contiguous from its bottom: grid[i - 1] is below grid[i]
     steps = FirstOrder(program.plan, program.spec.prediction_type)
     teacher = denoiser_module(program)
     student_model = copy.deepcopy(program.denoiser).eval()
@@ -123,7 +122,7 @@ def run(program: DiffusionProgram, config: Config, ctx: Context) -> PassResult:
         index = torch.randint(len(grid), (config.batch,), generator=ctx.rng)
         x0, batch = data.rows(rows)
         t = [float(grid[i]) for i in index]
-        below = [float(max(grid[i] - gap, 0)) for i in index]
+        below = [float(grid[i - 1]) if i else 0.0 for i in index]  # the bottom point steps to 0
         z = steps.noised(x0, torch.randn(x0.shape, generator=ctx.rng), t)
         shard = trainer.shard_rows(config.batch)
         z, batch = z[shard], batch.rows(shard)

@@ -138,3 +138,13 @@ def hub(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hub")
     return {name: build(name, root) for name in LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def transformer_checkpoint(tmp_path_factory) -> Path:
+    """A tiny PushT action transformer (helpers.tiny_transformer_policy), saved once per worker; read-only."""
+    from helpers import tiny_transformer_policy
+
+    weights = tmp_path_factory.mktemp("transformer") / "policy.safetensors"
+    tiny_transformer_policy(weights)
+    return weights

@@ -26,15 +26,8 @@ STATE, ENV_STATE = "observation.state", "observation.environment_state"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    weights = tmp_path_factory.mktemp("transformer") / "policy.safetensors"
-    tiny_transformer_policy(weights)
-    return weights
-
-
-@pytest.fixture(scope="module")
-def program(checkpoint):
-    return load_program(checkpoint)
+def program(transformer_checkpoint):
+    return load_program(transformer_checkpoint)
 
 
 def test_a_transformer_policy_loads_with_its_observations_chunking_and_environment(program):
@@ -93,11 +86,11 @@ def test_layer_removal_cache_and_quantize_run_on_the_transformer_from_its_descri
     assert not any(name.startswith("time_embed") for name in layers)  # temporal: fp32
 
 
-def test_optimize_judges_the_transformer_policy_closed_loop(checkpoint, tmp_path):
+def test_optimize_judges_the_transformer_policy_closed_loop(transformer_checkpoint, tmp_path):
     out = tmp_path / "out"
     args = ["--target", "cpu-fp32", "--out", str(out), "--episodes", "2", "--samples", "8"]
     args += ["--calibration-samples", "4", "--latency-repeats", "0", "--seed-sets", "1"]
-    result = CliRunner().invoke(main, [str(checkpoint), *args])
+    result = CliRunner().invoke(main, [str(transformer_checkpoint), *args])
     assert result.exit_code == EXIT_PASS, result.output
     verification = json.loads((out / "report.json").read_text())["verification"]
     assert verification["episodes"] == 2 and verification["policy_calls"] == 75

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import run_recipe, tiny_transformer_policy, with_pusht_observations
+from helpers import run_recipe, with_pusht_observations
 
 from core import warm_start
 from core.adapters import denoiser_module
@@ -28,15 +28,8 @@ SHORT = {"steps": 3, "batch": 4, "samples": 8}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    weights = tmp_path_factory.mktemp("consistency") / "policy.safetensors"
-    tiny_transformer_policy(weights)
-    return weights
-
-
-@pytest.fixture(scope="module")
-def program(checkpoint):
-    return with_pusht_observations(load_program(checkpoint))
+def program(transformer_checkpoint):
+    return with_pusht_observations(load_program(transformer_checkpoint))
 
 
 def test_the_student_samples_with_the_lcm_scheduler_on_the_teachers_grid_and_warm_starts(program):
@@ -90,7 +83,7 @@ def test_training_moves_the_student_toward_the_teachers_ode_end(program):
     assert after < 0.8 * before, (float(before), float(after))
 
 
-def test_optimize_lowers_and_judges_the_student_closed_loop(checkpoint, tmp_path):
+def test_optimize_lowers_and_judges_the_student_closed_loop(transformer_checkpoint, tmp_path):
     target = tmp_path / "cpu-consistency.json"
     recipe = [
         {"pass": "consistency_distill", "config": {"sampling_steps": 2, **SHORT}},
@@ -112,7 +105,7 @@ def test_optimize_lowers_and_judges_the_student_closed_loop(checkpoint, tmp_path
     out = tmp_path / "out"
     args = ["--target", str(target), "--out", str(out), "--episodes", "2", "--samples", "8"]
     args += ["--calibration-samples", "4", "--latency-repeats", "0", "--seed-sets", "1"]
-    result = CliRunner().invoke(main, [str(checkpoint), *args])
+    result = CliRunner().invoke(main, [str(transformer_checkpoint), *args])
     assert result.exit_code == EXIT_PASS, result.output
     report = json.loads((out / "report.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
